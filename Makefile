@@ -1,0 +1,39 @@
+# obsfeed: `make demo` and `make test` work on a fresh clone (they create .venv on first use).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_N ?= 60000
+export OBSFEED_HASH_KEY ?= obsfeed-demo-key-not-secret
+
+.PHONY: demo test test-fast bench lint clean venv
+
+venv: $(STAMP)
+
+# Exact versions from constraints.txt, so a fresh machine gets what CI tested.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/obsfeed simulate data/demo --impressions $(DEMO_N) --seed 0
+	$(BIN)/obsfeed run configs/demo.toml runs/demo
+	$(BIN)/obsfeed evaluate runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs data/demo .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Statistics and models (numpy in, numpy out; sklearn-shaped), and the torch reward model. No Beam here."""

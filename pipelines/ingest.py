@@ -1,0 +1,184 @@
+"""Ingest stage: raw impressions + signals → validated, deduplicated, joined, labelled units (DESIGN §2-§3).
+
+`build` is the Beam graph (no argv, environment or printing: tests drive it); `run` resolves inputs, runs
+the graph with the caller's Beam options, checks the row-count invariant and commits the outputs atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.manifest import describe_inputs
+from schemas import impressions as imp
+from schemas import quarantine as qr
+from schemas import run_dir as rd
+from schemas import signals as sig
+from schemas import units as un
+from schemas.config import Config, expand_inputs
+from schemas.errors import ConfigError, GateError, InputError
+from schemas.run_dir import RunDir
+from transforms.io import commit_dir, count_rows, read_dataset, staging_dir
+from transforms.join import JoinAndLabel, KeyByBucket
+from transforms.read import COUNTS, ReadRaw, peek_schema
+from transforms.validate import QUARANTINE, Validate, merge_counts
+from transforms.write import WriteBucketParts, WriteJson
+
+TABLES = ("impressions", "signals")
+
+
+def check_columns(files: Sequence[str], schema: pa.Schema) -> None:
+    """Fail early, naming the file, when a file lacks a required column of the contract."""
+    required = [f.name for f in schema if not f.nullable]
+    for path in files:
+        names = set(peek_schema(path).names)
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise InputError(f"{path}: required column '{missing[0]}' is missing")
+
+
+def extra_fields(files: Sequence[str]) -> list[pa.Field]:
+    """Impression columns beyond the contract (e.g. features), kept on the units as they are."""
+    declared = set(imp.IMPRESSIONS.names)
+    schema = peek_schema(files[0])
+    fields = []
+    for f in schema:
+        if f.name in declared:
+            continue
+        t = pa.string() if pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type) else f.type
+        fields.append(pa.field(f.name, t))
+    return fields
+
+
+def hash_key(cfg: Config) -> bytes | None:
+    """The HMAC key for user ids, from the environment variable the config names."""
+    key = os.environ.get(cfg.privacy.key_env)
+    if key:
+        return key.encode()
+    if cfg.privacy.allow_unkeyed:
+        return None
+    raise ConfigError(f"privacy: environment variable {cfg.privacy.key_env} is not set; set it to a secret key "
+                      "or set privacy.allow_unkeyed = true (user ids are then only hashed, not pseudonymised)")
+
+
+def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], signal_files: Sequence[str],
+          units_schema: pa.Schema, key: bytes | None, units_dir: str, quarantine_dir: str,
+          counts_path: str) -> None:
+    """The ingest graph: read → validate → bucket → dedup + join + label → write units, quarantine, counts."""
+    ing, buckets = cfg.ingest, cfg.ingest.buckets
+    value_types = [t for t, rule in ing.labels.items() if isinstance(rule, str)]
+    imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions")
+    sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals")
+    v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS)
+    v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, ing.known_types, value_types)
+    keyed = {
+        "impressions": v_imps.ok | "BucketImpressions" >> beam.ParDo(KeyByBucket(buckets, imp.IMPRESSION_ID)),
+        "signals": v_sigs.ok | "BucketSignals" >> beam.ParDo(KeyByBucket(buckets, sig.IMPRESSION_ID)),
+    }
+    joined = (keyed | "CoGroupBuckets" >> beam.CoGroupByKey()
+              | "JoinAndLabel" >> beam.ParDo(JoinAndLabel(
+                  rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types, known_types=ing.known_types,
+                  unobserved_label=ing.unobserved_label, hash_key=key, units_schema=units_schema,
+              )).with_outputs(QUARANTINE, COUNTS, main="units"))
+    _ = (joined.units
+         | "AsGroups" >> beam.MapTuple(lambda k, t: (k, [t]))
+         | "WriteUnits" >> beam.ParDo(WriteBucketParts(units_dir, units_schema, [un.IMPRESSION_ID], cfg.output)))
+    _ = ((v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINE])
+         | "FlattenQuarantine" >> beam.Flatten()
+         | "BucketQuarantine" >> beam.ParDo(KeyByBucket(buckets, None))
+         | "GroupQuarantine" >> beam.GroupByKey()
+         | "WriteQuarantine" >> beam.ParDo(WriteBucketParts(
+             quarantine_dir, qr.QUARANTINE, [qr.TABLE, qr.SOURCE_FILE, qr.ROW_NUMBER], cfg.output)))
+    _ = ((imps[COUNTS], sigs[COUNTS], v_imps.counts, v_sigs.counts, joined[COUNTS])
+         | "FlattenCounts" >> beam.Flatten()
+         | "MergeCounts" >> beam.CombineGlobally(merge_counts)
+         | "WriteCounts" >> beam.ParDo(WriteJson(counts_path)))
+
+
+def reconcile(counts: dict[str, int], units_rows: int, quarantined: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per-table row counts, checking ``rows_in = rows_ok + rows_quarantined + rows_duplicate``."""
+    out = {}
+    for table in TABLES:
+        c = {
+            "rows_in": counts.get(f"{table}.rows_in", 0),
+            "rows_ok": units_rows if table == "impressions" else counts.get("signals.rows_ok", 0),
+            "rows_quarantined": quarantined.get(table, 0),
+            "rows_duplicate": counts.get(f"{table}.rows_duplicate", 0),
+        }
+        if c["rows_in"] != c["rows_ok"] + c["rows_quarantined"] + c["rows_duplicate"]:
+            raise RuntimeError(f"ingest lost rows of {table}: {c} does not reconcile")
+        out[table] = c
+    return out
+
+
+def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the ingest graph with the caller's Beam options and commit ``units/`` and ``quarantine/``."""
+    impression_files = expand_inputs(cfg.input.impressions, what="impressions")
+    signal_files = expand_inputs(cfg.input.signals, what="signals")
+    check_columns(impression_files, imp.IMPRESSIONS)
+    check_columns(signal_files, sig.SIGNALS)
+    key = hash_key(cfg)
+    schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_files))
+    units_final, quarantine_final = run.path(rd.UNITS), run.path(rd.QUARANTINE)
+    units_tmp, quarantine_tmp = staging_dir(units_final), staging_dir(quarantine_final)
+    scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=run.root))
+    try:
+        with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
+            build(p, cfg, impression_files=impression_files, signal_files=signal_files, units_schema=schema,
+                  key=key, units_dir=str(units_tmp), quarantine_dir=str(quarantine_tmp),
+                  counts_path=str(scratch / "counts.json"))
+        counts = json.loads((scratch / "counts.json").read_text())
+        quarantined = _quarantine_by_table(quarantine_tmp)
+        table_counts = reconcile(counts, count_rows(units_tmp), quarantined)
+        commit_dir(quarantine_tmp, quarantine_final)
+        bad = {t: c["rows_quarantined"] / c["rows_in"] if c["rows_in"] else 0.0 for t, c in table_counts.items()}
+        worst = max(bad, key=bad.get)
+        if bad[worst] > cfg.ingest.max_bad_fraction:
+            raise GateError(f"ingest: {bad[worst]:.1%} of {worst} rows were quarantined, above "
+                            f"ingest.max_bad_fraction = {cfg.ingest.max_bad_fraction:.1%}; see {quarantine_final}")
+        commit_dir(units_tmp, units_final)
+    finally:
+        for d in (units_tmp, quarantine_tmp, scratch):
+            shutil.rmtree(d, ignore_errors=True)
+    return {
+        "inputs": describe_inputs([*impression_files, *signal_files]),
+        "outputs": [str(units_final), str(quarantine_final)],
+        "counts": table_counts,
+        "diagnostics": {**_unit_diagnostics(units_final), "quarantine_reasons": _reasons(quarantine_final),
+                        "bad_fraction": bad},
+    }
+
+
+def _quarantine_by_table(directory: Path) -> dict[str, int]:
+    if not any(directory.glob("*.parquet")):
+        return {}
+    t = read_dataset(directory, [qr.TABLE])
+    return {r["values"]: r["counts"] for r in pc.value_counts(t[qr.TABLE]).to_pylist()}
+
+
+def _reasons(directory: Path) -> dict[str, int]:
+    if not any(directory.glob("*.parquet")):
+        return {}
+    t = read_dataset(directory, [qr.TABLE, qr.REASON])
+    keys = pc.binary_join_element_wise(t[qr.TABLE], t[qr.REASON], ":")
+    return dict(sorted((r["values"], r["counts"]) for r in pc.value_counts(keys).to_pylist()))
+
+
+def _unit_diagnostics(directory: Path) -> dict[str, Any]:
+    t = read_dataset(directory, [un.OBSERVED, un.LABEL, un.LABEL_SOURCE])
+    n = t.num_rows
+    observed = int(pc.sum(t[un.OBSERVED]).as_py() or 0)
+    sources = pc.value_counts(pc.fill_null(t[un.LABEL_SOURCE], "none")).to_pylist()
+    return {"units": n, "observed": observed, "observed_rate": observed / n if n else 0.0,
+            "mean_label_observed": pc.mean(t[un.LABEL]).as_py(),
+            "label_source": dict(sorted((r["values"], r["counts"]) for r in sources))}

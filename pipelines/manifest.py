@@ -1,0 +1,96 @@
+"""`manifest.json`: what each stage read, wrote, counted and measured (DESIGN §3)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from schemas import run_dir as rd
+from schemas.run_dir import RunDir
+from transforms.io import atomic_write_text
+
+PACKAGES = ("obsfeed", "apache-beam", "pyarrow", "polars", "scikit-learn", "econml", "torch", "skops",
+            "great-expectations", "numpy")
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_inputs(paths: Iterable[Path | str]) -> list[dict[str, Any]]:
+    return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size} for p in paths]
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and its waited-for children, in MiB (Linux: ru_maxrss in KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 / 1024
+    return round(max(own, kids) * scale, 1)
+
+
+def read_manifest(run: RunDir) -> dict[str, Any]:
+    path = run.path(rd.MANIFEST)
+    return json.loads(path.read_text()) if path.exists() else {"run_id": run.run_id, "stages": {}}
+
+
+def write_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
+    atomic_write_text(run.path(rd.MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``work`` and record its result under ``stages.<stage>``, with status, timing, memory and versions.
+
+    A failed stage is recorded as failed (then the error propagates), so a run is never left looking complete.
+    """
+    manifest = read_manifest(run)
+    manifest.update({"run_id": run.run_id, "config_hash": config_hash, "versions": versions(),
+                     "git_commit": git_commit()})
+    started = time.perf_counter()
+    entry: dict[str, Any] = {"started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    try:
+        entry.update(work())
+        entry["status"] = "ok"
+    except BaseException as e:
+        entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        entry["wall_s"] = round(time.perf_counter() - started, 3)
+        entry["peak_rss_mb"] = peak_rss_mb()
+        manifest = read_manifest(run) | {k: v for k, v in manifest.items() if k != "stages"}
+        manifest.setdefault("stages", {})[stage] = entry
+        write_manifest(run, manifest)
+    return entry

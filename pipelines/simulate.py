@@ -1,0 +1,295 @@
+"""`obsfeed simulate`: raw logs with known ground truth (DESIGN §7).
+
+The world it simulates, per impression x (a response to a prompt, shown to a user):
+
+* text carries quality: each response mixes neutral words with "good" and "bad" words, drawn according to
+  a latent quality that depends on the model version; the true reward is a function of the text alone,
+  ``reward_true = sigmoid(b + c * (n_good - n_bad) / n_words)``, and the clean label
+  ``r* ~ Bernoulli(reward_true)`` (``label_clean``);
+* verbosity bias: the label a user gives is drawn from ``reward_true + verbosity * z_len`` (clipped), with
+  the same uniform draw as r*, so that longer answers get more thumbs-up than they deserve;
+* noise: that label is flipped 1→0 with probability ρ01 and 0→1 with ρ10 (``label_noisy``);
+* selection: feedback is given with ``propensity_true = p0 * alpha**(1 - reward_true) * exp(length_selection *
+  z_len - 0.3 * position + segment effect)``. The CausalRM protocol writes α^(1−r*); we use the reward
+  ``reward_true`` = E[r*|x] in its place, so that selection is ignorable given x (what any x-based
+  propensity model can identify) while still favouring good responses as α < 1;
+* dirt: duplicated impressions, replayed signal events, orphan signals, signals before their impression,
+  unknown signal types and rows missing a required field, in known numbers.
+
+Everything is drawn from one seeded ``numpy.random.Generator``: the same arguments give identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import impressions as imp
+from schemas import signals as sig
+from schemas import truth as tr
+from schemas.conform import conform
+
+SEGMENT = "user_segment"
+_SEGMENTS = np.array(["casual", "regular", "power"])
+_SEGMENT_SHARE = np.array([0.5, 0.35, 0.15])
+_SEGMENT_EFFECT = np.array([-0.6, 0.0, 0.5])
+_VERSIONS = np.array(["v1", "v2", "v3"])
+_VERSION_QUALITY = np.array([-0.3, 0.0, 0.4])
+_START = np.datetime64("2026-11-01T00:00:00", "us")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Knobs of the simulated world; see the module docstring for what each one does."""
+
+    n_impressions: int = 20_000
+    seed: int = 0
+    responses_per_prompt: int = 4
+    impressions_per_user: int = 20
+    alpha: float = 0.5
+    p0: float = 0.45
+    length_selection: float = 0.35
+    verbosity: float = 0.06
+    rho01: float = 0.2
+    rho10: float = 0.1
+    quality_scale: float = 7.0
+    sentiment_share: float = 0.3
+    dirty_share: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.n_impressions < self.responses_per_prompt:
+            raise ValueError(f"n_impressions must be >= responses_per_prompt, got {self.n_impressions}")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if self.rho01 + self.rho10 >= 1:
+            raise ValueError(f"flip rates must sum to < 1, got {self.rho01} + {self.rho10}")
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "default": Scenario(),
+    "strong_selection": Scenario(alpha=0.1),
+    "no_confounding": Scenario(length_selection=0.0, verbosity=0.0),
+    "clean": Scenario(rho01=0.0, rho10=0.0, dirty_share=0.0),
+}
+
+
+def _vocabulary() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neutral, good and bad pseudo-words; fixed (independent of the seed) so that runs share a language."""
+    rng = np.random.default_rng(12345)
+    syllables = np.array([c + v for c in "bdfgklmnprstvz" for v in "aeiou"])
+    words = np.unique(["".join(rng.choice(syllables, size=rng.integers(2, 4))) for _ in range(3000)])
+    words = rng.permutation(words)
+    return words[300:2300], words[:150], words[150:300]
+
+
+@dataclass(frozen=True)
+class SimulatedLogs:
+    impressions: pa.Table
+    signals: pa.Table
+    truth: pa.Table
+
+
+def simulate(scenario: Scenario) -> SimulatedLogs:
+    """Draw impressions, signals and ground truth for ``scenario`` (pure: no I/O)."""
+    s = scenario
+    rng = np.random.default_rng(s.seed)
+    neutral, good, bad = _vocabulary()
+    k = s.responses_per_prompt
+    n_prompts = s.n_impressions // k
+    n = n_prompts * k
+    n_users = max(1, n // s.impressions_per_user)
+
+    # Who sees what, when.
+    user_of_prompt = rng.integers(0, n_users, size=n_prompts)
+    segment_of_user = rng.choice(len(_SEGMENTS), size=n_users, p=_SEGMENT_SHARE)
+    prompt_idx = np.repeat(np.arange(n_prompts), k)
+    position = np.tile(np.arange(k, dtype=np.int32), n_prompts)
+    user = user_of_prompt[prompt_idx]
+    segment = segment_of_user[user]
+    prompt_ts = _START + (rng.random(n_prompts) * 86_400e6).astype("timedelta64[us]")
+    ts = prompt_ts[prompt_idx] + (position * 2_000_000).astype("timedelta64[us]")
+    version = rng.integers(0, len(_VERSIONS), size=n)
+
+    # Text: prompts are neutral topic words; responses carry quality through good/bad words.
+    prompt_len = rng.integers(6, 16, size=n_prompts)
+    prompt_words = rng.choice(neutral, size=prompt_len.sum())
+    prompts = np.array([" ".join(w) for w in np.split(prompt_words, np.cumsum(prompt_len)[:-1])], dtype=object)
+    length = np.clip(np.round(rng.lognormal(np.log(35), 0.5, size=n)), 5, 250).astype(np.int64)
+    quality = rng.normal(_VERSION_QUALITY[version], 1.0)
+    word_owner = np.repeat(np.arange(n), length)
+    is_sentiment = rng.random(word_owner.size) < s.sentiment_share
+    is_good = rng.random(word_owner.size) < 1 / (1 + np.exp(-1.5 * quality[word_owner]))
+    words = rng.choice(neutral, size=word_owner.size).astype(object)
+    pos_mask, neg_mask = is_sentiment & is_good, is_sentiment & ~is_good
+    words[pos_mask] = rng.choice(good, size=pos_mask.sum())
+    words[neg_mask] = rng.choice(bad, size=neg_mask.sum())
+    responses = np.array([" ".join(w) for w in np.split(words, np.cumsum(length)[:-1])], dtype=object)
+    score = np.bincount(word_owner, weights=pos_mask.astype(float) - neg_mask, minlength=n) / length
+    reward_true = 1 / (1 + np.exp(-s.quality_scale * score))
+
+    # Labels: one uniform draw couples r* and the verbosity-biased label; then flips.
+    z_len = (np.log(length) - np.log(35)) / 0.5
+    u = rng.random(n)
+    label_clean = (u < reward_true).astype(np.int8)
+    perceived = np.clip(reward_true + s.verbosity * z_len, 0.001, 0.999)
+    label_biased = u < perceived
+    flip = rng.random(n)
+    label_noisy = np.where(label_biased, flip >= s.rho01, flip < s.rho10).astype(np.int8)
+
+    # Selection into feedback.
+    log_p = (np.log(s.p0) + (1 - reward_true) * np.log(s.alpha) + s.length_selection * z_len
+             - 0.3 * position + _SEGMENT_EFFECT[segment])
+    propensity = np.clip(np.exp(log_p), 0.005, 0.95)
+    observed = (rng.random(n) < propensity).astype(np.int8)
+
+    impression_id = np.array([f"i{j:09d}" for j in range(n)], dtype=object)
+    impressions = pa.table({
+        imp.IMPRESSION_ID: impression_id,
+        imp.TS: pa.array(ts, imp.TIMESTAMP),
+        imp.USER_ID: np.array([f"u{j:07d}" for j in user], dtype=object),
+        imp.PROMPT_ID: np.array([f"p{j:08d}" for j in prompt_idx], dtype=object),
+        imp.RESPONSE_ID: np.array([f"r{j:09d}" for j in range(n)], dtype=object),
+        imp.PROMPT: prompts[prompt_idx],
+        imp.RESPONSE: responses,
+        imp.MODEL_VERSION: _VERSIONS[version],
+        imp.POSITION: pa.array(position, pa.int32()),
+        SEGMENT: _SEGMENTS[segment],
+    })
+    truth = pa.table({
+        imp.IMPRESSION_ID: impression_id,
+        tr.REWARD_TRUE: reward_true,
+        tr.PROPENSITY_TRUE: propensity,
+        tr.LABEL_CLEAN: label_clean,
+        tr.LABEL_NOISY: label_noisy,
+        tr.OBSERVED_TRUE: observed,
+    })
+    signals = _signals(rng, impression_id, ts, observed, label_noisy, reward_true)
+    impressions, signals = _add_dirt(rng, impressions, signals, s.dirty_share)
+    return SimulatedLogs(impressions, signals, conform(truth, tr.TRUTH))
+
+
+def _signals(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray, observed: np.ndarray,
+             label: np.ndarray, reward: np.ndarray) -> pa.Table:
+    """Signal events: the deciding thumbs on observed units, mind changes, and implicit signals."""
+    n = impression_id.size
+    parts = []
+
+    def add(idx: np.ndarray, delay: np.ndarray, types: np.ndarray | str, value: np.ndarray | None = None) -> None:
+        parts.append({
+            sig.IMPRESSION_ID: impression_id[idx],
+            sig.TS: ts[idx] + (delay * 1e6).astype("timedelta64[us]"),
+            sig.TYPE: np.broadcast_to(np.asarray(types, dtype=object), (n,))[idx],
+            sig.VALUE: np.full(idx.size, np.nan) if value is None else value[idx],
+        })
+
+    def sometimes(p: np.ndarray | float, mean_delay_s: float) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(rng.random(n) < p)
+        return idx, 1.0 + rng.exponential(mean_delay_s, size=idx.size)
+
+    # The deciding vote; on 5% of the observed units an earlier, opposite vote that "latest wins" overrides.
+    voted = np.flatnonzero(observed == 1)
+    final_delay = 2.0 + rng.exponential(120.0, size=voted.size)
+    add(voted, final_delay, np.where(label == 1, "upvote", "downvote").astype(object))
+    changed = rng.random(voted.size) < 0.05
+    add(voted[changed], final_delay[changed] * rng.uniform(0.1, 0.9, size=changed.sum()),
+        np.where(label == 1, "downvote", "upvote").astype(object))
+    add(*sometimes(0.35, 30.0), "click")                        # implicit, no label
+    add(*sometimes((label == 1) * 0.25, 60.0), "copy")          # implicit, weak evidence of a good answer
+    add(*sometimes(0.15 * (1 - reward), 40.0), "regenerate")    # implicit, weak evidence of a poor one
+    dwell_idx, dwell_delay = sometimes(0.2, 5.0)
+    add(dwell_idx, dwell_delay, "dwell", rng.exponential(30.0, size=n))
+    cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    m = len(cols[sig.TYPE])
+    return pa.table({
+        sig.EVENT_ID: np.array([f"e{j:010d}" for j in range(m)], dtype=object),
+        sig.IMPRESSION_ID: cols[sig.IMPRESSION_ID],
+        sig.TS: pa.array(cols[sig.TS], imp.TIMESTAMP),
+        sig.TYPE: cols[sig.TYPE],
+        sig.VALUE: pa.array(cols[sig.VALUE], pa.float64(), from_pandas=True),
+    })
+
+
+def _add_dirt(rng: np.random.Generator, impressions: pa.Table, signals: pa.Table,
+              share: float) -> tuple[pa.Table, pa.Table]:
+    """Append rows that ingest must deduplicate or quarantine, in known numbers."""
+    n_imp, n_sig = impressions.num_rows, signals.num_rows
+    k_imp, k_sig = int(round(share * n_imp)), int(round(share * n_sig))
+    if k_imp == 0 and k_sig == 0:
+        return impressions, signals
+    # Impressions: exact duplicates one second later (the first by ts wins), and rows missing user_id.
+    dup = impressions.take(rng.choice(n_imp, size=k_imp, replace=False))
+    dup = dup.set_column(1, imp.TS, pa.array(dup[imp.TS].to_numpy() + np.timedelta64(1, "s"), imp.TIMESTAMP))
+    missing = impressions.take(rng.choice(n_imp, size=k_imp, replace=False))
+    missing = missing.set_column(0, imp.IMPRESSION_ID,
+                                 pa.array([f"x{j:09d}" for j in range(k_imp)], pa.string()))
+    missing = missing.set_column(2, imp.USER_ID, pa.nulls(k_imp, pa.string()))
+    # Signals: replays, orphans, time travel, unknown types, missing event ids (all carry no label).
+    replay = signals.take(rng.choice(n_sig, size=k_sig, replace=False))
+    base = signals.take(rng.choice(n_sig, size=4 * k_sig, replace=True)).to_pydict()
+    base[sig.TYPE] = ["click"] * (4 * k_sig)
+    base[sig.EVENT_ID] = [f"z{j:010d}" for j in range(4 * k_sig)]
+    for j in range(k_sig):                                               # orphans
+        base[sig.IMPRESSION_ID][j] = f"gone{j:07d}"
+    imp_ts = dict(zip(impressions[imp.IMPRESSION_ID].to_pylist(), impressions[imp.TS].to_pylist(), strict=True))
+    for j in range(k_sig, 2 * k_sig):                                    # before their impression
+        base[sig.TS][j] = imp_ts[base[sig.IMPRESSION_ID][j]] - dt.timedelta(minutes=1)
+    for j in range(2 * k_sig, 3 * k_sig):                                # unknown type
+        base[sig.TYPE][j] = "thumbs_sideways"
+    for j in range(3 * k_sig, 4 * k_sig):                                # missing event id
+        base[sig.EVENT_ID][j] = None
+    bad = pa.table(base, schema=signals.schema)
+    impressions = pa.concat_tables([impressions, dup, missing])
+    signals = pa.concat_tables([signals, replay, bad])
+    return (impressions.take(rng.permutation(impressions.num_rows)),
+            signals.take(rng.permutation(signals.num_rows)))
+
+
+def write(logs: SimulatedLogs, out: Path, *, scenario: Scenario, n_impression_files: int = 2) -> dict[str, str]:
+    """Write the logs in the input contract: impressions as Parquet parts, signals as JSON Lines (gzip)."""
+    out = Path(out)
+    (out / "impressions").mkdir(parents=True, exist_ok=True)
+    for old in (out / "impressions").glob("part-*.parquet"):
+        old.unlink()
+    n = logs.impressions.num_rows
+    bounds = np.linspace(0, n, n_impression_files + 1).astype(int)
+    for j in range(n_impression_files):
+        part = logs.impressions.slice(bounds[j], bounds[j + 1] - bounds[j])
+        pq.write_table(part, out / "impressions" / f"part-{j:05d}.parquet", compression="zstd")
+    with gzip.GzipFile(out / "signals.jsonl.gz", "wb", mtime=0) as f:
+        for row in logs.signals.to_pylist():
+            ts = row[sig.TS]
+            row[sig.TS] = None if ts is None else ts.isoformat().replace("+00:00", "Z")
+            if row[sig.VALUE] is not None and np.isnan(row[sig.VALUE]):
+                row[sig.VALUE] = None
+            f.write((json.dumps(row, separators=(",", ":")) + "\n").encode())
+    pq.write_table(logs.truth, out / "truth.parquet", compression="zstd")
+    (out / "scenario.json").write_text(json.dumps(asdict(scenario), indent=2) + "\n")
+    return {"impressions": str(out / "impressions"), "signals": str(out / "signals.jsonl.gz"),
+            "truth": str(out / "truth.parquet")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="output folder for impressions/, signals.jsonl.gz, truth.parquet")
+    parser.add_argument("--impressions", type=int, default=None, help="number of impressions")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="default")
+    parser.add_argument("--alpha", type=float, default=None, help="override the scenario's selection strength")
+
+
+def main(args: argparse.Namespace) -> dict[str, object]:
+    scenario = SCENARIOS[args.scenario]
+    overrides = {k: v for k, v in (("n_impressions", args.impressions), ("seed", args.seed),
+                                    ("alpha", args.alpha)) if v is not None}
+    scenario = replace(scenario, **overrides)
+    logs = simulate(scenario)
+    paths = write(logs, args.out, scenario=scenario)
+    return {"impressions": logs.impressions.num_rows, "signals": logs.signals.num_rows,
+            "units (truth)": logs.truth.num_rows, **paths}

@@ -1,0 +1,211 @@
+"""The run config: a pydantic model loaded from TOML, one section per stage (DESIGN §4).
+
+An unknown key is an error naming it; bounds and choices live on the fields, so a typo fails at load
+time rather than inside a Beam worker at night.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.errors import ConfigError, InputError
+
+LabelRule = float | Literal["value", "1 - value"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Section):
+    impressions: list[str] = Field(min_length=1, description="files or globs, relative to the config file")
+    signals: list[str] = Field(min_length=1)
+    truth: str | None = Field(None, description="simulator ground truth, used only by `evaluate`")
+
+    @field_validator("impressions", "signals", mode="before")
+    @classmethod
+    def _as_list(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+
+class IngestConfig(_Section):
+    labels: dict[str, LabelRule] = Field(
+        default_factory=lambda: {"upvote": 1.0, "downvote": 0.0, "edit": "1 - value", "copy": 1.0,
+                                 "regenerate": 0.0},
+        description="signal type -> label: a number, 'value' or '1 - value'",
+    )
+    explicit: list[str] = Field(
+        default_factory=lambda: ["upvote", "downvote", "edit"],
+        description="explicit types: the latest one wins; implicit labels count only when none exists",
+    )
+    observe: list[str] | None = Field(
+        None, description="types whose presence makes a unit observed (default: the explicit ones)"
+    )
+    other_types: list[str] = Field(
+        default_factory=lambda: ["click", "share", "report", "follow_up", "dwell"],
+        description="known types that carry no label; they are counted on the unit",
+    )
+    unobserved_label: float | None = Field(
+        None, ge=0, le=1, description="click-through framing: label given to units with no signal"
+    )
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    buckets: int = Field(8, ge=1, le=4096, description="hash buckets for the shuffle and output files")
+
+    @model_validator(mode="after")
+    def _check_types(self) -> IngestConfig:
+        for name, types in (("explicit", self.explicit), ("observe", self.observe or [])):
+            unknown = sorted(set(types) - set(self.labels))
+            if unknown:
+                raise ValueError(f"ingest.{name} names types without a label rule: {unknown}")
+        clash = sorted(set(self.other_types) & set(self.labels))
+        if clash:
+            raise ValueError(f"ingest.other_types repeats label-bearing types: {clash}")
+        for t, rule in self.labels.items():
+            if isinstance(rule, float) and not 0 <= rule <= 1:
+                raise ValueError(f"ingest.labels.{t} must be in [0, 1], got {rule}")
+        return self
+
+    @property
+    def observe_types(self) -> list[str]:
+        return list(self.explicit) if self.observe is None else list(self.observe)
+
+    @property
+    def known_types(self) -> list[str]:
+        return sorted({*self.labels, *self.other_types})
+
+
+class PrivacyConfig(_Section):
+    key_env: str = Field("OBSFEED_HASH_KEY", description="environment variable holding the HMAC key")
+    allow_unkeyed: bool = Field(False, description="hash user ids without a key (not pseudonymous!)")
+
+
+class FitConfig(_Section):
+    text: list[str] = Field(default_factory=lambda: ["prompt", "response"])
+    numeric: list[str] = Field(
+        default_factory=lambda: ["response_length", "position"],
+        description="numeric features; response_length is derived from the response text",
+    )
+    categorical: list[str] = Field(default_factory=lambda: ["model_version"])
+    hash_features: int = Field(2**14, ge=16, le=2**24, description="hashed text n-gram dimensions")
+    ngram_max: int = Field(2, ge=1, le=3)
+    propensity_model: Literal["logistic"] = "logistic"
+    imputation_model: Literal["logistic"] = "logistic"
+    calibration: Literal["isotonic", "sigmoid"] = "isotonic"
+    C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic models")
+    folds: int = Field(5, ge=2, le=20)
+    max_rows: int = Field(200_000, ge=100)
+    seed: int = 0
+
+
+class ScoreConfig(_Section):
+    clip: float = Field(0.02, gt=0, lt=1, description="propensities are floored at clip for weight_clipped")
+    pairs: Literal["all", "best_vs_worst"] = "all"
+    pair_target: Literal["label", "target_dr"] = "label"
+    min_margin: float = Field(0.5, ge=0)
+    max_pairs_per_prompt: int = Field(6, ge=1)
+    pair_weight: Literal["product", "min"] = "product"
+    buckets: int = Field(8, ge=1, le=4096)
+
+
+class TrainConfig(_Section):
+    loss: Literal["naive", "ips", "snips", "dr"] = "ips"
+    baselines: list[Literal["naive", "ips", "snips", "dr"]] = Field(default_factory=lambda: ["naive"])
+    hash_features: int = Field(2**16, ge=16, le=2**24)
+    ngram_max: int = Field(2, ge=1, le=3)
+    hidden: int = Field(0, ge=0, description="0 = linear reward model over hashed n-grams")
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    patience: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class OutputConfig(_Section):
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    row_group_size: int = Field(131_072, ge=1024)
+
+
+class Config(_Section):
+    input: InputConfig
+    ingest: IngestConfig = IngestConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    fit: FitConfig = FitConfig()
+    score: ScoreConfig = ScoreConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form: the config hash recorded in the manifest."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{where}'"
+    if first["type"] == "missing":
+        return f"{path}: missing key '{where}'"
+    return f"{path}: key '{where}': {first['msg']}"
+
+
+def parse_config(text: str, *, path: Path | str = "<config>", base: Path | None = None) -> Config:
+    """Parse TOML text into a :class:`Config`; input paths are resolved against ``base``."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from e
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, path)) from e
+    if base is None:
+        return cfg
+
+    def resolve(p: str) -> str:
+        return p if Path(p).is_absolute() else str((base / p).resolve())
+
+    inp = cfg.input
+    resolved = inp.model_copy(
+        update={
+            "impressions": [resolve(p) for p in inp.impressions],
+            "signals": [resolve(p) for p in inp.signals],
+            "truth": resolve(inp.truth) if inp.truth else None,
+        }
+    )
+    return cfg.model_copy(update={"input": resolved})
+
+
+def load_config(path: Path | str) -> Config:
+    """Load and validate a TOML config; relative input paths are relative to the config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    return parse_config(path.read_text(), path=path, base=path.parent.resolve())
+
+
+def expand_inputs(patterns: list[str], *, what: str) -> list[str]:
+    """Expand files/globs to a sorted list of files; none found is an error naming the pattern."""
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else (
+            [pattern] if Path(pattern).is_file() else [])
+        if not matched:
+            raise InputError(f"{pattern}: no {what} input file found")
+        files.extend(matched)
+    return files

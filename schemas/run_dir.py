@@ -1,0 +1,42 @@
+"""Names inside a run directory (DESIGN §3). Every stage reads and writes only here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG = "config.toml"
+UNITS = "units"
+QUARANTINE = "quarantine"
+MODELS = "models"
+POINTWISE = "datasets/pointwise"
+PAIRWISE = "datasets/pairwise"
+REWARD_MODEL = "reward_model"
+REPORT = "report"
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+EVALUATION = "evaluation.json"
+
+PROPENSITY_MODEL = "models/propensity.skops"
+IMPUTATION_MODEL = "models/imputation.skops"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory; paths are derived, never hard-coded by the stages."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name

@@ -1,0 +1,52 @@
+"""One row per impression after ingest: the unit every estimator and dataset is built on (DESIGN §3)."""
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+from schemas.impressions import (
+    IMPRESSION_ID,
+    MODEL_VERSION,
+    POSITION,
+    PROMPT,
+    PROMPT_ID,
+    RESPONSE,
+    RESPONSE_ID,
+    TIMESTAMP,
+    TS,
+)
+
+USER_HASH = "user_hash"
+OBSERVED = "observed"
+LABEL = "label"
+LABEL_SOURCE = "label_source"
+COUNT_PREFIX = "n_"
+
+BASE_FIELDS = [
+    pa.field(IMPRESSION_ID, pa.string(), nullable=False),
+    pa.field(PROMPT_ID, pa.string(), nullable=False),
+    pa.field(RESPONSE_ID, pa.string(), nullable=False),
+    pa.field(USER_HASH, pa.string(), nullable=False),
+    pa.field(TS, TIMESTAMP, nullable=False),
+    pa.field(PROMPT, pa.string()),
+    pa.field(RESPONSE, pa.string()),
+    pa.field(MODEL_VERSION, pa.string()),
+    pa.field(POSITION, pa.int32()),
+    pa.field(OBSERVED, pa.int8(), nullable=False, metadata={"doc": "1 when a label-bearing signal exists"}),
+    pa.field(LABEL, pa.float64(), metadata={"doc": "resolved label in [0, 1]; null when unobserved"}),
+    pa.field(LABEL_SOURCE, pa.string(), metadata={"doc": "signal type that set the label"}),
+]
+
+
+def count_column(signal_type: str) -> str:
+    """Name of the per-unit count of signals of ``signal_type``."""
+    return f"{COUNT_PREFIX}{signal_type}"
+
+
+def units_schema(signal_types: Iterable[str], extra: Iterable[pa.Field] = ()) -> pa.Schema:
+    """The units schema for a config's signal types; ``extra`` are impression feature columns kept."""
+    counts = [pa.field(count_column(t), pa.int32(), nullable=False) for t in sorted(signal_types)]
+    return pa.schema(
+        [*BASE_FIELDS, *counts, *extra],
+        metadata={"obsfeed.table": "units", "obsfeed.schema_version": "1"},
+    )

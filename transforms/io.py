@@ -1,0 +1,100 @@
+"""Parquet I/O shared by the stages: atomic directory commits, deterministic part files, footer counts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from schemas.config import OutputConfig
+from schemas.errors import InputError
+
+DICTIONARY_COLUMNS = ("impression_id", "prompt_id", "response_id", "user_hash", "chosen_id", "rejected_id",
+                      "model_version", "label_source", "table", "reason", "source_file")
+
+
+def part_name(index: int) -> str:
+    """File name of part ``index``: deterministic, so that a retried write replaces the same file."""
+    return f"part-{index:05d}.parquet"
+
+
+def write_part(table: pa.Table, path: Path | str, output: OutputConfig) -> None:
+    """Write one Parquet file with the project's settings (zstd, row groups, dictionary-encoded ids)."""
+    compression = None if output.compression == "none" else output.compression
+    pq.write_table(
+        table,
+        str(path),
+        compression=compression,
+        row_group_size=output.row_group_size,
+        use_dictionary=[c for c in DICTIONARY_COLUMNS if c in table.column_names],
+    )
+
+
+def staging_dir(final: Path) -> Path:
+    """A fresh temporary sibling of ``final``: same filesystem, so the commit is a rename."""
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp``: a reader sees the old or the new directory, never a half-written one."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Write a directory under a temporary name and rename it into place only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, final)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write a small text file atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parquet_files(directory: Path | str) -> list[Path]:
+    """The part files of a dataset directory, sorted; a missing directory is an InputError naming it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: dataset not found (has the stage that writes it run?)")
+    return sorted(directory.glob("*.parquet"))
+
+
+def read_dataset(directory: Path | str, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read every part of a dataset directory, in file order."""
+    files = parquet_files(directory)
+    if not files:
+        raise InputError(f"{directory}: dataset has no Parquet files")
+    return ds.dataset([str(f) for f in files], format="parquet").to_table(columns=list(columns) if columns else None)
+
+
+def count_rows(directory: Path | str) -> int:
+    """Row count from the Parquet footers: what is on disk, without reading the data."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(directory))

@@ -1,0 +1,145 @@
+"""Coerce raw batches to the input contract and route every row that fails a check to quarantine.
+
+The checks are vectorised (polars expressions over a whole batch); the first failing check of a row is its
+``reason``. Rows are never dropped here: a batch comes out as ``ok`` rows plus ``quarantine`` rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import apache_beam as beam
+import polars as pl
+import pyarrow as pa
+
+from schemas import impressions as imp
+from schemas import quarantine as qr
+from schemas import signals as sig
+from transforms.read import COUNTS, ROW_NUMBER, SOURCE_FILE
+
+QUARANTINE = "quarantine"
+_REASON = "_reason"
+_PROVENANCE = (SOURCE_FILE, ROW_NUMBER)
+
+
+def _parse_timestamp(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """ISO-8601 strings (with a zone, or naive = UTC) and datetimes → Datetime(us, UTC); failures → null."""
+    if isinstance(dtype, pl.Datetime):
+        expr = col.dt.cast_time_unit("us")
+        return expr.dt.convert_time_zone("UTC") if dtype.time_zone else expr.dt.replace_time_zone("UTC")
+    if dtype == pl.String:
+        aware = col.str.to_datetime(time_unit="us", time_zone="UTC", strict=False)
+        naive = col.str.to_datetime(time_unit="us", strict=False).dt.replace_time_zone("UTC")
+        return pl.coalesce(aware, naive)
+    return pl.lit(None, pl.Datetime("us", "UTC"))
+
+
+def coerce(df: pl.DataFrame, schema: pa.Schema) -> tuple[pl.DataFrame, pl.Series]:
+    """Cast ``df``'s contract columns to ``schema`` and say, per row, why it fails (null = row is fine).
+
+    Missing columns are added as nulls (so a missing *required* column fails every row with
+    ``missing_required:<col>``); columns not in the schema are kept as they are.
+    """
+    checks: list[pl.Expr] = []
+    casts: list[pl.Expr] = []
+    for field in schema:
+        name = field.name
+        target = pl.from_arrow(pa.array([], field.type)).dtype
+        if name not in df.columns:
+            casts.append(pl.lit(None, target).alias(name))
+            if not field.nullable:
+                checks.append(pl.lit(qr.MISSING_REQUIRED.format(column=name)))
+            continue
+        raw = pl.col(name)
+        if isinstance(target, pl.Datetime):
+            parsed = _parse_timestamp(raw, df.schema[name])
+            bad = qr.BAD_TIMESTAMP
+        else:
+            parsed = raw.cast(target, strict=False)
+            bad = f"bad_type:{name}"
+        casts.append(parsed.alias(name))
+        if not field.nullable:
+            checks.append(pl.when(raw.is_null()).then(pl.lit(qr.MISSING_REQUIRED.format(column=name))))
+        checks.append(pl.when(raw.is_not_null() & parsed.is_null()).then(pl.lit(bad)))
+    reasons = df.select(pl.coalesce(*checks).alias(_REASON) if checks else pl.lit(None, pl.String))
+    return df.with_columns(casts), reasons.to_series().cast(pl.String)
+
+
+def signal_checks(df: pl.DataFrame, known_types: Sequence[str], value_types: Sequence[str]) -> pl.Series:
+    """Signal-specific reasons on a coerced batch: unknown type; a value-based label with value ∉ [0, 1]."""
+    value = pl.col(sig.VALUE)
+    return df.select(pl.coalesce(
+        pl.when(~pl.col(sig.TYPE).is_in(list(known_types))).then(pl.lit(qr.UNKNOWN_SIGNAL_TYPE)),
+        pl.when(pl.col(sig.TYPE).is_in(list(value_types)) & (value.is_null() | (value < 0) | (value > 1)))
+        .then(pl.lit(qr.VALUE_OUT_OF_RANGE)),
+    ).cast(pl.String)).to_series()
+
+
+def quarantine_rows(raw: pl.DataFrame, reasons: pl.Series, table: str) -> pa.Table:
+    """Rejected rows in the quarantine schema: original record as JSON text, file, row and reason."""
+    payload = [c for c in raw.columns if c not in _PROVENANCE]
+    out = raw.select(
+        pl.lit(table).alias(qr.TABLE),
+        pl.col(SOURCE_FILE).alias(qr.SOURCE_FILE),
+        pl.col(ROW_NUMBER).cast(pl.Int64).alias(qr.ROW_NUMBER),
+        reasons.alias(qr.REASON),
+        pl.struct(payload).struct.json_encode().alias(qr.RECORD),
+    )
+    return out.to_arrow().cast(qr.QUARANTINE)
+
+
+class Validated(NamedTuple):
+    ok: beam.PCollection
+    quarantine: beam.PCollection
+    counts: beam.PCollection
+
+
+class SplitBad(beam.DoFn):
+    """RecordBatch in: coerced good rows out (as an Arrow table), rejected rows tagged ``quarantine``."""
+
+    def __init__(self, table: str, schema: pa.Schema, known_types: Sequence[str] = (),
+                 value_types: Sequence[str] = ()):
+        self._table, self._schema = table, schema
+        self._known, self._value_types = list(known_types), list(value_types)
+
+    def process(self, batch: pa.RecordBatch):
+        raw = pl.from_arrow(pa.Table.from_batches([batch]))
+        df, reasons = coerce(raw, self._schema)
+        if self._table == "signals":
+            reasons = pl.select(pl.coalesce(reasons, signal_checks(df, self._known, self._value_types))).to_series()
+        bad = reasons.is_not_null()
+        n_bad = int(bad.sum())
+        if n_bad:
+            yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_rows(raw.filter(bad), reasons.filter(bad),
+                                                                       self._table))
+            yield beam.pvalue.TaggedOutput(COUNTS, {f"{self._table}.rows_quarantined": n_bad})
+        if n_bad < raw.height:
+            yield df.filter(~bad).to_arrow()
+
+
+class Validate(beam.PTransform):
+    """Batches of one raw table → ``Validated(ok, quarantine, counts)``."""
+
+    def __init__(self, table: str, schema: pa.Schema, known_types: Sequence[str] = (),
+                 value_types: Sequence[str] = ()):
+        super().__init__()
+        self._fn = SplitBad(table, schema, known_types, value_types)
+
+    def expand(self, batches):
+        out = batches | beam.ParDo(self._fn).with_outputs(QUARANTINE, COUNTS, main="ok")
+        return Validated(out.ok, out[QUARANTINE], out[COUNTS])
+
+
+def contract_schema(table: str) -> pa.Schema:
+    """The input-contract schema of ``table`` ('impressions' or 'signals')."""
+    return {"impressions": imp.IMPRESSIONS, "signals": sig.SIGNALS}[table]
+
+
+def merge_counts(counts: Sequence[Mapping[str, int]]) -> dict[str, int]:
+    """Sum count dictionaries key by key (the combiner for the ``counts`` outputs)."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
