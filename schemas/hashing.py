@@ -27,3 +27,13 @@ def stable_hash64(values: Iterable[str | None]) -> np.ndarray:
 def bucket_of(values: Iterable[str | None], buckets: int) -> np.ndarray:
     """Bucket in [0, buckets) of each id."""
     return (stable_hash64(values) % np.uint64(buckets)).astype(np.int64)
+
+
+def fold_of(ids: Iterable[str | None], folds: int) -> np.ndarray:
+    """Cross-fitting fold of each unit: a salted stable hash, so folds are independent of shuffle buckets."""
+    return (stable_hash64(f"fold:{i}" for i in ids) % np.uint64(folds)).astype(np.int16)
+
+
+def sample_rank(ids: Iterable[str | None]) -> np.ndarray:
+    """A deterministic pseudo-random rank per id, for reproducible sampling without a shared RNG state."""
+    return stable_hash64(f"sample:{i}" for i in ids)

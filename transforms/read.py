@@ -98,3 +98,26 @@ class ReadRaw(beam.PTransform):
                 | "Reshuffle" >> beam.Reshuffle()
                 | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows)).with_outputs(
                     COUNTS, main="batches"))
+
+
+class ReadParts(beam.PTransform):
+    """A dataset's part files → (part index, Arrow table per row group), keeping each part's identity so
+    that a stage can write its output with the same partitioning (and so deterministically)."""
+
+    def __init__(self, files: list[str], columns: list[str] | None = None):
+        super().__init__()
+        self._files, self._columns = list(files), columns
+
+    def expand(self, pbegin):
+        columns = self._columns
+
+        def read(item: tuple[int, str]):
+            index, path = item
+            pf = pq.ParquetFile(path)
+            for g in range(pf.num_row_groups):
+                yield index, pf.read_row_group(g, columns=columns)
+
+        return (pbegin
+                | "Parts" >> beam.Create(list(enumerate(self._files)))
+                | "Reshuffle" >> beam.Reshuffle()
+                | "ReadRowGroups" >> beam.FlatMap(read))

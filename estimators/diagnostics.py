@@ -1,0 +1,40 @@
+"""Diagnostics of fitted nuisance models: calibration error, discrimination, overlap. Numpy in, numpy out."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, *, bins: int = 15) -> float:
+    """ECE with equal-mass bins: Σ_b (n_b/n) |mean(y_b) − mean(p_b)|.
+
+    Equal-mass bins keep every bin populated when most propensities are small, unlike equal-width bins.
+    """
+    p, y = np.asarray(p, float), np.asarray(y, float)
+    order = np.argsort(p, kind="stable")
+    err = 0.0
+    for idx in np.array_split(order, bins):
+        if idx.size:
+            err += idx.size * abs(y[idx].mean() - p[idx].mean())
+    return float(err / p.size)
+
+
+def auc(p: np.ndarray, y: np.ndarray) -> float | None:
+    """ROC AUC, or None when only one class is present."""
+    y = np.asarray(y)
+    return float(roc_auc_score(y, p)) if np.unique(y).size == 2 else None
+
+
+def reliability(p: np.ndarray, y: np.ndarray, *, bins: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """Mean prediction and observed rate per equal-mass bin (for calibration plots)."""
+    order = np.argsort(p, kind="stable")
+    parts = [idx for idx in np.array_split(order, bins) if idx.size]
+    return np.array([p[i].mean() for i in parts]), np.array([y[i].mean() for i in parts])
+
+
+def summary(values: np.ndarray) -> dict[str, float]:
+    """Min, quartiles, max and mean of an array, as plain floats for the manifest."""
+    q = np.quantile(values, [0, 0.01, 0.25, 0.5, 0.75, 0.99, 1])
+    return {"min": float(q[0]), "p01": float(q[1]), "p25": float(q[2]), "median": float(q[3]),
+            "p75": float(q[4]), "p99": float(q[5]), "max": float(q[6]), "mean": float(np.mean(values))}

@@ -1,0 +1,53 @@
+"""Unit features for the nuisance models: hashed text n-grams, scaled numerics, one-hot categoricals.
+
+The text part is a stateless ``HashingVectorizer``, so the featuriser is tiny to save and applies to any
+number of new units in the score stage ("fit small, score big").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.feature_extraction.text import HashingVectorizer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+TEXT = "_text"
+RESPONSE_LENGTH = "response_length"
+"""Derived numeric feature: number of whitespace-separated words of the response (a verbosity confounder)."""
+
+
+def feature_frame(columns: dict[str, np.ndarray | list], *, text: list[str], numeric: list[str],
+                  categorical: list[str]) -> pd.DataFrame:
+    """The model input frame from unit columns: concatenated text, derived length, numerics, categoricals."""
+    n = len(next(iter(columns.values())))
+    out: dict[str, object] = {}
+    parts = [pd.Series(columns[c], dtype="object").fillna("").astype(str) for c in text if c in columns]
+    out[TEXT] = parts[0].str.cat(parts[1:], sep=" ") if parts else pd.Series([""] * n)
+    for c in numeric:
+        if c == RESPONSE_LENGTH and c not in columns:
+            resp = pd.Series(columns.get("response", [""] * n), dtype="object").fillna("").astype(str)
+            out[c] = resp.str.split().str.len().astype(float).to_numpy()
+        else:
+            if c not in columns:
+                raise KeyError(f"feature column '{c}' is not in the units table")
+            out[c] = pd.to_numeric(pd.Series(columns[c]), errors="coerce").astype(float).to_numpy()
+    for c in categorical:
+        if c not in columns:
+            raise KeyError(f"feature column '{c}' is not in the units table")
+        out[c] = pd.Series(columns[c], dtype="object").fillna("<null>").astype(str).to_numpy()
+    return pd.DataFrame(out)
+
+
+def make_featurizer(*, numeric: list[str], categorical: list[str], hash_features: int = 2**14,
+                    ngram_max: int = 2) -> ColumnTransformer:
+    """An unfitted sklearn transformer from :func:`feature_frame` output to a sparse design matrix."""
+    parts = [("text", HashingVectorizer(n_features=hash_features, ngram_range=(1, ngram_max),
+                                        alternate_sign=False, norm="l2"), TEXT)]
+    if numeric:
+        parts.append(("numeric", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric))
+    if categorical:
+        parts.append(("categorical", OneHotEncoder(handle_unknown="ignore"), categorical))
+    return ColumnTransformer(parts, sparse_threshold=1.0)

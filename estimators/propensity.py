@@ -1,0 +1,52 @@
+"""Propensity of observation p(x) = P(o=1 | x): a calibrated, clipped sklearn classifier (DESIGN §5)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+class PropensityModel(ClassifierMixin, BaseEstimator):
+    """P(observed=1 | x), calibrated (isotonic or sigmoid) and clipped away from 0 and 1.
+
+    Calibration matters more than discrimination here: IPS divides by p̂, so a p̂ that is too small by a
+    factor of two doubles a unit's weight. Cross-fitting is :func:`estimators.crossfit.crossfit`'s job.
+    """
+
+    def __init__(self, *, base=None, calibration: str = "isotonic", C: float = 1.0, clip: float = 1e-3,
+                 random_state: int | None = 0):
+        self.base = base
+        self.calibration = calibration
+        self.C = C
+        self.clip = clip
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, accept_sparse="csr")
+        check_classification_targets(y)
+        if type_of_target(y) != "binary":
+            raise ValueError("Only binary classification is supported: y is the observed flag")
+        base = (LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
+                if self.base is None else clone(self.base))
+        self.model_ = CalibratedClassifierCV(base, method=self.calibration, cv=3).fit(X, y)
+        self.classes_ = self.model_.classes_
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, accept_sparse="csr", reset=False)
+        p = np.clip(self.model_.predict_proba(X)[:, 1], self.clip, 1 - self.clip)
+        return np.column_stack([1 - p, p])
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[(self.predict_proba(X)[:, 1] >= 0.5).astype(int)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        tags.input_tags.sparse = True
+        return tags

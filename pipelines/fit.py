@@ -1,0 +1,98 @@
+"""Fit stage: cross-fitted, calibrated propensity and imputation models on a sample of units (DESIGN §5).
+
+"Fit small, score big": models are fitted here on at most ``fit.max_rows`` units (stratified by observed),
+saved with skops, and applied to every unit by the score stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from estimators import persist
+from estimators.crossfit import crossfit
+from estimators.diagnostics import auc, expected_calibration_error, summary
+from estimators.features import feature_frame, make_featurizer
+from estimators.imputation import ImputationModel
+from estimators.propensity import PropensityModel
+from schemas import run_dir as rd
+from schemas import units as un
+from schemas.config import Config, FitConfig
+from schemas.errors import InputError
+from schemas.hashing import fold_of, sample_rank
+from schemas.run_dir import RunDir
+from transforms.io import atomic_dir, read_dataset
+
+FEATURIZER = "featurizer.skops"
+PROPENSITY = "propensity.skops"
+IMPUTATION = "imputation.skops"
+
+
+def feature_columns(cfg: FitConfig) -> list[str]:
+    """Units columns the featuriser reads (response_length is derived from the response)."""
+    derived = {"response_length"}
+    return sorted({*cfg.text, *(c for c in cfg.numeric if c not in derived), *cfg.categorical, "response"})
+
+
+def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> np.ndarray:
+    """Indices of at most ``max_rows`` units, the same share of each observed stratum, chosen by id hash."""
+    if ids.size <= max_rows:
+        return np.arange(ids.size)
+    rank = sample_rank(ids)
+    keep = []
+    for o in (0, 1):
+        idx = np.flatnonzero(observed == o)
+        k = int(round(max_rows * idx.size / ids.size))
+        keep.append(idx[np.argsort(rank[idx], kind="stable")[:k]])
+    return np.sort(np.concatenate(keep))
+
+
+def design(table: pa.Table, cfg: FitConfig):
+    return feature_frame({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names},
+                         text=cfg.text, numeric=cfg.numeric, categorical=cfg.categorical)
+
+
+def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+    fc = cfg.fit
+    units = read_dataset(run.path(rd.UNITS))
+    missing = [c for c in feature_columns(fc) if c not in units.column_names]
+    if missing:
+        raise InputError(f"{run.path(rd.UNITS)}: feature column '{missing[0]}' named in [fit] is not in the units")
+    ids = units[un.IMPRESSION_ID].to_numpy(zero_copy_only=False)
+    observed_all = units[un.OBSERVED].to_numpy()
+    if observed_all.min() == observed_all.max():
+        raise InputError(f"{run.path(rd.UNITS)}: every unit has observed = {observed_all[0]}; a propensity of "
+                         "observation cannot be fitted (click-through logs need fit.propensity_column)")
+    sample = units.take(stratified_sample(ids, observed_all, fc.max_rows))
+    o = sample[un.OBSERVED].to_numpy().astype(int)
+    label = sample[un.LABEL].to_numpy(zero_copy_only=False)
+    fold = fold_of(sample[un.IMPRESSION_ID].to_pylist(), fc.folds)
+
+    frame = design(sample, fc)
+    featurizer = make_featurizer(numeric=fc.numeric, categorical=fc.categorical, hash_features=fc.hash_features,
+                                 ngram_max=fc.ngram_max).fit(frame)
+    X = featurizer.transform(frame).tocsr()
+    p_oof, p_models = crossfit(PropensityModel(calibration=fc.calibration, C=fc.C, random_state=fc.seed),
+                               X, o, fold)
+    y = np.nan_to_num(label.astype(float))
+    m_oof, m_models = crossfit(ImputationModel(C=fc.C, random_state=fc.seed), X, y, fold, fit_mask=o == 1)
+
+    with atomic_dir(run.path(rd.MODELS)) as tmp:
+        persist.save(featurizer, tmp / FEATURIZER)
+        persist.save(p_models, tmp / PROPENSITY)
+        persist.save(m_models, tmp / IMPUTATION)
+    obs = o == 1
+    return {
+        "outputs": [str(run.path(rd.MODELS))],
+        "counts": {"units": units.num_rows, "sample": sample.num_rows, "sample_observed": int(obs.sum())},
+        "diagnostics": {
+            "propensity": {"auc": auc(p_oof, o), "ece": expected_calibration_error(p_oof, o),
+                           "mean": float(p_oof.mean()), "observed_rate": float(o.mean()),
+                           "distribution": summary(p_oof), "folds": fc.folds, "calibration": fc.calibration},
+            "imputation": {"auc": auc(m_oof[obs], np.round(y[obs])),
+                           "mse": float(np.mean((m_oof[obs] - y[obs]) ** 2))},
+        },
+    }

@@ -1,0 +1,99 @@
+"""Score stage: apply the fitted models to every unit in Beam, write the pointwise and pairwise datasets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from estimators import weights as W
+from estimators.diagnostics import summary
+from pipelines.fit import FEATURIZER, IMPUTATION, PROPENSITY
+from schemas import pairwise as pr
+from schemas import pointwise as pw
+from schemas import run_dir as rd
+from schemas import units as un
+from schemas.config import Config
+from schemas.errors import InputError
+from schemas.run_dir import RunDir
+from transforms import score as sc
+from transforms.io import commit_dir, count_rows, parquet_files, read_dataset, staging_dir
+from transforms.join import KeyByBucket
+from transforms.read import ReadParts
+from transforms.write import WriteBucketParts
+
+
+def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_paths: dict[str, str],
+          pointwise_schema, run_id: str, pointwise_dir: str, pairwise_dir: str) -> None:
+    """units → scored units (+ global SNIPS normaliser) → pointwise; pointwise by prompt → pairs → pairwise."""
+    scored = (p | "ReadUnits" >> ReadParts(list(unit_files))
+              | "AddScores" >> beam.ParDo(sc.AddScores(model_paths, fit=cfg.fit, clip=cfg.score.clip,
+                                                       run_id=run_id)))
+    totals = (scored | "ObservedWeights" >> beam.MapTuple(lambda _, t: sc.observed_weight_sum(t))
+              | "SumWeights" >> beam.CombineGlobally(sc.sum_tuples))
+    pointwise = scored | "SNIPS" >> beam.MapTuple(
+        lambda part, t, tot=None: (part, sc.add_snips(t, tot)), tot=beam.pvalue.AsSingleton(totals))
+    _ = (pointwise | "GroupParts" >> beam.GroupByKey()
+         | "WritePointwise" >> beam.ParDo(WriteBucketParts(pointwise_dir, pointwise_schema, [un.IMPRESSION_ID],
+                                                           cfg.output)))
+    raw_pairs = (pointwise | "Tables" >> beam.Values()
+                 | "BucketPrompts" >> beam.ParDo(KeyByBucket(cfg.score.buckets, un.PROMPT_ID))
+                 | "GroupPrompts" >> beam.GroupByKey()
+                 | "BuildPairs" >> beam.ParDo(sc.BuildPairs(cfg.score, run_id)))
+    pair_totals = (raw_pairs | "PairWeights" >> beam.MapTuple(lambda _, t: sc.pair_weight_sum(t))
+                   | "SumPairWeights" >> beam.CombineGlobally(sc.sum_tuples))
+    _ = (raw_pairs
+         | "NormalisePairs" >> beam.MapTuple(lambda b, t, tot=None: (b, [sc.normalise_pairs(t, tot)]),
+                                             tot=beam.pvalue.AsSingleton(pair_totals))
+         | "WritePairwise" >> beam.ParDo(WriteBucketParts(pairwise_dir, pr.PAIRWISE,
+                                                          [pr.PROMPT_ID, pr.CHOSEN_ID, pr.REJECTED_ID], cfg.output)))
+
+
+def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+    unit_files = [str(f) for f in parquet_files(run.path(rd.UNITS))]
+    models = run.path(rd.MODELS)
+    model_paths = {"featurizer": str(models / FEATURIZER), "propensity": str(models / PROPENSITY),
+                   "imputation": str(models / IMPUTATION)}
+    for path in model_paths.values():
+        if not Path(path).exists():
+            raise InputError(f"{path}: fitted model not found (run the fit stage first)")
+    schema = pw.pointwise_schema(pq.read_schema(unit_files[0]))
+    final_pw, final_pr = run.path(rd.POINTWISE), run.path(rd.PAIRWISE)
+    tmp_pw, tmp_pr = staging_dir(final_pw), staging_dir(final_pr)
+    try:
+        with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
+            build(p, cfg, unit_files=unit_files, model_paths=model_paths, pointwise_schema=schema,
+                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr))
+        n_units, n_points = count_rows(run.path(rd.UNITS)), count_rows(tmp_pw)
+        if n_units != n_points:
+            raise RuntimeError(f"score lost units: {n_units} in, {n_points} out")
+        commit_dir(tmp_pw, final_pw)
+        commit_dir(tmp_pr, final_pr)
+    finally:
+        shutil.rmtree(tmp_pw, ignore_errors=True)
+        shutil.rmtree(tmp_pr, ignore_errors=True)
+    return {"outputs": [str(final_pw), str(final_pr)],
+            "counts": {"units": n_units, "pointwise": n_points, "pairs": count_rows(final_pr)},
+            "diagnostics": weight_diagnostics(run, cfg)}
+
+
+def weight_diagnostics(run: RunDir, cfg: Config) -> dict[str, Any]:
+    """ESS, clipping and concentration of the weights actually written (read back from the dataset)."""
+    t = read_dataset(run.path(rd.POINTWISE), [un.OBSERVED, pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED,
+                                               pw.WEIGHT_SNIPS])
+    o = t[un.OBSERVED].to_numpy() == 1
+    p = t[pw.PROPENSITY].to_numpy()
+    out: dict[str, Any] = {"n_observed": int(o.sum()), "clip": cfg.score.clip,
+                           "clipped": int(np.sum(o & (p < cfg.score.clip))),
+                           "propensity": summary(p)}
+    for name in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS):
+        w = t[name].to_numpy()[o]
+        out[name] = {"ess": W.kish_ess(w), "ess_share": W.kish_ess(w) / max(1, o.sum()),
+                     "top1pct_share": W.top_share(w), **summary(w)}
+    return out
