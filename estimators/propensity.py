@@ -43,6 +43,7 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         return np.column_stack([1 - p, p])
 
     def predict(self, X) -> np.ndarray:
+        check_is_fitted(self)
         return self.classes_[(self.predict_proba(X)[:, 1] >= 0.5).astype(int)]
 
     def __sklearn_tags__(self):

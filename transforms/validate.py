@@ -29,9 +29,13 @@ def _parse_timestamp(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
         expr = col.dt.cast_time_unit("us")
         return expr.dt.convert_time_zone("UTC") if dtype.time_zone else expr.dt.replace_time_zone("UTC")
     if dtype == pl.String:
-        aware = col.str.to_datetime(time_unit="us", time_zone="UTC", strict=False)
-        naive = col.str.to_datetime(time_unit="us", strict=False).dt.replace_time_zone("UTC")
-        return pl.coalesce(aware, naive)
+        # One explicit format after normalising the date/time separator and 'Z': format inference would
+        # pick the first row's format and reject the other valid spellings in the batch.
+        norm = col.str.strip_chars().str.replace(r"^(\d{4}-\d{2}-\d{2})[ T]", r"${1}T").str.replace(r"Z$", "+00:00")
+        aware = norm.str.to_datetime(format="%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", time_zone="UTC",
+                                     strict=False)
+        naive = norm.str.to_datetime(format="%Y-%m-%dT%H:%M:%S%.f", time_unit="us", strict=False)
+        return pl.coalesce(aware, naive.dt.replace_time_zone("UTC"))
     return pl.lit(None, pl.Datetime("us", "UTC"))
 
 

@@ -1,0 +1,166 @@
+"""The `obsfeed` command line: parse, load the config, dispatch to a stage, map errors to exit codes.
+
+Exit codes: 0 ok; 2 bad input, config or a failed gate (one line naming what and where); 1 internal error.
+Flags the CLI does not know are passed on to Beam (``--runner``, ``--direct_num_workers``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from schemas import run_dir as rd
+from schemas.config import Config, load_config
+from schemas.errors import ConfigError, ObsfeedUserError
+from schemas.run_dir import RunDir
+
+STAGES = ("ingest", "fit", "score", "train", "report")
+DEFAULT_BEAM_ARGS = ("--runner=DirectRunner", "--direct_running_mode=multi_processing",
+                     "--direct_num_workers=2", "--default_sdk_harness_log_level=WARNING")
+
+
+def stage_function(name: str) -> Callable[..., dict[str, Any]]:
+    """The ``run(run_dir, cfg, beam_args)`` of a stage, imported lazily (torch and Beam are heavy)."""
+    import importlib
+
+    return importlib.import_module(f"pipelines.{name}").run
+
+
+def beam_args_with_defaults(beam_args: Sequence[str]) -> list[str]:
+    """The caller's Beam flags; the local multi-process DirectRunner only when no runner was named."""
+    args = list(beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args = [*DEFAULT_BEAM_ARGS, *args]
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[obsfeed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Sequence[str]) -> dict[str, Any]:
+    """Run ``stages`` in order, recording each in the manifest; ``_SUCCESS`` last, only if every stage is ok."""
+    from pipelines.manifest import read_manifest, record_stage
+    from transforms.io import atomic_write_text
+
+    success = run.path(rd.SUCCESS)
+    success.unlink(missing_ok=True)
+    results = {}
+    for name in stages:
+        log(f"{name}: started")
+        fn = stage_function(name)
+        results[name] = record_stage(run, name, cfg.digest(), lambda fn=fn: fn(run, cfg, beam_args))
+        log(f"{name}: done in {results[name]['wall_s']:.1f}s")
+    manifest = read_manifest(run)
+    if all(manifest.get("stages", {}).get(s, {}).get("status") == "ok" for s in STAGES):
+        atomic_write_text(success, json.dumps({"run_id": run.run_id, "config_hash": cfg.digest(),
+                                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    return results
+
+
+def freeze_config(run: RunDir, cfg: Config) -> None:
+    """Keep the exact config used (input paths resolved) as ``RUN/config.toml``."""
+    from transforms.io import atomic_write_text
+
+    atomic_write_text(run.config_path, cfg.to_toml())
+
+
+def _parse_stages(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage '{unknown[0]}' (choose from {', '.join(STAGES)})")
+    return sorted(names, key=STAGES.index)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from pipelines import simulate
+
+    parser = argparse.ArgumentParser(prog="obsfeed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="write simulated raw logs with ground truth")
+    simulate.add_arguments(sim)
+    r = sub.add_parser("run", help="run the pipeline (all stages by default) into a run directory")
+    r.add_argument("config", type=Path)
+    r.add_argument("run", type=Path)
+    r.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    for name in STAGES:
+        s = sub.add_parser(name, help=f"run the {name} stage on RUN (config from RUN/config.toml)")
+        s.add_argument("run", type=Path)
+    ev = sub.add_parser("evaluate", help="metrics vs ground truth (simulator) for a finished run")
+    ev.add_argument("run", type=Path)
+    ev.add_argument("--truth", type=Path, default=None, help="truth.parquet (default: [input].truth)")
+    return parser
+
+
+def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    if args.command == "simulate":
+        from pipelines import simulate
+
+        for k, v in simulate.main(args).items():
+            print(f"{k:>14}: {v}")
+        return 0
+    if args.command == "run":
+        cfg = load_config(args.config)
+        run = RunDir(args.run)
+        run.root.mkdir(parents=True, exist_ok=True)
+        freeze_config(run, cfg)
+        run_stages(run, cfg, _parse_stages(args.stages), beam_args_with_defaults(beam_args))
+        from pipelines.summary import print_run_summary
+
+        print_run_summary(run)
+        return 0
+    run = RunDir(args.run)
+    if not run.config_path.exists():
+        raise ConfigError(f"{run.config_path}: not found (is {run.root} a run directory made by `obsfeed run`?)")
+    cfg = load_config(run.config_path)
+    if args.command == "evaluate":
+        from pipelines import evaluate
+
+        evaluate.print_evaluation(evaluate.run(run, cfg, truth=args.truth))
+        return 0
+    run_stages(run, cfg, [args.command], beam_args_with_defaults(beam_args))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.ERROR)  # Beam's import-time notices are not the user's business
+    parser = make_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    if args.command in ("simulate", "evaluate") and beam_args:
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    try:
+        return dispatch(args, beam_args)
+    except ObsfeedUserError as e:
+        print(f"obsfeed {args.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - anything else is ours: say so, with the traceback
+        user = _user_error_inside(e)
+        if user is not None:
+            print(f"obsfeed {args.command}: {user}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"obsfeed {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _user_error_inside(e: BaseException) -> ObsfeedUserError | None:
+    """A user error raised inside a Beam worker arrives wrapped; find it in the exception chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ObsfeedUserError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

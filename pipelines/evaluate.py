@@ -1,0 +1,135 @@
+"""`obsfeed evaluate`: metrics of a finished run against ground truth (the simulator's truth.parquet).
+
+What "truth" means for each figure:
+
+* propensity: the simulator's ``propensity_true`` and the realised observed flag;
+* mean label: the population mean of the label users *would* give if every unit were rated
+  (``label_noisy`` over all units). That is what selection correction (IPS, SNIPS, DR) targets; removing
+  label noise as well is the noise estimators' job, so the clean mean (``reward_true``) is reported beside it;
+* reward model: predictions P(label=1|x) vs ``reward_true`` (MSE, MAE, R²), and pairwise accuracy within a
+  prompt (share of response pairs with different true rewards that the model orders correctly).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from estimators.diagnostics import auc, expected_calibration_error
+from schemas import pointwise as pw
+from schemas import run_dir as rd
+from schemas import truth as tr
+from schemas import units as un
+from schemas.config import Config
+from schemas.errors import InputError
+from schemas.run_dir import RunDir
+from transforms.io import atomic_write_text, read_dataset
+
+
+def regression_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    err = pred - truth
+    return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err))),
+            "r2": float(1 - np.sum(err**2) / np.sum((truth - truth.mean()) ** 2))}
+
+
+def pairwise_accuracy(group: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """Share of within-group pairs with different truth that ``pred`` orders the same way (ties count ½)."""
+    df = pl.DataFrame({"g": group, "p": pred, "t": truth})
+    pairs = df.join(df, on="g", suffix="_b").filter(pl.col("t") > pl.col("t_b"))
+    if pairs.height == 0:
+        return None
+    right = (pairs["p"] > pairs["p_b"]).cast(pl.Float64) + 0.5 * (pairs["p"] == pairs["p_b"]).cast(pl.Float64)
+    return float(right.mean())
+
+
+def mean_label_estimates(d: pl.DataFrame) -> dict[str, float]:
+    o = d[un.OBSERVED].to_numpy()
+    label = np.nan_to_num(d[un.LABEL].to_numpy().astype(float))
+    obs = o == 1
+    n = len(o)
+    est = {
+        "true": float(d[tr.LABEL_NOISY].mean()),
+        "naive": float(label[obs].mean()),
+        "ips": float(np.sum(label * d[pw.WEIGHT_IPS].to_numpy()) / n),
+        "snips": float(np.average(label[obs], weights=d[pw.WEIGHT_SNIPS].to_numpy()[obs])),
+        "dr": float(d[pw.TARGET_DR].mean()),
+        "true_clean_reward": float(d[tr.REWARD_TRUE].mean()),
+    }
+    est["bias"] = {k: est[k] - est["true"] for k in ("naive", "ips", "snips", "dr")}
+    return est
+
+
+def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any]:
+    truth_path = Path(truth) if truth else (Path(cfg.input.truth) if cfg.input.truth else None)
+    if truth_path is None or not truth_path.exists():
+        raise InputError(f"{truth_path or '[input].truth'}: ground truth not found (pass --truth PATH)")
+    truth_t = pl.read_parquet(truth_path)
+    missing = [c for c in (tr.REWARD_TRUE, tr.PROPENSITY_TRUE, tr.LABEL_NOISY) if c not in truth_t.columns]
+    if missing:
+        raise InputError(f"{truth_path}: required column '{missing[0]}' is missing")
+    points = pl.from_arrow(read_dataset(run.path(rd.POINTWISE)))
+    d = points.join(truth_t, on=un.IMPRESSION_ID, how="inner")
+    if d.height != points.height:
+        raise InputError(f"{truth_path}: {points.height - d.height} units have no ground truth")
+    o = d[un.OBSERVED].to_numpy()
+    p_hat, p_true = d[pw.PROPENSITY].to_numpy(), d[tr.PROPENSITY_TRUE].to_numpy()
+    result: dict[str, Any] = {
+        "units": d.height,
+        "propensity": {
+            "auc": auc(p_hat, o), "auc_true": auc(p_true, o), "ece": expected_calibration_error(p_hat, o),
+            "ece_true": expected_calibration_error(p_true, o), "mae_vs_true": float(np.mean(np.abs(p_hat - p_true))),
+            "corr_vs_true": float(np.corrcoef(p_hat, p_true)[0, 1]),
+        },
+        "mean_label": mean_label_estimates(d),
+        "flip_rates": {
+            "estimated": None,  # the noise estimators (anchor points / audit set) are not part of this version
+            "true": {"rho01": _rate(d, tr.LABEL_CLEAN, 1, tr.LABEL_NOISY, 0),
+                     "rho10": _rate(d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
+        },
+        "reward": {},
+    }
+    reward_dir = run.path(rd.REWARD_MODEL)
+    if reward_dir.exists():
+        from estimators.reward_model import predict_reward
+
+        from pipelines.train import load_models
+
+        r_true = d[tr.REWARD_TRUE].to_numpy()
+        prompts, responses = d[un.PROMPT].to_list(), d[un.RESPONSE].to_list()
+        group = d[un.PROMPT_ID].to_numpy()
+        for loss, model in load_models(run).items():
+            pred = predict_reward(model, prompts, responses)
+            result["reward"][loss] = {**regression_metrics(pred, r_true),
+                                      "pairwise_accuracy": pairwise_accuracy(group, pred, r_true)}
+        main = cfg.train.loss
+        if main in result["reward"]:
+            result["reward"] = {**result["reward"][main], "loss": main, "by_loss": result["reward"]}
+    atomic_write_text(run.path(rd.EVALUATION), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _rate(d: pl.DataFrame, given: str, given_value: int, event: str, event_value: int) -> float:
+    sub = d.filter(pl.col(given) == given_value)
+    return float((sub[event] == event_value).mean()) if sub.height else float("nan")
+
+
+def print_evaluation(result: dict[str, Any]) -> None:
+    p, m = result["propensity"], result["mean_label"]
+    print(f"evaluation vs ground truth ({result['units']} units)")
+    print(f"  propensity: AUC {p['auc']:.3f} (true propensity's AUC {p['auc_true']:.3f}), "
+          f"ECE {p['ece']:.4f}, mean |p̂ - p| {p['mae_vs_true']:.3f}")
+    print(f"  mean label: true {m['true']:.4f}  " + "  ".join(
+        f"{k} {m[k]:.4f} (bias {m['bias'][k]:+.4f})" for k in ("naive", "ips", "snips", "dr")))
+    by_loss = result["reward"].get("by_loss", {})
+    if by_loss:
+        print(f"  {'reward model':<14}{'MSE':>9}{'MAE':>9}{'R2':>9}{'pair acc':>10}")
+        for loss, r in by_loss.items():
+            acc = r["pairwise_accuracy"]
+            print(f"  {loss:<14}{r['mse']:>9.4f}{r['mae']:>9.4f}{r['r2']:>9.3f}"
+                  f"{(f'{acc:.3f}' if acc is not None else 'n/a'):>10}")
+    fr = result["flip_rates"]["true"]
+    print(f"  flip rates (true): rho01 {fr['rho01']:.3f}, rho10 {fr['rho10']:.3f}; estimated: not in this version")

@@ -1,0 +1,143 @@
+"""Report stage: one HTML page an analyst can open, with the plots beside it as PNG files.
+
+Everything on the page is read back from the run directory (manifest, datasets, reward-model metrics),
+so the report shows what the stages wrote, not what they meant to write.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from estimators.diagnostics import reliability  # noqa: E402
+from pipelines.manifest import read_manifest  # noqa: E402
+from schemas import pointwise as pw  # noqa: E402
+from schemas import run_dir as rd  # noqa: E402
+from schemas import units as un  # noqa: E402
+from schemas.config import Config  # noqa: E402
+from schemas.run_dir import RunDir  # noqa: E402
+from transforms.io import atomic_dir, read_dataset  # noqa: E402
+
+
+def plot_overlap(p: np.ndarray, o: np.ndarray, path: Path) -> None:
+    """Propensity histograms of observed vs unobserved units: weights explode where they do not overlap."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(p[o == 0], bins=bins, alpha=0.6, density=True, label=f"unobserved (n={int((o == 0).sum())})")
+    ax.hist(p[o == 1], bins=bins, alpha=0.6, density=True, label=f"observed (n={int((o == 1).sum())})")
+    ax.set(xlabel="estimated propensity p̂(x)", ylabel="density", title="Propensity overlap")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_calibration(p: np.ndarray, o: np.ndarray, path: Path) -> None:
+    """Reliability diagram of the propensity model (equal-mass bins)."""
+    mean_p, rate = reliability(p, o.astype(float), bins=15)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.plot(mean_p, rate, marker="o")
+    top = max(mean_p.max(), rate.max()) * 1.1
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel="mean p̂ in bin", ylabel="observed rate in bin",
+           title="Propensity calibration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_weights(w_ips: np.ndarray, w_clip: np.ndarray, clip: float, path: Path) -> None:
+    """Distribution of IPS weights of observed units (log scale), raw vs clipped."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.logspace(0, np.log10(max(w_ips.max(), 1.0 / clip) * 1.05), 50)
+    ax.hist(w_ips, bins=bins, alpha=0.6, label="IPS 1/p̂")
+    ax.hist(w_clip, bins=bins, alpha=0.6, label=f"clipped (p̂ ≥ {clip})")
+    ax.set(xscale="log", yscale="log", xlabel="weight", ylabel="observed units", title="Weight distribution")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    def cell(x: Any) -> str:
+        return html.escape(f"{x:.4g}" if isinstance(x, float) else str(x))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, Any]) -> str:
+    st = manifest.get("stages", {})
+    parts = [f"<h1>obsfeed run {html.escape(str(manifest.get('run_id')))}</h1>",
+             f"<p>config hash <code>{manifest.get('config_hash', '')[:12]}</code>, "
+             f"git <code>{html.escape(str(manifest.get('git_commit')))}</code></p>"]
+    if "ingest" in st:
+        counts = st["ingest"].get("counts", {})
+        parts.append("<h2>Rows</h2>" + _table(
+            [[t, c["rows_in"], c["rows_ok"], c["rows_quarantined"], c["rows_duplicate"]] for t, c in counts.items()],
+            ["table", "rows in", "ok", "quarantined", "duplicate"]))
+        reasons = st["ingest"].get("diagnostics", {}).get("quarantine_reasons", {})
+        parts.append("<h2>Quarantine reasons</h2>" + _table(list(reasons.items()), ["table:reason", "rows"]))
+    if "fit" in st:
+        p = st["fit"]["diagnostics"]["propensity"]
+        parts.append("<h2>Propensity of observation</h2>" + _table(
+            [["AUC (out-of-fold)", p["auc"]], ["ECE (out-of-fold)", p["ece"]], ["mean p̂", p["mean"]],
+             ["observed rate", p["observed_rate"]], ["min p̂", p["distribution"]["min"]],
+             ["max p̂", p["distribution"]["max"]]], ["figure", "value"]))
+    for key in ("overlap", "calibration"):
+        if key in figures:
+            parts.append(f'<img src="{figures[key]}" alt="{key}">')
+    if "score" in st:
+        d = st["score"]["diagnostics"]
+        rows = [[name, d[name]["ess"], d[name]["ess_share"], d[name]["top1pct_share"], d[name]["max"]]
+                for name in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS)]
+        parts.append(f"<h2>Weights ({d['n_observed']} observed units, {d['clipped']} clipped)</h2>"
+                     + _table(rows, ["weight", "Kish ESS", "ESS / n", "top-1% share", "max"]))
+    if "weights" in figures:
+        parts.append(f'<img src="{figures["weights"]}" alt="weights">')
+    if reward:
+        rows = [[loss, m.get("best_epoch"), m.get("best_val_loss", m.get("val_loss")), m.get("n_train")]
+                for loss, m in reward.items()]
+        parts.append("<h2>Reward models</h2>" + _table(rows, ["loss", "best epoch", "val loss", "train rows"]))
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>obsfeed report</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _reward_metrics(run: RunDir) -> dict[str, Any]:
+    out = {}
+    root = run.path(rd.REWARD_MODEL)
+    for path in sorted([root / "metrics.json", *root.glob("baselines/*/metrics.json")]):
+        if path.exists():
+            m = json.loads(path.read_text())
+            out[m.get("loss", path.parent.name)] = m
+    return out
+
+
+def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+    t = read_dataset(run.path(rd.POINTWISE), [un.OBSERVED, pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED])
+    o = t[un.OBSERVED].to_numpy()
+    p = t[pw.PROPENSITY].to_numpy()
+    obs = o == 1
+    figures = {"overlap": "overlap.png", "calibration": "calibration.png", "weights": "weights.png"}
+    with atomic_dir(run.path(rd.REPORT)) as tmp:
+        plot_overlap(p, o, tmp / figures["overlap"])
+        plot_calibration(p, o, tmp / figures["calibration"])
+        plot_weights(t[pw.WEIGHT_IPS].to_numpy()[obs], t[pw.WEIGHT_CLIPPED].to_numpy()[obs], cfg.score.clip,
+                     tmp / figures["weights"])
+        (tmp / "index.html").write_text(render(read_manifest(run), figures, _reward_metrics(run)))
+    return {"outputs": [str(run.path(rd.REPORT) / "index.html")], "counts": {"figures": len(figures)},
+            "diagnostics": {}}

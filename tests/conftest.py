@@ -1,0 +1,56 @@
+"""Shared fixtures: small seeded simulations and configs that point at them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipelines.simulate import SCENARIOS, simulate, write
+
+HASH_KEY_ENV = "OBSFEED_TEST_HASH_KEY"
+
+
+def config_text(data: Path, **sections: dict[str, object]) -> str:
+    """A run config for simulated logs in ``data``; ``sections`` override keys, e.g. fit={"folds": 3}."""
+    base: dict[str, dict[str, object]] = {
+        "input": {"impressions": f"{data}/impressions/*.parquet", "signals": f"{data}/signals.jsonl.gz",
+                  "truth": f"{data}/truth.parquet"},
+        "privacy": {"key_env": HASH_KEY_ENV},
+        "fit": {"categorical": ["model_version", "user_segment"], "folds": 3},
+        "train": {"epochs": 6},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {_toml(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return str(v)
+
+
+@pytest.fixture(scope="session")
+def sim_small(tmp_path_factory) -> Path:
+    """4,000 simulated impressions with the default scenario's selection, noise and dirt."""
+    out = tmp_path_factory.mktemp("sim_small")
+    scenario = replace(SCENARIOS["default"], n_impressions=4000, seed=7, dirty_share=0.01)
+    write(simulate(scenario), out, scenario=scenario)
+    return out
+
+
+@pytest.fixture()
+def hash_key(monkeypatch) -> str:
+    monkeypatch.setenv(HASH_KEY_ENV, "test-key")
+    return "test-key"

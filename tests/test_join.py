@@ -1,0 +1,51 @@
+import datetime as dt
+
+import polars as pl
+
+from schemas import units as un
+from transforms.join import dedup, pseudonymise, resolve_labels
+from transforms.read import ROW_NUMBER, SOURCE_FILE
+
+RULES = {"upvote": 1.0, "downvote": 0.0, "edit": "1 - value", "copy": 1.0, "regenerate": 0.0}
+EXPLICIT = ["upvote", "downvote", "edit"]
+
+
+def _t(s: int) -> dt.datetime:
+    return dt.datetime(2026, 11, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=s)
+
+
+def _signals(rows):
+    return pl.DataFrame(rows, schema=["event_id", "impression_id", "ts", "type", "value"], orient="row")
+
+
+def test_latest_explicit_wins_and_implicit_only_without_explicit():
+    s = _signals([
+        ("e1", "a", _t(1), "upvote", None), ("e2", "a", _t(5), "downvote", None), ("e3", "a", _t(9), "copy", None),
+        ("e4", "b", _t(1), "copy", None), ("e5", "b", _t(2), "regenerate", None),
+        ("e6", "c", _t(1), "edit", 0.25),
+        ("e7", "d", _t(1), "click", None),
+    ])
+    observe = ["upvote", "downvote", "edit", "copy", "regenerate"]
+    got = {r[un.IMPRESSION_ID]: (r[un.LABEL], r[un.LABEL_SOURCE])
+           for r in resolve_labels(s, RULES, EXPLICIT, observe).to_dicts()}
+    assert got == {"a": (0.0, "downvote"), "b": (0.0, "regenerate"), "c": (0.75, "edit")}
+    # With the default observe list (explicit types only), implicit signals do not observe a unit.
+    got = {r[un.IMPRESSION_ID] for r in resolve_labels(s, RULES, EXPLICIT, EXPLICIT).to_dicts()}
+    assert got == {"a", "c"}
+
+
+def test_dedup_keeps_the_earliest_and_is_order_independent():
+    df = pl.DataFrame({"impression_id": ["x", "x", "y"], "ts": [_t(5), _t(1), _t(3)], "v": [1, 2, 3],
+                       SOURCE_FILE: ["f", "f", "f"], ROW_NUMBER: [0, 1, 2]})
+    a = dedup(df, "impression_id")
+    b = dedup(df.reverse(), "impression_id")
+    assert a.equals(b) and a["v"].to_list() == [2, 3]
+
+
+def test_pseudonymise_is_keyed_and_stable():
+    users = pl.Series(["u1", "u2", "u1"])
+    k1 = pseudonymise(users, b"key-1").to_list()
+    assert k1[0] == k1[2] != k1[1]
+    assert pseudonymise(users, b"key-2").to_list()[0] != k1[0]
+    assert pseudonymise(users, None).to_list()[0] != k1[0]
+    assert not set(k1) & {"u1", "u2"} and len(k1[0]) == 32

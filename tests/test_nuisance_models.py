@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from estimators import persist
+from estimators.crossfit import check_folds, crossfit, predict_by_fold
+from estimators.diagnostics import auc, expected_calibration_error
+from estimators.features import feature_frame, make_featurizer
+from estimators.imputation import ImputationModel
+from estimators.propensity import PropensityModel
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    n = 3000
+    X = rng.normal(size=(n, 3))
+    p = 1 / (1 + np.exp(-(X[:, 0] - 1.2)))
+    o = (rng.random(n) < p).astype(int)
+    y = (rng.random(n) < 1 / (1 + np.exp(-X[:, 1]))).astype(float)
+    fold = (np.arange(n) % 3).astype(np.int16)
+    return X, p, o, y, fold
+
+
+@parametrize_with_checks([PropensityModel()])
+def test_sklearn_contract(estimator, check):
+    check(estimator)
+
+
+def test_propensity_is_calibrated_and_discriminates(data):
+    X, p, o, _, fold = data
+    oof, models = crossfit(PropensityModel(), X, o, fold)
+    assert len(models) == 3 and np.isfinite(oof).all()
+    assert expected_calibration_error(oof, o) < 0.04
+    assert auc(oof, o) > auc(p, o) - 0.03
+
+
+def test_crossfit_does_not_leak(data):
+    X, _, o, _, fold = data
+    a, _ = crossfit(PropensityModel(calibration="sigmoid"), X, o, fold)
+    flipped = o.copy()
+    flipped[7] = 1 - flipped[7]
+    b, _ = crossfit(PropensityModel(calibration="sigmoid"), X, flipped, fold)
+    assert a[7] == b[7]                                   # a unit's score ignores its own label
+    assert not np.allclose(a[fold != fold[7]], b[fold != fold[7]])
+
+
+def test_predict_by_fold_reproduces_out_of_fold_scores(data):
+    X, _, o, y, fold = data
+    oof, models = crossfit(ImputationModel(), X, y, fold, fit_mask=o == 1)
+    np.testing.assert_allclose(predict_by_fold(models, X, fold), oof)
+    assert auc(oof, y) > 0.65
+
+
+def test_bad_folds_are_refused():
+    with pytest.raises(ValueError, match="fold ids"):
+        check_folds(np.array([0, 0, 2]))
+
+
+def test_imputation_fits_soft_labels():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(4000, 2))
+    y = 1 / (1 + np.exp(-2 * X[:, 0]))                    # graded labels in (0, 1)
+    pred = ImputationModel(C=100).fit(X, y).predict(X)
+    assert np.corrcoef(pred, y)[0, 1] > 0.99
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        ImputationModel().fit(X, y + 1)
+
+
+def test_featurizer_on_text_numeric_and_categorical():
+    cols = {"prompt": ["how to sort", None], "response": ["use sorted builtin", "no idea"],
+            "position": [0, None], "model_version": ["v1", None]}
+    frame = feature_frame(cols, text=["prompt", "response"], numeric=["response_length", "position"],
+                          categorical=["model_version"])
+    assert frame["response_length"].tolist() == [3.0, 2.0]
+    X = make_featurizer(numeric=["response_length", "position"], categorical=["model_version"],
+                        hash_features=64).fit_transform(frame)
+    assert sp.issparse(X) and X.shape == (2, 64 + 2 + 2)
+    with pytest.raises(KeyError, match="'segment'"):
+        feature_frame(cols, text=[], numeric=[], categorical=["segment"])
+
+
+def test_skops_allow_list_matches_what_our_models_need(data, tmp_path: Path):
+    X, _, o, y, fold = data
+    frame = feature_frame({"prompt": ["a b"] * 20, "response": ["c"] * 20, "v": ["x", "y"] * 10}, text=["prompt"],
+                          numeric=["response_length"], categorical=["v"])
+    objs = {"featurizer": make_featurizer(numeric=["response_length"], categorical=["v"]).fit(frame),
+            "propensity": crossfit(PropensityModel(), X, o, fold)[1],
+            "imputation": crossfit(ImputationModel(), X, y, fold)[1]}
+    needed = set()
+    for name, obj in objs.items():
+        persist.save(obj, tmp_path / f"{name}.skops")
+        needed |= set(persist.untrusted_types(tmp_path / f"{name}.skops"))
+        persist.load(tmp_path / f"{name}.skops")
+    assert needed == persist.ALLOWED_TYPES
+    loaded = persist.load(tmp_path / "propensity.skops")
+    np.testing.assert_allclose(loaded[0].predict_proba(X), objs["propensity"][0].predict_proba(X))
+
+
+def test_untrusted_types_are_refused(tmp_path: Path):
+    from sklearn.ensemble import IsolationForest
+
+    persist.save(IsolationForest(n_estimators=2).fit(np.zeros((4, 1))), tmp_path / "m.skops")
+    if persist.untrusted_types(tmp_path / "m.skops"):
+        with pytest.raises(ValueError, match="refusing to load untrusted types"):
+            persist.load(tmp_path / "m.skops")
+    persist.save(ImputationModel().fit(np.eye(2), np.array([0.0, 1.0])), tmp_path / "ok.skops")
+    assert isinstance(persist.load(tmp_path / "ok.skops"), ImputationModel)

@@ -1,0 +1,53 @@
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.simulate import SCENARIOS, Scenario, simulate, write
+from schemas import truth as tr
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path: Path):
+    s = Scenario(n_impressions=800, seed=3)
+    for name in ("a", "b"):
+        write(simulate(s), tmp_path / name, scenario=s)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    write(simulate(replace(s, seed=4)), tmp_path / "c", scenario=s)
+    assert _digest(tmp_path / "a")["truth.parquet"] != _digest(tmp_path / "c")["truth.parquet"]
+
+
+def test_truth_is_consistent_with_the_scenario():
+    s = replace(SCENARIOS["default"], n_impressions=40_000, seed=1, dirty_share=0.0)
+    t = simulate(s).truth.to_pydict()
+    reward, clean = np.array(t[tr.REWARD_TRUE]), np.array(t[tr.LABEL_CLEAN])
+    p, o = np.array(t[tr.PROPENSITY_TRUE]), np.array(t[tr.OBSERVED_TRUE])
+    assert abs(clean.mean() - reward.mean()) < 0.01                  # r* ~ Bernoulli(reward_true)
+    assert abs(o.mean() - p.mean()) < 0.01                           # o ~ Bernoulli(propensity_true)
+    assert np.corrcoef(p, reward)[0, 1] > 0.2                        # alpha < 1: good answers get rated more
+    noisy = np.array(t[tr.LABEL_NOISY])
+    assert abs(np.mean(noisy[clean == 1] == 0) - s.rho01) < 0.05     # flips (plus a little verbosity)
+    assert abs(np.mean(noisy[clean == 0] == 1) - s.rho10) < 0.05
+
+
+def test_dirt_comes_in_known_numbers():
+    s = Scenario(n_impressions=2000, seed=0, dirty_share=0.01)
+    logs = simulate(s)
+    assert logs.impressions.num_rows == 2000 + 2 * 20               # duplicates + rows missing user_id
+    types = logs.signals["type"].to_pylist()
+    orphans = sum(i.startswith("gone") for i in logs.signals["impression_id"].to_pylist())
+    missing = logs.signals["event_id"].null_count
+    assert types.count("thumbs_sideways") == orphans == missing > 0
+
+
+def test_scenario_validation():
+    with pytest.raises(ValueError, match="flip rates"):
+        Scenario(rho01=0.6, rho10=0.4)
+    with pytest.raises(ValueError, match="alpha"):
+        Scenario(alpha=0.0)
