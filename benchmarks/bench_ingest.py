@@ -1,0 +1,116 @@
+"""Ingest benchmark: the Beam ingest stage vs a plain single-process polars run of the same transform.
+
+Both read the same simulated files and produce the same units (checked), so the ratio is the price of
+running the transform as a distributable Beam graph on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+
+from pipelines.simulate import SCENARIOS, simulate, write
+from schemas import impressions as imp
+from schemas import signals as sig
+from schemas import units as un
+from schemas.config import Config, expand_inputs, parse_config
+from schemas.conform import conform
+from transforms.join import JoinAndLabel, dedup
+from transforms.read import read_file
+from transforms.validate import coerce, signal_checks
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def cached_simulation(n: int, seed: int = 0) -> Path:
+    """Simulated logs, built once per (n, seed) and reused: never part of a timed section."""
+    out = CACHE / f"sim-{n}-{seed}"
+    if not (out / "truth.parquet").exists():
+        scenario = replace(SCENARIOS["default"], n_impressions=n, seed=seed)
+        write(simulate(scenario), out, scenario=scenario)
+    return out
+
+
+def bench_config(data: Path) -> Config:
+    return parse_config(f'[input]\nimpressions = "{data}/impressions/*.parquet"\n'
+                        f'signals = "{data}/signals.jsonl.gz"\n[privacy]\nallow_unkeyed = true\n')
+
+
+def polars_ingest(cfg: Config, out: Path) -> int:
+    """The same validate → dedup → join → label → write, in one process with polars, no Beam."""
+    ing = cfg.ingest
+    value_types = [t for t, r in ing.labels.items() if isinstance(r, str)]
+
+    def load(patterns, schema, checks=None):
+        raw = pl.from_arrow(read_file_all(expand_inputs(patterns, what="input")))
+        df, reasons = coerce(raw, schema)
+        if checks is not None:
+            reasons = pl.select(pl.coalesce(reasons, checks(df))).to_series()
+        return df.filter(reasons.is_null())
+
+    imps = load(cfg.input.impressions, imp.IMPRESSIONS)
+    sigs = load(cfg.input.signals, sig.SIGNALS, lambda df: signal_checks(df, ing.known_types, value_types))
+    imps = dedup(imps, imp.IMPRESSION_ID)
+    sigs = dedup(sigs, sig.EVENT_ID).join(imps.select(imp.IMPRESSION_ID, pl.col(imp.TS).alias("_its")),
+                                          on=imp.IMPRESSION_ID, how="inner")
+    sigs = sigs.filter(pl.col(sig.TS) >= pl.col("_its")).drop("_its")
+    extra = [f for f in imps.to_arrow().schema if f.name not in imp.IMPRESSIONS.names
+             and not f.name.startswith("_")]
+    labeller = JoinAndLabel(rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types,
+                            known_types=ing.known_types, unobserved_label=ing.unobserved_label, hash_key=None,
+                            units_schema=un.units_schema(ing.known_types, extra))
+    units = labeller._units(imps, sigs)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.from_arrow(conform(units, units.schema)).write_parquet(out / "units.parquet", compression="zstd")
+    return units.num_rows
+
+
+def read_file_all(files):
+    import pyarrow as pa
+
+    return pa.Table.from_batches([b for f in files for b in read_file(f)])
+
+
+def _timed_subprocess(code: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB, children included) of ``python -c code`` in a fresh process."""
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wall = time.perf_counter() - start
+    if res.returncode:
+        raise RuntimeError(res.stderr[-3000:])
+    peak = float(res.stdout.strip().splitlines()[-1])
+    return wall, peak
+
+
+_PEAK = ("import resource;print(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+         "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)/1024)")
+
+
+def bench_ingest(n: int, repeats: int = 2) -> dict[str, float]:
+    data = cached_simulation(n)
+    work = CACHE / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    beam_code = (f"from benchmarks.bench_ingest import bench_config;from pipelines import ingest;"
+                 f"from schemas.run_dir import RunDir;import logging;logging.disable(logging.WARNING);"
+                 f"ingest.run(RunDir('{work}/beam'), bench_config(__import__('pathlib').Path('{data}')),"
+                 f"['--runner=DirectRunner','--direct_running_mode=multi_processing','--direct_num_workers=2',"
+                 f"'--default_sdk_harness_log_level=ERROR']);{_PEAK}")
+    polars_code = (f"from benchmarks.bench_ingest import bench_config, polars_ingest;import pathlib;"
+                   f"polars_ingest(bench_config(pathlib.Path('{data}')), pathlib.Path('{work}/polars'));{_PEAK}")
+    beam = min(_timed_subprocess(beam_code) for _ in range(repeats))
+    base = min(_timed_subprocess(polars_code) for _ in range(repeats))
+    beam_rows = pl.scan_parquet(f"{work}/beam/units/*.parquet").select(pl.len()).collect().item()
+    base_rows = pl.scan_parquet(f"{work}/polars/units.parquet").select(pl.len()).collect().item()
+    if beam_rows != base_rows:
+        raise RuntimeError(f"beam and polars disagree on the number of units: {beam_rows} vs {base_rows}")
+    shutil.rmtree(work, ignore_errors=True)
+    return {"impressions": n, "units": beam_rows, "time_ratio_beam_over_polars": beam[0] / base[0],
+            "rss_ratio_beam_over_polars": beam[1] / base[1]}
