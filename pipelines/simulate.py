@@ -291,5 +291,5 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     scenario = replace(scenario, **overrides)
     logs = simulate(scenario)
     paths = write(logs, args.out, scenario=scenario)
-    return {"impressions": logs.impressions.num_rows, "signals": logs.signals.num_rows,
-            "units (truth)": logs.truth.num_rows, **paths}
+    return {"impression rows": logs.impressions.num_rows, "signal rows": logs.signals.num_rows,
+            "true units": logs.truth.num_rows, **paths}
