@@ -87,15 +87,15 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
         "mean_label": mean_label_estimates(d),
         "flip_rates": {
             "estimated": None,  # the noise estimators (anchor points / audit set) are not part of this version
-            "true": {"rho01": _rate(d, tr.LABEL_CLEAN, 1, tr.LABEL_NOISY, 0),
-                     "rho10": _rate(d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
+            "true": _true_flip_rates(truth_path),
+            "clean_vs_given": {"rho01": _rate(d, tr.LABEL_CLEAN, 1, tr.LABEL_NOISY, 0),
+                               "rho10": _rate(d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
         },
         "reward": {},
     }
     reward_dir = run.path(rd.REWARD_MODEL)
     if reward_dir.exists():
         from estimators.reward_model import predict_reward
-
         from pipelines.train import load_models
 
         r_true = d[tr.REWARD_TRUE].to_numpy()
@@ -110,6 +110,15 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
             result["reward"] = {**result["reward"][main], "loss": main, "by_loss": result["reward"]}
     atomic_write_text(run.path(rd.EVALUATION), json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _true_flip_rates(truth_path: Path) -> dict[str, float] | None:
+    """The simulated flip rates, from the scenario file the simulator writes beside truth.parquet."""
+    scenario = truth_path.parent / "scenario.json"
+    if not scenario.exists():
+        return None
+    s = json.loads(scenario.read_text())
+    return {"rho01": s["rho01"], "rho10": s["rho10"]}
 
 
 def _rate(d: pl.DataFrame, given: str, given_value: int, event: str, event_value: int) -> float:
@@ -131,5 +140,7 @@ def print_evaluation(result: dict[str, Any]) -> None:
             acc = r["pairwise_accuracy"]
             print(f"  {loss:<14}{r['mse']:>9.4f}{r['mae']:>9.4f}{r['r2']:>9.3f}"
                   f"{(f'{acc:.3f}' if acc is not None else 'n/a'):>10}")
-    fr = result["flip_rates"]["true"]
-    print(f"  flip rates (true): rho01 {fr['rho01']:.3f}, rho10 {fr['rho10']:.3f}; estimated: not in this version")
+    fr, cv = result["flip_rates"]["true"], result["flip_rates"]["clean_vs_given"]
+    if fr:
+        print(f"  flip rates: simulated rho01 {fr['rho01']:.3f}, rho10 {fr['rho10']:.3f} (clean vs given label, "
+              f"with verbosity and rater leaning: {cv['rho01']:.3f}, {cv['rho10']:.3f}); not estimated in this version")

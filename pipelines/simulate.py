@@ -6,8 +6,10 @@ The world it simulates, per impression x (a response to a prompt, shown to a use
   a latent quality that depends on the model version; the true reward is a function of the text alone,
   ``reward_true = sigmoid(b + c * (n_good - n_bad) / n_words)``, and the clean label
   ``r* ~ Bernoulli(reward_true)`` (``label_clean``);
-* verbosity bias: the label a user gives is drawn from ``reward_true + verbosity * z_len`` (clipped), with
-  the same uniform draw as r*, so that longer answers get more thumbs-up than they deserve;
+* verbosity bias and rater leaning: the label a user gives is drawn from ``reward_true + verbosity * z_len +
+  rater_leaning * leaning(segment)`` (clipped), with the same uniform draw as r*, so that longer answers get
+  more thumbs-up than they deserve and "power" users, who rate most, are harsher than "casual" ones (the
+  leanings average to zero over the population, so the population's label still follows reward_true);
 * noise: that label is flipped 1→0 with probability ρ01 and 0→1 with ρ10 (``label_noisy``);
 * selection: feedback is given with ``propensity_true = p0 * alpha**(1 - reward_true) * exp(length_selection *
   z_len - 0.3 * position + segment effect)``. The CausalRM protocol writes α^(1−r*); we use the reward
@@ -40,7 +42,8 @@ from schemas.conform import conform
 SEGMENT = "user_segment"
 _SEGMENTS = np.array(["casual", "regular", "power"])
 _SEGMENT_SHARE = np.array([0.5, 0.35, 0.15])
-_SEGMENT_EFFECT = np.array([-0.6, 0.0, 0.5])
+_SEGMENT_EFFECT = np.array([-0.8, 0.0, 0.8])       # log-odds-ish effect on giving feedback at all
+_SEGMENT_LEANING = np.array([0.15, 0.0, -0.5])     # effect on the label given; zero mean over the population
 _VERSIONS = np.array(["v1", "v2", "v3"])
 _VERSION_QUALITY = np.array([-0.3, 0.0, 0.4])
 _START = np.datetime64("2026-11-01T00:00:00", "us")
@@ -58,6 +61,7 @@ class Scenario:
     p0: float = 0.45
     length_selection: float = 0.35
     verbosity: float = 0.06
+    rater_leaning: float = 1.0
     rho01: float = 0.2
     rho10: float = 0.1
     quality_scale: float = 7.0
@@ -76,7 +80,7 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     "default": Scenario(),
     "strong_selection": Scenario(alpha=0.1),
-    "no_confounding": Scenario(length_selection=0.0, verbosity=0.0),
+    "no_confounding": Scenario(length_selection=0.0, verbosity=0.0, rater_leaning=0.0),
     "clean": Scenario(rho01=0.0, rho10=0.0, dirty_share=0.0),
 }
 
@@ -139,7 +143,8 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
     z_len = (np.log(length) - np.log(35)) / 0.5
     u = rng.random(n)
     label_clean = (u < reward_true).astype(np.int8)
-    perceived = np.clip(reward_true + s.verbosity * z_len, 0.001, 0.999)
+    leaning = s.rater_leaning * _SEGMENT_LEANING[segment]
+    perceived = np.clip(reward_true + s.verbosity * z_len + leaning, 0.001, 0.999)
     label_biased = u < perceived
     flip = rng.random(n)
     label_noisy = np.where(label_biased, flip >= s.rho01, flip < s.rho10).astype(np.int8)

@@ -118,8 +118,8 @@ class ScoreConfig(_Section):
 class TrainConfig(_Section):
     loss: Literal["naive", "ips", "snips", "dr"] = "ips"
     baselines: list[Literal["naive", "ips", "snips", "dr"]] = Field(default_factory=lambda: ["naive"])
-    hash_features: int = Field(2**16, ge=16, le=2**24)
-    ngram_max: int = Field(2, ge=1, le=3)
+    hash_features: int = Field(2**16, ge=16, le=2**24, description="hashed n-gram buckets per text")
+    ngram_max: int = Field(1, ge=1, le=3, description="word n-grams up to this length (bigrams overfit small logs)")
     hidden: int = Field(0, ge=0, description="0 = linear reward model over hashed n-grams")
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(512, ge=1)
