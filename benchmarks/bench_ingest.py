@@ -21,8 +21,7 @@ from schemas import impressions as imp
 from schemas import signals as sig
 from schemas import units as un
 from schemas.config import Config, expand_inputs, parse_config
-from schemas.conform import conform
-from transforms.join import JoinAndLabel, dedup
+from transforms.join import build_units, dedup
 from transforms.read import read_file
 from transforms.validate import coerce, signal_checks
 
@@ -63,12 +62,11 @@ def polars_ingest(cfg: Config, out: Path) -> int:
     sigs = sigs.filter(pl.col(sig.TS) >= pl.col("_its")).drop("_its")
     extra = [f for f in imps.to_arrow().schema if f.name not in imp.IMPRESSIONS.names
              and not f.name.startswith("_")]
-    labeller = JoinAndLabel(rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types,
-                            known_types=ing.known_types, unobserved_label=ing.unobserved_label, hash_key=None,
-                            units_schema=un.units_schema(ing.known_types, extra))
-    units = labeller._units(imps, sigs)
+    units = build_units(imps, sigs, rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types,
+                        known_types=ing.known_types, unobserved_label=ing.unobserved_label, hash_key=None,
+                        units_schema=un.units_schema(ing.known_types, extra))
     out.mkdir(parents=True, exist_ok=True)
-    pl.from_arrow(conform(units, units.schema)).write_parquet(out / "units.parquet", compression="zstd")
+    pl.from_arrow(units).write_parquet(out / "units.parquet", compression="zstd")
     return units.num_rows
 
 
@@ -78,20 +76,43 @@ def read_file_all(files):
     return pa.Table.from_batches([b for f in files for b in read_file(f)])
 
 
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory of ``root`` and all its descendants (Beam's workers included), from /proc, in MiB."""
+    parent: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        rss[int(entry.name)] = next((int(line.split()[1]) for line in status.splitlines()
+                                     if line.startswith("VmRSS:")), 0)
+    tree, frontier = {root}, [root]
+    while frontier:
+        current = frontier.pop()
+        kids = [pid for pid, ppid in parent.items() if ppid == current and pid not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return sum(rss.get(pid, 0) for pid in tree) / 1024
+
+
 def _timed_subprocess(code: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB, children included) of ``python -c code`` in a fresh process."""
+    """Wall seconds and peak resident memory of the whole process tree (MiB) of ``python -c code``."""
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_mb(proc.pid))
+        time.sleep(0.1)
     wall = time.perf_counter() - start
-    if res.returncode:
-        raise RuntimeError(res.stderr[-3000:])
-    peak = float(res.stdout.strip().splitlines()[-1])
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.read()[-3000:])
     return wall, peak
-
-
-_PEAK = ("import resource;print(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-         "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)/1024)")
 
 
 def bench_ingest(n: int, repeats: int = 2) -> dict[str, float]:
@@ -102,11 +123,13 @@ def bench_ingest(n: int, repeats: int = 2) -> dict[str, float]:
                  f"from schemas.run_dir import RunDir;import logging;logging.disable(logging.WARNING);"
                  f"ingest.run(RunDir('{work}/beam'), bench_config(__import__('pathlib').Path('{data}')),"
                  f"['--runner=DirectRunner','--direct_running_mode=multi_processing','--direct_num_workers=2',"
-                 f"'--default_sdk_harness_log_level=ERROR']);{_PEAK}")
+                 f"'--default_sdk_harness_log_level=ERROR'])")
     polars_code = (f"from benchmarks.bench_ingest import bench_config, polars_ingest;import pathlib;"
-                   f"polars_ingest(bench_config(pathlib.Path('{data}')), pathlib.Path('{work}/polars'));{_PEAK}")
-    beam = min(_timed_subprocess(beam_code) for _ in range(repeats))
-    base = min(_timed_subprocess(polars_code) for _ in range(repeats))
+                   f"polars_ingest(bench_config(pathlib.Path('{data}')), pathlib.Path('{work}/polars'))")
+    beam_runs = [_timed_subprocess(beam_code) for _ in range(repeats)]
+    base_runs = [_timed_subprocess(polars_code) for _ in range(repeats)]
+    beam = (min(r[0] for r in beam_runs), max(r[1] for r in beam_runs))     # best time, worst memory
+    base = (min(r[0] for r in base_runs), max(r[1] for r in base_runs))
     beam_rows = pl.scan_parquet(f"{work}/beam/units/*.parquet").select(pl.len()).collect().item()
     base_rows = pl.scan_parquet(f"{work}/polars/units.parquet").select(pl.len()).collect().item()
     if beam_rows != base_rows:

@@ -112,7 +112,8 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
         parts.append("<h2>Reward models</h2>" + _table(rows, ["loss", "best epoch", "val loss", "train rows"]))
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}")
+             "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+             "img{max-width:100%;margin:.5em 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>obsfeed report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 

@@ -92,6 +92,31 @@ def resolve_labels(signals: pl.DataFrame, rules: Mapping[str, LabelRule], explic
             .agg(pl.col(un.LABEL).last(), pl.col(sig.TYPE).last().alias(un.LABEL_SOURCE)))
 
 
+def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping[str, LabelRule],
+                explicit: Sequence[str], observe: Sequence[str], known_types: Sequence[str],
+                unobserved_label: float | None, hash_key: bytes | None, units_schema: pa.Schema) -> pa.Table:
+    """Deduplicated impressions + their valid signals → units: per-type counts, resolved label, observed flag,
+    pseudonymised user (the raw user id and provenance columns are dropped), sorted by impression id."""
+    if sigs is None:
+        sigs = pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, sig.EVENT_ID: pl.String, sig.TYPE: pl.String,
+                                    sig.TS: pl.Datetime("us", "UTC"), sig.VALUE: pl.Float64})
+    per_type = sigs.group_by(imp.IMPRESSION_ID).agg(
+        (pl.col(sig.TYPE) == t).sum().cast(pl.Int32).alias(un.count_column(t)) for t in known_types)
+    labels = resolve_labels(sigs, rules, explicit, observe)
+    df = (imps.join(per_type, on=imp.IMPRESSION_ID, how="left")
+          .join(labels, on=imp.IMPRESSION_ID, how="left")
+          .with_columns(pl.col(un.count_column(t)).fill_null(0) for t in known_types))
+    observed = pl.col(un.LABEL).is_not_null()
+    if unobserved_label is not None:  # click-through framing: every impression is labelled
+        df = df.with_columns(pl.col(un.LABEL_SOURCE).fill_null(pl.lit("unobserved_default")),
+                             pl.col(un.LABEL).fill_null(unobserved_label))
+        observed = pl.lit(True)
+    df = df.with_columns(observed.cast(pl.Int8).alias(un.OBSERVED),
+                         pseudonymise(df[imp.USER_ID], hash_key).alias(un.USER_HASH))
+    df = df.drop(imp.USER_ID, SOURCE_FILE, ROW_NUMBER).sort(imp.IMPRESSION_ID)
+    return conform(df.to_arrow(), units_schema, where="units")
+
+
 class JoinAndLabel(beam.DoFn):
     """(bucket, {impressions: [...], signals: [...]}) → units table; orphans and time travellers quarantined."""
 
@@ -107,7 +132,6 @@ class JoinAndLabel(beam.DoFn):
         imps_raw = _concat(groups["impressions"])
         sigs_raw = _concat(groups["signals"])
         counts: dict[str, int] = {}
-        units = None
         if imps_raw is not None:
             imps = dedup(imps_raw, imp.IMPRESSION_ID)
             counts["impressions.rows_duplicate"] = imps_raw.height - imps.height
@@ -127,33 +151,15 @@ class JoinAndLabel(beam.DoFn):
                 counts["signals.rows_quarantined"] = bad.height
             sigs = sigs.filter(pl.col("_reason").is_null()).drop("_reason", _IMP_TS)
         if imps_raw is not None:
-            units = self._units(imps, sigs if sigs_raw is not None else None)
+            units = build_units(imps, sigs if sigs_raw is not None else None, rules=self._rules,
+                                explicit=self._explicit, observe=self._observe, known_types=self._known,
+                                unobserved_label=self._unobserved_label, hash_key=self._key,
+                                units_schema=self._schema)
             counts["signals.rows_ok"] = sum(pc.sum(units[un.count_column(t)]).as_py() for t in self._known)
             yield bucket, units
         elif sigs_raw is not None:
             counts["signals.rows_ok"] = 0
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
-
-    def _units(self, imps: pl.DataFrame, sigs: pl.DataFrame | None) -> pa.Table:
-        if sigs is None:
-            sigs = pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, sig.EVENT_ID: pl.String, sig.TYPE: pl.String,
-                                        sig.TS: pl.Datetime("us", "UTC"), sig.VALUE: pl.Float64})
-        per_type = sigs.group_by(imp.IMPRESSION_ID).agg(
-            (pl.col(sig.TYPE) == t).sum().cast(pl.Int32).alias(un.count_column(t)) for t in self._known)
-        labels = resolve_labels(sigs, self._rules, self._explicit, self._observe)
-        df = (imps.join(per_type, on=imp.IMPRESSION_ID, how="left")
-              .join(labels, on=imp.IMPRESSION_ID, how="left")
-              .with_columns(pl.col(un.count_column(t)).fill_null(0) for t in self._known))
-        observed = pl.col(un.LABEL).is_not_null()
-        if self._unobserved_label is not None:  # click-through framing: every impression is labelled
-            df = df.with_columns(pl.col(un.LABEL_SOURCE).fill_null(pl.lit("unobserved_default")),
-                                 pl.col(un.LABEL).fill_null(self._unobserved_label))
-            observed = pl.lit(True)
-        df = df.with_columns(observed.cast(pl.Int8).alias(un.OBSERVED),
-                             pseudonymise(df[imp.USER_ID], self._key).alias(un.USER_HASH))
-        df = df.drop(imp.USER_ID, SOURCE_FILE, ROW_NUMBER).sort(imp.IMPRESSION_ID)
-        return conform(df.to_arrow(), self._schema, where="units")
-
 
 def _concat(tables: Sequence[pa.Table]) -> pl.DataFrame | None:
     tables = [t for t in tables if t.num_rows]
