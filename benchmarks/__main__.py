@@ -9,7 +9,7 @@ from benchmarks.bench_ingest import bench_ingest
 
 def main(argv: list[str]) -> int:
     n = int(argv[0]) if argv else 1_000_000
-    print(f"ingest benchmark: {n} simulated impressions (Beam DirectRunner, 2 processes vs polars, 1 process)")
+    print(f"ingest benchmark: {n} simulated impressions (Beam, default local runner, vs polars in one process)")
     result = bench_ingest(n)
     for k, v in result.items():
         print(f"  {k:<30} {v:.2f}" if isinstance(v, float) else f"  {k:<30} {v}")

@@ -121,9 +121,9 @@ def bench_ingest(n: int, repeats: int = 2) -> dict[str, float]:
     shutil.rmtree(work, ignore_errors=True)
     beam_code = (f"from benchmarks.bench_ingest import bench_config;from pipelines import ingest;"
                  f"from schemas.run_dir import RunDir;import logging;logging.disable(logging.WARNING);"
+                 f"from pipelines.cli import DEFAULT_BEAM_ARGS;"
                  f"ingest.run(RunDir('{work}/beam'), bench_config(__import__('pathlib').Path('{data}')),"
-                 f"['--runner=DirectRunner','--direct_running_mode=multi_processing','--direct_num_workers=2',"
-                 f"'--default_sdk_harness_log_level=ERROR'])")
+                 f"DEFAULT_BEAM_ARGS)")
     polars_code = (f"from benchmarks.bench_ingest import bench_config, polars_ingest;import pathlib;"
                    f"polars_ingest(bench_config(pathlib.Path('{data}')), pathlib.Path('{work}/polars'))")
     beam_runs = [_timed_subprocess(beam_code) for _ in range(repeats)]

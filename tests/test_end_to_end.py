@@ -33,7 +33,7 @@ def finished_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("OBSFEED_HASH_KEY", "e2e-key")
     try:
-        assert main(["run", str(cfg), str(run)]) == 0            # the default runner: multi-process Direct
+        assert main(["run", str(cfg), str(run)]) == 0            # the default runner
         assert main(["evaluate", str(run)]) == 0
     finally:
         mp.undo()
