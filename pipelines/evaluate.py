@@ -104,7 +104,8 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
         for loss, model in load_models(run).items():
             pred = predict_reward(model, prompts, responses)
             result["reward"][loss] = {**regression_metrics(pred, r_true),
-                                      "pairwise_accuracy": pairwise_accuracy(group, pred, r_true)}
+                                      "pairwise_accuracy": pairwise_accuracy(group, pred, r_true),
+                                      "mean_prediction": float(pred.mean()), "mean_true": float(r_true.mean())}
         main = cfg.train.loss
         if main in result["reward"]:
             result["reward"] = {**result["reward"][main], "loss": main, "by_loss": result["reward"]}
@@ -135,11 +136,13 @@ def print_evaluation(result: dict[str, Any]) -> None:
         f"{k} {m[k]:.4f} (bias {m['bias'][k]:+.4f})" for k in ("naive", "ips", "snips", "dr")))
     by_loss = result["reward"].get("by_loss", {})
     if by_loss:
-        print(f"  {'reward model':<14}{'MSE':>9}{'MAE':>9}{'R2':>9}{'pair acc':>10}")
+        first = next(iter(by_loss.values()))
+        print(f"  {'reward model':<14}{'MSE':>9}{'MAE':>9}{'R2':>9}{'pair acc':>10}"
+              f"{'mean pred (true ' + format(first['mean_true'], '.3f') + ')':>26}")
         for loss, r in by_loss.items():
             acc = r["pairwise_accuracy"]
             print(f"  {loss:<14}{r['mse']:>9.4f}{r['mae']:>9.4f}{r['r2']:>9.3f}"
-                  f"{(f'{acc:.3f}' if acc is not None else 'n/a'):>10}")
+                  f"{(f'{acc:.3f}' if acc is not None else 'n/a'):>10}{r['mean_prediction']:>26.3f}")
     fr, cv = result["flip_rates"]["true"], result["flip_rates"]["clean_vs_given"]
     if fr:
         print(f"  flip rates: simulated rho01 {fr['rho01']:.3f}, rho10 {fr['rho10']:.3f} (clean vs given label, "

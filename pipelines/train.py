@@ -1,51 +1,86 @@
-"""Train stage: reward models on the pointwise dataset, the configured loss plus baseline losses to compare."""
+"""Train stage (DESIGN §6): reward models on the pointwise dataset, the configured loss plus baselines to compare.
+
+Layout written, atomically as one directory::
+
+    RUN/reward_model/{model.pt, config.json, metrics.json}                 cfg.train.loss
+    RUN/reward_model/baselines/<loss>/{model.pt, config.json, metrics.json} each other loss in cfg.train.baselines
+
+Fit small: the columns the losses need are read into memory once (a linear model over hashed n-grams needs no
+more than that at the sizes a nightly run sees); the Beam score stage is where scale lives.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from estimators.reward_model import RewardModel, fit_reward_model, load_reward_model, save_reward_model
-from schemas import pointwise as pw
+import pyarrow.compute as pc
+
+from estimators.reward_model import (
+    CONFIG_FILE,
+    RewardModel,
+    fit_reward_model,
+    load_reward_model,
+    required_columns,
+    save_reward_model,
+)
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
+from schemas.errors import InputError
 from schemas.run_dir import RunDir
 from transforms.io import atomic_dir, read_dataset
 
 BASELINES = "baselines"
-COLUMNS = [un.PROMPT_ID, un.PROMPT, un.RESPONSE, un.OBSERVED, un.LABEL, pw.WEIGHT_CLIPPED, pw.IMPUTED]
+METRICS_FILE = "metrics.json"
 
 
 def losses_to_train(cfg: Config) -> list[str]:
-    """The main loss first, then each baseline once."""
+    """The main loss first, then each baseline once (a baseline equal to the main loss is skipped)."""
     return [cfg.train.loss, *dict.fromkeys(b for b in cfg.train.baselines if b != cfg.train.loss)]
 
 
+def model_dir(root: Path, loss: str, *, main: bool) -> Path:
+    """Where the model for ``loss`` lives under ``root`` (RUN/reward_model or its staging copy)."""
+    return root if main else root / BASELINES / loss
+
+
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
-    table = read_dataset(run.path(rd.POINTWISE), COLUMNS)
-    columns = {c: table[c].to_numpy(zero_copy_only=False) for c in COLUMNS}
-    columns["weight"] = columns.pop(pw.WEIGHT_CLIPPED)
-    columns["imputed"] = columns.pop(pw.IMPUTED)
+    """Train every loss of ``losses_to_train(cfg)`` and write RUN/reward_model; ``beam_args`` are unused here."""
+    losses = losses_to_train(cfg)
+    columns = list(dict.fromkeys(c for loss in losses for c in required_columns(loss)))
+    table = read_dataset(run.path(rd.POINTWISE), columns)
+    if table.num_rows == 0:
+        raise InputError(f"{run.path(rd.POINTWISE)}: pointwise dataset is empty")
+    train_cfg = cfg.train.model_dump(exclude={"loss", "baselines"})
     diagnostics: dict[str, Any] = {}
     with atomic_dir(run.path(rd.REWARD_MODEL)) as tmp:
-        for i, loss in enumerate(losses_to_train(cfg)):
-            model, metrics = fit_reward_model(columns, loss=loss, cfg=cfg.train)
-            target = tmp if i == 0 else tmp / BASELINES / loss
-            save_reward_model(model, target, {"loss": loss})
-            (target / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for i, loss in enumerate(losses):
+            print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})", file=sys.stderr,
+                  flush=True)
+            started = time.perf_counter()
+            model, metrics = fit_reward_model(table, loss=loss, cfg=cfg.train)
+            target = model_dir(tmp, loss, main=i == 0)
+            save_reward_model(model, {"loss": loss, "role": "main" if i == 0 else "baseline", "train": train_cfg},
+                              target)
+            (target / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
             diagnostics[loss] = {"val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"],
-                                 "samples_per_s": metrics["samples_per_s"], "device": metrics["device"]}
+                                 "epochs_run": metrics["epochs_run"], "n_train": metrics["n_train"],
+                                 "n_val": metrics["n_val"], "samples_per_s": metrics["samples_per_s"],
+                                 "device": metrics["device"], "wall_s": time.perf_counter() - started}
     return {"outputs": [str(run.path(rd.REWARD_MODEL))],
-            "counts": {"units": table.num_rows, "observed": int(columns["observed"].sum(dtype="int64"))},
+            "counts": {"rows": table.num_rows, "observed": int(pc.sum(table[un.OBSERVED]).as_py() or 0)},
             "diagnostics": diagnostics}
 
 
 def load_models(run: RunDir) -> dict[str, RewardModel]:
-    """Loss name → trained model, for the main model and each baseline."""
+    """Loss name → trained model (on cpu), the main model first, then each baseline."""
     root = run.path(rd.REWARD_MODEL)
-    models = {json.loads((root / "config.json").read_text())["loss"]: load_reward_model(root)}
-    for sub in sorted((root / BASELINES).glob("*")) if (root / BASELINES).exists() else []:
-        models[sub.name] = load_reward_model(sub)
-    return models
+    if not (root / CONFIG_FILE).is_file():
+        raise InputError(f"{root}: no reward model (has the train stage run?)")
+    dirs = [root, *sorted(p for p in (root / BASELINES).glob("*") if (p / CONFIG_FILE).is_file())]
+    return {json.loads((d / CONFIG_FILE).read_text())["loss"]: load_reward_model(d) for d in dirs}

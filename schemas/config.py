@@ -118,11 +118,11 @@ class ScoreConfig(_Section):
 class TrainConfig(_Section):
     loss: Literal["naive", "ips", "snips", "dr"] = "ips"
     baselines: list[Literal["naive", "ips", "snips", "dr"]] = Field(default_factory=lambda: ["naive"])
-    hash_features: int = Field(2**16, ge=16, le=2**24, description="hashed n-gram buckets per text")
+    hash_features: int = Field(2**18, ge=16, le=2**24, description="hashed n-gram buckets of prompt + response")
     ngram_max: int = Field(1, ge=1, le=3, description="word n-grams up to this length (bigrams overfit small logs)")
     hidden: int = Field(0, ge=0, description="0 = linear reward model over hashed n-grams")
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(512, ge=1)
+    epochs: int = Field(30, ge=1, description="at most: early stopping on the validation loss usually ends sooner")
+    batch_size: int = Field(256, ge=1)
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
