@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from sklearn.base import BaseEstimator
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from estimators import persist
@@ -100,12 +101,18 @@ def test_skops_allow_list_matches_what_our_models_need(data, tmp_path: Path):
     np.testing.assert_allclose(loaded[0].predict_proba(X), objs["propensity"][0].predict_proba(X))
 
 
-def test_untrusted_types_are_refused(tmp_path: Path):
-    from sklearn.ensemble import IsolationForest
+class _Unlisted(BaseEstimator):
+    """A type skops does not know and ALLOWED_TYPES does not list."""
 
-    persist.save(IsolationForest(n_estimators=2).fit(np.zeros((4, 1))), tmp_path / "m.skops")
-    if persist.untrusted_types(tmp_path / "m.skops"):
-        with pytest.raises(ValueError, match="refusing to load untrusted types"):
-            persist.load(tmp_path / "m.skops")
+    def fit(self, X, y=None):
+        self.seen_ = len(X)
+        return self
+
+
+def test_untrusted_types_are_refused(tmp_path: Path):
+    persist.save(_Unlisted().fit(np.zeros((4, 1))), tmp_path / "m.skops")
+    assert persist.untrusted_types(tmp_path / "m.skops") == ["tests.test_nuisance_models._Unlisted"]
+    with pytest.raises(ValueError, match="refusing to load untrusted types"):
+        persist.load(tmp_path / "m.skops")
     persist.save(ImputationModel().fit(np.eye(2), np.array([0.0, 1.0])), tmp_path / "ok.skops")
     assert isinstance(persist.load(tmp_path / "ok.skops"), ImputationModel)
