@@ -93,7 +93,7 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     _ = (joined.units
          | "AsGroups" >> beam.MapTuple(lambda k, t: (k, [t]))
          | "WriteUnits" >> beam.ParDo(WriteBucketParts(units_dir, units_schema, [un.IMPRESSION_ID], cfg.output)))
-    _ = ((v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINE])
+    _ = ((imps[QUARANTINE], sigs[QUARANTINE], v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINE])
          | "FlattenQuarantine" >> beam.Flatten()
          | "BucketQuarantine" >> beam.ParDo(KeyByBucket(buckets, None))
          | "GroupQuarantine" >> beam.GroupByKey()

@@ -25,4 +25,5 @@ BAD_TIMESTAMP = "bad_timestamp"
 UNKNOWN_SIGNAL_TYPE = "unknown_signal_type"
 VALUE_OUT_OF_RANGE = "value_out_of_range"
 ORPHAN_SIGNAL = "orphan_signal"
+MALFORMED_RECORD = "malformed_record"  # the record itself could not be parsed; ``record`` holds its raw text
 TIME_TRAVEL = "time_travel"

@@ -130,3 +130,18 @@ def test_portable_runner_gives_the_same_units(logs: Path, hash_key):
         a = read_dataset(logs / "direct" / sub)
         b = read_dataset(logs / "portable" / sub)
         assert a.num_rows > 0 and a.equals(b)
+
+
+def test_a_malformed_json_line_quarantines_that_line_only(logs: Path, hash_key):
+    lines = (logs / "signals.jsonl").read_text().splitlines()
+    lines.insert(3, '{"event_id": "e9", "impression_id": "i2", "ts": ')          # cut off mid-record
+    lines.insert(5, "[1, 2, 3]")                                                 # valid JSON, not an object
+    (logs / "signals.jsonl").write_text("\n".join(lines) + "\n\n")
+    result = ingest.run(RunDir(logs / "run"), load_config(_config(logs, max_bad=0.7)))
+    assert result["counts"]["signals"] == {"rows_in": 11, "rows_ok": 4, "rows_quarantined": 6, "rows_duplicate": 1}
+    q = pl.from_arrow(read_dataset(logs / "run" / rd.QUARANTINE)).filter(pl.col("reason").str.starts_with(
+        "malformed_record"))
+    assert q.select("table", "row_number").rows() == [("signals", 3), ("signals", 5)]
+    assert q["record"].to_list() == [lines[3], lines[5]]
+    units = pl.from_arrow(read_dataset(logs / "run" / rd.UNITS)).sort(un.IMPRESSION_ID)
+    assert units[un.LABEL].to_list() == [0.0, None, 0.8]                 # the good lines still count

@@ -6,7 +6,9 @@ to the file and line it came from.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -14,11 +16,15 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from schemas import quarantine as qr
 from schemas.errors import InputError
+
+MALFORMED_RECORD = qr.MALFORMED_RECORD
 
 SOURCE_FILE = "_source_file"
 ROW_NUMBER = "_row_number"
 COUNTS = "counts"
+QUARANTINE = "quarantine"
 
 
 def file_format(path: str) -> str:
@@ -35,24 +41,66 @@ def file_format(path: str) -> str:
     raise InputError(f"{path}: unknown file format (expected .parquet, .jsonl[.gz] or .csv[.gz])")
 
 
-def read_file(path: str, *, batch_rows: int = 65_536) -> list[pa.RecordBatch]:
-    """All rows of one file as record batches with provenance columns."""
+class Malformed(NamedTuple):
+    """A record that could not be parsed at all: its position, raw text and why."""
+
+    row_number: int
+    text: str
+    reason: str
+
+
+def _read_json_lines(path: str) -> tuple[pa.Table, list[Malformed]]:
+    """JSON Lines, one record at a time: the slow path, taken only when the file has a malformed record.
+
+    Records are counted as pyarrow counts them (non-blank lines), so row numbers match the fast path's.
+    """
+    good, rows_at, bad = [], [], []
+    with pa.input_stream(path, compression="detect") as stream:
+        lines = stream.read().decode("utf-8", errors="replace").splitlines()
+    index = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            good.append(line)
+            rows_at.append(index)
+        except ValueError as e:
+            bad.append(Malformed(index, line, f"{MALFORMED_RECORD}: {e}"[:200]))
+        index += 1
+    # The good lines go through the same parser as the fast path, so column types are inferred alike.
+    table = pajson.read_json(pa.BufferReader("\n".join(good).encode())) if good else pa.table({})
+    return table.append_column(ROW_NUMBER, pa.array(rows_at, pa.int64())), bad
+
+
+def read_file(path: str, *, batch_rows: int = 65_536) -> tuple[list[pa.RecordBatch], list[Malformed]]:
+    """All parseable rows of one file as record batches with provenance columns, and the malformed records.
+
+    A malformed JSON line costs only that line (it comes back in the second list); a file that cannot be
+    opened or parsed at all is an InputError naming it.
+    """
     fmt = file_format(path)
+    malformed: list[Malformed] = []
     try:
         if fmt == "parquet":
             table = pq.read_table(path)
         elif fmt == "json":
-            table = pajson.read_json(path)
+            try:
+                table = pajson.read_json(path)
+            except pa.ArrowInvalid:
+                table, malformed = _read_json_lines(path)
         else:
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(
                 delimiter="\t" if ".tsv" in path else ","))
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
     n = table.num_rows
-    table = table.append_column(SOURCE_FILE, pa.array([path] * n, pa.string()) if n else
-                                pa.array([], pa.string()))
-    table = table.append_column(ROW_NUMBER, pa.array(range(n), pa.int64()))
-    return table.to_batches(max_chunksize=batch_rows)
+    if ROW_NUMBER not in table.column_names:
+        table = table.append_column(ROW_NUMBER, pa.array(range(n), pa.int64()))
+    table = table.append_column(SOURCE_FILE, pa.array([path] * n, pa.string()))
+    return table.to_batches(max_chunksize=batch_rows), malformed
 
 
 def peek_schema(path: str) -> pa.Schema:
@@ -62,31 +110,45 @@ def peek_schema(path: str) -> pa.Schema:
         if fmt == "parquet":
             return pq.read_schema(path)
         if fmt == "json":
-            with pajson.open_json(path) as reader:
-                return reader.schema
+            try:
+                with pajson.open_json(path) as reader:
+                    return reader.schema
+            except pa.ArrowInvalid:
+                return _read_json_lines(path)[0].drop_columns([ROW_NUMBER]).schema
         with pacsv.open_csv(path) as reader:
             return reader.schema
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
 
 
+def malformed_rows(malformed: list[Malformed], path: str, table: str) -> pa.Table:
+    """Unparseable records in the quarantine schema (``record`` is the raw text, as it was in the file)."""
+    return pa.table({
+        qr.TABLE: [table] * len(malformed), qr.SOURCE_FILE: [path] * len(malformed),
+        qr.ROW_NUMBER: [m.row_number for m in malformed], qr.REASON: [m.reason for m in malformed],
+        qr.RECORD: [m.text for m in malformed],
+    }, schema=qr.QUARANTINE)
+
+
 class ReadFileBatches(beam.DoFn):
-    """File path in, record batches out; counts rows read per table on the ``counts`` output."""
+    """File path in, record batches out; unparseable records tagged ``quarantine``; row counts on ``counts``."""
 
     def __init__(self, table: str, batch_rows: int = 65_536):
         self._table = table
         self._batch_rows = batch_rows
 
     def process(self, path: str):
-        total = 0
-        for batch in read_file(path, batch_rows=self._batch_rows):
-            total += batch.num_rows
-            yield batch
-        yield beam.pvalue.TaggedOutput(COUNTS, {f"{self._table}.rows_in": total})
+        batches, malformed = read_file(path, batch_rows=self._batch_rows)
+        yield from batches
+        counts = {f"{self._table}.rows_in": sum(b.num_rows for b in batches) + len(malformed)}
+        if malformed:
+            yield beam.pvalue.TaggedOutput(QUARANTINE, malformed_rows(malformed, path, self._table))
+            counts[f"{self._table}.rows_quarantined"] = len(malformed)
+        yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
 
 class ReadRaw(beam.PTransform):
-    """``files`` of one table → PCollection of RecordBatches (main) and row counts (``counts``)."""
+    """``files`` of one table → RecordBatches (main), unparseable records (``quarantine``), row counts (``counts``)."""
 
     def __init__(self, files: list[str], table: str, batch_rows: int = 65_536):
         super().__init__()
@@ -97,7 +159,7 @@ class ReadRaw(beam.PTransform):
                 | "Files" >> beam.Create(self._files)
                 | "Reshuffle" >> beam.Reshuffle()
                 | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows)).with_outputs(
-                    COUNTS, main="batches"))
+                    COUNTS, QUARANTINE, main="batches"))
 
 
 class ReadParts(beam.PTransform):

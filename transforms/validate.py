@@ -16,9 +16,8 @@ import pyarrow as pa
 from schemas import impressions as imp
 from schemas import quarantine as qr
 from schemas import signals as sig
-from transforms.read import COUNTS, ROW_NUMBER, SOURCE_FILE
+from transforms.read import COUNTS, QUARANTINE, ROW_NUMBER, SOURCE_FILE
 
-QUARANTINE = "quarantine"
 _REASON = "_reason"
 _PROVENANCE = (SOURCE_FILE, ROW_NUMBER)
 
