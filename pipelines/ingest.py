@@ -28,6 +28,8 @@ from schemas import units as un
 from schemas.config import Config, expand_inputs
 from schemas.errors import ConfigError, GateError, InputError
 from schemas.run_dir import RunDir
+from schemas.suites import suite_columns, units_suite
+from transforms.gates import failed_expectations
 from transforms.io import commit_dir, count_rows, read_dataset, staging_dir
 from transforms.join import JoinAndLabel, KeyByBucket
 from transforms.read import COUNTS, ReadRaw, peek_schema
@@ -129,6 +131,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     check_columns(signal_files, sig.SIGNALS)
     key = hash_key(cfg)
     schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_files))
+    suite = units_suite(schema)
     units_final, quarantine_final = run.path(rd.UNITS), run.path(rd.QUARANTINE)
     units_tmp, quarantine_tmp = staging_dir(units_final), staging_dir(quarantine_final)
     scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=run.root))
@@ -146,6 +149,9 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         if bad[worst] > cfg.ingest.max_bad_fraction:
             raise GateError(f"ingest: {bad[worst]:.1%} of {worst} rows were quarantined, above "
                             f"ingest.max_bad_fraction = {cfg.ingest.max_bad_fraction:.1%}; see {quarantine_final}")
+        failures = failed_expectations(read_dataset(units_tmp, suite_columns(suite)), suite)
+        if failures:
+            raise GateError(f"ingest: the units gate failed ({len(failures)} expectations): " + "; ".join(failures))
         commit_dir(units_tmp, units_final)
     finally:
         for d in (units_tmp, quarantine_tmp, scratch):
@@ -155,7 +161,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         "outputs": [str(units_final), str(quarantine_final)],
         "counts": table_counts,
         "diagnostics": {**_unit_diagnostics(units_final), "quarantine_reasons": _reasons(quarantine_final),
-                        "bad_fraction": bad},
+                        "bad_fraction": bad, "gate": {"suite": suite.name, "expectations": len(suite.expectations),
+                                                      "failed": 0}},
     }
 
 
