@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import great_expectations as gx
 import pyarrow as pa
 from great_expectations.data_context.types.base import ProgressBarsConfig
+
+# GX sets this module's logger to INFO itself and announces a temporary docs folder on every context.
+logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
 
 
 def failed_expectations(table: pa.Table, suite: gx.ExpectationSuite) -> list[str]:
