@@ -31,7 +31,7 @@ from schemas.run_dir import RunDir
 from schemas.suites import suite_columns, units_suite
 from transforms.gates import failed_expectations
 from transforms.io import commit_dir, count_rows, read_dataset, staging_dir
-from transforms.join import JoinAndLabel, KeyByBucket
+from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
 from transforms.read import COUNTS, ReadRaw, peek_schema
 from transforms.validate import QUARANTINE, Validate, merge_counts
 from transforms.write import WriteBucketParts, WriteJson
@@ -76,16 +76,22 @@ def hash_key(cfg: Config) -> bytes | None:
 def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], signal_files: Sequence[str],
           units_schema: pa.Schema, key: bytes | None, units_dir: str, quarantine_dir: str,
           counts_path: str) -> None:
-    """The ingest graph: read → validate → bucket → dedup + join + label → write units, quarantine, counts."""
+    """The ingest graph: read → validate → dedup events by event id → bucket by impression → dedup impressions
+    + join + label → write units, quarantine, counts."""
     ing, buckets = cfg.ingest, cfg.ingest.buckets
     value_types = [t for t, rule in ing.labels.items() if isinstance(rule, str)]
     imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions")
     sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals")
     v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS)
     v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, ing.known_types, value_types)
+    unique_sigs = (v_sigs.ok
+                   | "BucketEvents" >> beam.ParDo(KeyByBucket(buckets, sig.EVENT_ID))
+                   | "GroupEvents" >> beam.GroupByKey()
+                   | "DedupEvents" >> beam.ParDo(DedupByKey(sig.EVENT_ID, "signals")).with_outputs(
+                       COUNTS, main="rows"))
     keyed = {
         "impressions": v_imps.ok | "BucketImpressions" >> beam.ParDo(KeyByBucket(buckets, imp.IMPRESSION_ID)),
-        "signals": v_sigs.ok | "BucketSignals" >> beam.ParDo(KeyByBucket(buckets, sig.IMPRESSION_ID)),
+        "signals": unique_sigs.rows | "BucketSignals" >> beam.ParDo(KeyByBucket(buckets, sig.IMPRESSION_ID)),
     }
     joined = (keyed | "CoGroupBuckets" >> beam.CoGroupByKey()
               | "JoinAndLabel" >> beam.ParDo(JoinAndLabel(
@@ -101,7 +107,7 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
          | "GroupQuarantine" >> beam.GroupByKey()
          | "WriteQuarantine" >> beam.ParDo(WriteBucketParts(
              quarantine_dir, qr.QUARANTINE, [qr.TABLE, qr.SOURCE_FILE, qr.ROW_NUMBER], cfg.output)))
-    _ = ((imps[COUNTS], sigs[COUNTS], v_imps.counts, v_sigs.counts, joined[COUNTS])
+    _ = ((imps[COUNTS], sigs[COUNTS], v_imps.counts, v_sigs.counts, unique_sigs[COUNTS], joined[COUNTS])
          | "FlattenCounts" >> beam.Flatten()
          | "MergeCounts" >> beam.CombineGlobally(merge_counts)
          | "WriteCounts" >> beam.ParDo(WriteJson(counts_path)))

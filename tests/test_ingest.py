@@ -145,3 +145,17 @@ def test_a_malformed_json_line_quarantines_that_line_only(logs: Path, hash_key):
     assert q["record"].to_list() == [lines[3], lines[5]]
     units = pl.from_arrow(read_dataset(logs / "run" / rd.UNITS)).sort(un.IMPRESSION_ID)
     assert units[un.LABEL].to_list() == [0.0, None, 0.8]                 # the good lines still count
+
+
+def test_a_replay_naming_another_impression_is_still_a_duplicate(logs: Path, hash_key):
+    lines = (logs / "signals.jsonl").read_text().splitlines()
+    replay = json.loads(lines[2])
+    assert replay["event_id"] == "e2"
+    replay.update(impression_id="i3", ts="1970-01-01T00:00:30Z")   # same event id, later, another impression
+    lines[2] = json.dumps(replay)
+    (logs / "signals.jsonl").write_text("\n".join(lines) + "\n")
+    result = ingest.run(RunDir(logs / "run"), load_config(_config(logs)))
+    assert result["counts"]["signals"] == {"rows_in": 9, "rows_ok": 4, "rows_quarantined": 4, "rows_duplicate": 1}
+    units = pl.from_arrow(read_dataset(logs / "run" / rd.UNITS)).sort(un.IMPRESSION_ID)
+    assert units["n_downvote"].to_list() == [1, 0, 0]                 # the earliest copy (on i1) was kept
+    assert units[un.LABEL].to_list() == [0.0, None, 0.8]

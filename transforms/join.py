@@ -117,6 +117,26 @@ def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping
     return conform(df.to_arrow(), units_schema, where="units")
 
 
+class DedupByKey(beam.DoFn):
+    """(bucket of ``key``, [tables]) → the rows that survive dedup on ``key``, and the duplicate count.
+
+    Signals are deduplicated in their own shuffle, keyed by event id, so that a replay is caught even when it
+    names another impression than the original (it then never reaches that impression's bucket).
+    """
+
+    def __init__(self, key: str, table: str):
+        self._key, self._table = key, table
+
+    def process(self, element):
+        _, tables = element
+        raw = _concat(tables)
+        if raw is None:
+            return
+        kept = dedup(raw, self._key)
+        yield beam.pvalue.TaggedOutput(COUNTS, {f"{self._table}.rows_duplicate": raw.height - kept.height})
+        yield kept.to_arrow()
+
+
 class JoinAndLabel(beam.DoFn):
     """(bucket, {impressions: [...], signals: [...]}) → units table; orphans and time travellers quarantined."""
 
@@ -136,8 +156,7 @@ class JoinAndLabel(beam.DoFn):
             imps = dedup(imps_raw, imp.IMPRESSION_ID)
             counts["impressions.rows_duplicate"] = imps_raw.height - imps.height
         if sigs_raw is not None:
-            sigs = dedup(sigs_raw, sig.EVENT_ID)
-            counts["signals.rows_duplicate"] = sigs_raw.height - sigs.height
+            sigs = sigs_raw                      # already one row per event id: see DedupByKey
             lookup = (imps.select(imp.IMPRESSION_ID, pl.col(imp.TS).alias(_IMP_TS)) if imps_raw is not None
                       else pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, _IMP_TS: pl.Datetime("us", "UTC")}))
             sigs = sigs.join(lookup, on=imp.IMPRESSION_ID, how="left")
