@@ -73,7 +73,7 @@ def polars_ingest(cfg: Config, out: Path) -> int:
 def read_file_all(files):
     import pyarrow as pa
 
-    return pa.Table.from_batches([b for f in files for b in read_file(f)[0]])
+    return pa.Table.from_batches([b for f in files for b in read_file(f)])
 
 
 def _tree_rss_mb(root: int) -> float:

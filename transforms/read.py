@@ -7,6 +7,7 @@ to the file and line it came from.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,32 +76,44 @@ def _read_json_lines(path: str) -> tuple[pa.Table, list[Malformed]]:
     return table.append_column(ROW_NUMBER, pa.array(rows_at, pa.int64())), bad
 
 
-def read_file(path: str, *, batch_rows: int = 65_536) -> tuple[list[pa.RecordBatch], list[Malformed]]:
-    """All parseable rows of one file as record batches with provenance columns, and the malformed records.
+def _with_provenance(batch: pa.RecordBatch | pa.Table, path: str, first_row: int) -> pa.Table:
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    n = table.num_rows
+    if ROW_NUMBER not in table.column_names:
+        table = table.append_column(ROW_NUMBER, pa.array(range(first_row, first_row + n), pa.int64()))
+    return table.append_column(SOURCE_FILE, pa.array([path] * n, pa.string()))
 
-    A malformed JSON line costs only that line (it comes back in the second list); a file that cannot be
+
+def read_file(path: str, *, batch_rows: int = 65_536,
+              malformed: list[Malformed] | None = None) -> Iterator[pa.RecordBatch]:
+    """The parseable rows of one file as record batches with provenance columns.
+
+    Parquet is streamed batch by batch (memory stays bounded by ``batch_rows``); JSON Lines and CSV are
+    parsed whole, so that types are inferred from the whole file. A malformed JSON line costs only that
+    line: it is appended to ``malformed`` (complete once the iterator is exhausted). A file that cannot be
     opened or parsed at all is an InputError naming it.
     """
     fmt = file_format(path)
-    malformed: list[Malformed] = []
     try:
         if fmt == "parquet":
-            table = pq.read_table(path)
-        elif fmt == "json":
+            first = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+                yield from _with_provenance(batch, path, first).to_batches()
+                first += batch.num_rows
+            return
+        if fmt == "json":
             try:
                 table = pajson.read_json(path)
             except pa.ArrowInvalid:
-                table, malformed = _read_json_lines(path)
+                table, bad = _read_json_lines(path)
+                if malformed is not None:
+                    malformed.extend(bad)
         else:
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(
                 delimiter="\t" if ".tsv" in path else ","))
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
-    n = table.num_rows
-    if ROW_NUMBER not in table.column_names:
-        table = table.append_column(ROW_NUMBER, pa.array(range(n), pa.int64()))
-    table = table.append_column(SOURCE_FILE, pa.array([path] * n, pa.string()))
-    return table.to_batches(max_chunksize=batch_rows), malformed
+    yield from _with_provenance(table, path, 0).to_batches(max_chunksize=batch_rows)
 
 
 def peek_schema(path: str) -> pa.Schema:
@@ -138,9 +151,12 @@ class ReadFileBatches(beam.DoFn):
         self._batch_rows = batch_rows
 
     def process(self, path: str):
-        batches, malformed = read_file(path, batch_rows=self._batch_rows)
-        yield from batches
-        counts = {f"{self._table}.rows_in": sum(b.num_rows for b in batches) + len(malformed)}
+        malformed: list[Malformed] = []
+        rows = 0
+        for batch in read_file(path, batch_rows=self._batch_rows, malformed=malformed):
+            rows += batch.num_rows
+            yield batch
+        counts = {f"{self._table}.rows_in": rows + len(malformed)}
         if malformed:
             yield beam.pvalue.TaggedOutput(QUARANTINE, malformed_rows(malformed, path, self._table))
             counts[f"{self._table}.rows_quarantined"] = len(malformed)
