@@ -19,6 +19,11 @@ RESPONSE_LENGTH = "response_length"
 """Derived numeric feature: number of whitespace-separated words of the response (a verbosity confounder)."""
 
 
+def input_columns(*, text: list[str], numeric: list[str], categorical: list[str]) -> list[str]:
+    """The unit columns :func:`feature_frame` reads (``response_length`` is derived from ``response``)."""
+    return sorted({*text, *(c for c in numeric if c != RESPONSE_LENGTH), *categorical, "response"})
+
+
 def feature_frame(columns: dict[str, np.ndarray | list], *, text: list[str], numeric: list[str],
                   categorical: list[str]) -> pd.DataFrame:
     """The model input frame from unit columns: concatenated text, derived length, numerics, categoricals."""

@@ -10,31 +10,25 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from estimators import persist
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc, expected_calibration_error, summary
-from estimators.features import feature_frame, make_featurizer
+from estimators.features import input_columns, make_featurizer
 from estimators.imputation import ImputationModel
 from estimators.propensity import PropensityModel
 from schemas import run_dir as rd
 from schemas import units as un
-from schemas.config import Config, FitConfig
+from schemas.config import Config
 from schemas.errors import InputError
 from schemas.hashing import fold_of, sample_rank
 from schemas.run_dir import RunDir
 from transforms.io import atomic_dir, read_dataset
+from transforms.score import design
 
 FEATURIZER = "featurizer.skops"
 PROPENSITY = "propensity.skops"
 IMPUTATION = "imputation.skops"
-
-
-def feature_columns(cfg: FitConfig) -> list[str]:
-    """Units columns the featuriser reads (response_length is derived from the response)."""
-    derived = {"response_length"}
-    return sorted({*cfg.text, *(c for c in cfg.numeric if c not in derived), *cfg.categorical, "response"})
 
 
 def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> np.ndarray:
@@ -50,15 +44,11 @@ def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> n
     return np.sort(np.concatenate(keep))
 
 
-def design(table: pa.Table, cfg: FitConfig):
-    return feature_frame({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names},
-                         text=cfg.text, numeric=cfg.numeric, categorical=cfg.categorical)
-
-
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     fc = cfg.fit
     units = read_dataset(run.path(rd.UNITS))
-    missing = [c for c in feature_columns(fc) if c not in units.column_names]
+    missing = [c for c in input_columns(text=fc.text, numeric=fc.numeric, categorical=fc.categorical)
+               if c not in units.column_names]
     if missing:
         raise InputError(f"{run.path(rd.UNITS)}: feature column '{missing[0]}' named in [fit] is not in the units")
     ids = units[un.IMPRESSION_ID].to_numpy(zero_copy_only=False)

@@ -12,25 +12,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # the object API needs no GUI backend and no global pyplot state
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from estimators.diagnostics import reliability  # noqa: E402
-from pipelines.manifest import read_manifest  # noqa: E402
-from schemas import pointwise as pw  # noqa: E402
-from schemas import run_dir as rd  # noqa: E402
-from schemas import units as un  # noqa: E402
-from schemas.config import Config  # noqa: E402
-from schemas.run_dir import RunDir  # noqa: E402
-from transforms.io import atomic_dir, read_dataset  # noqa: E402
+from estimators.diagnostics import reliability
+from pipelines.manifest import read_manifest
+from schemas import pointwise as pw
+from schemas import run_dir as rd
+from schemas import units as un
+from schemas.config import Config
+from schemas.run_dir import RunDir
+from transforms.io import atomic_dir, read_dataset
 
 
 def plot_overlap(p: np.ndarray, o: np.ndarray, path: Path) -> None:
     """Propensity histograms of observed vs unobserved units: weights explode where they do not overlap."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     bins = np.linspace(0, 1, 41)
     ax.hist(p[o == 0], bins=bins, alpha=0.6, density=True, label=f"unobserved (n={int((o == 0).sum())})")
     ax.hist(p[o == 1], bins=bins, alpha=0.6, density=True, label=f"observed (n={int((o == 1).sum())})")
@@ -38,13 +36,13 @@ def plot_overlap(p: np.ndarray, o: np.ndarray, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_calibration(p: np.ndarray, o: np.ndarray, path: Path) -> None:
     """Reliability diagram of the propensity model (equal-mass bins)."""
     mean_p, rate = reliability(p, o.astype(float), bins=15)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    fig = Figure(figsize=(4.2, 3.8))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.plot(mean_p, rate, marker="o")
     top = max(mean_p.max(), rate.max()) * 1.1
@@ -52,12 +50,12 @@ def plot_calibration(p: np.ndarray, o: np.ndarray, path: Path) -> None:
            title="Propensity calibration")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_weights(w_ips: np.ndarray, w_clip: np.ndarray, clip: float, path: Path) -> None:
     """Distribution of IPS weights of observed units (log scale), raw vs clipped."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     bins = np.logspace(0, np.log10(max(w_ips.max(), 1.0 / clip) * 1.05), 50)
     ax.hist(w_ips, bins=bins, alpha=0.6, label="IPS 1/p̂")
     ax.hist(w_clip, bins=bins, alpha=0.6, label=f"clipped (p̂ ≥ {clip})")
@@ -65,7 +63,6 @@ def plot_weights(w_ips: np.ndarray, w_clip: np.ndarray, clip: float, path: Path)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from estimators import persist
 from estimators import weights as W
 from estimators.crossfit import predict_by_fold
-from estimators.features import feature_frame
+from estimators.features import feature_frame, input_columns
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import units as un
@@ -37,6 +37,13 @@ class Models:
         return cls(*(persist.load(paths[k]) for k in ("featurizer", "propensity", "imputation")))
 
 
+def design(table: pa.Table, fit: FitConfig):
+    """The featuriser's input frame, converting only the columns it reads (not every unit column)."""
+    names = input_columns(text=fit.text, numeric=fit.numeric, categorical=fit.categorical)
+    return feature_frame({c: table[c].to_numpy(zero_copy_only=False) for c in names if c in table.column_names},
+                         text=fit.text, numeric=fit.numeric, categorical=fit.categorical)
+
+
 def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, run_id: str) -> pa.Table:
     """Units → units + propensity, IPS/clipped weights, imputation and DR pseudo-outcome, fold, run id.
 
@@ -45,9 +52,7 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
     """
     n = table.num_rows
     fold = fold_of(table[un.IMPRESSION_ID].to_pylist(), len(models.propensity))
-    frame = feature_frame({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names},
-                          text=fit.text, numeric=fit.numeric, categorical=fit.categorical)
-    X = models.featurizer.transform(frame).tocsr()
+    X = models.featurizer.transform(design(table, fit)).tocsr()
     p = predict_by_fold(models.propensity, X, fold)
     imputed = predict_by_fold(models.imputation, X, fold)
     o = table[un.OBSERVED].to_numpy().astype(float)
