@@ -1,18 +1,76 @@
-"""`make bench`: run the benchmarks and print their ratios (``python -m benchmarks [N_IMPRESSIONS]``)."""
+"""`make bench`: run the benchmarks, print their ratios and record them in RESULTS.md.
+
+``python -m benchmarks [N_IMPRESSIONS]`` (default 1,000,000; the scaling run uses N/10).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+import subprocess
 import sys
+from pathlib import Path
 
-from benchmarks.bench_ingest import bench_ingest
+from benchmarks.bench_ingest import bench_ingest, compare
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- ingest:begin -->", "<!-- ingest:end -->"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=RESULTS.parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def ingest_table(small: dict, large: dict, figures: dict) -> str:
+    """The RESULTS.md block for the ingest benchmark: what was measured in this run, nothing else."""
+    rows = [
+        ("time, Beam / polars (1 process)", f"{figures['time_ratio_beam_over_polars']:.2f}", "≤ 2.0 (stretch 1.2)"),
+        ("peak RSS, Beam / polars", f"{figures['rss_ratio_beam_over_polars']:.2f}", "—"),
+        ("scaling, Beam t(N) / t(N/10)", f"{figures['scaling_beam_t_large_over_t_small']:.2f}", "≤ 11"),
+        ("scaling, polars t(N) / t(N/10)", f"{figures['scaling_polars_t_large_over_t_small']:.2f}", "—"),
+        ("peak RSS growth, Beam RSS(N) / RSS(N/10)", f"{figures['rss_growth_beam_large_over_small']:.2f}",
+         "flat (1.0 = constant)"),
+        ("peak RSS growth, polars RSS(N) / RSS(N/10)", f"{figures['rss_growth_polars_large_over_small']:.2f}", "—"),
+        ("Beam input events per second (impressions + signals)", f"{figures['beam_events_per_s']:,.0f}", "—"),
+    ]
+    lines = [
+        BEGIN,
+        f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: N = {large['impressions']:,} impressions"
+        f" + {large['signals']:,} signal events ({large['input_rows']:,} input rows, {large['units']:,} units);"
+        f" N/10 = {small['impressions']:,} + {small['signals']:,}.",
+        "",
+        "| figure | this run | target |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def record(block: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
 
 
 def main(argv: list[str]) -> int:
     n = int(argv[0]) if argv else 1_000_000
-    print(f"ingest benchmark: {n} simulated impressions (Beam, default local runner, vs polars in one process)")
-    result = bench_ingest(n)
-    for k, v in result.items():
-        print(f"  {k:<30} {v:.2f}" if isinstance(v, float) else f"  {k:<30} {v}")
+    print(f"ingest benchmark: {n:,} and {n // 10:,} simulated impressions "
+          "(Beam with the default local runner vs polars in one process)", flush=True)
+    small = bench_ingest(n // 10)
+    large = bench_ingest(n)
+    figures = compare(small, large)
+    for k, v in figures.items():
+        print(f"  {k:<40} {v:,.2f}")
+    record(ingest_table(small, large, figures))
+    print(f"recorded in {RESULTS}")
     return 0
 
 

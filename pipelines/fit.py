@@ -59,7 +59,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     sample = units.take(stratified_sample(ids, observed_all, fc.max_rows))
     o = sample[un.OBSERVED].to_numpy().astype(int)
     label = sample[un.LABEL].to_numpy(zero_copy_only=False)
-    fold = fold_of(sample[un.IMPRESSION_ID].to_pylist(), fc.folds)
+    fold = fold_of(sample[un.IMPRESSION_ID], fc.folds)
 
     frame = design(sample, fc)
     featurizer = make_featurizer(numeric=fc.numeric, categorical=fc.categorical, hash_features=fc.hash_features,

@@ -26,12 +26,12 @@ from schemas import run_dir as rd
 from schemas import signals as sig
 from schemas import units as un
 from schemas.config import Config, expand_inputs
-from schemas.errors import ConfigError, GateError, InputError
+from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
 from schemas.suites import suite_columns, units_suite
 from transforms.gates import failed_expectations
 from transforms.io import commit_dir, count_rows, read_dataset, staging_dir
-from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
+from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket, key_from_env
 from transforms.read import COUNTS, ReadRaw, peek_schema
 from transforms.validate import QUARANTINE, Validate, merge_counts
 from transforms.write import WriteBucketParts, WriteJson
@@ -62,19 +62,17 @@ def extra_fields(files: Sequence[str]) -> list[pa.Field]:
     return fields
 
 
-def hash_key(cfg: Config) -> bytes | None:
-    """The HMAC key for user ids, from the environment variable the config names."""
-    key = os.environ.get(cfg.privacy.key_env)
-    if key:
-        return key.encode()
-    if cfg.privacy.allow_unkeyed:
-        return None
-    raise ConfigError(f"privacy: environment variable {cfg.privacy.key_env} is not set; set it to a secret key "
-                      "or set privacy.allow_unkeyed = true (user ids are then only hashed, not pseudonymised)")
+def key_env(cfg: Config) -> str | None:
+    """The environment variable holding the HMAC key for user ids, checked here so that a missing key fails
+    before the pipeline starts; None when it is unset and the config explicitly allows unkeyed hashing."""
+    if os.environ.get(cfg.privacy.key_env) or not cfg.privacy.allow_unkeyed:
+        key_from_env(cfg.privacy.key_env)
+        return cfg.privacy.key_env
+    return None
 
 
 def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], signal_files: Sequence[str],
-          units_schema: pa.Schema, key: bytes | None, units_dir: str, quarantine_dir: str,
+          units_schema: pa.Schema, key_env: str | None, units_dir: str, quarantine_dir: str,
           counts_path: str) -> None:
     """The ingest graph: read → validate → dedup events by event id → bucket by impression → dedup impressions
     + join + label → write units, quarantine, counts."""
@@ -82,8 +80,9 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     value_types = [t for t, rule in ing.labels.items() if isinstance(rule, str)]
     imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions")
     sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals")
-    v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS)
-    v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, ing.known_types, value_types)
+    v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS, impression_files)
+    v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, signal_files, ing.known_types,
+                                                          value_types)
     unique_sigs = (v_sigs.ok
                    | "BucketEvents" >> beam.ParDo(KeyByBucket(buckets, sig.EVENT_ID))
                    | "GroupEvents" >> beam.GroupByKey()
@@ -96,7 +95,8 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     joined = (keyed | "CoGroupBuckets" >> beam.CoGroupByKey()
               | "JoinAndLabel" >> beam.ParDo(JoinAndLabel(
                   rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types, known_types=ing.known_types,
-                  unobserved_label=ing.unobserved_label, hash_key=key, units_schema=units_schema,
+                  unobserved_label=ing.unobserved_label, key_env=key_env, units_schema=units_schema,
+                  signal_files=signal_files,
               )).with_outputs(QUARANTINE, COUNTS, main="units"))
     _ = (joined.units
          | "AsGroups" >> beam.MapTuple(lambda k, t: (k, [t]))
@@ -135,7 +135,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     signal_files = expand_inputs(cfg.input.signals, what="signals")
     check_columns(impression_files, imp.IMPRESSIONS)
     check_columns(signal_files, sig.SIGNALS)
-    key = hash_key(cfg)
+    env = key_env(cfg)
     schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_files))
     suite = units_suite(schema)
     units_final, quarantine_final = run.path(rd.UNITS), run.path(rd.QUARANTINE)
@@ -144,7 +144,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, impression_files=impression_files, signal_files=signal_files, units_schema=schema,
-                  key=key, units_dir=str(units_tmp), quarantine_dir=str(quarantine_tmp),
+                  key_env=env, units_dir=str(units_tmp), quarantine_dir=str(quarantine_tmp),
                   counts_path=str(scratch / "counts.json"))
         counts = json.loads((scratch / "counts.json").read_text())
         quarantined = _quarantine_by_table(quarantine_tmp)

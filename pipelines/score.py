@@ -23,7 +23,7 @@ from schemas.config import Config
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
 from transforms import score as sc
-from transforms.io import commit_dir, count_rows, parquet_files, read_dataset, staging_dir
+from transforms.io import commit_dir, count_rows, encode_table, parquet_files, read_dataset, staging_dir
 from transforms.join import KeyByBucket
 from transforms.read import ReadParts
 from transforms.write import WriteBucketParts
@@ -39,7 +39,8 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_pat
               | "SumWeights" >> beam.CombineGlobally(sc.sum_tuples))
     pointwise = scored | "SNIPS" >> beam.MapTuple(
         lambda part, t, tot=None: (part, sc.add_snips(t, tot)), tot=beam.pvalue.AsSingleton(totals))
-    _ = (pointwise | "GroupParts" >> beam.GroupByKey()
+    _ = (pointwise | "EncodeParts" >> beam.MapTuple(lambda part, t: (part, encode_table(t)))
+         | "GroupParts" >> beam.GroupByKey()
          | "WritePointwise" >> beam.ParDo(WriteBucketParts(pointwise_dir, pointwise_schema, [un.IMPRESSION_ID],
                                                            cfg.output)))
     raw_pairs = (pointwise | "Tables" >> beam.Values()

@@ -67,6 +67,7 @@ class Scenario:
     quality_scale: float = 7.0
     sentiment_share: float = 0.3
     dirty_share: float = 0.005
+    implicit_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_impressions < self.responses_per_prompt:
@@ -75,6 +76,8 @@ class Scenario:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.rho01 + self.rho10 >= 1:
             raise ValueError(f"flip rates must sum to < 1, got {self.rho01} + {self.rho10}")
+        if not 0 <= self.implicit_rate <= 1 / 0.35:      # the click probability 0.35 * rate must stay ≤ 1
+            raise ValueError(f"implicit_rate must be in [0, {1 / 0.35:.2f}], got {self.implicit_rate}")
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -176,14 +179,15 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
         tr.LABEL_NOISY: label_noisy,
         tr.OBSERVED_TRUE: observed,
     })
-    signals = _signals(rng, impression_id, ts, observed, label_noisy, reward_true)
+    signals = _signals(rng, impression_id, ts, observed, label_noisy, reward_true, s.implicit_rate)
     impressions, signals = _add_dirt(rng, impressions, signals, s.dirty_share)
     return SimulatedLogs(impressions, signals, conform(truth, tr.TRUTH))
 
 
 def _signals(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray, observed: np.ndarray,
-             label: np.ndarray, reward: np.ndarray) -> pa.Table:
-    """Signal events: the deciding thumbs on observed units, mind changes, and implicit signals."""
+             label: np.ndarray, reward: np.ndarray, implicit_rate: float = 1.0) -> pa.Table:
+    """Signal events: the deciding thumbs on observed units, mind changes, and implicit signals (their
+    probabilities scaled by ``implicit_rate``, which changes the volume of events but not the labels)."""
     n = impression_id.size
     parts = []
 
@@ -206,10 +210,11 @@ def _signals(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray
     changed = rng.random(voted.size) < 0.05
     add(voted[changed], final_delay[changed] * rng.uniform(0.1, 0.9, size=changed.sum()),
         np.where(label == 1, "downvote", "upvote").astype(object))
-    add(*sometimes(0.35, 30.0), "click")                        # implicit, no label
-    add(*sometimes((label == 1) * 0.25, 60.0), "copy")          # implicit, weak evidence of a good answer
-    add(*sometimes(0.15 * (1 - reward), 40.0), "regenerate")    # implicit, weak evidence of a poor one
-    dwell_idx, dwell_delay = sometimes(0.2, 5.0)
+    k = implicit_rate
+    add(*sometimes(k * 0.35, 30.0), "click")                        # implicit, no label
+    add(*sometimes(k * (label == 1) * 0.25, 60.0), "copy")          # implicit, weak evidence of a good answer
+    add(*sometimes(k * 0.15 * (1 - reward), 40.0), "regenerate")    # implicit, weak evidence of a poor one
+    dwell_idx, dwell_delay = sometimes(k * 0.2, 5.0)
     add(dwell_idx, dwell_delay, "dwell", rng.exponential(30.0, size=n))
     cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
     m = len(cols[sig.TYPE])

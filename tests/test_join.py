@@ -1,10 +1,15 @@
 import datetime as dt
+import pickle
 
 import polars as pl
+import pyarrow as pa
+import pytest
 
 from schemas import units as un
-from transforms.join import dedup, pseudonymise, resolve_labels
-from transforms.read import ROW_NUMBER, SOURCE_FILE
+from schemas.errors import ConfigError
+from transforms.io import decode_table, encode_table
+from transforms.join import JoinAndLabel, KeyByBucket, dedup, key_from_env, pseudonymise, resolve_labels
+from transforms.read import FILE_INDEX, ROW_NUMBER
 
 RULES = {"upvote": 1.0, "downvote": 0.0, "edit": "1 - value", "copy": 1.0, "regenerate": 0.0}
 EXPLICIT = ["upvote", "downvote", "edit"]
@@ -36,7 +41,7 @@ def test_latest_explicit_wins_and_implicit_only_without_explicit():
 
 def test_dedup_keeps_the_earliest_and_is_order_independent():
     df = pl.DataFrame({"impression_id": ["x", "x", "y"], "ts": [_t(5), _t(1), _t(3)], "v": [1, 2, 3],
-                       SOURCE_FILE: ["f", "f", "f"], ROW_NUMBER: [0, 1, 2]})
+                       FILE_INDEX: [0, 0, 0], ROW_NUMBER: [0, 1, 2]})
     a = dedup(df, "impression_id")
     b = dedup(df.reverse(), "impression_id")
     assert a.equals(b) and a["v"].to_list() == [2, 3]
@@ -49,3 +54,28 @@ def test_pseudonymise_is_keyed_and_stable():
     assert pseudonymise(users, b"key-2").to_list()[0] != k1[0]
     assert pseudonymise(users, None).to_list()[0] != k1[0]
     assert not set(k1) & {"u1", "u2"} and len(k1[0]) == 32
+
+
+def test_the_hmac_key_is_read_on_the_worker_and_never_pickled(monkeypatch):
+    monkeypatch.setenv("OBSFEED_TEST_SECRET", "s3cret-key-value")
+    fn = JoinAndLabel(rules=RULES, explicit=EXPLICIT, observe=EXPLICIT, known_types=list(RULES),
+                      unobserved_label=None, key_env="OBSFEED_TEST_SECRET",
+                      units_schema=un.units_schema(list(RULES)), signal_files=["s.jsonl"])
+    assert b"s3cret" not in pickle.dumps(fn)             # what a runner ships to its workers
+    fn.setup()
+    assert fn._key == b"s3cret-key-value"
+    monkeypatch.delenv("OBSFEED_TEST_SECRET")
+    with pytest.raises(ConfigError, match="OBSFEED_TEST_SECRET is not set"):
+        key_from_env("OBSFEED_TEST_SECRET")
+    assert key_from_env(None) is None                    # explicitly unkeyed
+
+
+def test_tables_travel_through_a_shuffle_as_arrow_ipc_bytes():
+    table = pa.table({"impression_id": ["a", "b", "c"], "x": [1.0, None, 3.0]})
+    sliced = table.slice(1, 2)
+    data = encode_table(sliced)
+    assert isinstance(data, bytes) and decode_table(data).equals(sliced)
+    assert decode_table(table) is table
+    bucketed = dict(KeyByBucket(4, "impression_id").process(table))
+    back = pa.concat_tables(decode_table(b) for b in bucketed.values()).sort_by("impression_id")
+    assert back.equals(table)

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from schemas import impressions as imp
 from schemas import signals as sig
-from transforms.read import ROW_NUMBER, SOURCE_FILE
+from transforms.read import FILE_INDEX, ROW_NUMBER
 from transforms.validate import coerce, quarantine_rows, signal_checks
 
 
@@ -18,7 +18,7 @@ def _signals_batch() -> pl.DataFrame:
                "2026-11-01 00:00:04", "2026-11-01T00:00:05Z"],
         "type": ["upvote", "upvote", "upvote", "thumbs_sideways", "edit", "edit"],
         "value": [None, None, None, None, 1.7, 0.25],
-        SOURCE_FILE: ["s.jsonl"] * 6, ROW_NUMBER: list(range(6)),
+        FILE_INDEX: [0] * 6, ROW_NUMBER: list(range(6)),
     })
 
 
@@ -37,7 +37,7 @@ def test_coerce_gives_the_first_failing_reason_per_row():
 def test_missing_required_column_fails_every_row_and_types_are_coerced():
     raw = pl.DataFrame({"impression_id": [1, 2], "ts": ["2026-11-01T00:00:00Z"] * 2, "user_id": ["u", "v"],
                         "response_id": ["r", "s"], "position": ["1", "first"],
-                        SOURCE_FILE: ["f"] * 2, ROW_NUMBER: [0, 1]})
+                        FILE_INDEX: [0] * 2, ROW_NUMBER: [0, 1]})
     df, reasons = coerce(raw, imp.IMPRESSIONS)
     assert reasons.to_list() == ["missing_required:prompt_id"] * 2
     raw = raw.with_columns(pl.lit("p").alias("prompt_id"))
@@ -48,7 +48,7 @@ def test_missing_required_column_fails_every_row_and_types_are_coerced():
 
 def test_quarantine_keeps_the_original_record_file_and_row():
     raw = _signals_batch()
-    q = quarantine_rows(raw[2:3], pl.Series(["bad_timestamp"]), "signals")
+    q = quarantine_rows(raw[2:3], pl.Series(["bad_timestamp"]), "signals", ["s.jsonl"])
     row = q.to_pylist()[0]
     assert (row["table"], row["source_file"], row["row_number"], row["reason"]) == (
         "signals", "s.jsonl", 2, "bad_timestamp")

@@ -20,6 +20,25 @@ DICTIONARY_COLUMNS = ("impression_id", "prompt_id", "response_id", "user_hash", 
                       "model_version", "label_source", "table", "reason", "source_file")
 
 
+def encode_table(table: pa.Table) -> bytes:
+    """An Arrow table as Arrow IPC stream bytes: how tables travel through a shuffle.
+
+    Beam would otherwise pickle the table, which is ~3x slower and, for a slice, serialises the whole parent
+    buffer; bytes also pass through every runner's shuffle untouched (Dataflow, Flink, Spark alike).
+    """
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_table(data: bytes | pa.Table) -> pa.Table:
+    """Inverse of :func:`encode_table` (zero-copy over ``data``); a table passes through unchanged."""
+    if isinstance(data, pa.Table):
+        return data
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
 def part_name(index: int) -> str:
     """File name of part ``index``: deterministic, so that a retried write replaces the same file."""
     return f"part-{index:05d}.parquet"

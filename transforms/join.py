@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from collections.abc import Mapping, Sequence
 
 import apache_beam as beam
@@ -22,8 +23,10 @@ from schemas import quarantine as qr
 from schemas import signals as sig
 from schemas import units as un
 from schemas.conform import conform
+from schemas.errors import ConfigError
 from schemas.hashing import bucket_of
-from transforms.read import COUNTS, ROW_NUMBER, SOURCE_FILE
+from transforms.io import decode_table, encode_table
+from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
 from transforms.validate import QUARANTINE, quarantine_rows
 
 LabelRule = float | str
@@ -31,20 +34,23 @@ _IMP_TS = "_impression_ts"
 
 
 class KeyByBucket(beam.DoFn):
-    """Arrow table → (bucket, sub-table) for each bucket present, by a stable hash of ``key`` (or provenance)."""
+    """Arrow table → (bucket, sub-table as Arrow IPC bytes) per bucket present, by a stable hash of ``key``.
+
+    With ``key=None`` (quarantine rows) the rows are spread by where they came from. The sub-tables travel as
+    bytes (see :func:`transforms.io.encode_table`); the consumer decodes them with ``decode_table``.
+    """
 
     def __init__(self, buckets: int, key: str | None):
         self._buckets, self._key = buckets, key
 
     def process(self, table: pa.Table):
-        if self._key is None:  # quarantine rows: spread by where they came from
-            ids = [f"{f}:{r}" for f, r in zip(table[qr.SOURCE_FILE].to_pylist(), table[qr.ROW_NUMBER].to_pylist(),
-                                             strict=True)]
+        if self._key is None:
+            ids = pc.binary_join_element_wise(table[qr.SOURCE_FILE], table[qr.ROW_NUMBER].cast(pa.string()), ":")
         else:
-            ids = table[self._key].to_pylist()
+            ids = table[self._key]
         b = bucket_of(ids, self._buckets)
         for k in np.unique(b):
-            yield int(k), table.filter(pa.array(b == k))
+            yield int(k), encode_table(table.filter(pa.array(b == k)))
 
 
 def pseudonymise(user_ids: pl.Series, key: bytes | None) -> pl.Series:
@@ -61,7 +67,7 @@ def pseudonymise(user_ids: pl.Series, key: bytes | None) -> pl.Series:
 
 def dedup(df: pl.DataFrame, key: str) -> pl.DataFrame:
     """Keep one row per ``key``: the earliest ``ts``, ties broken by file and row (deterministic)."""
-    return df.sort([key, imp.TS, SOURCE_FILE, ROW_NUMBER]).unique(subset=[key], keep="first", maintain_order=True)
+    return df.sort([key, imp.TS, FILE_INDEX, ROW_NUMBER]).unique(subset=[key], keep="first", maintain_order=True)
 
 
 def label_expr(rules: Mapping[str, LabelRule]) -> pl.Expr:
@@ -113,7 +119,7 @@ def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping
         observed = pl.lit(True)
     df = df.with_columns(observed.cast(pl.Int8).alias(un.OBSERVED),
                          pseudonymise(df[imp.USER_ID], hash_key).alias(un.USER_HASH))
-    df = df.drop(imp.USER_ID, SOURCE_FILE, ROW_NUMBER).sort(imp.IMPRESSION_ID)
+    df = df.drop(imp.USER_ID, FILE_INDEX, ROW_NUMBER).sort(imp.IMPRESSION_ID)
     return conform(df.to_arrow(), units_schema, where="units")
 
 
@@ -137,15 +143,35 @@ class DedupByKey(beam.DoFn):
         yield kept.to_arrow()
 
 
+def key_from_env(key_env: str | None) -> bytes | None:
+    """The HMAC key for user ids from the environment variable ``key_env`` (None = explicitly unkeyed)."""
+    if key_env is None:
+        return None
+    key = os.environ.get(key_env)
+    if not key:
+        raise ConfigError(f"privacy: environment variable {key_env} is not set; set it to a secret key "
+                          "or set privacy.allow_unkeyed = true (user ids are then only hashed, not pseudonymised)")
+    return key.encode()
+
+
 class JoinAndLabel(beam.DoFn):
-    """(bucket, {impressions: [...], signals: [...]}) → units table; orphans and time travellers quarantined."""
+    """(bucket, {impressions: [...], signals: [...]}) → units table; orphans and time travellers quarantined.
+
+    The HMAC key is read from the environment variable ``key_env`` on the worker (in ``setup``), never stored
+    in the DoFn: a serialised pipeline (a Dataflow job graph, a Flink jar) then holds no secret. On a remote
+    runner, set the variable in the workers' environment.
+    """
 
     def __init__(self, *, rules: Mapping[str, LabelRule], explicit: Sequence[str], observe: Sequence[str],
-                 known_types: Sequence[str], unobserved_label: float | None, hash_key: bytes | None,
-                 units_schema: pa.Schema):
+                 known_types: Sequence[str], unobserved_label: float | None, key_env: str | None,
+                 units_schema: pa.Schema, signal_files: Sequence[str]):
         self._rules, self._explicit, self._observe = dict(rules), list(explicit), list(observe)
         self._known, self._unobserved_label = list(known_types), unobserved_label
-        self._key, self._schema = hash_key, units_schema
+        self._key_env, self._schema, self._signal_files = key_env, units_schema, list(signal_files)
+        self._key: bytes | None = None
+
+    def setup(self):
+        self._key = key_from_env(self._key_env)
 
     def process(self, element):
         bucket, groups = element
@@ -166,7 +192,7 @@ class JoinAndLabel(beam.DoFn):
             bad = sigs.filter(pl.col("_reason").is_not_null())
             if bad.height:
                 yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_rows(
-                    bad.drop("_reason", _IMP_TS), bad["_reason"], "signals"))
+                    bad.drop("_reason", _IMP_TS), bad["_reason"], "signals", self._signal_files))
                 counts["signals.rows_quarantined"] = bad.height
             sigs = sigs.filter(pl.col("_reason").is_null()).drop("_reason", _IMP_TS)
         if imps_raw is not None:
@@ -180,8 +206,9 @@ class JoinAndLabel(beam.DoFn):
             counts["signals.rows_ok"] = 0
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
-def _concat(tables: Sequence[pa.Table]) -> pl.DataFrame | None:
-    tables = [t for t in tables if t.num_rows]
+
+def _concat(tables: Sequence[bytes | pa.Table]) -> pl.DataFrame | None:
+    tables = [t for t in map(decode_table, tables) if t.num_rows]
     if not tables:
         return None
     return pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))

@@ -1,7 +1,8 @@
 """Read raw input files (Parquet, JSON Lines, CSV; optionally compressed) as Arrow record batches.
 
-Each batch carries its provenance (``_source_file``, ``_row_number``) so that a rejected row can be traced back
-to the file and line it came from.
+Each batch carries its provenance (``_file_index`` into the stage's sorted input list, ``_row_number``) so that a
+rejected row can be traced back to the file and line it came from. The index, not the path, travels with every
+row: a path repeated per row would be most of the bytes of a narrow table in every shuffle.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -22,7 +24,7 @@ from schemas.errors import InputError
 
 MALFORMED_RECORD = qr.MALFORMED_RECORD
 
-SOURCE_FILE = "_source_file"
+FILE_INDEX = "_file_index"
 ROW_NUMBER = "_row_number"
 COUNTS = "counts"
 QUARANTINE = "quarantine"
@@ -76,15 +78,15 @@ def _read_json_lines(path: str) -> tuple[pa.Table, list[Malformed]]:
     return table.append_column(ROW_NUMBER, pa.array(rows_at, pa.int64())), bad
 
 
-def _with_provenance(batch: pa.RecordBatch | pa.Table, path: str, first_row: int) -> pa.Table:
+def _with_provenance(batch: pa.RecordBatch | pa.Table, file_index: int, first_row: int) -> pa.Table:
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     n = table.num_rows
     if ROW_NUMBER not in table.column_names:
-        table = table.append_column(ROW_NUMBER, pa.array(range(first_row, first_row + n), pa.int64()))
-    return table.append_column(SOURCE_FILE, pa.array([path] * n, pa.string()))
+        table = table.append_column(ROW_NUMBER, pa.array(np.arange(first_row, first_row + n, dtype=np.int64)))
+    return table.append_column(FILE_INDEX, pa.array(np.full(n, file_index, dtype=np.int32)))
 
 
-def read_file(path: str, *, batch_rows: int = 65_536,
+def read_file(path: str, *, file_index: int = 0, batch_rows: int = 65_536,
               malformed: list[Malformed] | None = None) -> Iterator[pa.RecordBatch]:
     """The parseable rows of one file as record batches with provenance columns.
 
@@ -98,7 +100,7 @@ def read_file(path: str, *, batch_rows: int = 65_536,
         if fmt == "parquet":
             first = 0
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-                yield from _with_provenance(batch, path, first).to_batches()
+                yield from _with_provenance(batch, file_index, first).to_batches()
                 first += batch.num_rows
             return
         if fmt == "json":
@@ -113,7 +115,7 @@ def read_file(path: str, *, batch_rows: int = 65_536,
                 delimiter="\t" if ".tsv" in path else ","))
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
-    yield from _with_provenance(table, path, 0).to_batches(max_chunksize=batch_rows)
+    yield from _with_provenance(table, file_index, 0).to_batches(max_chunksize=batch_rows)
 
 
 def peek_schema(path: str) -> pa.Schema:
@@ -144,16 +146,17 @@ def malformed_rows(malformed: list[Malformed], path: str, table: str) -> pa.Tabl
 
 
 class ReadFileBatches(beam.DoFn):
-    """File path in, record batches out; unparseable records tagged ``quarantine``; row counts on ``counts``."""
+    """(file index, path) in, record batches out; unparseable records on ``quarantine``, row counts on ``counts``."""
 
     def __init__(self, table: str, batch_rows: int = 65_536):
         self._table = table
         self._batch_rows = batch_rows
 
-    def process(self, path: str):
+    def process(self, item: tuple[int, str]):
+        index, path = item
         malformed: list[Malformed] = []
         rows = 0
-        for batch in read_file(path, batch_rows=self._batch_rows, malformed=malformed):
+        for batch in read_file(path, file_index=index, batch_rows=self._batch_rows, malformed=malformed):
             rows += batch.num_rows
             yield batch
         counts = {f"{self._table}.rows_in": rows + len(malformed)}
@@ -172,7 +175,7 @@ class ReadRaw(beam.PTransform):
 
     def expand(self, pbegin):
         return (pbegin
-                | "Files" >> beam.Create(self._files)
+                | "Files" >> beam.Create(list(enumerate(self._files)))
                 | "Reshuffle" >> beam.Reshuffle()
                 | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows)).with_outputs(
                     COUNTS, QUARANTINE, main="batches"))

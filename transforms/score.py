@@ -24,6 +24,7 @@ from schemas import pointwise as pw
 from schemas import units as un
 from schemas.config import FitConfig, ScoreConfig
 from schemas.hashing import fold_of
+from transforms.io import decode_table
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
     of the units in the fit sample are out-of-fold, as in :func:`estimators.crossfit.crossfit`.
     """
     n = table.num_rows
-    fold = fold_of(table[un.IMPRESSION_ID].to_pylist(), len(models.propensity))
+    fold = fold_of(table[un.IMPRESSION_ID], len(models.propensity))
     X = models.featurizer.transform(design(table, fit)).tocsr()
     p = predict_by_fold(models.propensity, X, fold)
     imputed = predict_by_fold(models.imputation, X, fold)
@@ -163,7 +164,7 @@ class BuildPairs(beam.DoFn):
 
     def process(self, element):
         bucket, tables = element
-        tables = [t for t in tables if t.num_rows]
+        tables = [t for t in map(decode_table, tables) if t.num_rows]
         if tables:
             pairs = build_pairs(pl.from_arrow(pa.concat_tables(tables)), self._cfg, self._run_id)
             if pairs.num_rows:

@@ -16,10 +16,10 @@ import pyarrow as pa
 from schemas import impressions as imp
 from schemas import quarantine as qr
 from schemas import signals as sig
-from transforms.read import COUNTS, QUARANTINE, ROW_NUMBER, SOURCE_FILE
+from transforms.read import COUNTS, FILE_INDEX, QUARANTINE, ROW_NUMBER
 
 _REASON = "_reason"
-_PROVENANCE = (SOURCE_FILE, ROW_NUMBER)
+_PROVENANCE = (FILE_INDEX, ROW_NUMBER)
 
 
 def _parse_timestamp(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
@@ -79,12 +79,16 @@ def signal_checks(df: pl.DataFrame, known_types: Sequence[str], value_types: Seq
     ).cast(pl.String)).to_series()
 
 
-def quarantine_rows(raw: pl.DataFrame, reasons: pl.Series, table: str) -> pa.Table:
-    """Rejected rows in the quarantine schema: original record as JSON text, file, row and reason."""
+def quarantine_rows(raw: pl.DataFrame, reasons: pl.Series, table: str, files: Sequence[str]) -> pa.Table:
+    """Rejected rows in the quarantine schema: original record as JSON text, file, row and reason.
+
+    ``files`` is the table's input list, which the rows' ``_file_index`` points into.
+    """
     payload = [c for c in raw.columns if c not in _PROVENANCE]
+    paths = pl.Series(qr.SOURCE_FILE, list(files), pl.String).gather(raw[FILE_INDEX].cast(pl.Int64))
     out = raw.select(
         pl.lit(table).alias(qr.TABLE),
-        pl.col(SOURCE_FILE).alias(qr.SOURCE_FILE),
+        paths,
         pl.col(ROW_NUMBER).cast(pl.Int64).alias(qr.ROW_NUMBER),
         reasons.alias(qr.REASON),
         pl.struct(payload).struct.json_encode().alias(qr.RECORD),
@@ -101,9 +105,9 @@ class Validated(NamedTuple):
 class SplitBad(beam.DoFn):
     """RecordBatch in: coerced good rows out (as an Arrow table), rejected rows tagged ``quarantine``."""
 
-    def __init__(self, table: str, schema: pa.Schema, known_types: Sequence[str] = (),
+    def __init__(self, table: str, schema: pa.Schema, files: Sequence[str], known_types: Sequence[str] = (),
                  value_types: Sequence[str] = ()):
-        self._table, self._schema = table, schema
+        self._table, self._schema, self._files = table, schema, list(files)
         self._known, self._value_types = list(known_types), list(value_types)
 
     def process(self, batch: pa.RecordBatch):
@@ -115,7 +119,7 @@ class SplitBad(beam.DoFn):
         n_bad = int(bad.sum())
         if n_bad:
             yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_rows(raw.filter(bad), reasons.filter(bad),
-                                                                       self._table))
+                                                                       self._table, self._files))
             yield beam.pvalue.TaggedOutput(COUNTS, {f"{self._table}.rows_quarantined": n_bad})
         if n_bad < raw.height:
             yield df.filter(~bad).to_arrow()
@@ -124,10 +128,10 @@ class SplitBad(beam.DoFn):
 class Validate(beam.PTransform):
     """Batches of one raw table → ``Validated(ok, quarantine, counts)``."""
 
-    def __init__(self, table: str, schema: pa.Schema, known_types: Sequence[str] = (),
+    def __init__(self, table: str, schema: pa.Schema, files: Sequence[str], known_types: Sequence[str] = (),
                  value_types: Sequence[str] = ()):
         super().__init__()
-        self._fn = SplitBad(table, schema, known_types, value_types)
+        self._fn = SplitBad(table, schema, files, known_types, value_types)
 
     def expand(self, batches):
         out = batches | beam.ParDo(self._fn).with_outputs(QUARANTINE, COUNTS, main="ok")

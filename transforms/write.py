@@ -10,11 +10,11 @@ import apache_beam as beam
 import pyarrow as pa
 
 from schemas.config import OutputConfig
-from transforms.io import part_name, write_part
+from transforms.io import decode_table, part_name, write_part
 
 
 class WriteBucketParts(beam.DoFn):
-    """(bucket, [tables]) → ``directory/part-<bucket>.parquet``, rows sorted by ``sort_by``.
+    """(bucket, [tables or their IPC bytes]) → ``directory/part-<bucket>.parquet``, rows sorted by ``sort_by``.
 
     The file name comes from the bucket, so a retried bundle rewrites the same file and the same input always
     gives the same files, whatever the runner's parallelism.
@@ -26,7 +26,7 @@ class WriteBucketParts(beam.DoFn):
 
     def process(self, element):
         bucket, tables = element
-        tables = [t.select(self._schema.names).cast(self._schema) for t in tables if t.num_rows]
+        tables = [t.select(self._schema.names).cast(self._schema) for t in map(decode_table, tables) if t.num_rows]
         if not tables:
             return
         table = pa.concat_tables(tables).sort_by(self._sort)
