@@ -44,6 +44,8 @@ def check_columns(files: Sequence[str], schema: pa.Schema) -> None:
     required = [f.name for f in schema if not f.nullable]
     for path in files:
         names = set(peek_schema(path).names)
+        if not names:               # an empty file: no rows to check
+            continue
         missing = [c for c in required if c not in names]
         if missing:
             raise InputError(f"{path}: required column '{missing[0]}' is missing")
@@ -78,8 +80,9 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     + join + label → write units, quarantine, counts."""
     ing, buckets = cfg.ingest, cfg.ingest.buckets
     value_types = [t for t, rule in ing.labels.items() if isinstance(rule, str)]
-    imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions")
-    sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals")
+    imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions",
+                                            string_columns=_string_columns(imp.IMPRESSIONS))
+    sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals", string_columns=_string_columns(sig.SIGNALS))
     v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS, impression_files)
     v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, signal_files, ing.known_types,
                                                           value_types)
@@ -111,6 +114,10 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
          | "FlattenCounts" >> beam.Flatten()
          | "MergeCounts" >> beam.CombineGlobally(merge_counts)
          | "WriteCounts" >> beam.ParDo(WriteJson(counts_path)))
+
+
+def _string_columns(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema if pa.types.is_string(f.type)]
 
 
 def reconcile(counts: dict[str, int], units_rows: int, quarantined: dict[str, int]) -> dict[str, dict[str, int]]:

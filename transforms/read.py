@@ -7,8 +7,9 @@ row: a path repeated per row would be most of the bytes of a narrow table in eve
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,13 +54,15 @@ class Malformed(NamedTuple):
 
 
 def _read_json_lines(path: str) -> tuple[pa.Table, list[Malformed]]:
-    """JSON Lines, one record at a time: the slow path, taken only when the file has a malformed record.
+    """JSON Lines, one record at a time: the slow path, taken only when the fast reader fails on the file
+    (a malformed line, or a column whose JSON type changes between records).
 
     Records are counted as pyarrow counts them (non-blank lines), so row numbers match the fast path's.
     """
-    good, rows_at, bad = [], [], []
+    good, records, rows_at, bad = [], [], [], []
     with pa.input_stream(path, compression="detect") as stream:
-        lines = stream.read().decode("utf-8", errors="replace").splitlines()
+        # Only "\n" ends a JSON Lines record: str.splitlines would also split inside a text at U+2028 or NEL.
+        lines = [line.removesuffix("\r") for line in stream.read().decode("utf-8", errors="replace").split("\n")]
     index = 0
     for line in lines:
         if not line.strip():
@@ -69,13 +72,64 @@ def _read_json_lines(path: str) -> tuple[pa.Table, list[Malformed]]:
             if not isinstance(record, dict):
                 raise ValueError(f"a JSON {type(record).__name__}, not an object")
             good.append(line)
+            records.append(record)
             rows_at.append(index)
-        except ValueError as e:
-            bad.append(Malformed(index, line, f"{MALFORMED_RECORD}: {e}"[:200]))
+        except ValueError:
+            bad.append(Malformed(index, line, MALFORMED_RECORD))
         index += 1
-    # The good lines go through the same parser as the fast path, so column types are inferred alike.
-    table = pajson.read_json(pa.BufferReader("\n".join(good).encode())) if good else pa.table({})
+    try:  # the good lines through the fast path's parser, so that column types are inferred alike
+        table = pajson.read_json(pa.BufferReader("\n".join(good).encode())) if good else pa.table({})
+    except pa.ArrowInvalid:
+        table = _table_from_records(records)
     return table.append_column(ROW_NUMBER, pa.array(rows_at, pa.int64())), bad
+
+
+def _table_from_records(records: list[dict]) -> pa.Table:
+    """Parsed JSON objects → a table, column by column; a column whose values do not share one type becomes
+    strings (numbers as their JSON text), so that validation can reject just the rows of the wrong type."""
+    names = list(dict.fromkeys(k for r in records for k in r))
+    columns = {}
+    for name in names:
+        values = [r.get(name) for r in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            columns[name] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values],
+                                     pa.string())
+    return pa.table(columns) if names else pa.table({"_empty": pa.nulls(len(records))}).drop_columns(["_empty"])
+
+
+def _read_csv(path: str, string_columns: Sequence[str] = ()) -> tuple[pa.Table, list[Malformed]]:
+    """A CSV/TSV file; a row with the wrong number of fields is set aside as malformed, not fatal.
+
+    ``string_columns`` (the contract's ids and texts) are read as text, so that an id such as "007" is not
+    turned into the number 7, nor a user called "NULL" into a null.
+
+    Row numbers are 0-based data rows (the header is not a row). Quoted values may span lines, and then the
+    parser cannot say on which line a malformed row was: such a row is numbered after the parsed rows.
+    """
+    bad: list[Malformed] = []
+
+    def invalid(row) -> str:
+        bad.append(Malformed(-1 if row.number is None else row.number - 2, row.text, MALFORMED_RECORD))
+        return "skip"
+
+    delimiter = "\t" if ".tsv" in path else ","
+    with pa.input_stream(path, compression="detect") as stream:
+        header = stream.read(1 << 16).decode("utf-8", errors="replace").splitlines()[:1]
+    names = next(csv.reader(header, delimiter=delimiter), [])
+    table = pacsv.read_csv(
+        path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                               invalid_row_handler=invalid),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns if c in names}))
+    if not bad:
+        return table, bad
+    n_good = table.num_rows
+    taken = {m.row_number for m in bad if m.row_number >= 0}
+    rows = [i for i in range(n_good + len(taken)) if i not in taken][:n_good]
+    unknown = iter(range(max([*rows, *taken, -1]) + 1, 1 << 62))   # the parser could not say where they were
+    bad = [m if m.row_number >= 0 else m._replace(row_number=next(unknown)) for m in bad]
+    return table.append_column(ROW_NUMBER, pa.array(rows, pa.int64())), bad
 
 
 def _with_provenance(batch: pa.RecordBatch | pa.Table, file_index: int, first_row: int) -> pa.Table:
@@ -86,13 +140,13 @@ def _with_provenance(batch: pa.RecordBatch | pa.Table, file_index: int, first_ro
     return table.append_column(FILE_INDEX, pa.array(np.full(n, file_index, dtype=np.int32)))
 
 
-def read_file(path: str, *, file_index: int = 0, batch_rows: int = 65_536,
-              malformed: list[Malformed] | None = None) -> Iterator[pa.RecordBatch]:
+def read_file(path: str, *, file_index: int = 0, batch_rows: int = 65_536, malformed: list[Malformed] | None = None,
+              string_columns: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
     """The parseable rows of one file as record batches with provenance columns.
 
     Parquet is streamed batch by batch (memory stays bounded by ``batch_rows``); JSON Lines and CSV are
-    parsed whole, so that types are inferred from the whole file. A malformed JSON line costs only that
-    line: it is appended to ``malformed`` (complete once the iterator is exhausted). A file that cannot be
+    parsed whole, so that types are inferred from the whole file. A malformed JSON line or CSV row costs only
+    that record: it is appended to ``malformed`` (complete once the iterator is exhausted). A file that cannot be
     opened or parsed at all is an InputError naming it.
     """
     fmt = file_format(path)
@@ -103,16 +157,16 @@ def read_file(path: str, *, file_index: int = 0, batch_rows: int = 65_536,
                 yield from _with_provenance(batch, file_index, first).to_batches()
                 first += batch.num_rows
             return
+        bad: list[Malformed] = []
         if fmt == "json":
             try:
                 table = pajson.read_json(path)
             except pa.ArrowInvalid:
                 table, bad = _read_json_lines(path)
-                if malformed is not None:
-                    malformed.extend(bad)
         else:
-            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(
-                delimiter="\t" if ".tsv" in path else ","))
+            table, bad = _read_csv(path, string_columns)
+        if malformed is not None:
+            malformed.extend(bad)
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
     yield from _with_provenance(table, file_index, 0).to_batches(max_chunksize=batch_rows)
@@ -130,7 +184,9 @@ def peek_schema(path: str) -> pa.Schema:
                     return reader.schema
             except pa.ArrowInvalid:
                 return _read_json_lines(path)[0].drop_columns([ROW_NUMBER]).schema
-        with pacsv.open_csv(path) as reader:
+        with pacsv.open_csv(path, parse_options=pacsv.ParseOptions(
+                delimiter="\t" if ".tsv" in path else ",", newlines_in_values=True,
+                invalid_row_handler=lambda _: "skip")) as reader:
             return reader.schema
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
@@ -148,15 +204,16 @@ def malformed_rows(malformed: list[Malformed], path: str, table: str) -> pa.Tabl
 class ReadFileBatches(beam.DoFn):
     """(file index, path) in, record batches out; unparseable records on ``quarantine``, row counts on ``counts``."""
 
-    def __init__(self, table: str, batch_rows: int = 65_536):
+    def __init__(self, table: str, batch_rows: int = 65_536, string_columns: Sequence[str] = ()):
         self._table = table
-        self._batch_rows = batch_rows
+        self._batch_rows, self._strings = batch_rows, list(string_columns)
 
     def process(self, item: tuple[int, str]):
         index, path = item
         malformed: list[Malformed] = []
         rows = 0
-        for batch in read_file(path, file_index=index, batch_rows=self._batch_rows, malformed=malformed):
+        for batch in read_file(path, file_index=index, batch_rows=self._batch_rows, malformed=malformed,
+                               string_columns=self._strings):
             rows += batch.num_rows
             yield batch
         counts = {f"{self._table}.rows_in": rows + len(malformed)}
@@ -167,17 +224,21 @@ class ReadFileBatches(beam.DoFn):
 
 
 class ReadRaw(beam.PTransform):
-    """``files`` of one table → RecordBatches (main), unparseable records (``quarantine``), row counts (``counts``)."""
+    """``files`` of one table → RecordBatches (main), unparseable records (``quarantine``), row counts (``counts``).
 
-    def __init__(self, files: list[str], table: str, batch_rows: int = 65_536):
+    ``string_columns``: columns that a CSV file must keep as text (the contract's ids and texts).
+    """
+
+    def __init__(self, files: list[str], table: str, batch_rows: int = 65_536, string_columns: Sequence[str] = ()):
         super().__init__()
         self._files, self._table, self._batch_rows = list(files), table, batch_rows
+        self._strings = list(string_columns)
 
     def expand(self, pbegin):
         return (pbegin
                 | "Files" >> beam.Create(list(enumerate(self._files)))
                 | "Reshuffle" >> beam.Reshuffle()
-                | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows)).with_outputs(
+                | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows, self._strings)).with_outputs(
                     COUNTS, QUARANTINE, main="batches"))
 
 

@@ -62,8 +62,11 @@ def coerce(df: pl.DataFrame, schema: pa.Schema) -> tuple[pl.DataFrame, pl.Series
             parsed = raw.cast(target, strict=False)
             bad = f"bad_type:{name}"
         casts.append(parsed.alias(name))
-        if not field.nullable:
-            checks.append(pl.when(raw.is_null()).then(pl.lit(qr.MISSING_REQUIRED.format(column=name))))
+        if not field.nullable:  # an empty or blank id is as missing as a null one (CSV writes nulls so)
+            missing = raw.is_null()
+            if df.schema[name] == pl.String:
+                missing = missing | (raw.str.strip_chars() == "")
+            checks.append(pl.when(missing).then(pl.lit(qr.MISSING_REQUIRED.format(column=name))))
         checks.append(pl.when(raw.is_not_null() & parsed.is_null()).then(pl.lit(bad)))
     reasons = df.select(pl.coalesce(*checks).alias(_REASON) if checks else pl.lit(None, pl.String))
     return df.with_columns(casts), reasons.to_series().cast(pl.String)
