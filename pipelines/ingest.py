@@ -75,10 +75,12 @@ def key_env(cfg: Config) -> str | None:
 
 def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], signal_files: Sequence[str],
           units_schema: pa.Schema, key_env: str | None, units_dir: str, quarantine_dir: str,
-          counts_path: str) -> None:
+          counts_path: str, scratch_dir: str) -> None:
     """The ingest graph: read → validate → dedup events by event id → bucket by impression → dedup impressions
     + join + label → write units, quarantine, counts."""
     ing, buckets = cfg.ingest, cfg.ingest.buckets
+    spill = {"events": f"{scratch_dir}/events", "impressions": f"{scratch_dir}/impressions",
+             "signals": f"{scratch_dir}/signals"} if ing.shuffle == "files" else {}
     value_types = [t for t, rule in ing.labels.items() if isinstance(rule, str)]
     imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions",
                                             string_columns=_string_columns(imp.IMPRESSIONS))
@@ -87,13 +89,15 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, signal_files, ing.known_types,
                                                           value_types)
     unique_sigs = (v_sigs.ok
-                   | "BucketEvents" >> beam.ParDo(KeyByBucket(buckets, sig.EVENT_ID))
+                   | "BucketEvents" >> beam.ParDo(KeyByBucket(buckets, sig.EVENT_ID, spill.get("events")))
                    | "GroupEvents" >> beam.GroupByKey()
                    | "DedupEvents" >> beam.ParDo(DedupByKey(sig.EVENT_ID, "signals")).with_outputs(
                        COUNTS, main="rows"))
     keyed = {
-        "impressions": v_imps.ok | "BucketImpressions" >> beam.ParDo(KeyByBucket(buckets, imp.IMPRESSION_ID)),
-        "signals": unique_sigs.rows | "BucketSignals" >> beam.ParDo(KeyByBucket(buckets, sig.IMPRESSION_ID)),
+        "impressions": v_imps.ok | "BucketImpressions" >> beam.ParDo(
+            KeyByBucket(buckets, imp.IMPRESSION_ID, spill.get("impressions"))),
+        "signals": unique_sigs.rows | "BucketSignals" >> beam.ParDo(
+            KeyByBucket(buckets, sig.IMPRESSION_ID, spill.get("signals"))),
     }
     joined = (keyed | "CoGroupBuckets" >> beam.CoGroupByKey()
               | "JoinAndLabel" >> beam.ParDo(JoinAndLabel(
@@ -152,7 +156,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, impression_files=impression_files, signal_files=signal_files, units_schema=schema,
                   key_env=env, units_dir=str(units_tmp), quarantine_dir=str(quarantine_tmp),
-                  counts_path=str(scratch / "counts.json"))
+                  counts_path=str(scratch / "counts.json"), scratch_dir=str(scratch / "shuffle"))
         counts = json.loads((scratch / "counts.json").read_text())
         quarantined = _quarantine_by_table(quarantine_tmp)
         table_counts = reconcile(counts, count_rows(units_tmp), quarantined)

@@ -58,6 +58,13 @@ class IngestConfig(_Section):
     )
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     buckets: int = Field(8, ge=1, le=4096, description="hash buckets for the shuffle and output files")
+    shuffle: Literal["files", "beam"] = Field(
+        "files",
+        description="how bucketed tables reach their bucket: 'files' writes them to Arrow files in a scratch "
+        "folder of the run and shuffles only the paths (fast, memory bounded by a bucket; the folder must be "
+        "visible to every worker), 'beam' sends them through the runner's shuffle as Arrow IPC bytes (for "
+        "cluster runners without a shared filesystem)",
+    )
 
     @model_validator(mode="after")
     def _check_types(self) -> IngestConfig:

@@ -27,3 +27,4 @@ VALUE_OUT_OF_RANGE = "value_out_of_range"
 ORPHAN_SIGNAL = "orphan_signal"
 MALFORMED_RECORD = "malformed_record"  # the record itself could not be parsed; ``record`` holds its raw text
 TIME_TRAVEL = "time_travel"
+BAD_TYPE = "bad_type:{column}"  # a value that does not convert to the column's contract type

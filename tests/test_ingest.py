@@ -45,11 +45,12 @@ def _write_logs(folder: Path) -> None:
     (folder / "signals.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
 
 
-def _config(folder: Path, *, signals: str = "signals.jsonl", max_bad: float = 0.6, unkeyed: bool = False) -> Path:
+def _config(folder: Path, *, signals: str = "signals.jsonl", max_bad: float = 0.6, unkeyed: bool = False,
+            shuffle: str = "files") -> Path:
     path = folder / "cfg.toml"
     path.write_text(f'[input]\nimpressions = "imps.parquet"\nsignals = "{signals}"\n'
                     f'[privacy]\nkey_env = "{HASH_KEY_ENV}"\nallow_unkeyed = {str(unkeyed).lower()}\n'
-                    f'[ingest]\nbuckets = 3\nmax_bad_fraction = {max_bad}\n')
+                    f'[ingest]\nbuckets = 3\nmax_bad_fraction = {max_bad}\nshuffle = "{shuffle}"\n')
     return path
 
 
@@ -89,6 +90,16 @@ def test_same_input_same_files(logs: Path, hash_key):
         ingest.run(RunDir(logs / name), cfg)
     for sub in (rd.UNITS, rd.QUARANTINE):
         a, b = sorted((logs / "a" / sub).glob("*")), sorted((logs / "b" / sub).glob("*"))
+        assert [p.name for p in a] == [p.name for p in b]
+        assert all(pq.read_table(x).equals(pq.read_table(y)) for x, y in zip(a, b, strict=True))
+
+
+def test_file_and_beam_shuffles_give_the_same_files_and_leave_no_scratch(logs: Path, hash_key):
+    for mode in ("files", "beam"):
+        ingest.run(RunDir(logs / mode), load_config(_config(logs, shuffle=mode)))
+        assert not list((logs / mode).glob(".ingest-*"))          # the spilled buckets are cleaned up
+    for sub in (rd.UNITS, rd.QUARANTINE):
+        a, b = sorted((logs / "files" / sub).glob("*")), sorted((logs / "beam" / sub).glob("*"))
         assert [p.name for p in a] == [p.name for p in b]
         assert all(pq.read_table(x).equals(pq.read_table(y)) for x, y in zip(a, b, strict=True))
 

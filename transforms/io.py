@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from schemas.config import OutputConfig
 from schemas.errors import InputError
@@ -32,10 +33,26 @@ def encode_table(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def decode_table(data: bytes | pa.Table) -> pa.Table:
-    """Inverse of :func:`encode_table` (zero-copy over ``data``); a table passes through unchanged."""
+def spill_table(table: pa.Table, directory: str, bucket: int) -> str:
+    """Write ``table`` as an Arrow IPC file under ``directory`` and return its path: the file-backed shuffle.
+
+    Each call writes a new file (a retried bundle's files are simply never read), through Beam's FileSystems,
+    so ``directory`` may be local or any filesystem Beam knows (gs://, hdfs://, ...).
+    """
+    path = FileSystems.join(directory, f"b{bucket:05d}-{uuid.uuid4().hex}.arrow")
+    with FileSystems.create(path) as f:
+        f.write(encode_table(table))
+    return path
+
+
+def decode_table(data: bytes | str | pa.Table) -> pa.Table:
+    """A shuffled table back: IPC bytes (see :func:`encode_table`), the path of a spilled file (see
+    :func:`spill_table`), or a table, which passes through unchanged."""
     if isinstance(data, pa.Table):
         return data
+    if isinstance(data, str):
+        with FileSystems.open(data) as f:
+            data = f.read()
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 

@@ -25,7 +25,7 @@ from schemas import units as un
 from schemas.conform import conform
 from schemas.errors import ConfigError
 from schemas.hashing import bucket_of
-from transforms.io import decode_table, encode_table
+from transforms.io import decode_table, encode_table, spill_table
 from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
 from transforms.validate import QUARANTINE, quarantine_rows
 
@@ -34,14 +34,15 @@ _IMP_TS = "_impression_ts"
 
 
 class KeyByBucket(beam.DoFn):
-    """Arrow table → (bucket, sub-table as Arrow IPC bytes) per bucket present, by a stable hash of ``key``.
+    """Arrow table → (bucket, sub-table) per bucket present, by a stable hash of ``key``.
 
-    With ``key=None`` (quarantine rows) the rows are spread by where they came from. The sub-tables travel as
-    bytes (see :func:`transforms.io.encode_table`); the consumer decodes them with ``decode_table``.
+    With ``key=None`` (quarantine rows) the rows are spread by where they came from. The sub-table travels as
+    Arrow IPC bytes through the runner's shuffle, or, with ``spill_dir``, is written to a file there and only
+    its path is shuffled (:func:`transforms.io.spill_table`); the consumer reads either with ``decode_table``.
     """
 
-    def __init__(self, buckets: int, key: str | None):
-        self._buckets, self._key = buckets, key
+    def __init__(self, buckets: int, key: str | None, spill_dir: str | None = None):
+        self._buckets, self._key, self._spill = buckets, key, spill_dir
 
     def process(self, table: pa.Table):
         if self._key is None:
@@ -50,7 +51,8 @@ class KeyByBucket(beam.DoFn):
             ids = table[self._key]
         b = bucket_of(ids, self._buckets)
         for k in np.unique(b):
-            yield int(k), encode_table(table.filter(pa.array(b == k)))
+            part = table.filter(pa.array(b == k))
+            yield int(k), encode_table(part) if self._spill is None else spill_table(part, self._spill, int(k))
 
 
 def pseudonymise(user_ids: pl.Series, key: bytes | None) -> pl.Series:
