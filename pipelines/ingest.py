@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,10 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     check_columns(signal_files, sig.SIGNALS)
     env = key_env(cfg)
     schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_files))
-    suite = units_suite(schema)
     units_final, quarantine_final = run.path(rd.UNITS), run.path(rd.QUARANTINE)
     units_tmp, quarantine_tmp = staging_dir(units_final), staging_dir(quarantine_final)
     scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=run.root))
+    start = time.perf_counter()
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, impression_files=impression_files, signal_files=signal_files, units_schema=schema,
@@ -166,7 +167,10 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         if bad[worst] > cfg.ingest.max_bad_fraction:
             raise GateError(f"ingest: {bad[worst]:.1%} of {worst} rows were quarantined, above "
                             f"ingest.max_bad_fraction = {cfg.ingest.max_bad_fraction:.1%}; see {quarantine_final}")
+        pipeline_s = time.perf_counter() - start
+        suite = units_suite(schema)
         failures = failed_expectations(read_dataset(units_tmp, suite_columns(suite)), suite)
+        gate_s = time.perf_counter() - start - pipeline_s
         if failures:
             raise GateError(f"ingest: the units gate failed ({len(failures)} expectations): " + "; ".join(failures))
         commit_dir(units_tmp, units_final)
@@ -179,7 +183,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         "counts": table_counts,
         "diagnostics": {**_unit_diagnostics(units_final), "quarantine_reasons": _reasons(quarantine_final),
                         "bad_fraction": bad, "gate": {"suite": suite.name, "expectations": len(suite.expectations),
-                                                      "failed": 0}},
+                                                      "failed": 0},
+                        "seconds": {"pipeline": round(pipeline_s, 3), "units_gate": round(gate_s, 3)}},
     }
 
 

@@ -1,16 +1,26 @@
-"""Great Expectations suites, derived from the Arrow schemas so that a gate cannot drift from its table."""
+"""Great Expectations suites, derived from the Arrow schemas so that a gate cannot drift from its table.
+
+GX is imported when a suite is built, not with this module: its import alone takes seconds, which every
+``obsfeed`` command would otherwise pay.
+"""
 
 from __future__ import annotations
 
-import great_expectations as gx
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
 from schemas import units as un
+
+if TYPE_CHECKING:
+    import great_expectations as gx
 
 
 def units_suite(schema: pa.Schema) -> gx.ExpectationSuite:
     """The gate on ``units/``: required columns non-null, one row per impression, a valid observed flag and
     label, non-negative signal counts."""
+    import great_expectations as gx
+
     required = [f.name for f in schema if not f.nullable]
     counts = [f.name for f in schema if f.name.startswith(un.COUNT_PREFIX)]
     return gx.ExpectationSuite(name="units", expectations=[
