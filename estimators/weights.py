@@ -59,3 +59,46 @@ def top_share(weights: np.ndarray, q: float = 0.01) -> float:
         return 0.0
     k = max(1, int(np.ceil(q * w.size)))
     return float(w[:k].sum() / w.sum())
+
+
+def auto_clip(observed: np.ndarray, propensity: np.ndarray, min_ess_share: float) -> float:
+    """The smallest floor λ on p̂ whose clipped weights o/max(p̂, λ) keep Kish ESS ≥ ``min_ess_share`` × the
+    number of observed units: the least biased clipping that still leaves that much effective data.
+
+    Exact: with the observed p̂ sorted, flooring at the k-th smallest gives Σw = k/λ + Σ_{i≥k} 1/p̂_i and
+    Σw² = k/λ² + Σ_{i≥k} 1/p̂_i², so every candidate's ESS comes from two cumulative sums. λ = max p̂ makes
+    the weights equal (ESS = all observed), so an answer always exists for a share ≤ 1.
+    """
+    _check(observed, propensity)
+    if not 0 < min_ess_share <= 1:
+        raise ValueError(f"min_ess_share must be in (0, 1], got {min_ess_share}")
+    p = np.sort(propensity[observed == 1])
+    m = p.size
+    if m == 0:
+        raise ValueError("no observed unit: there are no weights to clip")
+    inv, inv2 = 1.0 / p, 1.0 / p**2
+    tail1 = np.concatenate([np.cumsum(inv[::-1])[::-1], [0.0]])     # Σ_{i≥k} 1/p_i, k = 0..m
+    tail2 = np.concatenate([np.cumsum(inv2[::-1])[::-1], [0.0]])
+    k = np.arange(m)                                                  # floor at p[k]: units 0..k-1 raised to it
+    ess = (k / p + tail1[k]) ** 2 / (k / p**2 + tail2[k])
+    ok = np.flatnonzero(ess >= min_ess_share * m * (1 - 1e-12))
+    return float(p[ok[0]])
+
+
+def degenerate_weights(observed: np.ndarray, propensity: np.ndarray, *, min_ess_share: float) -> str | None:
+    """Why these propensities cannot weight the observed units (None when they can): a p̂ that is NaN or
+    outside (0, 1], or a Kish ESS of the IPS weights below ``min_ess_share`` of the observed units. A stage
+    fails on this rather than clipping silently: such weights mean the propensity model or the overlap is
+    broken, and a clip would hide it."""
+    bad = ~np.isfinite(propensity) | (propensity <= 0) | (propensity > 1)
+    if bad.any():
+        return (f"{int(bad.sum())} of {propensity.size} propensities are NaN or outside (0, 1] "
+                f"(e.g. {propensity[bad][0]!r}): inverse-propensity weights are undefined")
+    n_obs = int((observed == 1).sum())
+    if n_obs == 0:
+        return "no unit is observed: there is nothing to weight"
+    ess = kish_ess(observed / propensity)
+    if ess < min_ess_share * n_obs:
+        return (f"Kish ESS of the IPS weights is {ess:.1f}, {ess / n_obs:.2%} of the {n_obs} observed units, "
+                f"below the floor of {min_ess_share:.2%}: the propensities have almost no overlap")
+    return None

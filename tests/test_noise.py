@@ -1,0 +1,78 @@
+"""Flip rates and noise-corrected targets (DESIGN §5): formulas, unbiasedness, anchors, audit and PPI."""
+
+import numpy as np
+import pytest
+
+from estimators.noise import (
+    FlipRates,
+    anchor_flip_rates,
+    audit_flip_rates,
+    check_flip_rates,
+    corrected_target,
+    ppi_mean,
+)
+
+
+def _flip(rng, clean, rho01, rho10):
+    u = rng.random(clean.size)
+    return np.where(clean == 1, (u >= rho01).astype(float), (u < rho10).astype(float))
+
+
+def test_corrected_target_formula_and_identity_without_noise():
+    r = np.array([0.0, 1.0, 0.5])
+    np.testing.assert_allclose(corrected_target(r, 0.2, 0.1), (r - 0.1) / 0.7)
+    np.testing.assert_allclose(corrected_target(r, 0.0, 0.0), r)
+
+
+@pytest.mark.parametrize("rho01, rho10", [(0.2, 0.1), (0.1, 0.2), (0.3, 0.0)])
+def test_corrected_target_is_unbiased_under_simulated_flips(rho01, rho10):
+    rng = np.random.default_rng(0)
+    q = rng.beta(2, 2, size=400_000)                   # P(r*=1 | x)
+    noisy = _flip(rng, (rng.random(q.size) < q).astype(float), rho01, rho10)
+    assert abs(noisy.mean() - q.mean()) > 0.02         # the noise does bias the plain mean
+    assert corrected_target(noisy, rho01, rho10).mean() == pytest.approx(q.mean(), abs=0.005)
+
+
+@pytest.mark.parametrize("rho01, rho10", [(0.5, 0.5), (0.7, 0.4), (1.0, 0.0), (-0.1, 0.2)])
+def test_uncorrectable_rates_are_refused(rho01, rho10):
+    with pytest.raises(ValueError):
+        check_flip_rates(rho01, rho10)
+    with pytest.raises(ValueError):
+        corrected_target(np.ones(2), rho01, rho10)
+
+
+@pytest.mark.parametrize("rho01, rho10", [(0.2, 0.1), (0.1, 0.2)])
+def test_anchor_quantiles_recover_the_rates_from_a_proxy_with_anchors(rho01, rho10):
+    rng = np.random.default_rng(1)
+    q = np.concatenate([rng.uniform(0, 1, 5000), np.zeros(200), np.ones(200)])   # some x are sure
+    proxy = rho10 + (1 - rho01 - rho10) * q + rng.normal(0, 0.01, q.size)       # a good proxy's scores
+    est = anchor_flip_rates(proxy, quantile=0.01)
+    assert (est.rho01, est.rho10) == pytest.approx((rho01, rho10), abs=0.02)
+    assert est.method == "anchor_quantile_0.01" and est.n == q.size
+
+
+def test_audit_counts_and_standard_errors():
+    gold = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
+    label = np.array([1, 0, 1, 1, 0, 1, 0, 0, 0])
+    est = audit_flip_rates(label, gold)
+    assert (est.rho01, est.rho10) == (0.25, 0.2)
+    assert est.se01 == pytest.approx(np.sqrt(0.25 * 0.75 / 4)) and est.se10 == pytest.approx(np.sqrt(0.2 * 0.8 / 5))
+    with pytest.raises(ValueError, match="both classes"):
+        audit_flip_rates(np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="no usable signal"):
+        FlipRates(0.6, 0.5, "x", 1)
+
+
+def test_ppi_mean_hand_computed_and_covers_the_truth():
+    out = ppi_mean(np.array([1.0, 0.0, 1.0]), np.array([0.5, 0.5, 0.5]), np.array([0.4, 0.6, 0.5, 0.5]))
+    assert out["estimate"] == pytest.approx(0.5 + (0.5 - 0.5 + 0.5) / 3)
+    rng = np.random.default_rng(2)
+    covered = 0
+    for _ in range(300):                               # a biased predictor; the rectifier removes the bias
+        x = rng.random(3000)
+        gold_all = (rng.random(x.size) < x).astype(float)
+        pred = np.clip(x + 0.1, 0, 1)
+        idx = rng.choice(x.size, 200, replace=False)
+        res = ppi_mean(gold_all[idx], pred[idx], pred)
+        covered += res["ci_low"] <= 0.5 <= res["ci_high"]
+    assert 0.91 <= covered / 300 <= 0.99
