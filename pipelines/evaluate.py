@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from estimators.diagnostics import auc, expected_calibration_error
+from pipelines.fit import NOISE
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import truth as tr
@@ -86,7 +87,7 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
         },
         "mean_label": mean_label_estimates(d),
         "flip_rates": {
-            "estimated": None,  # the noise estimators (anchor points / audit set) are not part of this version
+            "estimated": _estimated_flip_rates(run),
             "true": _true_flip_rates(truth_path),
             "clean_vs_given": {"rho01": _rate(d, tr.LABEL_CLEAN, 1, tr.LABEL_NOISY, 0),
                                "rho10": _rate(d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
@@ -111,6 +112,12 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
             result["reward"] = {**result["reward"][main], "loss": main, "by_loss": result["reward"]}
     atomic_write_text(run.path(rd.EVALUATION), json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _estimated_flip_rates(run: RunDir) -> dict[str, Any] | None:
+    """The flip rates the fit stage estimated (None for a run fitted before they were)."""
+    path = run.path(rd.MODELS) / NOISE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _true_flip_rates(truth_path: Path) -> dict[str, float] | None:
@@ -143,7 +150,8 @@ def print_evaluation(result: dict[str, Any]) -> None:
             acc = r["pairwise_accuracy"]
             print(f"  {loss:<14}{r['mse']:>9.4f}{r['mae']:>9.4f}{r['r2']:>9.3f}"
                   f"{(f'{acc:.3f}' if acc is not None else 'n/a'):>10}{r['mean_prediction']:>26.3f}")
-    fr, cv = result["flip_rates"]["true"], result["flip_rates"]["clean_vs_given"]
+    fr, cv, est = (result["flip_rates"][k] for k in ("true", "clean_vs_given", "estimated"))
     if fr:
         print(f"  flip rates: simulated rho01 {fr['rho01']:.3f}, rho10 {fr['rho10']:.3f} (clean vs given label, "
-              f"with verbosity and rater leaning: {cv['rho01']:.3f}, {cv['rho10']:.3f}); not estimated in this version")
+              f"with verbosity and rater leaning: {cv['rho01']:.3f}, {cv['rho10']:.3f})"
+              + (f"; estimated ({est['method']}) {est['rho01']:.3f}, {est['rho10']:.3f}" if est else ""))

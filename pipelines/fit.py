@@ -6,21 +6,24 @@ saved with skops, and applied to every unit by the score stage.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from estimators import persist
+from estimators import weights as W
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc, expected_calibration_error, summary
 from estimators.features import input_columns, make_featurizer
 from estimators.imputation import ImputationModel
+from estimators.noise import FlipRates, anchor_flip_rates
 from estimators.propensity import PropensityModel
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
-from schemas.errors import InputError
+from schemas.errors import GateError, InputError
 from schemas.hashing import fold_of, sample_rank
 from schemas.run_dir import RunDir
 from transforms.io import atomic_dir, read_dataset
@@ -29,6 +32,8 @@ from transforms.score import design
 FEATURIZER = "featurizer.skops"
 PROPENSITY = "propensity.skops"
 IMPUTATION = "imputation.skops"
+NOISE = "noise.json"
+WEIGHTS = "weights.json"
 
 
 def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> np.ndarray:
@@ -42,6 +47,33 @@ def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> n
         k = int(round(max_rows * idx.size / ids.size))
         keep.append(idx[np.argsort(rank[idx], kind="stable")[:k]])
     return np.sort(np.concatenate(keep))
+
+
+def flip_rates(scores: np.ndarray, method: str, quantile: float) -> FlipRates:
+    """Flip rates for the noise-corrected target, from the imputation model's out-of-fold P̂(r=1 | x) on
+    the observed units of the sample; rates that cannot be corrected for fail the stage (exit code 2)."""
+    if method == "none":
+        return FlipRates(0.0, 0.0, method="none", n=0)
+    try:
+        return anchor_flip_rates(scores, quantile)
+    except ValueError as e:
+        raise GateError(f"fit: flip rates by anchor points: {e}") from e
+
+
+def choose_clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> dict[str, Any]:
+    """The propensity floor the score stage applies (from the config, or chosen on the sample's out-of-fold
+    propensities), after refusing degenerate propensities (exit code 2) rather than clipping them away."""
+    sc = cfg.score
+    reason = W.degenerate_weights(observed, propensity, min_ess_share=sc.ess_floor)
+    if reason:
+        raise GateError(f"fit: degenerate propensities: {reason}")
+    clip = W.auto_clip(observed, propensity, sc.min_ess_share) if sc.clip == "auto" else float(sc.clip)
+    clip = min(clip, 1 - 1e-9)
+    w = W.clipped(observed, propensity, clip)
+    return {"clip": clip, "method": "auto" if sc.clip == "auto" else "config",
+            "min_ess_share": sc.min_ess_share if sc.clip == "auto" else None,
+            "sample_ess_share": W.kish_ess(w) / max(1, int(observed.sum())),
+            "sample_clipped": int(np.sum((observed == 1) & (propensity < clip)))}
 
 
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
@@ -70,11 +102,15 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     y = np.nan_to_num(label.astype(float))
     m_oof, m_models = crossfit(ImputationModel(C=fc.C, random_state=fc.seed), X, y, fold, fit_mask=o == 1)
 
+    obs = o == 1
+    flips = flip_rates(m_oof[obs], fc.noise, fc.anchor_quantile)
+    weighting = choose_clip(o, p_oof, cfg)
     with atomic_dir(run.path(rd.MODELS)) as tmp:
         persist.save(featurizer, tmp / FEATURIZER)
         persist.save(p_models, tmp / PROPENSITY)
         persist.save(m_models, tmp / IMPUTATION)
-    obs = o == 1
+        (tmp / NOISE).write_text(json.dumps(flips.to_dict(), indent=2) + "\n")
+        (tmp / WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
     return {
         "outputs": [str(run.path(rd.MODELS))],
         "counts": {"units": units.num_rows, "sample": sample.num_rows, "sample_observed": int(obs.sum())},
@@ -84,5 +120,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                            "distribution": summary(p_oof), "folds": fc.folds, "calibration": fc.calibration},
             "imputation": {"auc": auc(m_oof[obs], np.round(y[obs])),
                            "mse": float(np.mean((m_oof[obs] - y[obs]) ** 2))},
+            "flip_rates": flips.to_dict(),
+            "weights": weighting,
         },
     }

@@ -134,8 +134,9 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     with atomic_dir(run.path(rd.REPORT)) as tmp:
         plot_overlap(p, o, tmp / figures["overlap"])
         plot_calibration(p, o, tmp / figures["calibration"])
-        plot_weights(t[pw.WEIGHT_IPS].to_numpy()[obs], t[pw.WEIGHT_CLIPPED].to_numpy()[obs], cfg.score.clip,
-                     tmp / figures["weights"])
+        clip = read_manifest(run).get("stages", {}).get("score", {}).get("diagnostics", {}).get("clip")
+        plot_weights(t[pw.WEIGHT_IPS].to_numpy()[obs], t[pw.WEIGHT_CLIPPED].to_numpy()[obs],
+                     clip if clip is not None else cfg.score.clip, tmp / figures["weights"])
         (tmp / "index.html").write_text(render(read_manifest(run), figures, _reward_metrics(run)))
     return {"outputs": [str(run.path(rd.REPORT) / "index.html")], "counts": {"figures": len(figures)},
             "diagnostics": {}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,13 +15,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from estimators import weights as W
 from estimators.diagnostics import summary
-from pipelines.fit import FEATURIZER, IMPUTATION, PROPENSITY
+from pipelines.fit import FEATURIZER, IMPUTATION, NOISE, PROPENSITY, WEIGHTS
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
-from schemas.errors import InputError
+from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
 from transforms import score as sc
 from transforms.io import commit_dir, count_rows, encode_table, parquet_files, read_dataset, staging_dir
@@ -30,10 +31,10 @@ from transforms.write import WriteBucketParts
 
 
 def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_paths: dict[str, str],
-          pointwise_schema, run_id: str, pointwise_dir: str, pairwise_dir: str) -> None:
+          pointwise_schema, run_id: str, pointwise_dir: str, pairwise_dir: str, clip: float) -> None:
     """units → scored units (+ global SNIPS normaliser) → pointwise; pointwise by prompt → pairs → pairwise."""
     scored = (p | "ReadUnits" >> ReadParts(list(unit_files))
-              | "AddScores" >> beam.ParDo(sc.AddScores(model_paths, fit=cfg.fit, clip=cfg.score.clip,
+              | "AddScores" >> beam.ParDo(sc.AddScores(model_paths, fit=cfg.fit, clip=clip,
                                                        run_id=run_id)))
     totals = (scored | "ObservedWeights" >> beam.MapTuple(lambda _, t: sc.observed_weight_sum(t))
               | "SumWeights" >> beam.CombineGlobally(sc.sum_tuples))
@@ -60,20 +61,27 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     unit_files = [str(f) for f in parquet_files(run.path(rd.UNITS))]
     models = run.path(rd.MODELS)
     model_paths = {"featurizer": str(models / FEATURIZER), "propensity": str(models / PROPENSITY),
-                   "imputation": str(models / IMPUTATION)}
-    for path in model_paths.values():
+                   "imputation": str(models / IMPUTATION), "noise": str(models / NOISE)}
+    for path in [*model_paths.values(), str(models / WEIGHTS)]:
         if not Path(path).exists():
             raise InputError(f"{path}: fitted model not found (run the fit stage first)")
+    clip = float(json.loads((models / WEIGHTS).read_text())["clip"])
     schema = pw.pointwise_schema(pq.read_schema(unit_files[0]))
     final_pw, final_pr = run.path(rd.POINTWISE), run.path(rd.PAIRWISE)
     tmp_pw, tmp_pr = staging_dir(final_pw), staging_dir(final_pr)
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, unit_files=unit_files, model_paths=model_paths, pointwise_schema=schema,
-                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr))
+                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr), clip=clip)
         n_units, n_points = count_rows(run.path(rd.UNITS)), count_rows(tmp_pw)
         if n_units != n_points:
             raise RuntimeError(f"score lost units: {n_units} in, {n_points} out")
+        diagnostics = weight_diagnostics(tmp_pw, clip)
+        ess_share = diagnostics[pw.WEIGHT_IPS]["ess_share"]
+        if ess_share < cfg.score.ess_floor:
+            raise GateError(f"score: degenerate weights: the Kish ESS of the IPS weights is {ess_share:.2%} of the "
+                            f"observed units, below score.ess_floor = {cfg.score.ess_floor:.2%}; the previous "
+                            "datasets are left in place")
         commit_dir(tmp_pw, final_pw)
         commit_dir(tmp_pr, final_pr)
     finally:
@@ -81,17 +89,15 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         shutil.rmtree(tmp_pr, ignore_errors=True)
     return {"outputs": [str(final_pw), str(final_pr)],
             "counts": {"units": n_units, "pointwise": n_points, "pairs": count_rows(final_pr)},
-            "diagnostics": weight_diagnostics(run, cfg)}
+            "diagnostics": diagnostics}
 
 
-def weight_diagnostics(run: RunDir, cfg: Config) -> dict[str, Any]:
+def weight_diagnostics(pointwise_dir: Path, clip: float) -> dict[str, Any]:
     """ESS, clipping and concentration of the weights actually written (read back from the dataset)."""
-    t = read_dataset(run.path(rd.POINTWISE), [un.OBSERVED, pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED,
-                                               pw.WEIGHT_SNIPS])
+    t = read_dataset(pointwise_dir, [un.OBSERVED, pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS])
     o = t[un.OBSERVED].to_numpy() == 1
     p = t[pw.PROPENSITY].to_numpy()
-    out: dict[str, Any] = {"n_observed": int(o.sum()), "clip": cfg.score.clip,
-                           "clipped": int(np.sum(o & (p < cfg.score.clip))),
+    out: dict[str, Any] = {"n_observed": int(o.sum()), "clip": clip, "clipped": int(np.sum(o & (p < clip))),
                            "propensity": summary(p)}
     for name in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS):
         w = t[name].to_numpy()[o]

@@ -107,13 +107,29 @@ class FitConfig(_Section):
     imputation_model: Literal["logistic"] = "logistic"
     calibration: Literal["isotonic", "sigmoid"] = "isotonic"
     C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic models")
+    noise: Literal["anchor", "none"] = Field(
+        "anchor", description="flip rates: 'anchor' estimates them from quantiles of the imputation model's "
+        "out-of-fold scores; 'none' assumes clean labels (rho01 = rho10 = 0)")
+    anchor_quantile: float = Field(0.01, gt=0, lt=0.5, description="quantile used as the anchor points")
     folds: int = Field(5, ge=2, le=20)
     max_rows: int = Field(200_000, ge=100)
     seed: int = 0
 
 
 class ScoreConfig(_Section):
-    clip: float = Field(0.02, gt=0, lt=1, description="propensities are floored at clip for weight_clipped")
+    clip: float | Literal["auto"] = Field(
+        0.02, description="propensities are floored at clip for weight_clipped; 'auto' picks the smallest floor "
+        "that keeps the Kish ESS of the clipped weights at min_ess_share of the observed units (on the fit sample)")
+    min_ess_share: float = Field(0.2, gt=0, le=1, description="the ESS share that clip = 'auto' keeps")
+    ess_floor: float = Field(0.01, gt=0, le=1, description="fit and score fail (exit 2) when the IPS weights' "
+                             "Kish ESS is below this share of the observed units: no overlap, not a clipping matter")
+
+    @field_validator("clip")
+    @classmethod
+    def _clip_in_range(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0 < v < 1:
+            raise ValueError(f"clip must be in (0, 1) or 'auto', got {v}")
+        return v
     pairs: Literal["all", "best_vs_worst"] = "all"
     pair_target: Literal["label", "target_dr"] = "label"
     min_margin: float = Field(0.5, ge=0)

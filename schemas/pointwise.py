@@ -7,6 +7,7 @@ WEIGHT_IPS = "weight_ips"
 WEIGHT_SNIPS = "weight_snips"
 WEIGHT_CLIPPED = "weight_clipped"
 TARGET_DR = "target_dr"
+TARGET_NOISE_CORRECTED = "target_noise_corrected"
 IMPUTED = "imputed"
 FOLD = "fold"
 RUN_ID = "run_id"
@@ -21,6 +22,8 @@ SCORE_FIELDS = [
     pa.field(IMPUTED, pa.float64(), nullable=False, metadata={"doc": "cross-fitted E[label | x, observed=1]"}),
     pa.field(TARGET_DR, pa.float64(), nullable=False,
              metadata={"doc": "doubly robust pseudo-outcome imputed + weight_clipped * (label - imputed)"}),
+    pa.field(TARGET_NOISE_CORRECTED, pa.float64(), nullable=False,
+             metadata={"doc": "(target_dr - rho10) / (1 - rho01 - rho10) with the fit stage's flip rates"}),
     pa.field(FOLD, pa.int16(), nullable=False, metadata={"doc": "cross-fitting fold: hash(impression_id) % K"}),
     pa.field(RUN_ID, pa.string(), nullable=False),
 ]

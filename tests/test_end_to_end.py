@@ -114,3 +114,16 @@ def test_report_and_reward_model_files(finished_run):
     assert all((run / rd.REPORT / i).stat().st_size > 1000 for i in images)
     assert (run / rd.REWARD_MODEL / "model.pt").exists()
     assert json.loads((run / rd.REWARD_MODEL / "metrics.json").read_text())
+
+
+def test_flip_rates_are_estimated_within_three_points(finished_run):
+    """Anchor-point estimates (1% quantiles of the imputation model's out-of-fold scores) against the
+    simulated (ρ01, ρ10) = (0.2, 0.1); the noise-corrected target uses them."""
+    run, _ = finished_run
+    fr = json.loads((run / rd.EVALUATION).read_text())["flip_rates"]
+    est, true = fr["estimated"], fr["true"]
+    assert est["method"] == "anchor_quantile_0.01"
+    assert abs(est["rho01"] - true["rho01"]) < 0.03 and abs(est["rho10"] - true["rho10"]) < 0.03, fr
+    t = read_dataset(run / rd.POINTWISE, [pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED])
+    expected = (t[pw.TARGET_DR].to_numpy() - est["rho10"]) / (1 - est["rho01"] - est["rho10"])
+    assert t[pw.TARGET_NOISE_CORRECTED].to_numpy() == pytest.approx(expected)

@@ -6,8 +6,10 @@ directly; the DoFns only load models once per worker and call them, as Beam's Ru
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -19,6 +21,7 @@ from estimators import persist
 from estimators import weights as W
 from estimators.crossfit import predict_by_fold
 from estimators.features import feature_frame, input_columns
+from estimators.noise import FlipRates, corrected_target
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import units as un
@@ -32,10 +35,13 @@ class Models:
     featurizer: Any
     propensity: list
     imputation: list
+    flip_rates: FlipRates
 
     @classmethod
     def load(cls, paths: dict[str, str]) -> Models:
-        return cls(*(persist.load(paths[k]) for k in ("featurizer", "propensity", "imputation")))
+        flips = json.loads(Path(paths["noise"]).read_text())
+        return cls(*(persist.load(paths[k]) for k in ("featurizer", "propensity", "imputation")),
+                   flip_rates=FlipRates(**flips))
 
 
 def design(table: pa.Table, fit: FitConfig):
@@ -65,7 +71,8 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
         pw.WEIGHT_CLIPPED: w_clip,
         pw.WEIGHT_SNIPS: np.full(n, np.nan),          # needs the global normaliser: see add_snips
         pw.IMPUTED: imputed,
-        pw.TARGET_DR: W.dr_pseudo_outcome(label, o, w_clip, imputed),
+        pw.TARGET_DR: (dr := W.dr_pseudo_outcome(label, o, w_clip, imputed)),
+        pw.TARGET_NOISE_CORRECTED: corrected_target(dr, models.flip_rates.rho01, models.flip_rates.rho10),
         pw.FOLD: fold,
         pw.RUN_ID: np.full(n, run_id, dtype=object),
     }
