@@ -1,0 +1,50 @@
+"""DML confounder effects: the CI covers a known effect, and covers 0 when there is none."""
+
+import numpy as np
+import pytest
+
+from estimators.confounding import ConfounderEffect, deconfound
+
+
+def _world(effect: float, n: int = 6000, seed: int = 0):
+    """T depends on the controls, and so does Y: a naive regression of Y on T is confounded."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(n, 5))
+    T = W[:, 0] + 0.5 * W[:, 1] + rng.normal(size=n)
+    Y = effect * T + 0.8 * W[:, 0] - 0.4 * W[:, 2] + rng.normal(size=n)
+    return Y, T, W
+
+
+@pytest.mark.parametrize("effect", [0.3, 0.0])
+def test_linear_dml_ci_covers_the_effect_where_naive_regression_is_biased(effect):
+    Y, T, W = _world(effect)
+    naive = np.polyfit(T, Y, 1)[0]
+    assert abs(naive - effect) > 0.2                        # confounded by W[:, 0]
+    est = ConfounderEffect(random_state=0).fit(Y, T, W)
+    assert est.ci_low_ <= effect <= est.ci_high_
+    assert est.ci_high_ - est.ci_low_ < 0.15
+    assert est.to_dict()["n"] == Y.size
+
+
+def test_causal_forest_dml_average_effect():
+    Y, T, W = _world(0.3, n=3000)
+    est = ConfounderEffect(model="causal_forest_dml", n_estimators=100, random_state=0).fit(Y, T, W)
+    assert est.ci_low_ - 0.05 <= 0.3 <= est.ci_high_ + 0.05
+    assert abs(est.effect_ - 0.3) < 0.1
+
+
+def test_adjust_and_deconfound_remove_the_confounders_share():
+    est = ConfounderEffect()
+    est.effect_, est.t_ref_ = 0.5, 2.0
+    np.testing.assert_allclose(est.adjust(np.array([1.0, 1.0]), np.array([2.0, 4.0])), [1.0, 0.0])
+    out = deconfound(np.array([1.0, 1.0]), {"len": np.array([2.0, 4.0]), "pos": np.array([0.0, 1.0])},
+                     [{"treatment": "len", "effect": 0.5, "t_ref": 2.0},
+                      {"treatment": "pos", "effect": -1.0, "t_ref": 0.0}])
+    np.testing.assert_allclose(out, [1.0, 1.0])
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="differ in length"):
+        ConfounderEffect().fit(np.ones(50), np.ones(40), np.ones((50, 2)))
+    with pytest.raises(ValueError, match="varying T"):
+        ConfounderEffect().fit(np.ones(50), np.ones(50), np.ones((50, 2)))
