@@ -70,6 +70,27 @@ class ConfounderEffect(BaseEstimator):
                 "t_ref": self.t_ref_, "n": self.n_, "label_variance_share": self.label_variance_share_}
 
 
+def confounder_controls(X, featurizer, *, numeric: list[str], treatment: str, n_components: int = 50,
+                        random_state: int = 0) -> np.ndarray:
+    """Dense controls W for a treatment from the featuriser's sparse output ``X``: the text block reduced to
+    ``n_components`` SVD components, the other numerics (not the treatment itself) and the one-hot categoricals.
+    (EconML's first stages need a dense W; 2^14 hashed n-grams are not.)"""
+    from sklearn.decomposition import TruncatedSVD
+
+    idx = featurizer.output_indices_
+    blocks = []
+    text = X[:, idx["text"]]
+    k = max(1, min(n_components, text.shape[1] - 1, text.shape[0] - 1))
+    blocks.append(TruncatedSVD(k, random_state=random_state).fit_transform(text))
+    if "numeric" in idx and idx["numeric"].stop > idx["numeric"].start:
+        keep = [idx["numeric"].start + i for i, c in enumerate(numeric) if c != treatment]
+        if keep:
+            blocks.append(X[:, keep].toarray())
+    if "categorical" in idx and idx["categorical"].stop > idx["categorical"].start:
+        blocks.append(X[:, idx["categorical"]].toarray())
+    return np.hstack(blocks)
+
+
 def deconfound(target: np.ndarray, treatments: dict[str, np.ndarray], effects: list[dict]) -> np.ndarray:
     """target − Σ_j θ_j·(T_j − T_ref,j) for saved effects (``ConfounderEffect.to_dict`` plus a ``treatment``)."""
     out = np.asarray(target, dtype=float).copy()

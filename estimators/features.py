@@ -46,6 +46,17 @@ def feature_frame(columns: dict[str, np.ndarray | list], *, text: list[str], num
     return pd.DataFrame(out)
 
 
+def treatment_values(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """A numeric confounder as a treatment: ``response_length`` on the log scale (verbosity effects are
+    roughly linear in log length), any other numeric column as it is; missing values → the median."""
+    values = frame[name].to_numpy(dtype=float)
+    if name == RESPONSE_LENGTH:
+        values = np.log(np.maximum(values, 1.0))
+    if np.isnan(values).any():
+        values = np.where(np.isnan(values), np.nanmedian(values) if np.isfinite(values).any() else 0.0, values)
+    return values
+
+
 def make_featurizer(*, numeric: list[str], categorical: list[str], hash_features: int = 2**14,
                     ngram_max: int = 2) -> ColumnTransformer:
     """An unfitted sklearn transformer from :func:`feature_frame` output to a sparse design matrix."""

@@ -20,7 +20,8 @@ import numpy as np
 import polars as pl
 
 from estimators.diagnostics import auc, expected_calibration_error
-from pipelines.fit import NOISE
+from estimators.features import RESPONSE_LENGTH
+from pipelines.fit import CONFOUNDING, NOISE
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import truth as tr
@@ -92,6 +93,7 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
             "clean_vs_given": {"rho01": _rate(d, tr.LABEL_CLEAN, 1, tr.LABEL_NOISY, 0),
                                "rho10": _rate(d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
         },
+        "confounders": _confounders(run, d),
         "reward": {},
     }
     reward_dir = run.path(rd.REWARD_MODEL)
@@ -112,6 +114,20 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
             result["reward"] = {**result["reward"][main], "loss": main, "by_loss": result["reward"]}
     atomic_write_text(run.path(rd.EVALUATION), json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _confounders(run: RunDir, d: pl.DataFrame) -> list[dict[str, Any]]:
+    """The fitted confounder effects beside the simulated one (response length: the average verbosity effect
+    over the observed units, from truth.parquet), and whether the 95% CI covers it."""
+    path = run.path(rd.MODELS) / CONFOUNDING
+    out = []
+    for e in json.loads(path.read_text()) if path.exists() else []:
+        row = {k: e[k] for k in ("treatment", "model", "effect", "ci_low", "ci_high")}
+        if e["treatment"] == RESPONSE_LENGTH and tr.LENGTH_EFFECT_TRUE in d.columns:
+            true = float(d.filter(pl.col(un.OBSERVED) == 1)[tr.LENGTH_EFFECT_TRUE].mean())
+            row.update(true=true, covered=e["ci_low"] <= true <= e["ci_high"])
+        out.append(row)
+    return out
 
 
 def _estimated_flip_rates(run: RunDir) -> dict[str, Any] | None:
@@ -141,6 +157,10 @@ def print_evaluation(result: dict[str, Any]) -> None:
           f"ECE {p['ece']:.4f}, mean |p̂ - p| {p['mae_vs_true']:.3f}")
     print(f"  mean label: true {m['true']:.4f}  " + "  ".join(
         f"{k} {m[k]:.4f} (bias {m['bias'][k]:+.4f})" for k in ("naive", "ips", "snips", "dr")))
+    for c in result.get("confounders", []):
+        true = f", simulated {c['true']:.4f} ({'inside' if c['covered'] else 'OUTSIDE'} the CI)" if "true" in c else ""
+        print(f"  confounder {c['treatment']} ({c['model']}): effect {c['effect']:.4f} "
+              f"[{c['ci_low']:.4f}, {c['ci_high']:.4f}]{true}")
     by_loss = result["reward"].get("by_loss", {})
     if by_loss:
         first = next(iter(by_loss.values()))

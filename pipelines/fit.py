@@ -14,15 +14,17 @@ import numpy as np
 
 from estimators import persist
 from estimators import weights as W
+from estimators.balance import balance_table
+from estimators.confounding import ConfounderEffect, confounder_controls
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc, expected_calibration_error, summary
-from estimators.features import input_columns, make_featurizer
+from estimators.features import RESPONSE_LENGTH, input_columns, make_featurizer, treatment_values
 from estimators.imputation import ImputationModel
 from estimators.noise import FlipRates, anchor_flip_rates
 from estimators.propensity import PropensityModel
 from schemas import run_dir as rd
 from schemas import units as un
-from schemas.config import Config
+from schemas.config import Config, FitConfig
 from schemas.errors import GateError, InputError
 from schemas.hashing import fold_of, sample_rank
 from schemas.run_dir import RunDir
@@ -32,6 +34,7 @@ from transforms.score import design
 FEATURIZER = "featurizer.skops"
 PROPENSITY = "propensity.skops"
 IMPUTATION = "imputation.skops"
+CONFOUNDING = "confounding.json"
 NOISE = "noise.json"
 WEIGHTS = "weights.json"
 
@@ -58,6 +61,24 @@ def flip_rates(scores: np.ndarray, method: str, quantile: float) -> FlipRates:
         return anchor_flip_rates(scores, quantile)
     except ValueError as e:
         raise GateError(f"fit: flip rates by anchor points: {e}") from e
+
+
+def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.ndarray,
+                       fc: FitConfig) -> list[dict[str, Any]]:
+    """DML effect (95% CI) of each configured confounder on the label of the observed units of the sample."""
+    effects = []
+    for name in fc.confounders:
+        controls = confounder_controls(X, featurizer, numeric=fc.numeric, treatment=name,
+                                       n_components=fc.confounder_controls, random_state=fc.seed)
+        t = treatment_values(frame, name)
+        try:
+            est = ConfounderEffect(model=fc.confounder_model, random_state=fc.seed).fit(
+                label[observed], t[observed], controls[observed])
+        except ValueError as e:
+            raise GateError(f"fit: confounder '{name}': {e}") from e
+        effects.append({"treatment": name, "scale": "log" if name == RESPONSE_LENGTH else "identity",
+                        **est.to_dict()})
+    return effects
 
 
 def choose_clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> dict[str, Any]:
@@ -105,12 +126,16 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     obs = o == 1
     flips = flip_rates(m_oof[obs], fc.noise, fc.anchor_quantile)
     weighting = choose_clip(o, p_oof, cfg)
+    effects = confounder_effects(X, featurizer, frame, y, obs, fc)
+    w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])
+    balance = balance_table({c: treatment_values(frame, c) for c in fc.numeric}, o, w_clip)
     with atomic_dir(run.path(rd.MODELS)) as tmp:
         persist.save(featurizer, tmp / FEATURIZER)
         persist.save(p_models, tmp / PROPENSITY)
         persist.save(m_models, tmp / IMPUTATION)
         (tmp / NOISE).write_text(json.dumps(flips.to_dict(), indent=2) + "\n")
         (tmp / WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
+        (tmp / CONFOUNDING).write_text(json.dumps(effects, indent=2) + "\n")
     return {
         "outputs": [str(run.path(rd.MODELS))],
         "counts": {"units": units.num_rows, "sample": sample.num_rows, "sample_observed": int(obs.sum())},
@@ -122,5 +147,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                            "mse": float(np.mean((m_oof[obs] - y[obs]) ** 2))},
             "flip_rates": flips.to_dict(),
             "weights": weighting,
+            "confounders": effects,
+            "balance": balance,
         },
     }

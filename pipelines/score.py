@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from estimators import weights as W
 from estimators.diagnostics import summary
-from pipelines.fit import FEATURIZER, IMPUTATION, NOISE, PROPENSITY, WEIGHTS
+from pipelines.fit import CONFOUNDING, FEATURIZER, IMPUTATION, NOISE, PROPENSITY, WEIGHTS
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
@@ -61,7 +61,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     unit_files = [str(f) for f in parquet_files(run.path(rd.UNITS))]
     models = run.path(rd.MODELS)
     model_paths = {"featurizer": str(models / FEATURIZER), "propensity": str(models / PROPENSITY),
-                   "imputation": str(models / IMPUTATION), "noise": str(models / NOISE)}
+                   "imputation": str(models / IMPUTATION), "noise": str(models / NOISE),
+                   "confounding": str(models / CONFOUNDING)}
     for path in [*model_paths.values(), str(models / WEIGHTS)]:
         if not Path(path).exists():
             raise InputError(f"{path}: fitted model not found (run the fit stage first)")

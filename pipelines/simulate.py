@@ -147,7 +147,12 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
     u = rng.random(n)
     label_clean = (u < reward_true).astype(np.int8)
     leaning = s.rater_leaning * _SEGMENT_LEANING[segment]
-    perceived = np.clip(reward_true + s.verbosity * z_len + leaning, 0.001, 0.999)
+    raw_perceived = reward_true + s.verbosity * z_len + leaning
+    perceived = np.clip(raw_perceived, 0.001, 0.999)
+    # z_len = (log length − log 35) / 0.5, so d perceived / d log length = verbosity / 0.5 where not clipped;
+    # the flips scale every change in P(label = 1) by (1 − ρ01 − ρ10).
+    length_effect = ((1 - s.rho01 - s.rho10) * s.verbosity / 0.5
+                     * ((raw_perceived > 0.001) & (raw_perceived < 0.999)))
     label_biased = u < perceived
     flip = rng.random(n)
     label_noisy = np.where(label_biased, flip >= s.rho01, flip < s.rho10).astype(np.int8)
@@ -178,6 +183,7 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
         tr.LABEL_CLEAN: label_clean,
         tr.LABEL_NOISY: label_noisy,
         tr.OBSERVED_TRUE: observed,
+        tr.LENGTH_EFFECT_TRUE: length_effect,
     })
     signals = _signals(rng, impression_id, ts, observed, label_noisy, reward_true, s.implicit_rate)
     impressions, signals = _add_dirt(rng, impressions, signals, s.dirty_share)

@@ -111,6 +111,19 @@ class FitConfig(_Section):
         "anchor", description="flip rates: 'anchor' estimates them from quantiles of the imputation model's "
         "out-of-fold scores; 'none' assumes clean labels (rho01 = rho10 = 0)")
     anchor_quantile: float = Field(0.01, gt=0, lt=0.5, description="quantile used as the anchor points")
+    confounders: list[str] = Field(
+        default_factory=lambda: ["response_length"],
+        description="numeric features whose effect on the label is estimated by DML and removed in "
+        "target_deconfounded (response_length on the log scale); each must be in fit.numeric")
+    confounder_model: Literal["linear_dml", "causal_forest_dml"] = "linear_dml"
+    confounder_controls: int = Field(50, ge=1, le=500, description="SVD components of the text used as controls")
+
+    @model_validator(mode="after")
+    def _confounders_are_numeric_features(self) -> FitConfig:
+        missing = [c for c in self.confounders if c not in self.numeric]
+        if missing:
+            raise ValueError(f"fit.confounders names {missing}, which are not in fit.numeric")
+        return self
     folds: int = Field(5, ge=2, le=20)
     max_rows: int = Field(200_000, ge=100)
     seed: int = 0

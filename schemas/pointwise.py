@@ -8,6 +8,7 @@ WEIGHT_SNIPS = "weight_snips"
 WEIGHT_CLIPPED = "weight_clipped"
 TARGET_DR = "target_dr"
 TARGET_NOISE_CORRECTED = "target_noise_corrected"
+TARGET_DECONFOUNDED = "target_deconfounded"
 IMPUTED = "imputed"
 FOLD = "fold"
 RUN_ID = "run_id"
@@ -24,6 +25,9 @@ SCORE_FIELDS = [
              metadata={"doc": "doubly robust pseudo-outcome imputed + weight_clipped * (label - imputed)"}),
     pa.field(TARGET_NOISE_CORRECTED, pa.float64(), nullable=False,
              metadata={"doc": "(target_dr - rho10) / (1 - rho01 - rho10) with the fit stage's flip rates"}),
+    pa.field(TARGET_DECONFOUNDED, pa.float64(), nullable=False,
+             metadata={"doc": "target_dr minus the fitted confounder effects theta * (T - T_ref), then noise-corrected"
+                       " like target_noise_corrected"}),
     pa.field(FOLD, pa.int16(), nullable=False, metadata={"doc": "cross-fitting fold: hash(impression_id) % K"}),
     pa.field(RUN_ID, pa.string(), nullable=False),
 ]

@@ -9,6 +9,7 @@ PROPENSITY_TRUE = "propensity_true"
 LABEL_CLEAN = "label_clean"
 LABEL_NOISY = "label_noisy"
 OBSERVED_TRUE = "observed_true"
+LENGTH_EFFECT_TRUE = "length_effect_true"
 
 TRUTH = pa.schema(
     [
@@ -19,6 +20,8 @@ TRUTH = pa.schema(
         pa.field(LABEL_NOISY, pa.int8(), nullable=False,
                  metadata={"doc": "the label a user would give (verbosity bias, then flips)"}),
         pa.field(OBSERVED_TRUE, pa.int8(), nullable=False, metadata={"doc": "whether feedback was given"}),
+        pa.field(LENGTH_EFFECT_TRUE, pa.float64(), nullable=False,
+                 metadata={"doc": "d P(label_noisy=1 | x) / d log(response words): the verbosity bias at x"}),
     ],
     metadata={"obsfeed.table": "truth", "obsfeed.schema_version": "1"},
 )

@@ -127,3 +127,14 @@ def test_flip_rates_are_estimated_within_three_points(finished_run):
     t = read_dataset(run / rd.POINTWISE, [pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED])
     expected = (t[pw.TARGET_DR].to_numpy() - est["rho10"]) / (1 - est["rho01"] - est["rho10"])
     assert t[pw.TARGET_NOISE_CORRECTED].to_numpy() == pytest.approx(expected)
+
+
+def test_length_effect_ci_covers_the_simulated_verbosity_bias(finished_run):
+    run, _ = finished_run
+    (length,) = [c for c in json.loads((run / rd.EVALUATION).read_text())["confounders"]
+                 if c["treatment"] == "response_length"]
+    assert length["model"] == "linear_dml" and length["true"] > 0
+    assert length["ci_low"] <= length["true"] <= length["ci_high"], length
+    balance = json.loads((run / rd.MANIFEST).read_text())["stages"]["fit"]["diagnostics"]["balance"]
+    by_col = {b["column"]: b for b in balance}
+    assert abs(by_col["response_length"]["smd_after"]) < abs(by_col["response_length"]["smd_before"])

@@ -19,8 +19,9 @@ import pyarrow as pa
 
 from estimators import persist
 from estimators import weights as W
+from estimators.confounding import deconfound
 from estimators.crossfit import predict_by_fold
-from estimators.features import feature_frame, input_columns
+from estimators.features import feature_frame, input_columns, treatment_values
 from estimators.noise import FlipRates, corrected_target
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -36,12 +37,13 @@ class Models:
     propensity: list
     imputation: list
     flip_rates: FlipRates
+    confounders: list[dict]
 
     @classmethod
     def load(cls, paths: dict[str, str]) -> Models:
         flips = json.loads(Path(paths["noise"]).read_text())
         return cls(*(persist.load(paths[k]) for k in ("featurizer", "propensity", "imputation")),
-                   flip_rates=FlipRates(**flips))
+                   flip_rates=FlipRates(**flips), confounders=json.loads(Path(paths["confounding"]).read_text()))
 
 
 def design(table: pa.Table, fit: FitConfig):
@@ -59,12 +61,15 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
     """
     n = table.num_rows
     fold = fold_of(table[un.IMPRESSION_ID], len(models.propensity))
-    X = models.featurizer.transform(design(table, fit)).tocsr()
+    frame = design(table, fit)
+    X = models.featurizer.transform(frame).tocsr()
     p = predict_by_fold(models.propensity, X, fold)
     imputed = predict_by_fold(models.imputation, X, fold)
     o = table[un.OBSERVED].to_numpy().astype(float)
     label = table[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
     w_clip = W.clipped(o, p, clip)
+    rho01, rho10 = models.flip_rates.rho01, models.flip_rates.rho10
+    treatments = {e["treatment"]: treatment_values(frame, e["treatment"]) for e in models.confounders}
     cols = {
         pw.PROPENSITY: p,
         pw.WEIGHT_IPS: W.ips(o, p),
@@ -72,7 +77,8 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
         pw.WEIGHT_SNIPS: np.full(n, np.nan),          # needs the global normaliser: see add_snips
         pw.IMPUTED: imputed,
         pw.TARGET_DR: (dr := W.dr_pseudo_outcome(label, o, w_clip, imputed)),
-        pw.TARGET_NOISE_CORRECTED: corrected_target(dr, models.flip_rates.rho01, models.flip_rates.rho10),
+        pw.TARGET_NOISE_CORRECTED: corrected_target(dr, rho01, rho10),
+        pw.TARGET_DECONFOUNDED: corrected_target(deconfound(dr, treatments, models.confounders), rho01, rho10),
         pw.FOLD: fold,
         pw.RUN_ID: np.full(n, run_id, dtype=object),
     }
