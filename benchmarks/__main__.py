@@ -1,6 +1,7 @@
-"""`make bench`: run the benchmarks, print their ratios and record them in RESULTS.md.
+"""`make bench`: run the benchmarks, print their figures and record them in RESULTS.md.
 
-``python -m benchmarks [N_IMPRESSIONS]`` (default 1,000,000; the scaling run uses N/10).
+``python -m benchmarks [ingest|estimators|all] [N_IMPRESSIONS]``: the ingest benchmark (default N 1,000,000;
+the scaling run uses N/10) and the estimator benchmark over simulator scenarios (default N 200,000).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.bench_estimators import bench_estimators, estimators_table
 from benchmarks.bench_ingest import bench_ingest, compare
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- ingest:begin -->", "<!-- ingest:end -->"
+EST_BEGIN, EST_END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
 
 
 def _commit() -> str:
@@ -55,17 +58,38 @@ def ingest_table(small: dict, large: dict, figures: dict) -> str:
     return "\n".join(lines)
 
 
-def record(block: str) -> None:
+def record(block: str, begin: str = BEGIN, end: str = END) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
 
 
 def main(argv: list[str]) -> int:
-    n = int(argv[0]) if argv else 1_000_000
+    which = argv[0] if argv and not argv[0].isdigit() else "all"
+    n = int(argv[-1]) if argv and argv[-1].isdigit() else None
+    if which not in ("ingest", "estimators", "all"):
+        print(f"unknown benchmark {which!r}: choose ingest, estimators or all", file=sys.stderr)
+        return 2
+    if which in ("ingest", "all"):
+        run_ingest(n or 1_000_000)
+    if which in ("estimators", "all"):
+        run_estimators(n or 200_000)
+    return 0
+
+
+def run_estimators(n: int) -> None:
+    print(f"estimator benchmark: simulator scenarios at {n:,} impressions (ingest, fit, score, evaluate)", flush=True)
+    rows = estimators_table(bench_estimators(n))
+    print("\n".join(rows))
+    record("\n".join([EST_BEGIN, f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`.", "", *rows,
+                       EST_END]), EST_BEGIN, EST_END)
+    print(f"recorded in {RESULTS}")
+
+
+def run_ingest(n: int) -> None:
     print(f"ingest benchmark: {n:,} and {n // 10:,} simulated impressions "
           "(Beam with the default local runner vs polars in one process)", flush=True)
     small = bench_ingest(n // 10)
@@ -75,7 +99,6 @@ def main(argv: list[str]) -> int:
         print(f"  {k:<40} {v:,.2f}")
     record(ingest_table(small, large, figures))
     print(f"recorded in {RESULTS}")
-    return 0
 
 
 if __name__ == "__main__":
