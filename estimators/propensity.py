@@ -51,3 +51,14 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         tags.classifier_tags.multi_class = False
         tags.input_tags.sparse = True
         return tags
+
+
+def logged_propensity(values: np.ndarray, column: str) -> np.ndarray:
+    """A logged propensity column as probabilities, refusing values that cannot weight a unit (missing, not a
+    number, or outside (0, 1]): a logging policy that gave a unit no chance cannot be corrected for."""
+    p = np.asarray(values, dtype=float)
+    bad = ~np.isfinite(p) | (p <= 0) | (p > 1)
+    if bad.any():
+        raise ValueError(f"propensity column '{column}': {int(bad.sum())} of {p.size} values are missing or "
+                         f"outside (0, 1] (e.g. {p[bad][0]!r})")
+    return p

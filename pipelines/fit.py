@@ -21,7 +21,7 @@ from estimators.diagnostics import auc, expected_calibration_error, summary
 from estimators.features import RESPONSE_LENGTH, input_columns, make_featurizer, treatment_values
 from estimators.imputation import ImputationModel
 from estimators.noise import FlipRates, anchor_flip_rates
-from estimators.propensity import PropensityModel
+from estimators.propensity import PropensityModel, logged_propensity
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config, FitConfig
@@ -106,7 +106,9 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         raise InputError(f"{run.path(rd.UNITS)}: feature column '{missing[0]}' named in [fit] is not in the units")
     ids = units[un.IMPRESSION_ID].to_numpy(zero_copy_only=False)
     observed_all = units[un.OBSERVED].to_numpy()
-    if observed_all.min() == observed_all.max():
+    if fc.propensity_column and fc.propensity_column not in units.column_names:
+        raise InputError(f"{run.path(rd.UNITS)}: fit.propensity_column '{fc.propensity_column}' is not in the units")
+    if observed_all.min() == observed_all.max() and not fc.propensity_column:
         raise InputError(f"{run.path(rd.UNITS)}: every unit has observed = {observed_all[0]}; a propensity of "
                          "observation cannot be fitted (click-through logs need fit.propensity_column)")
     sample = units.take(stratified_sample(ids, observed_all, fc.max_rows))
@@ -118,20 +120,28 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     featurizer = make_featurizer(numeric=fc.numeric, categorical=fc.categorical, hash_features=fc.hash_features,
                                  ngram_max=fc.ngram_max).fit(frame)
     X = featurizer.transform(frame).tocsr()
-    p_oof, p_models = crossfit(PropensityModel(calibration=fc.calibration, C=fc.C, random_state=fc.seed),
-                               X, o, fold)
+    if fc.propensity_column:
+        try:
+            p_oof, p_models = logged_propensity(
+                sample[fc.propensity_column].to_numpy(zero_copy_only=False), fc.propensity_column), None
+        except ValueError as e:
+            raise GateError(f"fit: {e}") from e
+    else:
+        p_oof, p_models = crossfit(PropensityModel(calibration=fc.calibration, C=fc.C, random_state=fc.seed),
+                                   X, o, fold)
     y = np.nan_to_num(label.astype(float))
     m_oof, m_models = crossfit(ImputationModel(C=fc.C, random_state=fc.seed), X, y, fold, fit_mask=o == 1)
 
     obs = o == 1
     flips = flip_rates(m_oof[obs], fc.noise, fc.anchor_quantile)
-    weighting = choose_clip(o, p_oof, cfg)
+    weighting = {**choose_clip(o, p_oof, cfg), "propensity_column": fc.propensity_column}
     effects = confounder_effects(X, featurizer, frame, y, obs, fc)
     w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])
     balance = balance_table({c: treatment_values(frame, c) for c in fc.numeric}, o, w_clip)
     with atomic_dir(run.path(rd.MODELS)) as tmp:
         persist.save(featurizer, tmp / FEATURIZER)
-        persist.save(p_models, tmp / PROPENSITY)
+        if p_models is not None:
+            persist.save(p_models, tmp / PROPENSITY)
         persist.save(m_models, tmp / IMPUTATION)
         (tmp / NOISE).write_text(json.dumps(flips.to_dict(), indent=2) + "\n")
         (tmp / WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
@@ -142,7 +152,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         "diagnostics": {
             "propensity": {"auc": auc(p_oof, o), "ece": expected_calibration_error(p_oof, o),
                            "mean": float(p_oof.mean()), "observed_rate": float(o.mean()),
-                           "distribution": summary(p_oof), "folds": fc.folds, "calibration": fc.calibration},
+                           "distribution": summary(p_oof), "folds": fc.folds, "calibration": fc.calibration,
+                           "source": f"column {fc.propensity_column}" if fc.propensity_column else "model"},
             "imputation": {"auc": auc(m_oof[obs], np.round(y[obs])),
                            "mse": float(np.mean((m_oof[obs] - y[obs]) ** 2))},
             "flip_rates": flips.to_dict(),

@@ -10,11 +10,13 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from estimators import weights as W
 from estimators.diagnostics import summary
+from estimators.propensity import logged_propensity
 from pipelines.fit import CONFOUNDING, FEATURIZER, IMPUTATION, NOISE, PROPENSITY, WEIGHTS
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -60,13 +62,22 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_pat
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     unit_files = [str(f) for f in parquet_files(run.path(rd.UNITS))]
     models = run.path(rd.MODELS)
-    model_paths = {"featurizer": str(models / FEATURIZER), "propensity": str(models / PROPENSITY),
-                   "imputation": str(models / IMPUTATION), "noise": str(models / NOISE),
-                   "confounding": str(models / CONFOUNDING)}
-    for path in [*model_paths.values(), str(models / WEIGHTS)]:
+    if not (models / WEIGHTS).exists():
+        raise InputError(f"{models / WEIGHTS}: fitted model not found (run the fit stage first)")
+    weighting = json.loads((models / WEIGHTS).read_text())
+    clip = float(weighting["clip"])
+    model_paths = {"featurizer": str(models / FEATURIZER), "imputation": str(models / IMPUTATION),
+                   "noise": str(models / NOISE), "confounding": str(models / CONFOUNDING)}
+    if weighting.get("propensity_column") != cfg.fit.propensity_column:
+        raise InputError(f"{models}: fitted with propensity_column = {weighting.get('propensity_column')!r}, but the "
+                         f"config says {cfg.fit.propensity_column!r}; re-run the fit stage")
+    if not cfg.fit.propensity_column:
+        model_paths["propensity"] = str(models / PROPENSITY)
+    for path in model_paths.values():
         if not Path(path).exists():
             raise InputError(f"{path}: fitted model not found (run the fit stage first)")
-    clip = float(json.loads((models / WEIGHTS).read_text())["clip"])
+    if cfg.fit.propensity_column:
+        check_logged_propensity(unit_files, cfg.fit.propensity_column)
     schema = pw.pointwise_schema(pq.read_schema(unit_files[0]))
     final_pw, final_pr = run.path(rd.POINTWISE), run.path(rd.PAIRWISE)
     tmp_pw, tmp_pr = staging_dir(final_pw), staging_dir(final_pr)
@@ -91,6 +102,15 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     return {"outputs": [str(final_pw), str(final_pr)],
             "counts": {"units": n_units, "pointwise": n_points, "pairs": count_rows(final_pr)},
             "diagnostics": diagnostics}
+
+
+def check_logged_propensity(unit_files: Sequence[str], column: str) -> None:
+    """Every unit's logged propensity in (0, 1], checked from the data before scoring (exit code 2 if not)."""
+    t = ds.dataset(list(unit_files), format="parquet").to_table(columns=[column])
+    try:
+        logged_propensity(t[column].to_numpy(zero_copy_only=False), column)
+    except ValueError as e:
+        raise GateError(f"score: {e}") from e
 
 
 def weight_diagnostics(pointwise_dir: Path, clip: float) -> dict[str, Any]:

@@ -104,6 +104,9 @@ class FitConfig(_Section):
     hash_features: int = Field(2**14, ge=16, le=2**24, description="hashed text n-gram dimensions")
     ngram_max: int = Field(2, ge=1, le=3)
     propensity_model: Literal["logistic"] = "logistic"
+    propensity_column: str | None = Field(
+        None, description="a units column holding a logged propensity of observation (a known, randomised "
+        "logging policy, or a published estimate); used instead of fitting a propensity model")
     imputation_model: Literal["logistic"] = "logistic"
     calibration: Literal["isotonic", "sigmoid"] = "isotonic"
     C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic models")

@@ -1,9 +1,12 @@
 """Fit chooses the propensity floor and refuses degenerate propensities; score applies the floor and fails,
 keeping the previous datasets, when the weights have no effective sample left."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from estimators import weights as W
@@ -11,7 +14,7 @@ from pipelines import fit, ingest, score
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas.config import parse_config
-from schemas.errors import GateError
+from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
 from tests.conftest import HASH_KEY_ENV, config_text
 from transforms.io import read_dataset
@@ -64,3 +67,47 @@ def test_fit_refuses_degenerate_propensities_instead_of_clipping_them():
     with pytest.raises(GateError, match="below the floor"):
         fit.choose_clip(o, np.array([1e-7, 0.5, 0.9, 0.9]), cfg)
     assert fit.choose_clip(o, np.array([0.5, 0.2, 0.4, 0.6]), cfg)["method"] == "auto"
+
+
+@pytest.fixture(scope="module")
+def logged_logs(sim_small: Path, tmp_path_factory) -> Path:
+    """sim_small with the true propensity logged on each impression (as a randomised logging policy would)."""
+    out = tmp_path_factory.mktemp("logged")
+    truth = pq.read_table(sim_small / "truth.parquet").select(["impression_id", "propensity_true"])
+    lookup = dict(zip(truth["impression_id"].to_pylist(), truth["propensity_true"].to_pylist(), strict=True))
+    (out / "impressions").mkdir()
+    for f in sorted((sim_small / "impressions").glob("*.parquet")):
+        t = pq.read_table(f)
+        logged = [lookup.get(i, 0.5) for i in t["impression_id"].to_pylist()]
+        pq.write_table(t.append_column("logged_p", pa.array(logged, pa.float64())), out / "impressions" / f.name)
+    shutil.copy(sim_small / "signals.jsonl.gz", out / "signals.jsonl.gz")
+    shutil.copy(sim_small / "truth.parquet", out / "truth.parquet")
+    return out
+
+
+def test_a_logged_propensity_column_replaces_the_propensity_model(logged_logs: Path, tmp_path: Path, hash_key):
+    cfg = parse_config(config_text(logged_logs, fit={"propensity_column": "logged_p"}))
+    run = RunDir(tmp_path / "run")
+    ingest.run(run, cfg)
+    diagnostics = fit.run(run, cfg)["diagnostics"]
+    assert diagnostics["propensity"]["source"] == "column logged_p"
+    assert not (run.path(rd.MODELS) / fit.PROPENSITY).exists()
+    score.run(run, cfg)
+    t = read_dataset(run.path(rd.POINTWISE), ["logged_p", pw.PROPENSITY])
+    np.testing.assert_array_equal(t["logged_p"].to_numpy(), t[pw.PROPENSITY].to_numpy())
+    with pytest.raises(InputError, match="re-run the fit stage"):   # models fitted one way, config the other
+        score.run(run, parse_config(config_text(logged_logs)))
+
+
+def test_a_logged_propensity_of_zero_is_refused(logged_logs: Path, tmp_path: Path, hash_key):
+    bad = tmp_path / "bad"
+    shutil.copytree(logged_logs, bad)
+    f = sorted((bad / "impressions").glob("*.parquet"))[0]
+    t = pq.read_table(f)
+    pq.write_table(t.set_column(t.schema.get_field_index("logged_p"), "logged_p",
+                                pa.array([0.0] + t["logged_p"].to_pylist()[1:], pa.float64())), f)
+    cfg = parse_config(config_text(bad, fit={"propensity_column": "logged_p", "max_rows": 100_000}))
+    run = RunDir(tmp_path / "run")
+    ingest.run(run, cfg)
+    with pytest.raises(GateError, match="propensity column 'logged_p': 1 of"):
+        fit.run(run, cfg)

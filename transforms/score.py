@@ -23,6 +23,7 @@ from estimators.confounding import deconfound
 from estimators.crossfit import predict_by_fold
 from estimators.features import feature_frame, input_columns, treatment_values
 from estimators.noise import FlipRates, corrected_target
+from estimators.propensity import logged_propensity
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import units as un
@@ -34,7 +35,7 @@ from transforms.io import decode_table
 @dataclass(frozen=True)
 class Models:
     featurizer: Any
-    propensity: list
+    propensity: list | None             # None: the propensity is a logged column (see add_scores)
     imputation: list
     flip_rates: FlipRates
     confounders: list[dict]
@@ -42,7 +43,8 @@ class Models:
     @classmethod
     def load(cls, paths: dict[str, str]) -> Models:
         flips = json.loads(Path(paths["noise"]).read_text())
-        return cls(*(persist.load(paths[k]) for k in ("featurizer", "propensity", "imputation")),
+        models = (persist.load(paths[k]) if k in paths else None for k in ("featurizer", "propensity", "imputation"))
+        return cls(*models,
                    flip_rates=FlipRates(**flips), confounders=json.loads(Path(paths["confounding"]).read_text()))
 
 
@@ -60,10 +62,13 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
     of the units in the fit sample are out-of-fold, as in :func:`estimators.crossfit.crossfit`.
     """
     n = table.num_rows
-    fold = fold_of(table[un.IMPRESSION_ID], len(models.propensity))
+    fold = fold_of(table[un.IMPRESSION_ID], len(models.imputation))
     frame = design(table, fit)
     X = models.featurizer.transform(frame).tocsr()
-    p = predict_by_fold(models.propensity, X, fold)
+    if models.propensity is None:
+        p = logged_propensity(table[fit.propensity_column].to_numpy(zero_copy_only=False), fit.propensity_column)
+    else:
+        p = predict_by_fold(models.propensity, X, fold)
     imputed = predict_by_fold(models.imputation, X, fold)
     o = table[un.OBSERVED].to_numpy().astype(float)
     label = table[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
