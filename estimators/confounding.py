@@ -33,7 +33,11 @@ class ConfounderEffect(BaseEstimator):
         self.n_estimators = n_estimators
         self.random_state = random_state
 
-    def fit(self, Y: np.ndarray, T: np.ndarray, W: np.ndarray) -> ConfounderEffect:
+    def fit(self, Y: np.ndarray, T: np.ndarray, W: np.ndarray,
+            sample_weight: np.ndarray | None = None) -> ConfounderEffect:
+        """``sample_weight``: inverse-propensity weights when Y is only seen on selected units. Selection on
+        both quality and T makes them correlated among the selected (a collider), which controls that do not
+        capture quality fully leave as bias; weighting back to the population removes it."""
         from econml.dml import CausalForestDML, LinearDML  # EconML is heavy; only the fit stage needs it
 
         Y, T, W = (np.asarray(a, dtype=float) for a in (Y, T, W))
@@ -45,11 +49,12 @@ class ConfounderEffect(BaseEstimator):
         nuisance = dict(model_y=Ridge(alpha=self.alpha), model_t=Ridge(alpha=self.alpha), cv=self.cv,
                         random_state=self.random_state)
         if self.model == "linear_dml":
-            est = LinearDML(**nuisance).fit(Y, T, X=None, W=W)
+            est = LinearDML(**nuisance).fit(Y, T, X=None, W=W, sample_weight=sample_weight)
             self.effect_ = float(np.ravel(est.intercept_)[0])
             lo, hi = est.intercept__interval(alpha=0.05)
         elif self.model == "causal_forest_dml":
-            est = CausalForestDML(**nuisance, n_estimators=self.n_estimators).fit(Y, T, X=W)
+            est = CausalForestDML(**nuisance, n_estimators=self.n_estimators).fit(Y, T, X=W,
+                                                                                   sample_weight=sample_weight)
             self.effect_ = float(np.ravel(est.ate(W))[0])
             lo, hi = est.ate_interval(W, alpha=0.05)
         else:
@@ -57,6 +62,7 @@ class ConfounderEffect(BaseEstimator):
         self.ci_low_, self.ci_high_ = float(np.ravel(lo)[0]), float(np.ravel(hi)[0])
         self.t_ref_ = float(np.median(T))
         self.n_ = int(Y.shape[0])
+        self.weighted_ = sample_weight is not None
         var_y = float(np.var(Y))
         self.label_variance_share_ = float(self.effect_**2 * np.var(T) / var_y) if var_y > 0 else 0.0
         return self
@@ -66,7 +72,8 @@ class ConfounderEffect(BaseEstimator):
         return np.asarray(target, dtype=float) - self.effect_ * (np.asarray(T, dtype=float) - self.t_ref_)
 
     def to_dict(self) -> dict[str, float | int | str]:
-        return {"model": self.model, "effect": self.effect_, "ci_low": self.ci_low_, "ci_high": self.ci_high_,
+        return {"model": self.model, "weighted": self.weighted_, "effect": self.effect_, "ci_low": self.ci_low_,
+                "ci_high": self.ci_high_,
                 "t_ref": self.t_ref_, "n": self.n_, "label_variance_share": self.label_variance_share_}
 
 

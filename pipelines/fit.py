@@ -63,9 +63,10 @@ def flip_rates(scores: np.ndarray, method: str, quantile: float) -> FlipRates:
         raise GateError(f"fit: flip rates by anchor points: {e}") from e
 
 
-def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.ndarray,
+def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.ndarray, weights: np.ndarray,
                        fc: FitConfig) -> list[dict[str, Any]]:
-    """DML effect (95% CI) of each configured confounder on the label of the observed units of the sample."""
+    """DML effect (95% CI) of each configured confounder on the label of the observed units of the sample,
+    weighted by their clipped inverse propensities (the effect in the whole population)."""
     effects = []
     for name in fc.confounders:
         controls = confounder_controls(X, featurizer, numeric=fc.numeric, treatment=name,
@@ -73,7 +74,7 @@ def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.nda
         t = treatment_values(frame, name)
         try:
             est = ConfounderEffect(model=fc.confounder_model, random_state=fc.seed).fit(
-                label[observed], t[observed], controls[observed])
+                label[observed], t[observed], controls[observed], sample_weight=weights[observed])
         except ValueError as e:
             raise GateError(f"fit: confounder '{name}': {e}") from e
         effects.append({"treatment": name, "scale": "log" if name == RESPONSE_LENGTH else "identity",
@@ -135,8 +136,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     obs = o == 1
     flips = flip_rates(m_oof[obs], fc.noise, fc.anchor_quantile)
     weighting = {**choose_clip(o, p_oof, cfg), "propensity_column": fc.propensity_column}
-    effects = confounder_effects(X, featurizer, frame, y, obs, fc)
     w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])
+    effects = confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
     balance = balance_table({c: treatment_values(frame, c) for c in fc.numeric}, o, w_clip)
     with atomic_dir(run.path(rd.MODELS)) as tmp:
         persist.save(featurizer, tmp / FEATURIZER)
