@@ -65,8 +65,8 @@ def flip_rates(scores: np.ndarray, method: str, quantile: float) -> FlipRates:
 
 def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.ndarray, weights: np.ndarray,
                        fc: FitConfig) -> list[dict[str, Any]]:
-    """DML effect (95% CI) of each configured confounder on the label of the observed units of the sample,
-    weighted by their clipped inverse propensities (the effect in the whole population)."""
+    """DML effect (95% CI) of each configured confounder on the label of the observed units of the sample;
+    with ``fit.confounder_weighting = "ipw"`` weighted by their clipped inverse propensities."""
     effects = []
     for name in fc.confounders:
         controls = confounder_controls(X, featurizer, numeric=fc.numeric, treatment=name,
@@ -74,7 +74,8 @@ def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.nda
         t = treatment_values(frame, name)
         try:
             est = ConfounderEffect(model=fc.confounder_model, random_state=fc.seed).fit(
-                label[observed], t[observed], controls[observed], sample_weight=weights[observed])
+                label[observed], t[observed], controls[observed],
+                sample_weight=weights[observed] if fc.confounder_weighting == "ipw" else None)
         except ValueError as e:
             raise GateError(f"fit: confounder '{name}': {e}") from e
         effects.append({"treatment": name, "scale": "log" if name == RESPONSE_LENGTH else "identity",

@@ -119,6 +119,10 @@ class FitConfig(_Section):
         description="numeric features whose effect on the label is estimated by DML and removed in "
         "target_deconfounded (response_length on the log scale); each must be in fit.numeric")
     confounder_model: Literal["linear_dml", "causal_forest_dml"] = "linear_dml"
+    confounder_weighting: Literal["none", "ipw"] = Field(
+        "none", description="'ipw' weights the observed units by their clipped inverse propensities in the DML "
+        "fit (the population effect; removes collider bias when selection acts on quality and the confounder, "
+        "but carries the propensity model's errors: see benchmarks/RESULTS.md)")
     confounder_controls: int = Field(50, ge=1, le=500, description="SVD components of the text used as controls")
 
     @model_validator(mode="after")
