@@ -9,6 +9,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from estimators.weights import invalid_propensities
+
 
 class PropensityModel(ClassifierMixin, BaseEstimator):
     """P(observed=1 | x), calibrated (isotonic or sigmoid) and clipped away from 0 and 1.
@@ -57,7 +59,7 @@ def logged_propensity(values: np.ndarray, column: str) -> np.ndarray:
     """A logged propensity column as probabilities, refusing values that cannot weight a unit (missing, not a
     number, or outside (0, 1]): a logging policy that gave a unit no chance cannot be corrected for."""
     p = np.asarray(values, dtype=float)
-    bad = ~np.isfinite(p) | (p <= 0) | (p > 1)
+    bad = invalid_propensities(p)
     if bad.any():
         raise ValueError(f"propensity column '{column}': {int(bad.sum())} of {p.size} values are missing or "
                          f"outside (0, 1] (e.g. {p[bad][0]!r})")

@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def invalid_propensities(propensity: np.ndarray) -> np.ndarray:
+    """Mask of propensities that cannot weight a unit: NaN/inf or outside (0, 1]."""
+    return ~np.isfinite(propensity) | (propensity <= 0) | (propensity > 1)
+
+
 def _check(observed: np.ndarray, propensity: np.ndarray) -> None:
     if observed.shape != propensity.shape:
         raise ValueError(f"observed and propensity differ in shape: {observed.shape} vs {propensity.shape}")
-    if not np.all(np.isfinite(propensity)) or np.any(propensity <= 0) or np.any(propensity > 1):
-        bad = int(np.sum(~np.isfinite(propensity) | (propensity <= 0) | (propensity > 1)))
+    bad = int(invalid_propensities(propensity).sum())
+    if bad:
         raise ValueError(f"{bad} propensities are not in (0, 1]: IPS weights would be undefined")
 
 
@@ -90,7 +95,7 @@ def degenerate_weights(observed: np.ndarray, propensity: np.ndarray, *, min_ess_
     outside (0, 1], or a Kish ESS of the IPS weights below ``min_ess_share`` of the observed units. A stage
     fails on this rather than clipping silently: such weights mean the propensity model or the overlap is
     broken, and a clip would hide it."""
-    bad = ~np.isfinite(propensity) | (propensity <= 0) | (propensity > 1)
+    bad = invalid_propensities(propensity)
     if bad.any():
         return (f"{int(bad.sum())} of {propensity.size} propensities are NaN or outside (0, 1] "
                 f"(e.g. {propensity[bad][0]!r}): inverse-propensity weights are undefined")

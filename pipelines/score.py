@@ -71,13 +71,13 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     if weighting.get("propensity_column") != cfg.fit.propensity_column:
         raise InputError(f"{models}: fitted with propensity_column = {weighting.get('propensity_column')!r}, but the "
                          f"config says {cfg.fit.propensity_column!r}; re-run the fit stage")
-    if not cfg.fit.propensity_column:
+    if cfg.fit.propensity_column:
+        check_logged_propensity(unit_files, cfg.fit.propensity_column)
+    else:
         model_paths["propensity"] = str(models / PROPENSITY)
     for path in model_paths.values():
         if not Path(path).exists():
             raise InputError(f"{path}: fitted model not found (run the fit stage first)")
-    if cfg.fit.propensity_column:
-        check_logged_propensity(unit_files, cfg.fit.propensity_column)
     schema = pw.pointwise_schema(pq.read_schema(unit_files[0]))
     final_pw, final_pr = run.path(rd.POINTWISE), run.path(rd.PAIRWISE)
     tmp_pw, tmp_pr = staging_dir(final_pw), staging_dir(final_pr)
