@@ -67,3 +67,11 @@ def make_featurizer(*, numeric: list[str], categorical: list[str], hash_features
     if categorical:
         parts.append(("categorical", OneHotEncoder(handle_unknown="ignore"), categorical))
     return ColumnTransformer(parts, sparse_threshold=1.0)
+
+
+def structured_columns(featurizer: ColumnTransformer) -> list[int]:
+    """Indices of a fitted featuriser's numeric and one-hot columns: what a boosted model sees beside the text
+    logit (:class:`estimators.stacking.LinearThenBoosted`)."""
+    blocks = featurizer.output_indices_
+    return [i for name in ("numeric", "categorical") if name in blocks
+            for i in range(blocks[name].start, blocks[name].stop)]

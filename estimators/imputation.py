@@ -1,6 +1,13 @@
-"""Imputation model ε̂(x) ≈ E[label | x, o=1] for doubly robust estimates (DESIGN §5)."""
+"""Imputation model ε̂(x) ≈ E[label | x, o=1] for doubly robust estimates and the flip-rate anchors (DESIGN §5).
+
+``logistic`` is one L2 logistic regression over the design matrix; ``boosted`` (fit's default) boosts its
+honest logit together with the structured columns (:class:`estimators.stacking.LinearThenBoosted`), which
+learns the interactions and the plateaus of P(label = 1 | x) at the flip rates that the anchors read off.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -8,16 +15,32 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from estimators.stacking import LinearThenBoosted
+
+MODELS = ("logistic", "boosted")
+
+
+def fit_soft(model, X, y: np.ndarray):
+    """Fit a binary classifier on soft labels in [0, 1]: each row becomes a y-weighted positive and a
+    (1 − y)-weighted negative copy (the cross-entropy with a soft target); zero-weight copies are dropped, so
+    binary labels cost nothing extra."""
+    stacked = sp.vstack([X, X]).tocsr() if sp.issparse(X) else np.vstack([X, X])
+    targets = np.r_[np.ones(len(y)), np.zeros(len(y))]
+    weights = np.r_[y, 1 - y]
+    keep = weights > 0
+    return model.fit(stacked[keep], targets[keep], sample_weight=weights[keep])
+
 
 class ImputationModel(RegressorMixin, BaseEstimator):
-    """Logistic regression on soft labels in [0, 1], predicting E[label | x].
+    """P(label = 1 | x) from soft labels in [0, 1] (a label of 0.7, e.g. edit-derived, is a 0.7-weighted
+    positive), so binary and graded labels share a model. ``passthrough``: the columns of X (numeric and
+    categorical blocks) that the ``boosted`` model's boosted stage sees beside the linear logit."""
 
-    A label of 0.7 (e.g. an edit-derived label) is fitted as a 0.7-weighted positive plus a 0.3-weighted
-    negative copy of the row: the cross-entropy with a soft target, so binary and graded labels share a model.
-    """
-
-    def __init__(self, *, C: float = 1.0, random_state: int | None = 0):
+    def __init__(self, *, model: str = "logistic", C: float = 1.0, passthrough: Sequence[int] | None = None,
+                 random_state: int | None = 0):
+        self.model = model
         self.C = C
+        self.passthrough = passthrough
         self.random_state = random_state
 
     def fit(self, X, y):
@@ -25,16 +48,16 @@ class ImputationModel(RegressorMixin, BaseEstimator):
         y = np.asarray(y, dtype=float)
         if np.any((y < 0) | (y > 1)):
             raise ValueError("labels must lie in [0, 1]")
-        stacked = sp.vstack([X, X]).tocsr() if sp.issparse(X) else np.vstack([X, X])
-        targets = np.r_[np.ones(len(y)), np.zeros(len(y))]
-        weights = np.r_[y, 1 - y]
-        keep = weights > 0
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         self.constant_ = None
-        if np.unique(targets[keep]).size < 2:  # all labels equal: nothing to learn but the constant
-            self.constant_ = float(y.mean())
+        if np.all(y == 1) or np.all(y == 0):   # one class only: nothing to learn but the constant
+            self.constant_ = float(y[0])
             return self
-        self.model_ = LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
-        self.model_.fit(stacked[keep], targets[keep], sample_weight=weights[keep])
+        model = (LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
+                 if self.model == "logistic" else
+                 LinearThenBoosted(C=self.C, passthrough=self.passthrough, random_state=self.random_state))
+        self.model_ = fit_soft(model, X, y)
         return self
 
     def predict(self, X) -> np.ndarray:

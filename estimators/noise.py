@@ -8,7 +8,7 @@ anchors are high and low quantiles of its (out-of-fold) scores, not the raw max 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy import stats
@@ -30,6 +30,11 @@ class FlipRates:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FlipRates:
+        """The rates from a dict that may carry more (``models/noise.json`` also holds the other estimates)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def check_flip_rates(rho01: float, rho10: float) -> None:
@@ -55,15 +60,18 @@ def anchor_flip_rates(scores: np.ndarray, quantile: float = 0.01) -> FlipRates:
                      method=f"anchor_quantile_{quantile:g}", n=int(scores.size))
 
 
-def audit_flip_rates(label: np.ndarray, gold: np.ndarray) -> FlipRates:
-    """Flip rates counted on a gold-labelled audit subset: ρ̂01 = share of r=0 among r*=1, ρ̂10 = share of
-    r=1 among r*=0, with binomial standard errors."""
+def audit_flip_rates(label: np.ndarray, gold: np.ndarray, min_per_class: int = 1) -> FlipRates:
+    """Flip rates counted on a gold-labelled audit subset: ρ̂01 = mean of 1 − r among r*=1, ρ̂10 = mean of r
+    among r*=0 (for binary labels, the shares of flipped ones), with binomial standard errors. Gold labels
+    other than exactly 0 or 1 are not counted."""
     label, gold = np.asarray(label, dtype=float), np.asarray(gold, dtype=float)
     pos, neg = gold == 1, gold == 0
-    if pos.sum() == 0 or neg.sum() == 0:
-        raise ValueError("the audit subset needs gold labels of both classes to estimate both flip rates")
-    r01, r10 = float(np.mean(label[pos] == 0)), float(np.mean(label[neg] == 1))
-    return FlipRates(rho01=r01, rho10=r10, method="audit", n=int(label.size),
+    if min(pos.sum(), neg.sum()) < max(1, min_per_class):
+        raise ValueError(f"the audit subset needs at least {max(1, min_per_class)} labelled units with each gold "
+                         f"label to estimate both flip rates; it has {int(pos.sum())} with r*=1 and "
+                         f"{int(neg.sum())} with r*=0")
+    r01, r10 = float(np.mean(1 - label[pos])), float(np.mean(label[neg]))
+    return FlipRates(rho01=r01, rho10=r10, method="audit", n=int(pos.sum() + neg.sum()),
                      se01=float(np.sqrt(r01 * (1 - r01) / pos.sum())),
                      se10=float(np.sqrt(r10 * (1 - r10) / neg.sum())))
 
@@ -75,17 +83,38 @@ def corrected_target(label: np.ndarray, rho01: float, rho10: float) -> np.ndarra
     return (np.asarray(label, dtype=float) - rho10) / (1 - rho01 - rho10)
 
 
+def mean_ci(values: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """The plain mean with a normal CI: what an audit alone says, to set PPI's interval against."""
+    values = np.asarray(values, dtype=float)
+    if values.size < 2:
+        raise ValueError("a mean with a CI needs at least 2 values")
+    estimate, se = float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    return {"estimate": estimate, "se": se, "ci_low": estimate - z * se, "ci_high": estimate + z * se,
+            "n": int(values.size)}
+
+
 def ppi_mean(gold: np.ndarray, predicted_gold: np.ndarray, predicted_all: np.ndarray,
-             level: float = 0.95) -> dict[str, float]:
-    """Prediction-powered estimate of the mean of r* (Angelopoulos et al. 2023): the mean prediction over all
-    units plus the mean error of the predictions on the gold subset (the "rectifier"), with a normal CI."""
+             level: float = 0.95, power_tuning: bool = True) -> dict[str, float]:
+    """Prediction-powered estimate of the mean of r* (Angelopoulos et al. 2023) with a normal CI.
+
+    ``gold`` and ``predicted_gold`` are the audited units' true labels and predictions, ``predicted_all`` the
+    predictions on the other units. The estimate is λ·mean(f over all) + mean(r* − λ·f over gold): λ = 1 is
+    plain PPI, λ = 0 the audit's own mean; ``power_tuning`` picks the variance-minimising λ (PPI++, Angelopoulos,
+    Duchi & Zrnic 2023) clipped to [0, 1], so a poor predictor cannot make the interval wider than the audit's.
+    """
     gold, predicted_gold, predicted_all = (np.asarray(a, dtype=float) for a in (gold, predicted_gold, predicted_all))
     n, big_n = gold.size, predicted_all.size
     if n < 2 or big_n < 2:
         raise ValueError("PPI needs at least 2 gold and 2 predicted units")
-    rectifier = gold - predicted_gold
-    estimate = float(predicted_all.mean() + rectifier.mean())
-    se = float(np.sqrt(predicted_all.var(ddof=1) / big_n + rectifier.var(ddof=1) / n))
+    lam = 1.0
+    if power_tuning:
+        var_f = predicted_gold.var(ddof=1)
+        cov = np.cov(gold, predicted_gold, ddof=1)[0, 1]
+        lam = float(np.clip(cov / ((1 + n / big_n) * var_f), 0, 1)) if var_f > 0 else 0.0
+    rectifier = gold - lam * predicted_gold
+    estimate = float(lam * predicted_all.mean() + rectifier.mean())
+    se = float(np.sqrt(lam**2 * predicted_all.var(ddof=1) / big_n + rectifier.var(ddof=1) / n))
     z = float(stats.norm.ppf(0.5 + level / 2))
     return {"estimate": estimate, "se": se, "ci_low": estimate - z * se, "ci_high": estimate + z * se,
-            "n_gold": n, "n_all": big_n}
+            "n_gold": n, "n_all": big_n, "lambda": lam}

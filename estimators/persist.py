@@ -14,6 +14,8 @@ import skops.io as sio
 ALLOWED_TYPES = frozenset({
     "estimators.imputation.ImputationModel",
     "estimators.propensity.PropensityModel",
+    "estimators.stacking.LinearThenBoosted",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.calibration._CalibratedClassifier",
     "numpy.dtype",
 })

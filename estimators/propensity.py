@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from estimators.stacking import LinearThenBoosted
 from estimators.weights import invalid_propensities
+
+MODELS = ("logistic", "boosted")
 
 
 class PropensityModel(ClassifierMixin, BaseEstimator):
     """P(observed=1 | x), calibrated (isotonic or sigmoid) and clipped away from 0 and 1.
 
-    Calibration matters more than discrimination here: IPS divides by p̂, so a p̂ that is too small by a
-    factor of two doubles a unit's weight. Cross-fitting is :func:`estimators.crossfit.crossfit`'s job.
+    ``model`` is ``logistic`` or ``boosted`` (:class:`estimators.stacking.LinearThenBoosted`: gradient
+    boosting over the logistic logit and the ``passthrough`` structured columns, for selection that interacts
+    with who rates and what was shown). Calibration matters more than discrimination here: IPS divides by p̂,
+    so a p̂ that is too small by a factor of two doubles a unit's weight. Cross-fitting is
+    :func:`estimators.crossfit.crossfit`'s job.
     """
 
-    def __init__(self, *, base=None, calibration: str = "isotonic", C: float = 1.0, clip: float = 1e-3,
-                 random_state: int | None = 0):
-        self.base = base
+    def __init__(self, *, model: str = "logistic", calibration: str = "isotonic", C: float = 1.0,
+                 passthrough: Sequence[int] | None = None, clip: float = 1e-3, random_state: int | None = 0):
+        self.model = model
+        self.passthrough = passthrough
         self.calibration = calibration
         self.C = C
         self.clip = clip
@@ -32,8 +41,11 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         if type_of_target(y) != "binary":
             raise ValueError("Only binary classification is supported: y is the observed flag")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         base = (LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
-                if self.base is None else clone(self.base))
+                if self.model == "logistic" else
+                LinearThenBoosted(C=self.C, passthrough=self.passthrough, random_state=self.random_state))
         self.model_ = CalibratedClassifierCV(base, method=self.calibration, cv=3).fit(X, y)
         self.classes_ = self.model_.classes_
         return self

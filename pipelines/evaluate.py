@@ -88,11 +88,12 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
         },
         "mean_label": mean_label_estimates(d),
         "flip_rates": {
-            "estimated": _estimated_flip_rates(run),
+            "estimated": (noise := _estimated_flip_rates(run)),
             "true": _true_flip_rates(truth_path),
             "clean_vs_given": {"rho01": _rate(d, tr.LABEL_CLEAN, 1, tr.LABEL_NOISY, 0),
                                "rho10": _rate(d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
         },
+        "mean_reward": _mean_reward(noise, d),
         "confounders": _confounders(run, d),
         "reward": {},
     }
@@ -136,6 +137,16 @@ def _estimated_flip_rates(run: RunDir) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _mean_reward(noise: dict[str, Any] | None, d: pl.DataFrame) -> dict[str, Any] | None:
+    """The audit's estimates of the mean true label (PPI and audit-only) beside the simulated one (r* over all
+    units), when the run had gold labels."""
+    if not noise or not noise.get("mean_reward") or tr.LABEL_CLEAN not in d.columns:
+        return None
+    true = float(d[tr.LABEL_CLEAN].mean())
+    return {"true": true, **{k: {**v, "covered": v["ci_low"] <= true <= v["ci_high"]}
+                             for k, v in noise["mean_reward"].items()}}
+
+
 def _true_flip_rates(truth_path: Path) -> dict[str, float] | None:
     """The simulated flip rates, from the scenario file the simulator writes beside truth.parquet."""
     scenario = truth_path.parent / "scenario.json"
@@ -175,3 +186,7 @@ def print_evaluation(result: dict[str, Any]) -> None:
         print(f"  flip rates: simulated rho01 {fr['rho01']:.3f}, rho10 {fr['rho10']:.3f} (clean vs given label, "
               f"with verbosity and rater leaning: {cv['rho01']:.3f}, {cv['rho10']:.3f})"
               + (f"; estimated ({est['method']}) {est['rho01']:.3f}, {est['rho10']:.3f}" if est else ""))
+    mr = result.get("mean_reward")
+    if mr:
+        print(f"  mean true label {mr['true']:.4f}: " + ", ".join(
+            f"{k} {v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in mr.items() if k != "true"))

@@ -18,9 +18,9 @@ from estimators.balance import balance_table
 from estimators.confounding import ConfounderEffect, confounder_controls
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc, expected_calibration_error, summary
-from estimators.features import RESPONSE_LENGTH, input_columns, make_featurizer, treatment_values
+from estimators.features import RESPONSE_LENGTH, input_columns, make_featurizer, structured_columns, treatment_values
 from estimators.imputation import ImputationModel
-from estimators.noise import FlipRates, anchor_flip_rates
+from estimators.noise import FlipRates, anchor_flip_rates, audit_flip_rates, corrected_target, mean_ci, ppi_mean
 from estimators.propensity import PropensityModel, logged_propensity
 from schemas import run_dir as rd
 from schemas import units as un
@@ -52,15 +52,38 @@ def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> n
     return np.sort(np.concatenate(keep))
 
 
-def flip_rates(scores: np.ndarray, method: str, quantile: float) -> FlipRates:
-    """Flip rates for the noise-corrected target, from the imputation model's out-of-fold P̂(r=1 | x) on
-    the observed units of the sample; rates that cannot be corrected for fail the stage (exit code 2)."""
-    if method == "none":
-        return FlipRates(0.0, 0.0, method="none", n=0)
+def noise_model(scores: np.ndarray, label: np.ndarray, gold: np.ndarray, observed: np.ndarray,
+                fc: FitConfig) -> tuple[FlipRates, dict[str, Any]]:
+    """Flip rates for the noise-corrected target, and what else the labels say about noise.
+
+    Anchors come from the noise proxy's out-of-fold P̂(r=1 | x) (``scores``) on the observed units; the audit from
+    observed units that also carry a gold label. With gold labels on a uniformly random audit sample, the
+    mean true reward also gets a prediction-powered estimate (the noise-corrected imputation over all units,
+    rectified on the audited ones) beside the audit-only mean. Rates that cannot be corrected for, or an
+    audit asked for but too small, fail the stage (exit code 2).
+    """
+    audited = observed & np.isfinite(gold)
+    diag: dict[str, Any] = {"audited_units": int(np.isfinite(gold).sum()), "audited_observed": int(audited.sum())}
+    estimates: dict[str, FlipRates | None] = {"anchor": None, "audit": None}
     try:
-        return anchor_flip_rates(scores, quantile)
+        if fc.noise in ("auto", "anchor"):
+            estimates["anchor"] = anchor_flip_rates(scores[observed], fc.anchor_quantile)
+        if fc.noise in ("auto", "audit"):
+            try:
+                estimates["audit"] = audit_flip_rates(label[audited], gold[audited], fc.min_audit)
+            except ValueError:
+                if fc.noise == "audit":
+                    raise
     except ValueError as e:
-        raise GateError(f"fit: flip rates by anchor points: {e}") from e
+        raise GateError(f"fit: flip rates ({fc.noise}): {e}") from e
+    diag["estimates"] = {k: v.to_dict() if v else None for k, v in estimates.items()}
+    chosen = estimates["audit"] or estimates["anchor"] or FlipRates(0.0, 0.0, method="none", n=0)
+    gold_units = np.isfinite(gold)
+    if gold_units.sum() >= 2 and (~gold_units).sum() >= 2:
+        reward = np.clip(corrected_target(scores, chosen.rho01, chosen.rho10), 0, 1)
+        diag["mean_reward"] = {"ppi": ppi_mean(gold[gold_units], reward[gold_units], reward[~gold_units]),
+                               "gold_only": mean_ci(gold[gold_units])}
+    return chosen, diag
 
 
 def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.ndarray, weights: np.ndarray,
@@ -122,6 +145,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     featurizer = make_featurizer(numeric=fc.numeric, categorical=fc.categorical, hash_features=fc.hash_features,
                                  ngram_max=fc.ngram_max).fit(frame)
     X = featurizer.transform(frame).tocsr()
+    structured = structured_columns(featurizer)
     if fc.propensity_column:
         try:
             p_oof, p_models = logged_propensity(
@@ -129,13 +153,19 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         except ValueError as e:
             raise GateError(f"fit: {e}") from e
     else:
-        p_oof, p_models = crossfit(PropensityModel(calibration=fc.calibration, C=fc.C, random_state=fc.seed),
-                                   X, o, fold)
+        p_oof, p_models = crossfit(PropensityModel(model=fc.propensity_model, calibration=fc.calibration, C=fc.C,
+                                                   passthrough=structured, random_state=fc.seed), X, o, fold)
     y = np.nan_to_num(label.astype(float))
-    m_oof, m_models = crossfit(ImputationModel(C=fc.C, random_state=fc.seed), X, y, fold, fit_mask=o == 1)
+    m_oof, m_models = crossfit(ImputationModel(model=fc.imputation_model, C=fc.C, passthrough=structured,
+                                               random_state=fc.seed), X, y, fold, fit_mask=o == 1)
 
     obs = o == 1
-    flips = flip_rates(m_oof[obs], fc.noise, fc.anchor_quantile)
+    gold = sample[un.LABEL_GOLD].to_numpy(zero_copy_only=False).astype(float) \
+        if un.LABEL_GOLD in sample.column_names else np.full(len(o), np.nan)
+    proxy_oof = m_oof if fc.noise_proxy == fc.imputation_model else crossfit(
+        ImputationModel(model=fc.noise_proxy, C=fc.C, passthrough=structured, random_state=fc.seed),
+        X, y, fold, fit_mask=obs)[0]
+    flips, noise_diag = noise_model(proxy_oof, y, gold, obs, fc)
     weighting = {**choose_clip(o, p_oof, cfg), "propensity_column": fc.propensity_column}
     w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])
     effects = confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
@@ -145,7 +175,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         if p_models is not None:
             persist.save(p_models, tmp / PROPENSITY)
         persist.save(m_models, tmp / IMPUTATION)
-        (tmp / NOISE).write_text(json.dumps(flips.to_dict(), indent=2) + "\n")
+        (tmp / NOISE).write_text(json.dumps({**flips.to_dict(), **noise_diag}, indent=2) + "\n")
         (tmp / WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
         (tmp / CONFOUNDING).write_text(json.dumps(effects, indent=2) + "\n")
     return {
@@ -158,7 +188,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                            "source": f"column {fc.propensity_column}" if fc.propensity_column else "model"},
             "imputation": {"auc": auc(m_oof[obs], np.round(y[obs])),
                            "mse": float(np.mean((m_oof[obs] - y[obs]) ** 2))},
-            "flip_rates": flips.to_dict(),
+            "flip_rates": {**flips.to_dict(), **noise_diag},
             "weights": weighting,
             "confounders": effects,
             "balance": balance,

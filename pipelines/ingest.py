@@ -82,13 +82,12 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     ing, buckets = cfg.ingest, cfg.ingest.buckets
     spill = {"events": f"{scratch_dir}/events", "impressions": f"{scratch_dir}/impressions",
              "signals": f"{scratch_dir}/signals"} if ing.shuffle == "files" else {}
-    value_types = [t for t, rule in ing.labels.items() if isinstance(rule, str)]
     imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions",
                                             string_columns=_string_columns(imp.IMPRESSIONS))
     sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals", string_columns=_string_columns(sig.SIGNALS))
     v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS, impression_files)
     v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, signal_files, ing.known_types,
-                                                          value_types)
+                                                          ing.value_types)
     unique_sigs = (v_sigs.ok
                    | "BucketEvents" >> beam.ParDo(KeyByBucket(buckets, sig.EVENT_ID, spill.get("events")))
                    | "GroupEvents" >> beam.GroupByKey()
@@ -103,6 +102,7 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     joined = (keyed | "CoGroupBuckets" >> beam.CoGroupByKey()
               | "JoinAndLabel" >> beam.ParDo(JoinAndLabel(
                   rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types, known_types=ing.known_types,
+                  gold=ing.gold,
                   unobserved_label=ing.unobserved_label, key_env=key_env, units_schema=units_schema,
                   signal_files=signal_files,
               )).with_outputs(QUARANTINE, COUNTS, main="units"))

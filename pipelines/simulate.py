@@ -15,6 +15,8 @@ The world it simulates, per impression x (a response to a prompt, shown to a use
   z_len - 0.3 * position + segment effect)``. The CausalRM protocol writes α^(1−r*); we use the reward
   ``reward_true`` = E[r*|x] in its place, so that selection is ignorable given x (what any x-based
   propensity model can identify) while still favouring good responses as α < 1;
+* audit: a uniformly random ``gold_share`` of the impressions, observed or not, gets a ``gold`` signal whose
+  value is the clean label r* (an annotation team's verdict), for audited flip rates and PPI estimates;
 * dirt: duplicated impressions, replayed signal events, orphan signals, signals before their impression,
   unknown signal types and rows missing a required field, in known numbers.
 
@@ -68,6 +70,7 @@ class Scenario:
     sentiment_share: float = 0.3
     dirty_share: float = 0.005
     implicit_rate: float = 1.0
+    gold_share: float = 0.02
 
     def __post_init__(self) -> None:
         if self.n_impressions < self.responses_per_prompt:
@@ -76,6 +79,8 @@ class Scenario:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.rho01 + self.rho10 >= 1:
             raise ValueError(f"flip rates must sum to < 1, got {self.rho01} + {self.rho10}")
+        if not 0 <= self.gold_share <= 1:
+            raise ValueError(f"gold_share must be in [0, 1], got {self.gold_share}")
         if not 0 <= self.implicit_rate <= 1 / 0.35:      # the click probability 0.35 * rate must stay ≤ 1
             raise ValueError(f"implicit_rate must be in [0, {1 / 0.35:.2f}], got {self.implicit_rate}")
 
@@ -187,6 +192,7 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
     })
     signals = _signals(rng, impression_id, ts, observed, label_noisy, reward_true, s.implicit_rate)
     impressions, signals = _add_dirt(rng, impressions, signals, s.dirty_share)
+    signals = pa.concat_tables([signals, _gold(rng, impression_id, ts, label_clean, s.gold_share)])
     return SimulatedLogs(impressions, signals, conform(truth, tr.TRUTH))
 
 
@@ -230,6 +236,21 @@ def _signals(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray
         sig.TS: pa.array(cols[sig.TS], imp.TIMESTAMP),
         sig.TYPE: cols[sig.TYPE],
         sig.VALUE: pa.array(cols[sig.VALUE], pa.float64(), from_pandas=True),
+    })
+
+
+def _gold(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray, label_clean: np.ndarray,
+          share: float) -> pa.Table:
+    """Audit events: r* of a uniformly random ``share`` of the impressions, a day or so after them. Drawn
+    last, so that the other draws do not depend on ``share``."""
+    idx = np.flatnonzero(rng.random(impression_id.size) < share)
+    delay = ((1.0 + rng.exponential(1.0, size=idx.size)) * 86_400e6).astype("timedelta64[us]")
+    return pa.table({
+        sig.EVENT_ID: np.array([f"g{j:010d}" for j in range(idx.size)], dtype=object),
+        sig.IMPRESSION_ID: impression_id[idx],
+        sig.TS: pa.array(ts[idx] + delay, imp.TIMESTAMP),
+        sig.TYPE: np.full(idx.size, "gold", dtype=object),
+        sig.VALUE: pa.array(label_clean[idx].astype(float), pa.float64()),
     })
 
 

@@ -53,6 +53,9 @@ class IngestConfig(_Section):
         default_factory=lambda: ["click", "share", "report", "follow_up", "dwell"],
         description="known types that carry no label; they are counted on the unit",
     )
+    gold: str | None = Field(
+        "gold", description="signal type carrying an audited (gold) label in its value: recorded as label_gold, "
+        "never as the user's label, and it does not make a unit observed; null: no audit signals")
     unobserved_label: float | None = Field(
         None, ge=0, le=1, description="click-through framing: label given to units with no signal"
     )
@@ -72,6 +75,8 @@ class IngestConfig(_Section):
             unknown = sorted(set(types) - set(self.labels))
             if unknown:
                 raise ValueError(f"ingest.{name} names types without a label rule: {unknown}")
+        if self.gold is not None and self.gold in {*self.labels, *self.other_types}:
+            raise ValueError(f"ingest.gold type '{self.gold}' must not also be a label or other type")
         clash = sorted(set(self.other_types) & set(self.labels))
         if clash:
             raise ValueError(f"ingest.other_types repeats label-bearing types: {clash}")
@@ -86,7 +91,13 @@ class IngestConfig(_Section):
 
     @property
     def known_types(self) -> list[str]:
-        return sorted({*self.labels, *self.other_types})
+        return sorted({*self.labels, *self.other_types, *([self.gold] if self.gold else [])})
+
+    @property
+    def value_types(self) -> list[str]:
+        """Types whose value must be a number in [0, 1]: labels read from the value, and gold labels."""
+        return sorted({*(t for t, rule in self.labels.items() if isinstance(rule, str)),
+                       *([self.gold] if self.gold else [])})
 
 
 class PrivacyConfig(_Section):
@@ -103,16 +114,26 @@ class FitConfig(_Section):
     categorical: list[str] = Field(default_factory=lambda: ["model_version"])
     hash_features: int = Field(2**14, ge=16, le=2**24, description="hashed text n-gram dimensions")
     ngram_max: int = Field(2, ge=1, le=3)
-    propensity_model: Literal["logistic"] = "logistic"
+    propensity_model: Literal["logistic", "boosted"] = Field(
+        "logistic", description="'boosted': HistGradientBoosting over the logistic model's honest logit and the "
+        "numeric/categorical features (selection that interacts with who rates and what was shown); slower")
     propensity_column: str | None = Field(
         None, description="a units column holding a logged propensity of observation (a known, randomised "
         "logging policy, or a published estimate); used instead of fitting a propensity model")
-    imputation_model: Literal["logistic"] = "logistic"
+    imputation_model: Literal["logistic", "boosted"] = Field(
+        "logistic", description="the model of P(label=1 | x) behind the DR target; 'boosted' as for noise_proxy")
+    noise_proxy: Literal["logistic", "boosted"] = Field(
+        "boosted", description="the model of P(label=1 | x) whose out-of-fold scores give the anchor points and the "
+        "PPI predictions; 'boosted' learns the rater x content interactions and the plateaus at the flip rates "
+        "that a logit overshoots (the same fit as the imputation model's when both name one model)")
     calibration: Literal["isotonic", "sigmoid"] = "isotonic"
     C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic models")
-    noise: Literal["anchor", "none"] = Field(
-        "anchor", description="flip rates: 'anchor' estimates them from quantiles of the imputation model's "
-        "out-of-fold scores; 'none' assumes clean labels (rho01 = rho10 = 0)")
+    noise: Literal["auto", "audit", "anchor", "none"] = Field(
+        "auto", description="flip rates: 'audit' counts them on observed units that also carry a gold label "
+        "(label_gold); 'anchor' estimates them from quantiles of the noise proxy's out-of-fold scores; "
+        "'auto' audits when the audit has min_audit units of each gold label, else anchors; 'none' assumes "
+        "clean labels (rho01 = rho10 = 0)")
+    min_audit: int = Field(30, ge=1, description="observed, audited units needed per gold label to audit")
     anchor_quantile: float = Field(0.01, gt=0, lt=0.5, description="quantile used as the anchor points")
     confounders: list[str] = Field(
         default_factory=lambda: ["response_length"],

@@ -20,6 +20,7 @@ USER_HASH = "user_hash"
 OBSERVED = "observed"
 LABEL = "label"
 LABEL_SOURCE = "label_source"
+LABEL_GOLD = "label_gold"
 COUNT_PREFIX = "n_"
 
 BASE_FIELDS = [
@@ -35,6 +36,8 @@ BASE_FIELDS = [
     pa.field(OBSERVED, pa.int8(), nullable=False, metadata={"doc": "1 when a label-bearing signal exists"}),
     pa.field(LABEL, pa.float64(), metadata={"doc": "resolved label in [0, 1]; null when unobserved"}),
     pa.field(LABEL_SOURCE, pa.string(), metadata={"doc": "signal type that set the label"}),
+    pa.field(LABEL_GOLD, pa.float64(), metadata={"doc": "audited (gold) label in [0, 1] from the latest gold "
+                                                 "signal; null when the unit was not audited"}),
 ]
 
 

@@ -13,6 +13,7 @@ from pipelines.simulate import SCENARIOS, simulate, write
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
+from schemas import truth as tr
 from schemas import units as un
 from schemas.config import load_config
 from transforms.io import read_dataset
@@ -116,17 +117,29 @@ def test_report_and_reward_model_files(finished_run):
     assert json.loads((run / rd.REWARD_MODEL / "metrics.json").read_text())
 
 
-def test_flip_rates_are_estimated_within_three_points(finished_run):
-    """Anchor-point estimates (1% quantiles of the imputation model's out-of-fold scores) against the
-    simulated (ρ01, ρ10) = (0.2, 0.1); the noise-corrected target uses them."""
-    run, _ = finished_run
-    fr = json.loads((run / rd.EVALUATION).read_text())["flip_rates"]
-    est, true = fr["estimated"], fr["true"]
-    assert est["method"] == "anchor_quantile_0.01"
-    assert abs(est["rho01"] - true["rho01"]) < 0.03 and abs(est["rho10"] - true["rho10"]) < 0.03, fr
+def test_flip_rates_by_anchors_and_by_the_gold_audit(finished_run):
+    """Anchor points (1% quantiles of the boosted imputation model's out-of-fold scores) recover the simulated
+    (ρ01, ρ10) = (0.2, 0.1) within three points; the audit (observed units with a gold label) recovers the
+    rates of the given label against r* on observed units, which include the verbosity bias and the raters'
+    leanings; the noise-corrected target uses the chosen estimate, and PPI's CI covers the mean r*."""
+    run, logs = finished_run
+    ev = json.loads((run / rd.EVALUATION).read_text())
+    est, true = ev["flip_rates"]["estimated"], ev["flip_rates"]["true"]
+    anchor, audit = est["estimates"]["anchor"], est["estimates"]["audit"]
+    assert abs(anchor["rho01"] - true["rho01"]) < 0.03 and abs(anchor["rho10"] - true["rho10"]) < 0.03, anchor
+    truth = logs.truth.to_pandas()
+    obs = truth[tr.OBSERVED_TRUE] == 1
+    given = {"rho01": (truth[tr.LABEL_NOISY][obs & (truth[tr.LABEL_CLEAN] == 1)] == 0).mean(),
+             "rho10": (truth[tr.LABEL_NOISY][obs & (truth[tr.LABEL_CLEAN] == 0)] == 1).mean()}
+    assert est["method"] == "audit" and audit is not None
+    for k, se in (("rho01", "se01"), ("rho10", "se10")):
+        assert abs(audit[k] - given[k]) < 3 * audit[se], (audit, given)
     t = read_dataset(run / rd.POINTWISE, [pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED])
     expected = (t[pw.TARGET_DR].to_numpy() - est["rho10"]) / (1 - est["rho01"] - est["rho10"])
     assert t[pw.TARGET_NOISE_CORRECTED].to_numpy() == pytest.approx(expected)
+    mr = ev["mean_reward"]
+    assert mr["true"] == pytest.approx(truth[tr.LABEL_CLEAN].mean())
+    assert mr["ppi"]["covered"] and mr["ppi"]["se"] < mr["gold_only"]["se"], mr
 
 
 def test_length_effect_ci_covers_the_simulated_verbosity_bias(finished_run):

@@ -11,6 +11,9 @@ from estimators.noise import (
     corrected_target,
     ppi_mean,
 )
+from pipelines.fit import noise_model
+from schemas.config import FitConfig
+from schemas.errors import GateError
 
 
 def _flip(rng, clean, rho01, rho10):
@@ -57,15 +60,28 @@ def test_audit_counts_and_standard_errors():
     est = audit_flip_rates(label, gold)
     assert (est.rho01, est.rho10) == (0.25, 0.2)
     assert est.se01 == pytest.approx(np.sqrt(0.25 * 0.75 / 4)) and est.se10 == pytest.approx(np.sqrt(0.2 * 0.8 / 5))
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(ValueError, match="each gold label"):
         audit_flip_rates(np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="at least 5"):
+        audit_flip_rates(label, gold, min_per_class=5)
+    soft = audit_flip_rates(np.array([0.5, 1.0, 0.25, 0.0]), np.array([1, 1, 0, 0]))   # graded labels count
+    assert (soft.rho01, soft.rho10) == (0.25, 0.125)
     with pytest.raises(ValueError, match="no usable signal"):
         FlipRates(0.6, 0.5, "x", 1)
 
 
 def test_ppi_mean_hand_computed_and_covers_the_truth():
-    out = ppi_mean(np.array([1.0, 0.0, 1.0]), np.array([0.5, 0.5, 0.5]), np.array([0.4, 0.6, 0.5, 0.5]))
-    assert out["estimate"] == pytest.approx(0.5 + (0.5 - 0.5 + 0.5) / 3)
+    out = ppi_mean(np.array([1.0, 0.0, 1.0]), np.array([0.5, 0.5, 0.5]), np.array([0.4, 0.6, 0.5, 0.5]),
+                   power_tuning=False)
+    assert out["estimate"] == pytest.approx(0.5 + (0.5 - 0.5 + 0.5) / 3) and out["lambda"] == 1.0
+    tuned = ppi_mean(np.array([1.0, 0.0, 1.0, 0.0]), np.array([0.8, 0.2, 0.6, 0.4]), np.array([0.3, 0.5, 0.9]))
+    lam = np.cov([1, 0, 1, 0], [0.8, 0.2, 0.6, 0.4])[0, 1] / ((1 + 4 / 3) * np.var([0.8, 0.2, 0.6, 0.4], ddof=1))
+    lam = min(lam, 1.0)
+    assert tuned["lambda"] == pytest.approx(lam)
+    assert tuned["estimate"] == pytest.approx(lam * np.mean([0.3, 0.5, 0.9]) + np.mean(
+        np.array([1.0, 0, 1, 0]) - lam * np.array([0.8, 0.2, 0.6, 0.4])))
+    useless = ppi_mean(np.array([1.0, 0.0, 1.0, 0.0]), np.array([0.2, 0.8, 0.2, 0.8]), np.array([0.5, 0.5]))
+    assert useless["lambda"] == 0.0 and useless["estimate"] == 0.5       # anti-correlated: the audit alone
     rng = np.random.default_rng(2)
     covered = 0
     for _ in range(300):                               # a biased predictor; the rectifier removes the bias
@@ -76,3 +92,40 @@ def test_ppi_mean_hand_computed_and_covers_the_truth():
         res = ppi_mean(gold_all[idx], pred[idx], pred)
         covered += res["ci_low"] <= 0.5 <= res["ci_high"]
     assert 0.91 <= covered / 300 <= 0.99
+
+
+def _audited_world(n: int, n_gold: int, seed: int = 0):
+    """Units with P(r*=1|x) = q, noisy labels with flips (0.2, 0.1), all observed, gold on a random subset."""
+    rng = np.random.default_rng(seed)
+    q = np.concatenate([rng.uniform(0, 1, n - 200), np.zeros(100), np.ones(100)])
+    star = (rng.random(n) < q).astype(float)
+    flip = rng.random(n)
+    label = np.where(star == 1, flip >= 0.2, flip < 0.1).astype(float)
+    gold = np.full(n, np.nan)
+    idx = rng.choice(n, n_gold, replace=False)
+    gold[idx] = star[idx]
+    return 0.1 + 0.7 * q, label, gold, star
+
+
+@pytest.mark.parametrize("method, n_gold, expected", [("auto", 1500, "audit"), ("auto", 40, "anchor_quantile_0.01"),
+                                                     ("anchor", 1500, "anchor_quantile_0.01"), ("none", 1500, "none")])
+def test_fit_chooses_audit_when_large_enough_else_anchors(method, n_gold, expected):
+    scores, label, gold, star = _audited_world(6000, n_gold)
+    fc = FitConfig(noise=method, min_audit=30)
+    flips, diag = noise_model(scores, label, gold, np.ones(label.size, bool), fc)
+    assert flips.method == expected
+    if expected == "audit":
+        assert (flips.rho01, flips.rho10) == pytest.approx((0.2, 0.1), abs=3 * max(flips.se01, flips.se10))
+        assert diag["estimates"]["anchor"]["method"] == "anchor_quantile_0.01"   # both reported
+    ppi, alone = diag["mean_reward"]["ppi"], diag["mean_reward"]["gold_only"]
+    assert alone["estimate"] == pytest.approx(np.nanmean(gold))
+    assert ppi["n_gold"] == n_gold and ppi["n_all"] == label.size - n_gold
+    if method != "none":
+        assert ppi["ci_low"] <= star.mean() <= ppi["ci_high"]
+        assert ppi["se"] < alone["se"]                 # the predictions carry information the audit lacks
+
+
+def test_an_audit_that_is_asked_for_but_too_small_fails_the_stage():
+    scores, label, gold, _ = _audited_world(3000, 20)
+    with pytest.raises(GateError, match="at least 30"):
+        noise_model(scores, label, gold, np.ones(label.size, bool), FitConfig(noise="audit", min_audit=30))

@@ -12,6 +12,7 @@ from estimators.diagnostics import auc, expected_calibration_error
 from estimators.features import feature_frame, make_featurizer
 from estimators.imputation import ImputationModel
 from estimators.propensity import PropensityModel
+from estimators.stacking import LinearThenBoosted
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,16 @@ def data():
     return X, p, o, y, fold
 
 
-@parametrize_with_checks([PropensityModel()])
+def _expected_failures(estimator) -> dict[str, str]:
+    if isinstance(estimator, LinearThenBoosted):
+        # as for sklearn's own HistGradientBoosting: binning and inner folds see rows, not weights
+        return {"check_sample_weight_equivalence_on_dense_data": "row repeats change the inner folds and bins",
+                "check_sample_weight_equivalence_on_sparse_data": "row repeats change the inner folds and bins"}
+    return {}
+
+
+@parametrize_with_checks([PropensityModel(), LinearThenBoosted(max_iter=20, min_samples_leaf=5)],
+                         expected_failed_checks=_expected_failures)
 def test_sklearn_contract(estimator, check):
     check(estimator)
 
@@ -71,6 +81,42 @@ def test_imputation_fits_soft_labels():
         ImputationModel().fit(X, y + 1)
 
 
+def _plateau_world(n: int, seed: int):
+    """P(y=1 | x) = 0.1 + 0.7·clip(sigmoid(sparse text score) + leaning(segment)): a harsh segment pins many
+    units at the floor 0.1 (an anchor plateau) that no single logit can represent."""
+    rng = np.random.default_rng(seed)
+    text = sp.random(n, 30, density=0.2, random_state=rng, format="csr")
+    beta = rng.normal(0, 3, 30)
+    harsh = (rng.random(n) < 0.3).astype(float)
+    truth = 0.1 + 0.7 * np.clip(1 / (1 + np.exp(-text @ beta)) - 0.6 * harsh, 0, 1)
+    y = (rng.random(n) < truth).astype(float)
+    return sp.hstack([text, harsh[:, None]]).tocsr(), y, truth
+
+
+def test_boosted_imputation_learns_the_interaction_and_the_floor_a_logit_cannot():
+    X, y, truth = _plateau_world(12_000, 0)
+    fold = np.arange(len(y)) % 3
+    err = {}
+    for model in ("logistic", "boosted"):
+        oof, _ = crossfit(ImputationModel(model=model, passthrough=[30]), X, y, fold)
+        err[model] = float(np.mean((oof - truth) ** 2))
+        low, high = np.quantile(oof, [0.01, 0.99])
+        if model == "boosted":                               # the anchors are the plateaus, not overshoots
+            assert abs(low - 0.1) < 0.03 and abs(high - 0.8) < 0.03
+        else:
+            assert low < 0.07 and high > 0.85                # what a logit does at the extremes
+    assert err["boosted"] < 0.6 * err["logistic"]
+
+
+def test_boosted_models_are_seeded():
+    X, y, _ = _plateau_world(3000, 1)
+    a = ImputationModel(model="boosted", passthrough=[30], random_state=3).fit(X, y).predict(X)
+    b = ImputationModel(model="boosted", passthrough=[30], random_state=3).fit(X, y).predict(X)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="model must be one of"):
+        ImputationModel(model="forest").fit(X, y)
+
+
 def test_featurizer_on_text_numeric_and_categorical():
     cols = {"prompt": ["how to sort", None], "response": ["use sorted builtin", "no idea"],
             "position": [0, None], "model_version": ["v1", None]}
@@ -90,7 +136,9 @@ def test_skops_allow_list_matches_what_our_models_need(data, tmp_path: Path):
                           numeric=["response_length"], categorical=["v"])
     objs = {"featurizer": make_featurizer(numeric=["response_length"], categorical=["v"]).fit(frame),
             "propensity": crossfit(PropensityModel(), X, o, fold)[1],
-            "imputation": crossfit(ImputationModel(), X, y, fold)[1]}
+            "imputation": crossfit(ImputationModel(), X, y, fold)[1],
+            "boosted": [PropensityModel(model="boosted", passthrough=[2]).fit(X, o),
+                        ImputationModel(model="boosted", passthrough=[2]).fit(X, y)]}
     needed = set()
     for name, obj in objs.items():
         persist.save(obj, tmp_path / f"{name}.skops")

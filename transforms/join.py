@@ -101,11 +101,21 @@ def resolve_labels(signals: pl.DataFrame, rules: Mapping[str, LabelRule], explic
             .agg(pl.col(un.LABEL).last(), pl.col(sig.TYPE).last().alias(un.LABEL_SOURCE)))
 
 
+def gold_labels(signals: pl.DataFrame, gold: str | None) -> pl.DataFrame:
+    """The audited label of each audited impression: the value of its latest ``gold`` signal."""
+    if gold is None:
+        return pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, un.LABEL_GOLD: pl.Float64})
+    return (signals.filter(pl.col(sig.TYPE) == gold).sort([imp.IMPRESSION_ID, sig.TS, sig.EVENT_ID])
+            .group_by(imp.IMPRESSION_ID, maintain_order=True).agg(pl.col(sig.VALUE).last().alias(un.LABEL_GOLD)))
+
+
 def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping[str, LabelRule],
                 explicit: Sequence[str], observe: Sequence[str], known_types: Sequence[str],
-                unobserved_label: float | None, hash_key: bytes | None, units_schema: pa.Schema) -> pa.Table:
+                unobserved_label: float | None, hash_key: bytes | None, units_schema: pa.Schema,
+                gold: str | None = None) -> pa.Table:
     """Deduplicated impressions + their valid signals → units: per-type counts, resolved label, observed flag,
-    pseudonymised user (the raw user id and provenance columns are dropped), sorted by impression id."""
+    gold label, pseudonymised user (the raw user id and provenance columns are dropped), sorted by impression
+    id."""
     if sigs is None:
         sigs = pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, sig.EVENT_ID: pl.String, sig.TYPE: pl.String,
                                     sig.TS: pl.Datetime("us", "UTC"), sig.VALUE: pl.Float64})
@@ -114,6 +124,7 @@ def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping
     labels = resolve_labels(sigs, rules, explicit, observe)
     df = (imps.join(per_type, on=imp.IMPRESSION_ID, how="left")
           .join(labels, on=imp.IMPRESSION_ID, how="left")
+          .join(gold_labels(sigs, gold), on=imp.IMPRESSION_ID, how="left")
           .with_columns(pl.col(un.count_column(t)).fill_null(0) for t in known_types))
     observed = pl.col(un.LABEL).is_not_null()
     if unobserved_label is not None:  # click-through framing: every impression is labelled
@@ -167,10 +178,11 @@ class JoinAndLabel(beam.DoFn):
 
     def __init__(self, *, rules: Mapping[str, LabelRule], explicit: Sequence[str], observe: Sequence[str],
                  known_types: Sequence[str], unobserved_label: float | None, key_env: str | None,
-                 units_schema: pa.Schema, signal_files: Sequence[str]):
+                 units_schema: pa.Schema, signal_files: Sequence[str], gold: str | None = None):
         self._rules, self._explicit, self._observe = dict(rules), list(explicit), list(observe)
         self._known, self._unobserved_label = list(known_types), unobserved_label
         self._key_env, self._schema, self._signal_files = key_env, units_schema, list(signal_files)
+        self._gold = gold
         self._key: bytes | None = None
 
     def setup(self):
@@ -202,7 +214,7 @@ class JoinAndLabel(beam.DoFn):
             units = build_units(imps, sigs if sigs_raw is not None else None, rules=self._rules,
                                 explicit=self._explicit, observe=self._observe, known_types=self._known,
                                 unobserved_label=self._unobserved_label, hash_key=self._key,
-                                units_schema=self._schema)
+                                units_schema=self._schema, gold=self._gold)
             counts["signals.rows_ok"] = sum(pc.sum(units[un.count_column(t)]).as_py() for t in self._known)
             yield bucket, units
         elif sigs_raw is not None:

@@ -44,8 +44,8 @@ class Models:
     def load(cls, paths: dict[str, str]) -> Models:
         flips = json.loads(Path(paths["noise"]).read_text())
         models = (persist.load(paths[k]) if k in paths else None for k in ("featurizer", "propensity", "imputation"))
-        return cls(*models,
-                   flip_rates=FlipRates(**flips), confounders=json.loads(Path(paths["confounding"]).read_text()))
+        return cls(*models, flip_rates=FlipRates.from_dict(flips),
+                   confounders=json.loads(Path(paths["confounding"]).read_text()))
 
 
 def design(table: pa.Table, fit: FitConfig):
