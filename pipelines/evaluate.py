@@ -62,6 +62,12 @@ def mean_label_estimates(d: pl.DataFrame) -> dict[str, float]:
         "true_clean_reward": float(d[tr.REWARD_TRUE].mean()),
     }
     est["bias"] = {k: est[k] - est["true"] for k in ("naive", "ips", "snips", "dr")}
+    # Standard errors given the fitted nuisances (influence functions): is a bias within noise?
+    w = d[pw.WEIGHT_SNIPS].to_numpy()[obs]
+    dr = d[pw.TARGET_DR].to_numpy()
+    est["se"] = {"naive": float(label[obs].std(ddof=1) / np.sqrt(obs.sum())),
+                 "snips": float(np.sqrt(np.sum(w**2 * (label[obs] - est["snips"]) ** 2)) / w.sum()),
+                 "dr": float(dr.std(ddof=1) / np.sqrt(n))}
     return est
 
 
@@ -78,6 +84,7 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
     if d.height != points.height:
         raise InputError(f"{truth_path}: {points.height - d.height} units have no ground truth")
     o = d[un.OBSERVED].to_numpy()
+    observed_d = d.filter(pl.col(un.OBSERVED) == 1)
     p_hat, p_true = d[pw.PROPENSITY].to_numpy(), d[tr.PROPENSITY_TRUE].to_numpy()
     result: dict[str, Any] = {
         "units": d.height,
@@ -92,6 +99,9 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
             "true": _true_flip_rates(truth_path),
             "clean_vs_given": {"rho01": _rate(d, tr.LABEL_CLEAN, 1, tr.LABEL_NOISY, 0),
                                "rho10": _rate(d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
+            # what an audit of observed units measures: selection changes who is in it
+            "clean_vs_given_observed": {"rho01": _rate(observed_d, tr.LABEL_CLEAN, 1, tr.LABEL_NOISY, 0),
+                                        "rho10": _rate(observed_d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
         },
         "mean_reward": _mean_reward(noise, d),
         "confounders": _confounders(run, d),

@@ -17,6 +17,8 @@ The world it simulates, per impression x (a response to a prompt, shown to a use
   propensity model can identify) while still favouring good responses as α < 1;
 * audit: a uniformly random ``gold_share`` of the impressions, observed or not, gets a ``gold`` signal whose
   value is the clean label r* (an annotation team's verdict), for audited flip rates and PPI estimates;
+* a logged policy: with ``log_propensity`` the impressions carry ``logged_propensity`` = propensity_true, as
+  logs of a randomised feedback prompt would (for ``fit.propensity_column``);
 * dirt: duplicated impressions, replayed signal events, orphan signals, signals before their impression,
   unknown signal types and rows missing a required field, in known numbers.
 
@@ -42,6 +44,7 @@ from schemas import truth as tr
 from schemas.conform import conform
 
 SEGMENT = "user_segment"
+LOGGED_PROPENSITY = "logged_propensity"
 _SEGMENTS = np.array(["casual", "regular", "power"])
 _SEGMENT_SHARE = np.array([0.5, 0.35, 0.15])
 _SEGMENT_EFFECT = np.array([-0.8, 0.0, 0.8])       # log-odds-ish effect on giving feedback at all
@@ -71,6 +74,7 @@ class Scenario:
     dirty_share: float = 0.005
     implicit_rate: float = 1.0
     gold_share: float = 0.02
+    log_propensity: bool = False
 
     def __post_init__(self) -> None:
         if self.n_impressions < self.responses_per_prompt:
@@ -180,6 +184,7 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
         imp.MODEL_VERSION: _VERSIONS[version],
         imp.POSITION: pa.array(position, pa.int32()),
         SEGMENT: _SEGMENTS[segment],
+        **({LOGGED_PROPENSITY: propensity} if s.log_propensity else {}),
     })
     truth = pa.table({
         imp.IMPRESSION_ID: impression_id,
