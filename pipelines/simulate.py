@@ -197,7 +197,7 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
     })
     signals = _signals(rng, impression_id, ts, observed, label_noisy, reward_true, s.implicit_rate)
     impressions, signals = _add_dirt(rng, impressions, signals, s.dirty_share)
-    signals = pa.concat_tables([signals, _gold(rng, impression_id, ts, label_clean, s.gold_share)])
+    signals = pa.concat_tables([signals, _gold(rng, impression_id, ts, label_clean, s.gold_share, signals.schema)])
     return SimulatedLogs(impressions, signals, conform(truth, tr.TRUTH))
 
 
@@ -245,7 +245,7 @@ def _signals(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray
 
 
 def _gold(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray, label_clean: np.ndarray,
-          share: float) -> pa.Table:
+          share: float, schema: pa.Schema) -> pa.Table:
     """Audit events: r* of a uniformly random ``share`` of the impressions, a day or so after them. Drawn
     last, so that the other draws do not depend on ``share``."""
     idx = np.flatnonzero(rng.random(impression_id.size) < share)
@@ -256,7 +256,7 @@ def _gold(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray, l
         sig.TS: pa.array(ts[idx] + delay, imp.TIMESTAMP),
         sig.TYPE: np.full(idx.size, "gold", dtype=object),
         sig.VALUE: pa.array(label_clean[idx].astype(float), pa.float64()),
-    })
+    }, schema=schema)
 
 
 def _add_dirt(rng: np.random.Generator, impressions: pa.Table, signals: pa.Table,

@@ -21,6 +21,8 @@ def test_minimal_config_gets_defaults():
     (MINIMAL + "[fit]\ncalibration = 'platt'\n", "key 'fit.calibration'"),
     (MINIMAL + "[ingest]\nexplicit = ['thumbs']\n", "thumbs"),
     (MINIMAL + "[ingest]\nlabels = { up = 2 }\nexplicit = ['up']\n", "ingest.labels.up"),
+    (MINIMAL + "[ingest]\ngold = 'upvote'\n", "ingest.gold type 'upvote'"),
+    (MINIMAL + "[fit]\nnoise = 'oracle'\n", "key 'fit.noise'"),
     ("[input]\nimpressions = 'a'\n", "missing key 'input.signals'"),
     ("[input\n", "malformed TOML"),
 ])

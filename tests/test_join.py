@@ -8,7 +8,15 @@ import pytest
 from schemas import units as un
 from schemas.errors import ConfigError
 from transforms.io import decode_table, encode_table
-from transforms.join import JoinAndLabel, KeyByBucket, dedup, key_from_env, pseudonymise, resolve_labels
+from transforms.join import (
+    JoinAndLabel,
+    KeyByBucket,
+    dedup,
+    gold_labels,
+    key_from_env,
+    pseudonymise,
+    resolve_labels,
+)
 from transforms.read import FILE_INDEX, ROW_NUMBER
 
 RULES = {"upvote": 1.0, "downvote": 0.0, "edit": "1 - value", "copy": 1.0, "regenerate": 0.0}
@@ -37,6 +45,17 @@ def test_latest_explicit_wins_and_implicit_only_without_explicit():
     # With the default observe list (explicit types only), implicit signals do not observe a unit.
     got = {r[un.IMPRESSION_ID] for r in resolve_labels(s, RULES, EXPLICIT, EXPLICIT).to_dicts()}
     assert got == {"a", "c"}
+
+
+def test_the_latest_gold_signal_is_the_gold_label_and_never_the_users():
+    s = _signals([
+        ("e1", "a", _t(1), "upvote", None), ("g1", "a", _t(50), "gold", 0.0), ("g2", "a", _t(90), "gold", 1.0),
+        ("g3", "b", _t(2), "gold", 0.0),
+    ])
+    assert gold_labels(s, "gold").sort(un.IMPRESSION_ID).rows() == [("a", 1.0), ("b", 0.0)]
+    assert gold_labels(s, None).height == 0
+    got = {r[un.IMPRESSION_ID]: r[un.LABEL] for r in resolve_labels(s, RULES, EXPLICIT, EXPLICIT).to_dicts()}
+    assert got == {"a": 1.0}                                   # b has a gold label only: not observed
 
 
 def test_dedup_keeps_the_earliest_and_is_order_independent():

@@ -3,9 +3,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
-from pipelines.simulate import SCENARIOS, Scenario, simulate, write
+from pipelines.simulate import LOGGED_PROPENSITY, SCENARIOS, Scenario, simulate, write
 from schemas import truth as tr
 
 
@@ -52,8 +53,31 @@ def test_dirt_comes_in_known_numbers():
     assert types.count("thumbs_sideways") == orphans == missing > 0
 
 
+def test_gold_audits_a_random_share_with_the_clean_label_and_changes_no_other_draw():
+    s = replace(SCENARIOS["default"], n_impressions=20_000, seed=5, dirty_share=0.0)
+    logs = simulate(s)
+    sig = logs.signals.to_pandas()
+    gold = sig[sig["type"] == "gold"]
+    assert gold["impression_id"].is_unique and abs(len(gold) / 20_000 - s.gold_share) < 0.005
+    truth = logs.truth.to_pandas().set_index("impression_id")
+    audited = truth.loc[gold["impression_id"]]
+    assert (gold["value"].to_numpy() == audited[tr.LABEL_CLEAN].to_numpy()).all()
+    assert abs(audited[tr.OBSERVED_TRUE].mean() - truth[tr.OBSERVED_TRUE].mean()) < 0.03   # not selected on o
+    without = simulate(replace(s, gold_share=0.0))
+    assert without.truth.equals(logs.truth)
+    assert without.signals.equals(logs.signals.filter(pc.not_equal(logs.signals["type"], "gold")))
+
+
+def test_a_logged_propensity_is_the_true_one():
+    logs = simulate(Scenario(n_impressions=1000, seed=0, dirty_share=0.0, log_propensity=True))
+    assert logs.impressions[LOGGED_PROPENSITY].to_pylist() == logs.truth[tr.PROPENSITY_TRUE].to_pylist()
+    assert LOGGED_PROPENSITY not in simulate(Scenario(n_impressions=1000)).impressions.column_names
+
+
 def test_scenario_validation():
     with pytest.raises(ValueError, match="flip rates"):
         Scenario(rho01=0.6, rho10=0.4)
     with pytest.raises(ValueError, match="alpha"):
         Scenario(alpha=0.0)
+    with pytest.raises(ValueError, match="gold_share"):
+        Scenario(gold_share=1.5)
