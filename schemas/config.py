@@ -145,6 +145,9 @@ class FitConfig(_Section):
         "fit (the population effect; removes collider bias when selection acts on quality and the confounder, "
         "but carries the propensity model's errors: see benchmarks/RESULTS.md)")
     confounder_controls: int = Field(50, ge=1, le=500, description="SVD components of the text used as controls")
+    folds: int = Field(5, ge=2, le=20)
+    max_rows: int = Field(200_000, ge=100)
+    seed: int = 0
 
     @model_validator(mode="after")
     def _confounders_are_numeric_features(self) -> FitConfig:
@@ -152,9 +155,6 @@ class FitConfig(_Section):
         if missing:
             raise ValueError(f"fit.confounders names {missing}, which are not in fit.numeric")
         return self
-    folds: int = Field(5, ge=2, le=20)
-    max_rows: int = Field(200_000, ge=100)
-    seed: int = 0
 
 
 class ScoreConfig(_Section):
