@@ -22,13 +22,14 @@ from estimators.features import RESPONSE_LENGTH, input_columns, make_featurizer,
 from estimators.imputation import ImputationModel
 from estimators.noise import FlipRates, anchor_flip_rates, audit_flip_rates, corrected_target, mean_ci, ppi_mean
 from estimators.propensity import PropensityModel, logged_propensity
+from pipelines.manifest import describe_inputs
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config, FitConfig
 from schemas.errors import GateError, InputError
 from schemas.hashing import fold_of, sample_rank
 from schemas.run_dir import RunDir
-from transforms.io import atomic_dir, read_dataset
+from transforms.io import atomic_dir, parquet_files, read_dataset
 from transforms.score import design
 
 FEATURIZER = "featurizer.skops"
@@ -179,6 +180,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         (tmp / WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
         (tmp / CONFOUNDING).write_text(json.dumps(effects, indent=2) + "\n")
     return {
+        "inputs": describe_inputs(parquet_files(run.path(rd.UNITS))),
         "outputs": [str(run.path(rd.MODELS))],
         "counts": {"units": units.num_rows, "sample": sample.num_rows, "sample_observed": int(obs.sum())},
         "diagnostics": {

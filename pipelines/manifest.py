@@ -35,6 +35,16 @@ def describe_inputs(paths: Iterable[Path | str]) -> list[dict[str, Any]]:
     return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size} for p in paths]
 
 
+def dataset_sha256(directory: Path | str) -> str:
+    """One hash of a dataset's content: every Parquet file's relative path and bytes, in path order. Two runs
+    that wrote the same rows into the same files have the same hash."""
+    root = Path(directory)
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.parquet")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:

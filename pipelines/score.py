@@ -18,6 +18,7 @@ from estimators import weights as W
 from estimators.diagnostics import summary
 from estimators.propensity import logged_propensity
 from pipelines.fit import CONFOUNDING, FEATURIZER, IMPUTATION, NOISE, PROPENSITY, WEIGHTS
+from pipelines.manifest import dataset_sha256, describe_inputs
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
@@ -25,7 +26,9 @@ from schemas import units as un
 from schemas.config import Config
 from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
+from schemas.suites import RAW_USER_COLUMNS, pairwise_suite, pointwise_suite, suite_columns
 from transforms import score as sc
+from transforms.gates import failed_expectations
 from transforms.io import commit_dir, count_rows, encode_table, parquet_files, read_dataset, staging_dir
 from transforms.join import KeyByBucket
 from transforms.read import ReadParts
@@ -94,14 +97,33 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
             raise GateError(f"score: degenerate weights: the Kish ESS of the IPS weights is {ess_share:.2%} of the "
                             f"observed units, below score.ess_floor = {cfg.score.ess_floor:.2%}; the previous "
                             "datasets are left in place")
+        output_gates(tmp_pw, tmp_pr, cfg.score.min_margin)
+        content = {rd.POINTWISE: dataset_sha256(tmp_pw), rd.PAIRWISE: dataset_sha256(tmp_pr)}
         commit_dir(tmp_pw, final_pw)
         commit_dir(tmp_pr, final_pr)
     finally:
         shutil.rmtree(tmp_pw, ignore_errors=True)
         shutil.rmtree(tmp_pr, ignore_errors=True)
-    return {"outputs": [str(final_pw), str(final_pr)],
+    return {"inputs": describe_inputs(unit_files), "outputs": [str(final_pw), str(final_pr)],
+            "content_sha256": content,
             "counts": {"units": n_units, "pointwise": n_points, "pairs": count_rows(final_pr)},
             "diagnostics": diagnostics}
+
+
+def output_gates(pointwise_dir: Path, pairwise_dir: Path, min_margin: float) -> None:
+    """The Great Expectations gates on the staged datasets, and no raw user id in either: a dataset that fails
+    is not committed (exit code 2) and the previous one stays."""
+    for name, path, suite in ((rd.POINTWISE, pointwise_dir, pointwise_suite()),
+                              (rd.PAIRWISE, pairwise_dir, pairwise_suite(min_margin))):
+        files = parquet_files(path)
+        if not files:
+            continue
+        leaked = [c for c in RAW_USER_COLUMNS if c in pq.read_schema(files[0]).names]
+        if leaked:
+            raise GateError(f"score: {name} would carry the raw user id column {leaked[0]!r}")
+        failures = failed_expectations(read_dataset(path, suite_columns(suite)), suite)
+        if failures:
+            raise GateError(f"score: the {name} gate failed ({len(failures)} expectations): " + "; ".join(failures))
 
 
 def check_logged_propensity(unit_files: Sequence[str], column: str) -> None:

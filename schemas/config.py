@@ -171,11 +171,16 @@ class ScoreConfig(_Section):
         if v != "auto" and not 0 < v < 1:
             raise ValueError(f"clip must be in (0, 1) or 'auto', got {v}")
         return v
-    pairs: Literal["all", "best_vs_worst"] = "all"
-    pair_target: Literal["label", "target_dr"] = "label"
-    min_margin: float = Field(0.5, ge=0)
-    max_pairs_per_prompt: int = Field(6, ge=1)
-    pair_weight: Literal["product", "min"] = "product"
+    pairs: Literal["all", "capped", "best_vs_worst"] = Field(
+        "capped", description="which pairs of a prompt's units: every pair at least min_margin apart ('all'), "
+        "the max_pairs_per_prompt widest-margin ones ('capped'), or the single widest ('best_vs_worst')")
+    pair_target: Literal["label", "target_dr"] = Field(
+        "label", description="what orders a pair: the observed label (observed units, SNIPS-weighted) or the DR "
+        "pseudo-outcome (every unit, weight 1)")
+    min_margin: float = Field(0.5, ge=0, description="smallest target difference that makes a pair")
+    max_pairs_per_prompt: int = Field(6, ge=1, description="the cap of pairs = 'capped'")
+    pair_weight: Literal["product", "min"] = Field(
+        "product", description="a pair's weight from its units' weights (then normalised to mean 1)")
     buckets: int = Field(8, ge=1, le=4096)
 
 

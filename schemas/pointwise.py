@@ -29,7 +29,7 @@ SCORE_FIELDS = [
              metadata={"doc": "target_dr minus the fitted confounder effects theta * (T - T_ref), then noise-corrected"
                        " like target_noise_corrected"}),
     pa.field(FOLD, pa.int16(), nullable=False, metadata={"doc": "cross-fitting fold: hash(impression_id) % K"}),
-    pa.field(RUN_ID, pa.string(), nullable=False),
+    pa.field(RUN_ID, pa.string(), nullable=False, metadata={"doc": "the run that scored the unit"}),
 ]
 
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from schemas import pairwise as pr
+from schemas import pointwise as pw
 from schemas import units as un
 
 if TYPE_CHECKING:
@@ -32,6 +34,56 @@ def units_suite(schema: pa.Schema) -> gx.ExpectationSuite:
     ])
 
 
+_LARGEST = 1.7976931348623157e308   # the largest finite float: "between 0 and this" also refuses +inf
+
+
+def pointwise_suite() -> gx.ExpectationSuite:
+    """The gate on ``datasets/pointwise``: one row per impression, propensities in (0, 1], weights and targets
+    finite (NaN reads as null in the gate's frame), weights non-negative."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    finite = [pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED,
+              pw.TARGET_DECONFOUNDED, pw.PROPENSITY]
+    return gx.ExpectationSuite(name="pointwise", expectations=[
+        E.ExpectColumnValuesToBeUnique(column=un.IMPRESSION_ID),
+        E.ExpectColumnValuesToBeInSet(column=un.OBSERVED, value_set=[0, 1]),
+        *(E.ExpectColumnValuesToNotBeNull(column=c) for c in finite),
+        E.ExpectColumnValuesToBeBetween(column=pw.PROPENSITY, min_value=0, max_value=1, strict_min=True),
+        *(E.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=_LARGEST)
+          for c in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS)),
+        *(E.ExpectColumnValuesToBeBetween(column=c, min_value=-_LARGEST, max_value=_LARGEST)
+          for c in (pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED, pw.TARGET_DECONFOUNDED)),
+    ])
+
+
+def pairwise_suite(min_margin: float) -> gx.ExpectationSuite:
+    """The gate on ``datasets/pairwise``: two different units per pair, the chosen one's target above the
+    rejected one's by at least ``min_margin``, finite non-negative weights, propensities in (0, 1]."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    return gx.ExpectationSuite(name="pairwise", expectations=[
+        E.ExpectSelectColumnValuesToBeUniqueWithinRecord(column_list=[pr.CHOSEN_ID, pr.REJECTED_ID]),
+        E.ExpectColumnPairValuesAToBeGreaterThanB(column_A=pr.CHOSEN_TARGET, column_B=pr.REJECTED_TARGET),
+        E.ExpectColumnValuesToBeBetween(column=pr.MARGIN, min_value=min_margin - 1e-9),
+        E.ExpectColumnValuesToNotBeNull(column=pr.WEIGHT),
+        E.ExpectColumnValuesToBeBetween(column=pr.WEIGHT, min_value=0, max_value=_LARGEST),
+        *(E.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=1, strict_min=True)
+          for c in (pr.CHOSEN_PROPENSITY, pr.REJECTED_PROPENSITY)),
+    ])
+
+
+RAW_USER_COLUMNS = ("user_id",)
+"""Columns that must never reach an output: the raw user id (units carry only its keyed hash)."""
+
+
 def suite_columns(suite: gx.ExpectationSuite) -> list[str]:
     """The columns a suite reads, so that a gate loads only those (not the text)."""
-    return sorted({e.column for e in suite.expectations})
+    cols: set[str] = set()
+    for e in suite.expectations:
+        for attr in ("column", "column_A", "column_B"):
+            if getattr(e, attr, None):
+                cols.add(getattr(e, attr))
+        cols.update(getattr(e, "column_list", None) or [])
+    return sorted(cols)

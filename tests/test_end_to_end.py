@@ -5,6 +5,8 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import polars as pl
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -151,3 +153,34 @@ def test_length_effect_ci_covers_the_simulated_verbosity_bias(finished_run):
     balance = json.loads((run / rd.MANIFEST).read_text())["stages"]["fit"]["diagnostics"]["balance"]
     by_col = {b["column"]: b for b in balance}
     assert abs(by_col["response_length"]["smd_after"]) < abs(by_col["response_length"]["smd_before"])
+
+
+def test_datasets_read_back_with_polars_and_pyarrow_and_keep_the_gates_promises(finished_run):
+    run, _ = finished_run
+    cfg = load_config(run / rd.CONFIG)
+    points = pl.scan_parquet(run / rd.POINTWISE / "*.parquet").collect()
+    assert points.height == ds.dataset(run / rd.POINTWISE, format="parquet").count_rows()
+    assert "user_id" not in points.columns
+    assert points[pw.PROPENSITY].is_finite().all() and (points[pw.PROPENSITY] > 0).all()
+    assert (points[pw.PROPENSITY] <= 1).all()
+    for c in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS):
+        assert points[c].is_finite().all() and (points[c] >= 0).all()
+    pairs = pl.from_arrow(ds.dataset(run / rd.PAIRWISE, format="parquet").to_table())
+    assert pairs.height == pl.scan_parquet(run / rd.PAIRWISE / "*.parquet").select(pl.len()).collect().item()
+    assert (pairs[pr.CHOSEN_ID] != pairs[pr.REJECTED_ID]).all()
+    assert (pairs[pr.MARGIN] >= cfg.score.min_margin).all()
+    assert pairs.select(pr.PROMPT, pr.CHOSEN, pr.REJECTED).null_count().sum_horizontal().item() == 0
+    joined = pairs.join(points.select(pl.col(un.IMPRESSION_ID).alias(pr.CHOSEN_ID), pw.PROPENSITY), on=pr.CHOSEN_ID)
+    assert (joined[pr.CHOSEN_PROPENSITY] == joined[pw.PROPENSITY]).all() and joined.height == pairs.height
+
+
+def test_rerunning_score_rewrites_identical_datasets(finished_run):
+    """Same inputs and models → byte-identical part files (the manifest's content hash), committed atomically;
+    no staging folders are left behind. (Runs last in this module: it re-runs a stage of the shared run.)"""
+    run, _ = finished_run
+    first = json.loads((run / rd.MANIFEST).read_text())["stages"]["score"]["content_sha256"]
+    assert set(first) == {rd.POINTWISE, rd.PAIRWISE}
+    assert main(["score", str(run)]) == 0
+    second = json.loads((run / rd.MANIFEST).read_text())["stages"]["score"]["content_sha256"]
+    assert second == first
+    assert not list((run / rd.POINTWISE).parent.glob(".*tmp-*"))

@@ -19,6 +19,7 @@ def _units() -> pl.DataFrame:
         "label": [1.0, 0.0, 0.0, None, 1.0, 1.0],
         pw.WEIGHT_SNIPS: [2.0, 0.5, 1.0, 0.0, 1.0, 1.0],
         pw.TARGET_DR: [0.9, 0.1, 0.5, 0.6, 0.7, 0.2],
+        pw.PROPENSITY: [0.5, 0.25, 0.2, 0.1, 0.4, 0.8],
     })
 
 
@@ -28,6 +29,22 @@ def test_all_pairs_by_label_with_product_weights():
     assert pairs[pr.WEIGHT].to_list() == [1.0, 2.0] and pairs[pr.MARGIN].to_list() == [1.0, 1.0]
     assert pairs[pr.CHOSEN].to_list() == ["A", "A"] and pairs[pr.PROMPT].to_list() == ["P", "P"]
     assert (pairs[pr.CHOSEN_ID] != pairs[pr.REJECTED_ID]).all()
+    assert pairs.select(pr.CHOSEN_PROPENSITY, pr.REJECTED_PROPENSITY).rows() == [(0.5, 0.25), (0.5, 0.2)]
+
+
+def test_all_is_uncapped_capped_keeps_the_widest_and_pairs_need_texts():
+    units = _units().with_columns(pl.when(pl.col("impression_id") == "c").then(None).otherwise(pl.col("response"))
+                                  .alias("response"))
+    every = pl.from_arrow(build_pairs(_units(), ScoreConfig(pairs="all", pair_target="target_dr", min_margin=0.0),
+                                      "run"))
+    assert every.filter(pl.col("prompt_id") == "p").height == 6          # 4 units: every ordered-by-target pair
+    capped = pl.from_arrow(build_pairs(_units(), ScoreConfig(pairs="capped", pair_target="target_dr",
+                                                             min_margin=0.0, max_pairs_per_prompt=2), "run"))
+    assert capped.filter(pl.col("prompt_id") == "p")[pr.MARGIN].to_list() == pytest.approx([0.8, 0.5])
+    no_text = pl.from_arrow(build_pairs(units, ScoreConfig(pairs="all", pair_target="target_dr", min_margin=0.0),
+                                        "run"))
+    assert "c" not in set(no_text[pr.CHOSEN_ID]) | set(no_text[pr.REJECTED_ID])
+    assert no_text[pr.REJECTED].null_count() == 0 and no_text.height == 4
 
 
 def test_dr_targets_pair_every_unit_and_respect_the_margin_and_cap():

@@ -124,24 +124,25 @@ def build_pairs(units: pl.DataFrame, cfg: ScoreConfig, run_id: str) -> pa.Table:
     target = pl.col(un.LABEL) if cfg.pair_target == "label" else pl.col(pw.TARGET_DR)
     unit_weight = pl.col(pw.WEIGHT_SNIPS) if cfg.pair_target == "label" else pl.lit(1.0)
     df = units.filter(pl.col(un.OBSERVED) == 1) if cfg.pair_target == "label" else units
-    df = df.select(un.PROMPT_ID, un.IMPRESSION_ID, un.PROMPT, un.RESPONSE, target.alias("t"), unit_weight.alias("w"))
+    # A pair without texts is no use to a trainer (TRL reads prompt/chosen/rejected as they are).
+    df = df.filter(pl.col(un.PROMPT).is_not_null() & pl.col(un.RESPONSE).is_not_null() & target.is_not_null())
+    df = df.select(un.PROMPT_ID, un.IMPRESSION_ID, un.PROMPT, un.RESPONSE, pw.PROPENSITY, target.alias("t"),
+                   unit_weight.alias("w"))
     pairs = (df.join(df, on=un.PROMPT_ID, suffix="_r")
              .filter((pl.col("t") - pl.col("t_r")) >= max(cfg.min_margin, 1e-12))
              .with_columns((pl.col("t") - pl.col("t_r")).alias(pr.MARGIN)))
-    if cfg.pairs == "best_vs_worst":
-        pairs = (pairs.sort([un.PROMPT_ID, pr.MARGIN, un.IMPRESSION_ID, f"{un.IMPRESSION_ID}_r"],
-                            descending=[False, True, False, False])
-                 .group_by(un.PROMPT_ID, maintain_order=True).head(1))
-    else:
-        pairs = (pairs.sort([un.PROMPT_ID, pr.MARGIN, un.IMPRESSION_ID, f"{un.IMPRESSION_ID}_r"],
-                            descending=[False, True, False, False])
-                 .group_by(un.PROMPT_ID, maintain_order=True).head(cfg.max_pairs_per_prompt))
+    pairs = pairs.sort([un.PROMPT_ID, pr.MARGIN, un.IMPRESSION_ID, f"{un.IMPRESSION_ID}_r"],
+                       descending=[False, True, False, False])     # widest margins first, ties by id
+    if cfg.pairs != "all":
+        keep = 1 if cfg.pairs == "best_vs_worst" else cfg.max_pairs_per_prompt
+        pairs = pairs.group_by(un.PROMPT_ID, maintain_order=True).head(keep)
     combine = (pl.col("w") * pl.col("w_r")) if cfg.pair_weight == "product" else pl.min_horizontal("w", "w_r")
     out = pairs.select(
         pl.col(un.PROMPT_ID), pl.col(un.PROMPT).alias(pr.PROMPT), pl.col(un.RESPONSE).alias(pr.CHOSEN),
         pl.col(f"{un.RESPONSE}_r").alias(pr.REJECTED), pl.col(un.IMPRESSION_ID).alias(pr.CHOSEN_ID),
         pl.col(f"{un.IMPRESSION_ID}_r").alias(pr.REJECTED_ID), pl.col("t").alias(pr.CHOSEN_TARGET),
-        pl.col("t_r").alias(pr.REJECTED_TARGET), pl.col(pr.MARGIN), combine.alias(pr.WEIGHT),
+        pl.col("t_r").alias(pr.REJECTED_TARGET), pl.col(pw.PROPENSITY).alias(pr.CHOSEN_PROPENSITY),
+        pl.col(f"{pw.PROPENSITY}_r").alias(pr.REJECTED_PROPENSITY), pl.col(pr.MARGIN), combine.alias(pr.WEIGHT),
         pl.lit(run_id).alias(pr.RUN_ID),
     )
     return out.to_arrow().cast(pr.PAIRWISE)
