@@ -65,6 +65,39 @@ def plot_weights(w_ips: np.ndarray, w_clip: np.ndarray, clip: float, path: Path)
     fig.savefig(path, dpi=110)
 
 
+def plot_confounders(effects: Sequence[dict[str, Any]], path: Path) -> None:
+    """Each confounder's estimated effect on the label with its 95% CI (a forest plot); 0 = no effect."""
+    fig = Figure(figsize=(6, 1.6 + 0.5 * len(effects)))
+    ax = fig.subplots()
+    y = np.arange(len(effects))
+    est = np.array([e["effect"] for e in effects])
+    lo, hi = np.array([e["ci_low"] for e in effects]), np.array([e["ci_high"] for e in effects])
+    ax.errorbar(est, y, xerr=[est - lo, hi - est], fmt="o", capsize=4)
+    ax.axvline(0, c="grey", ls="--", lw=1)
+    ax.set_yticks(y, [f"{e['treatment']} ({e.get('scale', 'identity')})" for e in effects])
+    ax.set(xlabel="effect on the label (95% CI)", title="Confounder effects (DML)", ylim=(-0.6, len(effects) - 0.4))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_balance(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Standardised mean differences of the observed units vs all units, before and after weighting (a "love
+    plot"): weighting should move every point towards 0; |SMD| > 0.1 is the usual warning line."""
+    fig = Figure(figsize=(6, 2.2 + 0.5 * len(rows)))
+    ax = fig.subplots()
+    y = np.arange(len(rows))
+    ax.scatter([r["smd_before"] for r in rows], y, label="before weighting", marker="o")
+    ax.scatter([r["smd_after"] for r in rows], y, label="after weighting", marker="s")
+    for x in (-0.1, 0.1):
+        ax.axvline(x, c="grey", ls=":", lw=1)
+    ax.axvline(0, c="grey", lw=1)
+    ax.set_yticks(y, [r["column"] for r in rows])
+    ax.set(xlabel="standardised mean difference (observed − all)", title="Balance", ylim=(-0.6, len(rows) + 0.4))
+    ax.legend(loc="upper center", ncol=2, fontsize="small", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     def cell(x: Any) -> str:
         return html.escape(f"{x:.4g}" if isinstance(x, float) else str(x))
@@ -79,6 +112,9 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
     parts = [f"<h1>obsfeed run {html.escape(str(manifest.get('run_id')))}</h1>",
              f"<p>config hash <code>{manifest.get('config_hash', '')[:12]}</code>, "
              f"git <code>{html.escape(str(manifest.get('git_commit')))}</code></p>"]
+    funnel = _funnel(st)
+    if funnel:
+        parts.append("<h2>Funnel</h2>" + _table(funnel, ["step", "rows"]))
     if "ingest" in st:
         counts = st["ingest"].get("counts", {})
         parts.append("<h2>Rows</h2>" + _table(
@@ -95,6 +131,24 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
     for key in ("overlap", "calibration"):
         if key in figures:
             parts.append(f'<img src="{figures[key]}" alt="{key}">')
+    if "fit" in st:
+        parts.append(_noise_section(st["fit"]["diagnostics"].get("flip_rates", {})))
+        effects = st["fit"]["diagnostics"].get("confounders", [])
+        if effects:
+            parts.append("<h2>Confounder effects</h2>" + _table(
+                [[e["treatment"], e.get("scale", ""), e["model"], e["effect"], e["ci_low"], e["ci_high"],
+                  e.get("label_variance_share", float("nan")), e["n"]] for e in effects],
+                ["confounder", "scale", "model", "effect", "95% CI low", "95% CI high", "label variance share",
+                 "units"]))
+        if "confounders" in figures:
+            parts.append(f'<img src="{figures["confounders"]}" alt="confounder effects">')
+        balance = st["fit"]["diagnostics"].get("balance", [])
+        if balance:
+            parts.append("<h2>Balance</h2>" + _table(
+                [[b["column"], b["smd_before"], b["smd_after"]] for b in balance],
+                ["column", "SMD before weighting", "SMD after weighting"]))
+        if "balance" in figures:
+            parts.append(f'<img src="{figures["balance"]}" alt="balance">')
     if "score" in st:
         d = st["score"]["diagnostics"]
         rows = [[name, d[name]["ess"], d[name]["ess_share"], d[name]["top1pct_share"], d[name]["max"]]
@@ -113,6 +167,45 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
              "img{max-width:100%;margin:.5em 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>obsfeed report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _funnel(st: dict[str, Any]) -> list[list[Any]]:
+    """Rows from the raw impressions to the pairs a trainer reads, as the stages counted them."""
+    rows: list[list[Any]] = []
+    ingest = st.get("ingest", {})
+    imps = ingest.get("counts", {}).get("impressions")
+    if imps:
+        rows += [["impression rows read", imps["rows_in"]], ["quarantined", imps["rows_quarantined"]],
+                 ["duplicates merged", imps["rows_duplicate"]]]
+    units = ingest.get("diagnostics", {})
+    if "units" in units:
+        rows += [["units", units["units"]], ["observed units (labelled)", units["observed"]]]
+    fit = st.get("fit", {}).get("counts", {})
+    if fit:
+        rows.append(["units in the fit sample", fit.get("sample")])
+    score = st.get("score", {}).get("counts", {})
+    if score:
+        rows += [["pointwise rows", score.get("pointwise")], ["pairs", score.get("pairs")]]
+    return rows
+
+
+def _noise_section(flips: dict[str, Any]) -> str:
+    """The flip rates the targets use, the estimates they were chosen from, and the audit's mean reward."""
+    if not flips:
+        return ""
+    rows = [[f"used ({flips.get('method')})", flips.get("rho01"), flips.get("rho10"), flips.get("n")]]
+    for name, e in (flips.get("estimates") or {}).items():
+        if e:
+            rows.append([name if e.get("se01") is None else f"{name} (se {e['se01']:.3f}, {e['se10']:.3f})",
+                         e["rho01"], e["rho10"], e["n"]])
+    out = "<h2>Label noise</h2>" + _table(rows, ["flip rates", "ρ01 = P(r=0 | r*=1)", "ρ10 = P(r=1 | r*=0)",
+                                                    "units"])
+    mr = flips.get("mean_reward")
+    if mr:
+        out += "<h3>Mean true label (audit)</h3>" + _table(
+            [[k, v["estimate"], v["ci_low"], v["ci_high"]] for k, v in mr.items()],
+            ["estimator", "estimate", "95% CI low", "95% CI high"])
+    return out
 
 
 def _reward_metrics(run: RunDir) -> dict[str, Any]:
@@ -137,6 +230,13 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         clip = read_manifest(run).get("stages", {}).get("score", {}).get("diagnostics", {}).get("clip")
         plot_weights(t[pw.WEIGHT_IPS].to_numpy()[obs], t[pw.WEIGHT_CLIPPED].to_numpy()[obs],
                      clip if clip is not None else cfg.score.clip, tmp / figures["weights"])
+        fit = read_manifest(run).get("stages", {}).get("fit", {}).get("diagnostics", {})
+        if fit.get("confounders"):
+            figures["confounders"] = "confounders.png"
+            plot_confounders(fit["confounders"], tmp / figures["confounders"])
+        if fit.get("balance"):
+            figures["balance"] = "balance.png"
+            plot_balance(fit["balance"], tmp / figures["balance"])
         (tmp / "index.html").write_text(render(read_manifest(run), figures, _reward_metrics(run)))
     return {"outputs": [str(run.path(rd.REPORT) / "index.html")], "counts": {"figures": len(figures)},
             "diagnostics": {}}

@@ -113,7 +113,9 @@ def test_report_and_reward_model_files(finished_run):
     run, _ = finished_run
     page = (run / rd.REPORT / "index.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert {"overlap.png", "weights.png"} <= set(images)
+    assert {"overlap.png", "calibration.png", "weights.png", "confounders.png", "balance.png"} <= set(images)
+    for section in ("Funnel", "Label noise", "Mean true label", "Confounder effects", "Balance", "Reward models"):
+        assert f">{section}" in page, section
     assert all((run / rd.REPORT / i).stat().st_size > 1000 for i in images)
     assert (run / rd.REWARD_MODEL / "model.pt").exists()
     assert json.loads((run / rd.REWARD_MODEL / "metrics.json").read_text())
