@@ -97,6 +97,8 @@ def make_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage on RUN (config from RUN/config.toml)")
         s.add_argument("run", type=Path)
+    rs = sub.add_parser("runs", help="list the runs under a folder with their status and headline figures")
+    rs.add_argument("root", type=Path)
     ev = sub.add_parser("evaluate", help="metrics vs ground truth (simulator) for a finished run")
     ev.add_argument("run", type=Path)
     ev.add_argument("--truth", type=Path, default=None, help="truth.parquet (default: [input].truth)")
@@ -109,6 +111,13 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
         for k, v in simulate.main(args).items():
             print(f"{k:>14}: {v}")
+        return 0
+    if args.command == "runs":
+        from pipelines.summary import runs_table
+
+        if not args.root.is_dir():
+            raise ConfigError(f"{args.root}: not a folder")
+        print("\n".join(runs_table(args.root)))
         return 0
     if args.command == "run":
         cfg = load_config(args.config)
@@ -137,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)  # Beam's import-time notices are not the user's business
     parser = make_parser()
     args, beam_args = parser.parse_known_args(argv)
-    if args.command in ("simulate", "evaluate") and beam_args:
+    if args.command in ("simulate", "evaluate", "runs") and beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     try:
         return dispatch(args, beam_args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pipelines.manifest import read_manifest
@@ -51,3 +52,40 @@ def run_summary_lines(run: RunDir) -> list[str]:
 
 def print_run_summary(run: RunDir) -> None:
     print("\n".join(run_summary_lines(run)))
+
+
+def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
+    """``complete`` (``_SUCCESS`` present), ``failed: <stage>``, or ``incomplete (<stages done>)``."""
+    if run.path(rd.SUCCESS).exists():
+        return "complete"
+    stages = manifest.get("stages", {})
+    failed = [name for name, e in stages.items() if e.get("status") == "failed"]
+    if failed:
+        return f"failed: {failed[0]}"
+    done = [name for name, e in stages.items() if e.get("status") == "ok"]
+    return f"incomplete ({','.join(done) or 'nothing done'})"
+
+
+def runs_table(root: Path) -> list[str]:
+    """One line per run under ``root`` (folders holding a manifest, and ``root`` itself if it is a run), with
+    its status and headline figures, read from each manifest."""
+    root = Path(root)
+    candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    runs = [RunDir(p) for p in candidates if (p / rd.MANIFEST).exists()]
+    header = (f"{'run':<24}{'status':<28}{'last stage at':<22}{'units':>9}{'observed':>10}{'AUC':>7}{'ESS':>7}"
+              f"{'pairs':>8}")
+    lines = [header]
+    for run in runs:
+        m = read_manifest(run)
+        st = m.get("stages", {})
+        ing = st.get("ingest", {}).get("diagnostics", {})
+        auc = st.get("fit", {}).get("diagnostics", {}).get("propensity", {}).get("auc")
+        ess = st.get("score", {}).get("diagnostics", {}).get("weight_clipped", {}).get("ess_share")
+        pairs = st.get("score", {}).get("counts", {}).get("pairs")
+        last = max((e.get("started_at", "") for e in st.values()), default="")
+        lines.append(f"{str(m.get('run_id', run.root.name))[:23]:<24}{run_status(run, m)[:27]:<28}{last:<22}"
+                     f"{_fmt(ing.get('units')):>9}{_fmt(ing.get('observed_rate'), 3):>10}{_fmt(auc):>7}"
+                     f"{_fmt(ess, 2):>7}{_fmt(pairs):>8}")
+    if not runs:
+        lines.append(f"(no runs under {root})")
+    return lines

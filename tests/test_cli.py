@@ -1,5 +1,6 @@
 """Bad input: exit code 2, one line naming the file and the problem, and no run left looking complete."""
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -70,3 +71,27 @@ def test_runner_is_an_option(given, runner):
     args = beam_args_with_defaults(given)
     assert runner in args
     assert sum(a.startswith("--runner") for a in args) == 1
+
+
+def test_runs_lists_status_and_headline_figures(tmp_path: Path, capsys):
+    def manifest(name: str, stages: dict) -> Path:
+        run = tmp_path / name
+        run.mkdir()
+        (run / rd.MANIFEST).write_text(json.dumps({"run_id": name, "stages": stages}))
+        return run
+
+    ok = {"status": "ok", "started_at": "2026-11-30T01:00:00+00:00"}
+    done = manifest("2026-11-29", {
+        "ingest": {**ok, "diagnostics": {"units": 1000, "observed_rate": 0.21}},
+        "fit": {**ok, "diagnostics": {"propensity": {"auc": 0.754}}},
+        "score": {**ok, "diagnostics": {"weight_clipped": {"ess_share": 0.62}}, "counts": {"pairs": 321}}})
+    (done / rd.SUCCESS).write_text("{}")
+    manifest("2026-11-30", {"ingest": ok, "fit": {"status": "failed", "started_at": "2026-11-30T02:00:00+00:00"}})
+    manifest("2026-12-01", {"ingest": ok})
+    (tmp_path / "not-a-run").mkdir()
+    assert main(["runs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("run")
+    assert lines[1].split()[:2] == ["2026-11-29", "complete"] and "0.754" in lines[1] and "321" in lines[1]
+    assert "failed: fit" in lines[2] and "incomplete (ingest)" in lines[3]
+    assert main(["runs", str(tmp_path / "missing")]) == 2
