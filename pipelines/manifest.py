@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -91,6 +92,11 @@ def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], d
                      "git_commit": git_commit()})
     started = time.perf_counter()
     entry: dict[str, Any] = {"started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    # Recorded as running first: a process killed mid-stage (no `finally` runs) then leaves "running" with a pid
+    # that is gone, which `obsfeed runs` reports as killed, instead of the previous run's "ok".
+    manifest.setdefault("stages", {})[stage] = {**entry, "status": "running", "pid": os.getpid(),
+                                                "host": platform.node()}
+    write_manifest(run, manifest)
     try:
         entry.update(work())
         entry["status"] = "ok"

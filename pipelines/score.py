@@ -82,8 +82,14 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         if not Path(path).exists():
             raise InputError(f"{path}: fitted model not found (run the fit stage first)")
     schema = pw.pointwise_schema(pq.read_schema(unit_files[0]))
+    # Both datasets are staged in one folder and replace datasets/ in one commit: a reader never sees a new
+    # pointwise dataset beside an old pairwise one, and a killed run leaves the previous pair in place.
+    final = run.path(rd.DATASETS)
     final_pw, final_pr = run.path(rd.POINTWISE), run.path(rd.PAIRWISE)
-    tmp_pw, tmp_pr = staging_dir(final_pw), staging_dir(final_pr)
+    tmp = staging_dir(final)
+    tmp_pw, tmp_pr = tmp / final_pw.name, tmp / final_pr.name
+    tmp_pw.mkdir()
+    tmp_pr.mkdir()
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, unit_files=unit_files, model_paths=model_paths, pointwise_schema=schema,
@@ -99,11 +105,9 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                             "datasets are left in place")
         output_gates(tmp_pw, tmp_pr, cfg.score.min_margin)
         content = {rd.POINTWISE: dataset_sha256(tmp_pw), rd.PAIRWISE: dataset_sha256(tmp_pr)}
-        commit_dir(tmp_pw, final_pw)
-        commit_dir(tmp_pr, final_pr)
+        commit_dir(tmp, final)
     finally:
-        shutil.rmtree(tmp_pw, ignore_errors=True)
-        shutil.rmtree(tmp_pr, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"inputs": describe_inputs(unit_files), "outputs": [str(final_pw), str(final_pr)],
             "content_sha256": content,
             "counts": {"units": n_units, "pointwise": n_points, "pairs": count_rows(final_pr)},

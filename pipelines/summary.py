@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +56,30 @@ def print_run_summary(run: RunDir) -> None:
     print("\n".join(run_summary_lines(run)))
 
 
+def _alive(pid: int | None, host: str | None) -> bool:
+    """Whether the process that recorded a stage as running still exists (assumed so on another host)."""
+    if pid is None:
+        return False
+    if host is not None and host != platform.node():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
-    """``complete`` (``_SUCCESS`` present), ``failed: <stage>``, or ``incomplete (<stages done>)``."""
+    """``complete`` (``_SUCCESS`` present), ``running: <stage>``, ``killed: <stage>`` (recorded as running by a
+    process that is gone), ``failed: <stage>``, or ``incomplete (<stages done>)``."""
     if run.path(rd.SUCCESS).exists():
         return "complete"
     stages = manifest.get("stages", {})
+    for name, e in stages.items():
+        if e.get("status") == "running":
+            return f"running: {name}" if _alive(e.get("pid"), e.get("host")) else f"killed: {name}"
     failed = [name for name, e in stages.items() if e.get("status") == "failed"]
     if failed:
         return f"failed: {failed[0]}"

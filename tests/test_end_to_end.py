@@ -1,7 +1,12 @@
 """The whole pipeline through the CLI on a small simulation, judged against the simulator's truth."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,13 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
+from pipelines.manifest import dataset_sha256
 from pipelines.simulate import SCENARIOS, simulate, write
+from pipelines.summary import run_status
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
 from schemas.config import load_config
+from schemas.run_dir import RunDir
 from transforms.io import read_dataset
 
 pytestmark = pytest.mark.e2e
@@ -185,4 +193,31 @@ def test_rerunning_score_rewrites_identical_datasets(finished_run):
     assert main(["score", str(run)]) == 0
     second = json.loads((run / rd.MANIFEST).read_text())["stages"]["score"]["content_sha256"]
     assert second == first
-    assert not list((run / rd.POINTWISE).parent.glob(".*tmp-*"))
+    assert not list(run.glob(".*tmp-*"))
+
+
+def test_a_run_killed_during_score_leaves_the_previous_datasets_and_no_success(finished_run, tmp_path):
+    """SIGKILL to an `obsfeed score` subprocess while it writes: the committed datasets are untouched, there is no
+    _SUCCESS, and the next score run clears what the killed one left and commits. (Runs last: it re-runs
+    a stage of the shared run.)"""
+    run, _ = finished_run
+    before = {d: dataset_sha256(run / d) for d in (rd.POINTWISE, rd.PAIRWISE)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "score", str(run)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    staged = run / f".{rd.DATASETS}.tmp-*"
+    deadline = time.monotonic() + 120
+    while not list(run.glob(staged.name)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "score finished before it could be killed"
+    time.sleep(1.0)                                            # well inside the Beam pipeline
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(run.glob(staged.name))                         # the killed run's staging folder is still there
+    assert not (run / rd.SUCCESS).exists()
+    assert {d: dataset_sha256(run / d) for d in (rd.POINTWISE, rd.PAIRWISE)} == before
+    assert json.loads((run / rd.MANIFEST).read_text())["stages"]["score"]["status"] == "running"
+    assert run_status(RunDir(run), json.loads((run / rd.MANIFEST).read_text())) == "killed: score"
+    assert main(["score", str(run)]) == 0
+    assert not list(run.glob(staged.name))
+    assert {d: dataset_sha256(run / d) for d in (rd.POINTWISE, rd.PAIRWISE)} == before

@@ -73,8 +73,27 @@ def write_part(table: pa.Table, path: Path | str, output: OutputConfig) -> None:
     )
 
 
+def recover_dir(final: Path) -> None:
+    """Undo what a killed writer of ``final`` left: its staging folders are removed, and if it died between
+    the two renames of :func:`commit_dir` (``final`` gone, the previous one set aside) the previous one is put
+    back. One writer per run directory is assumed (concurrent runs on one directory need a lock)."""
+    parent = final.parent
+    if not parent.is_dir():
+        return
+    for stale in parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    old = sorted(parent.glob(f".{final.name}.old-*"))
+    if old and not final.exists():
+        os.replace(old[-1], final)
+        old = old[:-1]
+    for o in old:
+        shutil.rmtree(o, ignore_errors=True)
+
+
 def staging_dir(final: Path) -> Path:
-    """A fresh temporary sibling of ``final``: same filesystem, so the commit is a rename."""
+    """A fresh temporary sibling of ``final`` (same filesystem, so the commit is a rename), after recovering
+    from any writer of ``final`` that was killed (:func:`recover_dir`)."""
+    recover_dir(final)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     return tmp
