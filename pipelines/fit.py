@@ -58,7 +58,8 @@ def noise_model(scores: np.ndarray, label: np.ndarray, gold: np.ndarray, observe
     """Flip rates for the noise-corrected target, and what else the labels say about noise.
 
     Anchors come from the noise proxy's out-of-fold P̂(r=1 | x) (``scores``) on the observed units; the audit from
-    observed units that also carry a gold label. With gold labels on a uniformly random audit sample, the
+    observed units that also carry a gold label (under "auto", only when its standard errors are at most
+    ``fit.max_audit_se``). With gold labels on a uniformly random audit sample, the
     mean true reward also gets a prediction-powered estimate (the noise-corrected imputation over all units,
     rectified on the audited ones) beside the audit-only mean. Rates that cannot be corrected for, or an
     audit asked for but too small, fail the stage (exit code 2).
@@ -78,7 +79,11 @@ def noise_model(scores: np.ndarray, label: np.ndarray, gold: np.ndarray, observe
     except ValueError as e:
         raise GateError(f"fit: flip rates ({fc.noise}): {e}") from e
     diag["estimates"] = {k: v.to_dict() if v else None for k, v in estimates.items()}
-    chosen = estimates["audit"] or estimates["anchor"] or FlipRates(0.0, 0.0, method="none", n=0)
+    audit = estimates["audit"]
+    precise = audit is not None and max(audit.se01, audit.se10) <= fc.max_audit_se
+    if fc.noise == "auto" and audit is not None and not precise and estimates["anchor"] is not None:
+        audit = None                       # reported above, but too noisy to correct every target with
+    chosen = audit or estimates["anchor"] or FlipRates(0.0, 0.0, method="none", n=0)
     gold_units = np.isfinite(gold)
     if gold_units.sum() >= 2 and (~gold_units).sum() >= 2:
         reward = np.clip(corrected_target(scores, chosen.rho01, chosen.rho10), 0, 1)

@@ -131,9 +131,11 @@ class FitConfig(_Section):
     noise: Literal["auto", "audit", "anchor", "none"] = Field(
         "auto", description="flip rates: 'audit' counts them on observed units that also carry a gold label "
         "(label_gold); 'anchor' estimates them from quantiles of the noise proxy's out-of-fold scores; "
-        "'auto' audits when the audit has min_audit units of each gold label, else anchors; 'none' assumes "
-        "clean labels (rho01 = rho10 = 0)")
+        "'auto' audits when the audit has min_audit units of each gold label and standard errors of at most "
+        "max_audit_se, else anchors; 'none' assumes clean labels (rho01 = rho10 = 0)")
     min_audit: int = Field(30, ge=1, description="observed, audited units needed per gold label to audit")
+    max_audit_se: float = Field(0.03, gt=0, le=0.5, description="'auto' prefers the audit only when both of its "
+                                "rates have a standard error at most this (a small audit is noisier than anchors)")
     anchor_quantile: float = Field(0.01, gt=0, lt=0.5, description="quantile used as the anchor points")
     confounders: list[str] = Field(
         default_factory=lambda: ["response_length"],
