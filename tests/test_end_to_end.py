@@ -250,3 +250,20 @@ def test_the_report_renders_in_a_headless_browser(finished_run, tmp_path):
     assert colourful.sum() > 20_000 and rows.max() - rows.min() > 1500, (colourful.sum(), rows[[0, -1]])
     text_rows = np.flatnonzero((rgb.mean(axis=-1) < 0.3).any(axis=1))      # dark pixels: text and axes
     assert text_rows.max() - text_rows.min() > 2000                         # the page is long and filled
+
+
+def test_the_pairwise_dataset_loads_with_hugging_face_datasets_as_is(finished_run, tmp_path, monkeypatch):
+    """What TRL's RewardTrainer / DPOTrainer get from `load_dataset("parquet", ...)`: string prompt/chosen/rejected
+    columns and the weights, with nothing to convert."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    run, _ = finished_run
+    files = sorted(str(f) for f in (run / rd.PAIRWISE).glob("*.parquet"))
+    d = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert d.num_rows == read_dataset(run / rd.PAIRWISE).num_rows
+    for c in (pr.PROMPT, pr.CHOSEN, pr.REJECTED):
+        assert d.features[c].dtype == "string"
+    assert d.features[pr.WEIGHT].dtype == "float64" and d.features[pr.MARGIN].dtype == "float64"
+    row = d[0]
+    assert row[pr.CHOSEN] != row[pr.REJECTED] and row[pr.PROMPT]
