@@ -20,8 +20,8 @@ from schemas import run_dir as rd
 from schemas.run_dir import RunDir
 from transforms.io import atomic_write_text
 
-PACKAGES = ("obsfeed", "apache-beam", "pyarrow", "polars", "scikit-learn", "econml", "torch", "skops",
-            "great-expectations", "numpy")
+PACKAGES = ("obsfeed", "apache-beam", "pyarrow", "polars", "pandas", "scikit-learn", "econml", "torch", "skops",
+            "great-expectations", "numpy", "scipy", "matplotlib")
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
