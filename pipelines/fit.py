@@ -149,8 +149,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
 
     frame = design(sample, fc)
     featurizer = make_featurizer(numeric=fc.numeric, categorical=fc.categorical, hash_features=fc.hash_features,
-                                 ngram_max=fc.ngram_max).fit(frame)
-    X = featurizer.transform(frame).tocsr()
+                                 ngram_max=fc.ngram_max)
+    X = featurizer.fit_transform(frame).tocsr()          # one pass over the text (hashing is most of the cost)
     structured = structured_columns(featurizer)
     if fc.propensity_column:
         try:
