@@ -28,7 +28,10 @@ def fit_soft(model, X, y: np.ndarray):
     targets = np.r_[np.ones(len(y)), np.zeros(len(y))]
     weights = np.r_[y, 1 - y]
     keep = weights > 0
-    return model.fit(stacked[keep], targets[keep], sample_weight=weights[keep])
+    soft = bool(np.any((y > 0) & (y < 1)))             # then some units have two copies: keep them together
+    extra = ({"groups": np.r_[np.arange(len(y)), np.arange(len(y))][keep]}
+             if soft and isinstance(model, LinearThenBoosted) else {})
+    return model.fit(stacked[keep], targets[keep], sample_weight=weights[keep], **extra)
 
 
 class ImputationModel(RegressorMixin, BaseEstimator):

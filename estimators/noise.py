@@ -62,7 +62,7 @@ def anchor_flip_rates(scores: np.ndarray, quantile: float = 0.01) -> FlipRates:
 
 def audit_flip_rates(label: np.ndarray, gold: np.ndarray, min_per_class: int = 1) -> FlipRates:
     """Flip rates counted on a gold-labelled audit subset: ρ̂01 = mean of 1 − r among r*=1, ρ̂10 = mean of r
-    among r*=0 (for binary labels, the shares of flipped ones), with binomial standard errors. Gold labels
+    among r*=0 (for binary labels, the shares of flipped ones), with Agresti-Coull standard errors. Gold labels
     other than exactly 0 or 1 are not counted."""
     label, gold = np.asarray(label, dtype=float), np.asarray(gold, dtype=float)
     pos, neg = gold == 1, gold == 0
@@ -72,8 +72,14 @@ def audit_flip_rates(label: np.ndarray, gold: np.ndarray, min_per_class: int = 1
                          f"{int(neg.sum())} with r*=0")
     r01, r10 = float(np.mean(1 - label[pos])), float(np.mean(label[neg]))
     return FlipRates(rho01=r01, rho10=r10, method="audit", n=int(pos.sum() + neg.sum()),
-                     se01=float(np.sqrt(r01 * (1 - r01) / pos.sum())),
-                     se10=float(np.sqrt(r10 * (1 - r10) / neg.sum())))
+                     se01=_agresti_coull_se(r01, int(pos.sum())), se10=_agresti_coull_se(r10, int(neg.sum())))
+
+
+def _agresti_coull_se(rate: float, n: int) -> float:
+    """Standard error of a proportion with two pseudo-successes and two pseudo-failures added: unlike the
+    plain binomial one it is not 0 when no flip was seen (30 clean audits do not prove a rate of 0)."""
+    shrunk = (rate * n + 2) / (n + 4)
+    return float(np.sqrt(shrunk * (1 - shrunk) / (n + 4)))
 
 
 def corrected_target(label: np.ndarray, rho01: float, rho10: float) -> np.ndarray:

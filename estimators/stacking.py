@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -51,7 +51,9 @@ class LinearThenBoosted(ClassifierMixin, BaseEstimator):
         extra = X[:, cols] if cols else np.empty((X.shape[0], 0))
         return np.column_stack([z, extra.toarray() if sp.issparse(extra) else np.asarray(extra)])
 
-    def fit(self, X, y, sample_weight: np.ndarray | None = None):
+    def fit(self, X, y, sample_weight: np.ndarray | None = None, groups: np.ndarray | None = None):
+        """``groups``: rows that are copies of one unit (a soft label's weighted positive and negative copy)
+        stay in one inner fold, so that no unit's logit comes from a model that saw the unit."""
         X, y = validate_data(self, X, y, accept_sparse="csr")
         check_classification_targets(y)
         if type_of_target(y) != "binary":
@@ -63,8 +65,9 @@ class LinearThenBoosted(ClassifierMixin, BaseEstimator):
         if np.bincount(y01).min() < self.inner_folds:
             raise ValueError(f"each class needs at least {self.inner_folds} rows (inner_folds)")
         z = np.empty(len(y))
-        inner = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
-        for train, test in inner.split(X, y01):
+        inner = (StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state) if groups is None
+                 else StratifiedGroupKFold(self.inner_folds, shuffle=True, random_state=self.random_state))
+        for train, test in inner.split(X, y01, groups):
             lin = self._linear().fit(X[train], y01[train], sample_weight=w[train])
             z[test] = logit(lin.predict_proba(X[test])[:, 1])
         self.linear_ = self._linear().fit(X, y01, sample_weight=w)

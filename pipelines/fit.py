@@ -67,18 +67,18 @@ def noise_model(scores: np.ndarray, label: np.ndarray, gold: np.ndarray, observe
     audited = observed & np.isfinite(gold)
     diag: dict[str, Any] = {"audited_units": int(np.isfinite(gold).sum()), "audited_observed": int(audited.sum())}
     estimates: dict[str, FlipRates | None] = {"anchor": None, "audit": None}
-    try:
-        if fc.noise in ("auto", "anchor"):
-            estimates["anchor"] = anchor_flip_rates(scores[observed], fc.anchor_quantile)
-        if fc.noise in ("auto", "audit"):
-            try:
-                estimates["audit"] = audit_flip_rates(label[audited], gold[audited], fc.min_audit)
-            except ValueError:
-                if fc.noise == "audit":
-                    raise
-    except ValueError as e:
-        raise GateError(f"fit: flip rates ({fc.noise}): {e}") from e
+    errors: dict[str, str] = {}
+    wanted = {"auto": ("anchor", "audit"), "anchor": ("anchor",), "audit": ("audit",), "none": ()}[fc.noise]
+    for name in wanted:
+        try:
+            estimates[name] = (anchor_flip_rates(scores[observed], fc.anchor_quantile) if name == "anchor"
+                               else audit_flip_rates(label[audited], gold[audited], fc.min_audit))
+        except ValueError as e:
+            errors[name] = str(e)
+    if wanted and not any(estimates[n] for n in wanted):     # under "auto", one usable estimate is enough
+        raise GateError(f"fit: flip rates ({fc.noise}): " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     diag["estimates"] = {k: v.to_dict() if v else None for k, v in estimates.items()}
+    diag["errors"] = errors
     audit = estimates["audit"]
     precise = audit is not None and max(audit.se01, audit.se10) <= fc.max_audit_se
     if fc.noise == "auto" and audit is not None and not precise and estimates["anchor"] is not None:

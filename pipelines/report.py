@@ -112,17 +112,18 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
     parts = [f"<h1>obsfeed run {html.escape(str(manifest.get('run_id')))}</h1>",
              f"<p>config hash <code>{manifest.get('config_hash', '')[:12]}</code>, "
              f"git <code>{html.escape(str(manifest.get('git_commit')))}</code></p>"]
+    ok = {name for name, e in st.items() if e.get("status") == "ok"}   # a failed or killed stage has no figures
     funnel = _funnel(st)
     if funnel:
         parts.append("<h2>Funnel</h2>" + _table(funnel, ["step", "rows"]))
-    if "ingest" in st:
+    if "ingest" in ok:
         counts = st["ingest"].get("counts", {})
         parts.append("<h2>Rows</h2>" + _table(
             [[t, c["rows_in"], c["rows_ok"], c["rows_quarantined"], c["rows_duplicate"]] for t, c in counts.items()],
             ["table", "rows in", "ok", "quarantined", "duplicate"]))
         reasons = st["ingest"].get("diagnostics", {}).get("quarantine_reasons", {})
         parts.append("<h2>Quarantine reasons</h2>" + _table(list(reasons.items()), ["table:reason", "rows"]))
-    if "fit" in st:
+    if "fit" in ok:
         p = st["fit"]["diagnostics"]["propensity"]
         parts.append("<h2>Propensity of observation</h2>" + _table(
             [["AUC (out-of-fold)", p["auc"]], ["ECE (out-of-fold)", p["ece"]], ["mean p̂", p["mean"]],
@@ -131,7 +132,7 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
     for key in ("overlap", "calibration"):
         if key in figures:
             parts.append(f'<img src="{figures[key]}" alt="{key}">')
-    if "fit" in st:
+    if "fit" in ok:
         parts.append(_noise_section(st["fit"]["diagnostics"].get("flip_rates", {})))
         effects = st["fit"]["diagnostics"].get("confounders", [])
         if effects:
@@ -149,7 +150,7 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
                 ["column", "SMD before weighting", "SMD after weighting"]))
         if "balance" in figures:
             parts.append(f'<img src="{figures["balance"]}" alt="balance">')
-    if "score" in st:
+    if "score" in ok:
         d = st["score"]["diagnostics"]
         rows = [[name, d[name]["ess"], d[name]["ess_share"], d[name]["top1pct_share"], d[name]["max"]]
                 for name in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS)]
@@ -230,7 +231,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         clip = read_manifest(run).get("stages", {}).get("score", {}).get("diagnostics", {}).get("clip")
         plot_weights(t[pw.WEIGHT_IPS].to_numpy()[obs], t[pw.WEIGHT_CLIPPED].to_numpy()[obs],
                      clip if clip is not None else cfg.score.clip, tmp / figures["weights"])
-        fit = read_manifest(run).get("stages", {}).get("fit", {}).get("diagnostics", {})
+        fit_entry = read_manifest(run).get("stages", {}).get("fit", {})
+        fit = fit_entry.get("diagnostics", {}) if fit_entry.get("status") == "ok" else {}
         if fit.get("confounders"):
             figures["confounders"] = "confounders.png"
             plot_confounders(fit["confounders"], tmp / figures["confounders"])

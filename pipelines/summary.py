@@ -76,7 +76,10 @@ def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
     process that is gone), ``failed: <stage>``, or ``incomplete (<stages done>)``."""
     if run.path(rd.SUCCESS).exists():
         return "complete"
-    stages = manifest.get("stages", {})
+    from pipelines.cli import STAGES  # cli imports this module lazily: no cycle at import time
+
+    recorded = manifest.get("stages", {})
+    stages = {name: recorded[name] for name in (*STAGES, *sorted(set(recorded) - set(STAGES))) if name in recorded}
     for name, e in stages.items():
         if e.get("status") == "running":
             return f"running: {name}" if _alive(e.get("pid"), e.get("host")) else f"killed: {name}"

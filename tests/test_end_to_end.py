@@ -190,7 +190,8 @@ def test_datasets_read_back_with_polars_and_pyarrow_and_keep_the_gates_promises(
 
 def test_rerunning_score_rewrites_identical_datasets(finished_run):
     """Same inputs and models → byte-identical part files (the manifest's content hash), committed atomically;
-    no staging folders are left behind. (Runs last in this module: it re-runs a stage of the shared run.)"""
+    no staging folders are left behind. (It re-runs a stage of the shared run, so it comes after the tests
+    that read the first run's manifest.)"""
     run, _ = finished_run
     first = json.loads((run / rd.MANIFEST).read_text())["stages"]["score"]["content_sha256"]
     assert set(first) == {rd.POINTWISE, rd.PAIRWISE}
@@ -202,8 +203,8 @@ def test_rerunning_score_rewrites_identical_datasets(finished_run):
 
 def test_a_run_killed_during_score_leaves_the_previous_datasets_and_no_success(finished_run, tmp_path):
     """SIGKILL to an `obsfeed score` subprocess while it writes: the committed datasets are untouched, there is no
-    _SUCCESS, and the next score run clears what the killed one left and commits. (Runs last: it re-runs
-    a stage of the shared run.)"""
+    _SUCCESS, and the next score run clears what the killed one left and commits. (It re-runs a stage of the
+    shared run, so it comes after the tests that read the first run's manifest.)"""
     run, _ = finished_run
     before = {d: dataset_sha256(run / d) for d in (rd.POINTWISE, rd.PAIRWISE)}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "score", str(run)],

@@ -59,7 +59,10 @@ def test_audit_counts_and_standard_errors():
     label = np.array([1, 0, 1, 1, 0, 1, 0, 0, 0])
     est = audit_flip_rates(label, gold)
     assert (est.rho01, est.rho10) == (0.25, 0.2)
-    assert est.se01 == pytest.approx(np.sqrt(0.25 * 0.75 / 4)) and est.se10 == pytest.approx(np.sqrt(0.2 * 0.8 / 5))
+    assert est.se01 == pytest.approx(np.sqrt(3 / 8 * 5 / 8 / 8))        # Agresti-Coull: (1 + 2) / (4 + 4)
+    assert est.se10 == pytest.approx(np.sqrt(1 / 3 * 2 / 3 / 9))        # (1 + 2) / (5 + 4)
+    clean = audit_flip_rates(np.r_[np.ones(30), np.zeros(30)], np.r_[np.ones(30), np.zeros(30)])
+    assert clean.rho01 == clean.rho10 == 0 and clean.se01 > 0.03      # > max_audit_se: 0 flips seen is not 0
     with pytest.raises(ValueError, match="each gold label"):
         audit_flip_rates(np.ones(3), np.ones(3))
     with pytest.raises(ValueError, match="at least 5"):
@@ -127,6 +130,15 @@ def test_fit_chooses_audit_when_large_enough_else_anchors(method, n_gold, expect
     if method != "none":
         assert ppi["ci_low"] <= star.mean() <= ppi["ci_high"]
         assert ppi["se"] < alone["se"]                 # the predictions carry information the audit lacks
+
+
+def test_auto_falls_back_to_the_audit_when_anchors_fail_and_fails_only_without_either():
+    scores, label, gold, _ = _audited_world(6000, 2000)
+    flat = np.full(scores.size, 0.55)                  # no anchors: rho01 + rho10 = 0.45 + 0.55 = 1
+    flips, diag = noise_model(flat, label, gold, np.ones(label.size, bool), FitConfig(noise="auto"))
+    assert flips.method == "audit" and "anchor" in diag["errors"]
+    with pytest.raises(GateError, match="anchor: .*audit: "):
+        noise_model(flat, label, np.full(label.size, np.nan), np.ones(label.size, bool), FitConfig(noise="auto"))
 
 
 def test_an_audit_that_is_asked_for_but_too_small_fails_the_stage():

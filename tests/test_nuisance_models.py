@@ -164,3 +164,23 @@ def test_untrusted_types_are_refused(tmp_path: Path):
         persist.load(tmp_path / "m.skops")
     persist.save(ImputationModel().fit(np.eye(2), np.array([0.0, 1.0])), tmp_path / "ok.skops")
     assert isinstance(persist.load(tmp_path / "ok.skops"), ImputationModel)
+
+
+def test_boosted_imputation_keeps_a_soft_labels_two_copies_in_one_inner_fold(monkeypatch):
+    """A label of 0.7 becomes a 0.7-weighted positive and a 0.3-weighted negative copy of the row; the inner
+    folds that make the honest logits must not split them (else a unit's logit comes from a model that saw it)."""
+    seen = []
+    original = LinearThenBoosted.fit
+
+    def spy(self, X, y, sample_weight=None, groups=None):
+        seen.append(groups)
+        return original(self, X, y, sample_weight=sample_weight, groups=groups)
+
+    monkeypatch.setattr(LinearThenBoosted, "fit", spy)
+    X, y, _ = _plateau_world(3000, 2)
+    soft = np.where(np.arange(y.size) % 3 == 0, 0.7, y)
+    ImputationModel(model="boosted", passthrough=[30]).fit(X, soft)
+    groups = seen[-1]
+    assert groups is not None and np.bincount(groups).max() == 2        # the 0.7 rows, twice each
+    ImputationModel(model="boosted", passthrough=[30]).fit(X, y)
+    assert seen[-1] is None                                              # binary labels: one copy per unit
