@@ -48,7 +48,7 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_pat
     _ = (pointwise | "EncodeParts" >> beam.MapTuple(lambda part, t: (part, encode_table(t)))
          | "GroupParts" >> beam.GroupByKey()
          | "WritePointwise" >> beam.ParDo(WriteBucketParts(pointwise_dir, pointwise_schema, [un.IMPRESSION_ID],
-                                                           cfg.output)))
+                                                           cfg.output, partitioned=True)))
     raw_pairs = (pointwise | "Tables" >> beam.Values()
                  | "BucketPrompts" >> beam.ParDo(KeyByBucket(cfg.score.buckets, un.PROMPT_ID))
                  | "GroupPrompts" >> beam.GroupByKey()
@@ -59,7 +59,8 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_pat
          | "NormalisePairs" >> beam.MapTuple(lambda b, t, tot=None: (b, [sc.normalise_pairs(t, tot)]),
                                              tot=beam.pvalue.AsSingleton(pair_totals))
          | "WritePairwise" >> beam.ParDo(WriteBucketParts(pairwise_dir, pr.PAIRWISE,
-                                                          [pr.PROMPT_ID, pr.CHOSEN_ID, pr.REJECTED_ID], cfg.output)))
+                                                          [pr.PROMPT_ID, pr.CHOSEN_ID, pr.REJECTED_ID], cfg.output,
+                                                          partitioned=True)))
 
 
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:

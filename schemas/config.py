@@ -203,6 +203,9 @@ class TrainConfig(_Section):
 
 
 class OutputConfig(_Section):
+    partition_by: Literal["none", "date"] = Field(
+        "none", description="'date' writes the pointwise and pairwise datasets as date=YYYY-MM-DD/part-*.parquet "
+        "(UTC date of ts; hive style, so polars, pyarrow.dataset, DuckDB and Spark can prune on it)")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     row_group_size: int = Field(131_072, ge=1024)
 

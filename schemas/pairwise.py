@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-from schemas.impressions import PROMPT_ID
+from schemas.impressions import PROMPT_ID, TIMESTAMP, TS
 
 PROMPT = "prompt"
 CHOSEN = "chosen"
@@ -20,6 +20,8 @@ RUN_ID = "run_id"
 PAIRWISE = pa.schema(
     [
         pa.field(PROMPT_ID, pa.string(), nullable=False, metadata={"doc": "the prompt both responses answer"}),
+        pa.field(TS, TIMESTAMP, nullable=False,
+                 metadata={"doc": "when the earlier of the two responses was shown (UTC); the date partition"}),
         pa.field(PROMPT, pa.string(), nullable=False, metadata={"doc": "prompt text (TRL's 'prompt')"}),
         pa.field(CHOSEN, pa.string(), nullable=False,
                  metadata={"doc": "response text with the higher target (TRL's 'chosen')"}),

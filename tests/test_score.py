@@ -1,3 +1,5 @@
+import datetime as dt
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -14,6 +16,7 @@ def _units() -> pl.DataFrame:
         "prompt_id": ["p", "p", "p", "p", "q", "q"],
         "impression_id": ["a", "b", "c", "d", "e", "f"],
         "prompt": ["P"] * 4 + ["Q"] * 2,
+        "ts": [dt.datetime(2026, 11, 1, h, tzinfo=dt.UTC) for h in (1, 2, 3, 4, 5, 6)],
         "response": ["A", "B", "C", "D", "E", "F"],
         "observed": [1, 1, 1, 0, 1, 1],
         "label": [1.0, 0.0, 0.0, None, 1.0, 1.0],

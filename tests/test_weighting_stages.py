@@ -1,10 +1,12 @@
 """Fit chooses the propensity floor and refuses degenerate propensities; score applies the floor and fails,
 keeping the previous datasets, when the weights have no effective sample left."""
 
+import datetime as dt
 import shutil
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +19,7 @@ from schemas.config import parse_config
 from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
 from tests.conftest import HASH_KEY_ENV, config_text
-from transforms.io import read_dataset
+from transforms.io import partitions, read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +113,29 @@ def test_a_logged_propensity_of_zero_is_refused(logged_logs: Path, tmp_path: Pat
     ingest.run(run, cfg)
     with pytest.raises(GateError, match="propensity column 'logged_p': 1 of"):
         fit.run(run, cfg)
+
+
+def test_partitions_split_rows_by_utc_date_and_keep_them_all():
+    ts = pa.array([dt.datetime(2026, 11, 1, 23, 59, tzinfo=dt.UTC), dt.datetime(2026, 11, 2, 0, 1, tzinfo=dt.UTC),
+                   dt.datetime(2026, 11, 1, 1, tzinfo=dt.UTC)], pa.timestamp("us", tz="UTC"))
+    t = pa.table({"ts": ts, "x": [1, 2, 3]})
+    parts = partitions(t, "date")
+    assert [(f, p["x"].to_pylist()) for f, p in parts] == [("date=2026-11-01", [1, 3]), ("date=2026-11-02", [2])]
+    assert partitions(t, "none") == [("", t)]
+
+
+def test_score_writes_date_partitions_that_readers_prune_on(fitted, tmp_path: Path):
+    run, text, _ = fitted
+    cfg = parse_config(text.replace("[fit]", '[output]\npartition_by = "date"\n[fit]'))
+    result = score.run(run, cfg)
+    for name in (rd.POINTWISE, rd.PAIRWISE):
+        files = sorted(run.path(name).rglob("*.parquet"))
+        assert files and all(f.parent.name.startswith("date=") for f in files), files
+        for f in files:                                      # each file holds only its folder's date
+            dates = {d.strftime("%Y-%m-%d") for d in pq.read_table(f, columns=["ts"])["ts"].to_pylist()}
+            assert dates == {f.parent.name.removeprefix("date=")}
+    assert result["counts"]["pointwise"] == read_dataset(run.path(rd.UNITS)).num_rows
+    hive = pl.scan_parquet(run.path(rd.POINTWISE) / "**" / "*.parquet", hive_partitioning=True)
+    first = sorted(run.path(rd.POINTWISE).glob("date=*"))[0].name.removeprefix("date=")
+    assert hive.filter(pl.col("date") == pl.lit(first).str.to_date()).select(pl.len()).collect().item() > 0
+    score.run(run, parse_config(text))                       # back to one folder: the rest of the module expects it

@@ -135,11 +135,27 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 def parquet_files(directory: Path | str) -> list[Path]:
-    """The part files of a dataset directory, sorted; a missing directory is an InputError naming it."""
+    """The part files of a dataset directory (in its date partitions too), sorted; a missing directory is an
+    InputError naming it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{directory}: dataset not found (has the stage that writes it run?)")
-    return sorted(directory.glob("*.parquet"))
+    return sorted(directory.rglob("*.parquet"))
+
+
+DATE_PARTITION = "date"
+
+
+def partitions(table: pa.Table, partition_by: str, ts_column: str = "ts") -> list[tuple[str, pa.Table]]:
+    """``(sub-folder, rows)`` for each output partition: one ``("", table)`` when not partitioned, else one
+    ``("date=YYYY-MM-DD", rows of that UTC date)`` per date present."""
+    if partition_by == "none" or table.num_rows == 0:
+        return [("", table)]
+    import pyarrow.compute as pc
+
+    dates = pc.strftime(table[ts_column], format="%Y-%m-%d")
+    return [(f"{DATE_PARTITION}={d}", table.filter(pc.equal(dates, d)))
+            for d in sorted(pc.unique(dates).to_pylist())]
 
 
 def read_dataset(directory: Path | str, columns: Sequence[str] | None = None) -> pa.Table:

@@ -126,7 +126,7 @@ def build_pairs(units: pl.DataFrame, cfg: ScoreConfig, run_id: str) -> pa.Table:
     df = units.filter(pl.col(un.OBSERVED) == 1) if cfg.pair_target == "label" else units
     # A pair without texts is no use to a trainer (TRL reads prompt/chosen/rejected as they are).
     df = df.filter(pl.col(un.PROMPT).is_not_null() & pl.col(un.RESPONSE).is_not_null() & target.is_not_null())
-    df = df.select(un.PROMPT_ID, un.IMPRESSION_ID, un.PROMPT, un.RESPONSE, pw.PROPENSITY, target.alias("t"),
+    df = df.select(un.PROMPT_ID, un.IMPRESSION_ID, un.TS, un.PROMPT, un.RESPONSE, pw.PROPENSITY, target.alias("t"),
                    unit_weight.alias("w"))
     pairs = (df.join(df, on=un.PROMPT_ID, suffix="_r")
              .filter((pl.col("t") - pl.col("t_r")) >= max(cfg.min_margin, 1e-12))
@@ -138,7 +138,8 @@ def build_pairs(units: pl.DataFrame, cfg: ScoreConfig, run_id: str) -> pa.Table:
         pairs = pairs.group_by(un.PROMPT_ID, maintain_order=True).head(keep)
     combine = (pl.col("w") * pl.col("w_r")) if cfg.pair_weight == "product" else pl.min_horizontal("w", "w_r")
     out = pairs.select(
-        pl.col(un.PROMPT_ID), pl.col(un.PROMPT).alias(pr.PROMPT), pl.col(un.RESPONSE).alias(pr.CHOSEN),
+        pl.col(un.PROMPT_ID), pl.min_horizontal(un.TS, f"{un.TS}_r").alias(pr.TS),
+        pl.col(un.PROMPT).alias(pr.PROMPT), pl.col(un.RESPONSE).alias(pr.CHOSEN),
         pl.col(f"{un.RESPONSE}_r").alias(pr.REJECTED), pl.col(un.IMPRESSION_ID).alias(pr.CHOSEN_ID),
         pl.col(f"{un.IMPRESSION_ID}_r").alias(pr.REJECTED_ID), pl.col("t").alias(pr.CHOSEN_TARGET),
         pl.col("t_r").alias(pr.REJECTED_TARGET), pl.col(pw.PROPENSITY).alias(pr.CHOSEN_PROPENSITY),

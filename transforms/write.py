@@ -10,19 +10,22 @@ import apache_beam as beam
 import pyarrow as pa
 
 from schemas.config import OutputConfig
-from transforms.io import decode_table, part_name, write_part
+from transforms.io import decode_table, part_name, partitions, write_part
 
 
 class WriteBucketParts(beam.DoFn):
-    """(bucket, [tables or their IPC bytes]) → ``directory/part-<bucket>.parquet``, rows sorted by ``sort_by``.
+    """(bucket, [tables or their IPC bytes]) → ``directory/part-<bucket>.parquet``, rows sorted by ``sort_by``
+    (``partitioned`` and ``output.partition_by = "date"``: ``directory/date=YYYY-MM-DD/part-<bucket>.parquet``).
 
     The file name comes from the bucket, so a retried bundle rewrites the same file and the same input always
     gives the same files, whatever the runner's parallelism.
     """
 
-    def __init__(self, directory: str, schema: pa.Schema, sort_by: Sequence[str], output: OutputConfig):
+    def __init__(self, directory: str, schema: pa.Schema, sort_by: Sequence[str], output: OutputConfig,
+                 partitioned: bool = False):
         self._dir, self._schema, self._sort = directory, schema, [(c, "ascending") for c in sort_by]
         self._output = output
+        self._partition_by = output.partition_by if partitioned else "none"
 
     def process(self, element):
         bucket, tables = element
@@ -30,9 +33,11 @@ class WriteBucketParts(beam.DoFn):
         if not tables:
             return
         table = pa.concat_tables(tables).sort_by(self._sort)
-        path = Path(self._dir) / part_name(bucket)
-        write_part(table, path, self._output)
-        yield str(path)
+        for folder, rows in partitions(table, self._partition_by):
+            path = Path(self._dir) / folder / part_name(bucket)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_part(rows, path, self._output)
+            yield str(path)
 
 
 class WriteJson(beam.DoFn):
