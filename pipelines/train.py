@@ -28,12 +28,13 @@ from estimators.reward_model import (
     required_columns,
     save_reward_model,
 )
+from pipelines.manifest import describe_inputs
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
-from transforms.io import atomic_dir, read_dataset
+from transforms.io import atomic_dir, parquet_files, read_dataset
 
 BASELINES = "baselines"
 METRICS_FILE = "metrics.json"
@@ -72,7 +73,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                                  "epochs_run": metrics["epochs_run"], "n_train": metrics["n_train"],
                                  "n_val": metrics["n_val"], "samples_per_s": metrics["samples_per_s"],
                                  "device": metrics["device"], "wall_s": time.perf_counter() - started}
-    return {"outputs": [str(run.path(rd.REWARD_MODEL))],
+    return {"inputs": describe_inputs(parquet_files(run.path(rd.POINTWISE))),
+            "outputs": [str(run.path(rd.REWARD_MODEL))],
             "counts": {"rows": table.num_rows, "observed": int(pc.sum(table[un.OBSERVED]).as_py() or 0)},
             "diagnostics": diagnostics}
 

@@ -24,15 +24,16 @@ LABEL_GOLD = "label_gold"
 COUNT_PREFIX = "n_"
 
 BASE_FIELDS = [
-    pa.field(IMPRESSION_ID, pa.string(), nullable=False),
-    pa.field(PROMPT_ID, pa.string(), nullable=False),
-    pa.field(RESPONSE_ID, pa.string(), nullable=False),
-    pa.field(USER_HASH, pa.string(), nullable=False),
-    pa.field(TS, TIMESTAMP, nullable=False),
-    pa.field(PROMPT, pa.string()),
-    pa.field(RESPONSE, pa.string()),
-    pa.field(MODEL_VERSION, pa.string()),
-    pa.field(POSITION, pa.int32()),
+    pa.field(IMPRESSION_ID, pa.string(), nullable=False, metadata={"doc": "one response shown once: the unit"}),
+    pa.field(PROMPT_ID, pa.string(), nullable=False, metadata={"doc": "the prompt the response answers"}),
+    pa.field(RESPONSE_ID, pa.string(), nullable=False, metadata={"doc": "the response shown"}),
+    pa.field(USER_HASH, pa.string(), nullable=False,
+             metadata={"doc": "keyed HMAC-SHA256 of the user id (privacy.key_env); the raw id is never kept"}),
+    pa.field(TS, TIMESTAMP, nullable=False, metadata={"doc": "when the response was shown (UTC)"}),
+    pa.field(PROMPT, pa.string(), metadata={"doc": "prompt text"}),
+    pa.field(RESPONSE, pa.string(), metadata={"doc": "response text"}),
+    pa.field(MODEL_VERSION, pa.string(), metadata={"doc": "the model that wrote the response"}),
+    pa.field(POSITION, pa.int32(), metadata={"doc": "rank of the response on the page (0 = first)"}),
     pa.field(OBSERVED, pa.int8(), nullable=False, metadata={"doc": "1 when a label-bearing signal exists"}),
     pa.field(LABEL, pa.float64(), metadata={"doc": "resolved label in [0, 1]; null when unobserved"}),
     pa.field(LABEL_SOURCE, pa.string(), metadata={"doc": "signal type that set the label"}),
@@ -48,7 +49,8 @@ def count_column(signal_type: str) -> str:
 
 def units_schema(signal_types: Iterable[str], extra: Iterable[pa.Field] = ()) -> pa.Schema:
     """The units schema for a config's signal types; ``extra`` are impression feature columns kept."""
-    counts = [pa.field(count_column(t), pa.int32(), nullable=False) for t in sorted(signal_types)]
+    counts = [pa.field(count_column(t), pa.int32(), nullable=False,
+                       metadata={"doc": f"number of valid '{t}' signals on the unit"}) for t in sorted(signal_types)]
     return pa.schema(
         [*BASE_FIELDS, *counts, *extra],
         metadata={"obsfeed.table": "units", "obsfeed.schema_version": "1"},

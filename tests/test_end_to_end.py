@@ -56,6 +56,9 @@ def finished_run(tmp_path_factory):
 def test_run_is_complete_and_recorded(finished_run):
     run, _ = finished_run
     manifest = json.loads((run / rd.MANIFEST).read_text())
+    for stage in ("ingest", "fit", "score", "train"):              # every data-reading stage names its inputs
+        inputs = manifest["stages"][stage]["inputs"]
+        assert inputs and all(len(i["sha256"]) == 64 and i["bytes"] > 0 for i in inputs), stage
     assert [manifest["stages"][s]["status"] for s in ("ingest", "fit", "score", "train", "report")] == ["ok"] * 5
     assert (run / rd.SUCCESS).exists()
     assert all(len(i["sha256"]) == 64 for i in manifest["stages"]["ingest"]["inputs"])

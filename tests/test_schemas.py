@@ -45,3 +45,11 @@ def test_derived_schemas_extend_units():
     assert {pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_SNIPS, pw.WEIGHT_CLIPPED, pw.TARGET_DR, pw.FOLD} <= set(point.names)
     assert {pr.PROMPT, pr.CHOSEN, pr.REJECTED, pr.WEIGHT, pr.MARGIN} <= set(pr.PAIRWISE.names)
     assert all(s.metadata[b"obsfeed.table"] for s in (units, point, pr.PAIRWISE))
+
+
+def test_every_output_column_is_documented():
+    """Analysts read the docs from the Parquet field metadata: every column of units, pointwise and pairwise."""
+    units = un.units_schema(["upvote", "click"])
+    for schema in (units, pw.pointwise_schema(units), pr.PAIRWISE):
+        undocumented = [f.name for f in schema if not (f.metadata or {}).get(b"doc")]
+        assert undocumented == [], undocumented
