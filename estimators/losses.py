@@ -76,27 +76,84 @@ def dr(logits: Tensor, label: Tensor, observed: Tensor, weight: Tensor, imputed:
     return (imputed_loss + correction).mean()
 
 
-LOSSES: dict[str, LossFn] = {"naive": naive, "ips": ips, "snips": snips, "dr": dr}
+def noise_corrected_bce(logits: Tensor, target: Tensor, rho01: float, rho10: float) -> Tensor:
+    """Per-unit ℓ̃(s, r) (Natarajan et al. 2013; CausalRM, Xu et al. 2024): with ρ01 = P(r=0 | r*=1) and
+    ρ10 = P(r=1 | r*=0),
+
+        ℓ̃(s, 1) = [(1−ρ10)·ℓ(s, 1) − ρ01·ℓ(s, 0)] / (1−ρ01−ρ10)
+        ℓ̃(s, 0) = [(1−ρ01)·ℓ(s, 0) − ρ10·ℓ(s, 1)] / (1−ρ01−ρ10)
+
+    so that E[ℓ̃(s, r) | r*] = ℓ(s, r*): the noisy label's corrected loss is unbiased for the clean one. A soft
+    target y is the mixture y·ℓ̃(s, 1) + (1−y)·ℓ̃(s, 0) (ℓ̃ is linear in its target, as ℓ is); ρ = 0 gives ℓ.
+    """
+    from estimators.noise import check_flip_rates
+
+    check_flip_rates(rho01, rho10)
+    y = torch.nan_to_num(target, nan=0.0).to(logits.dtype)
+    l1 = F.softplus(-logits)                      # ℓ(s, 1) = −log σ(s)
+    l0 = F.softplus(logits)                       # ℓ(s, 0) = −log(1 − σ(s))
+    denom = 1.0 - rho01 - rho10
+    tilde1 = ((1 - rho10) * l1 - rho01 * l0) / denom
+    tilde0 = ((1 - rho01) * l0 - rho10 * l1) / denom
+    return y * tilde1 + (1 - y) * tilde0
+
+
+def causalrm_ips(logits: Tensor, label: Tensor, observed: Tensor, weight: Tensor, rho01: float, rho10: float,
+                 **_: Tensor) -> Tensor:
+    """(1/N) Σ o·w·ℓ̃(s, r): IPS for the selection, ℓ̃ for the label noise (CausalRM's IPS variant)."""
+    ow = _observed_weight(observed, weight, logits)
+    per_unit = torch.where(ow != 0, noise_corrected_bce(logits, label, rho01, rho10), torch.zeros_like(logits))
+    return (ow * per_unit).mean()
+
+
+def causalrm_dr(logits: Tensor, label: Tensor, observed: Tensor, weight: Tensor, imputed: Tensor, rho01: float,
+                rho10: float, **_: Tensor) -> Tensor:
+    """(1/N) Σ [ℓ̃(s, ε̂) + o·w·(ℓ̃(s, r) − ℓ̃(s, ε̂))]: the DR risk of the noise-corrected loss. ε̂ models the
+    *noisy* label (what the imputation model fits), and ℓ̃ is linear in its target, so the imputation term is
+    E[ℓ̃ | x] when ε̂ is right, and that is the clean risk."""
+    imputed_loss = noise_corrected_bce(logits, imputed, rho01, rho10)
+    ow = _observed_weight(observed, weight, logits)
+    observed_loss = torch.where(ow != 0, noise_corrected_bce(logits, label, rho01, rho10), imputed_loss)
+    return (imputed_loss + ow * (observed_loss - imputed_loss)).mean()
+
+
+def bradley_terry(chosen: Tensor, rejected: Tensor, weight: Tensor, margin: Tensor | None = None) -> Tensor:
+    """Weighted Bradley–Terry risk mean(−w·log σ(s_c − s_r − m)) over pairs (``margin`` m: the chosen response
+    must win by at least m, as in Llama 2's margin loss; pair weights average 1 in the pairwise dataset)."""
+    diff = chosen - rejected - (margin.to(chosen.dtype) if margin is not None else 0.0)
+    return (weight.to(chosen.dtype) * F.softplus(-diff)).mean()
+
+
+LOSSES: dict[str, LossFn] = {"naive": naive, "ips": ips, "snips": snips, "dr": dr, "causalrm_ips": causalrm_ips,
+                             "causalrm_dr": causalrm_dr}
 
 INPUTS: dict[str, tuple[str, ...]] = {
     "naive": ("label", "observed"),
     "ips": ("label", "observed", "weight"),
     "snips": ("label", "observed", "weight"),
     "dr": ("label", "observed", "weight", "imputed"),
+    "causalrm_ips": ("label", "observed", "weight"),
+    "causalrm_dr": ("label", "observed", "weight", "imputed"),
 }
 """The tensors each loss reads besides the logits (argument names, not column names)."""
 
-OBSERVED_ONLY = frozenset({"naive", "ips", "snips"})
+NOISE_AWARE = frozenset({"causalrm_ips", "causalrm_dr"})
+"""Losses that also take the fitted flip rates ``rho01`` and ``rho10`` (floats, from ``models/noise.json``)."""
+
+OBSERVED_ONLY = frozenset({"naive", "ips", "snips", "causalrm_ips"})
 """Losses to which unobserved units contribute exactly 0, so the trainer may feed them observed units only.
-For ``naive`` and ``snips`` the value is unchanged; for ``ips`` it is multiplied by N/N_obs, a constant that
-leaves the minimiser unchanged (``dr`` needs every unit: its imputation term covers the unobserved ones)."""
+For ``naive`` and ``snips`` the value is unchanged; for ``ips`` and ``causalrm_ips`` it is multiplied by
+N/N_obs, a constant that leaves the minimiser unchanged (``dr`` needs every unit: its imputation term covers
+the unobserved ones)."""
 
 
 def batch_loss(name: str, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-    """Dispatch by name; ``batch`` maps argument names (label, observed, weight, imputed) to tensors."""
+    """Dispatch by name; ``batch`` maps argument names (label, observed, weight, imputed) to tensors, and the
+    flip rates (rho01, rho10) to floats for the noise-corrected losses."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
-    missing = [k for k in INPUTS[name] if k not in batch]
+    needed = [*INPUTS[name], *(("rho01", "rho10") if name in NOISE_AWARE else ())]
+    missing = [k for k in needed if k not in batch]
     if missing:
         raise ValueError(f"loss {name!r} needs {missing} in the batch")
-    return LOSSES[name](logits, **{k: batch[k] for k in INPUTS[name]})
+    return LOSSES[name](logits, **{k: batch[k] for k in needed})

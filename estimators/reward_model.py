@@ -25,7 +25,7 @@ import torch
 from sklearn.feature_extraction.text import HashingVectorizer
 from torch import nn
 
-from estimators.losses import INPUTS, LOSSES, OBSERVED_ONLY, batch_loss
+from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, OBSERVED_ONLY, batch_loss
 from schemas import impressions as imp
 from schemas import pointwise as pw
 from schemas import units as un
@@ -184,12 +184,14 @@ def _csr_batch(X: sp.csr_matrix, device: torch.device, pin: bool) -> tuple[torch
     return tuple(t.to(device, non_blocking=pin) for t in tensors)
 
 
-def _targets(arrays: Mapping[str, np.ndarray], rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v[rows]).to(device) for k, v in arrays.items()}
+def _targets(arrays: Mapping[str, np.ndarray], rows: np.ndarray, device: torch.device,
+             scalars: Mapping[str, float]) -> dict[str, Any]:
+    """The loss inputs of ``rows`` as tensors on ``device``, plus the loss's scalar inputs (flip rates)."""
+    return {**{k: torch.from_numpy(v[rows]).to(device) for k, v in arrays.items()}, **scalars}
 
 
 def _mean_loss(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[str, np.ndarray],
-               rows: np.ndarray, device: torch.device, batch_size: int) -> float:
+               rows: np.ndarray, device: torch.device, batch_size: int, scalars: Mapping[str, float]) -> float:
     """The loss over ``rows``, as one batch would compute it (ratio losses as a ratio of sums, not a mean of ratios)."""
     model.eval()
     logits = []
@@ -197,21 +199,25 @@ def _mean_loss(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[
         for start in range(0, rows.size, batch_size):
             r = rows[start:start + batch_size]
             logits.append(model(*_csr_batch(X[r], device, device.type == "cuda")).float().cpu())
-    return float(batch_loss(loss, torch.cat(logits), _targets(arrays, rows, torch.device("cpu"))))
+    return float(batch_loss(loss, torch.cat(logits), _targets(arrays, rows, torch.device("cpu"), scalars)))
 
 
 def fit_reward_model(data: Data, *, loss: str, cfg: TrainConfig, progress: bool = True,
-                     ) -> tuple[RewardModel, dict[str, Any]]:
+                     flip_rates: tuple[float, float] | None = None) -> tuple[RewardModel, dict[str, Any]]:
     """Train a reward model with ``loss`` on pointwise units; early stopping on a held-out split of prompts.
 
     ``data`` is a ``pyarrow.Table`` or a mapping of column name → array, with the columns of
     ``required_columns(loss)`` (names from ``schemas``; ``label`` null/NaN where unobserved). ``naive``,
     ``ips`` and ``snips`` train on the observed units only (the others contribute 0 to them; see
     ``losses.OBSERVED_ONLY``), ``dr`` on every unit. The validation loss is the training loss on the held-out
-    prompts. Returns the model in its best validation state, on the training device, and its metrics
-    (per-epoch history, counts, device, throughput).
+    prompts. ``flip_rates`` (ρ01, ρ10) are required by the noise-aware losses (``losses.NOISE_AWARE``).
+    Returns the model in its best validation state, on the training device, and its metrics (per-epoch
+    history, counts, device, throughput).
     """
     required_columns(loss)
+    if loss in NOISE_AWARE and flip_rates is None:
+        raise ConfigError(f"loss {loss!r} needs the fitted flip rates (models/noise.json from the fit stage)")
+    scalars = dict(zip(("rho01", "rho10"), flip_rates, strict=True)) if loss in NOISE_AWARE else {}
     device = resolve_device(cfg.device)
     arrays = _loss_inputs(data, loss)
     n = arrays["observed"].size
@@ -238,13 +244,14 @@ def fit_reward_model(data: Data, *, loss: str, cfg: TrainConfig, progress: bool 
               file=sys.stderr, flush=True)
     with _small_op_threads(device):
         history, best_epoch, best_state = _train(model, loss, X, arrays, train_rows, val_rows, cfg=cfg,
-                                                 device=device, progress=progress)
+                                                 device=device, progress=progress, scalars=scalars)
     model.load_state_dict(best_state)
     model.eval()
     best = history[best_epoch - 1]
     trained_s = sum(h["seconds"] for h in history)
     return model, {
-        "loss": loss, "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
+        "loss": loss, "flip_rates": list(flip_rates) if loss in NOISE_AWARE else None,
+        "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
         "stopped_early": len(history) < cfg.epochs, "history": history,
         "units": "observed" if loss in OBSERVED_ONLY else "all",
         "n_rows": int(n), "n_train": int(train_rows.size), "n_val": int(val_rows.size),
@@ -257,7 +264,8 @@ def fit_reward_model(data: Data, *, loss: str, cfg: TrainConfig, progress: bool 
 
 def _train(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[str, np.ndarray],
            train_rows: np.ndarray, val_rows: np.ndarray, *, cfg: TrainConfig, device: torch.device,
-           progress: bool) -> tuple[list[dict[str, float]], int, dict[str, torch.Tensor]]:
+           progress: bool, scalars: Mapping[str, float],
+           ) -> tuple[list[dict[str, float]], int, dict[str, torch.Tensor]]:
     """Epochs of shuffled minibatches until ``cfg.patience`` epochs pass without a better validation loss."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -272,13 +280,13 @@ def _train(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[str,
             rows = order[start:start + cfg.batch_size]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = model(*_csr_batch(X[rows], device, pin))
-            value = batch_loss(loss, logits.float(), _targets(arrays, rows, device))
+            value = batch_loss(loss, logits.float(), _targets(arrays, rows, device, scalars))
             optimiser.zero_grad(set_to_none=True)
             value.backward()
             optimiser.step()
             running += float(value.detach()) * rows.size
         seconds = time.perf_counter() - t0
-        val_loss = _mean_loss(model, loss, X, arrays, val_rows, device, 8 * cfg.batch_size)
+        val_loss = _mean_loss(model, loss, X, arrays, val_rows, device, 8 * cfg.batch_size, scalars)
         history.append({"epoch": epoch, "train_loss": running / train_rows.size, "val_loss": val_loss,
                         "seconds": seconds, "samples_per_s": train_rows.size / max(seconds, 1e-9)})
         improved = val_loss < best_loss

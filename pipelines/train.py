@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from estimators.losses import NOISE_AWARE
+from estimators.noise import FlipRates
 from estimators.reward_model import (
     CONFIG_FILE,
     RewardModel,
@@ -50,6 +52,15 @@ def model_dir(root: Path, loss: str, *, main: bool) -> Path:
     return root if main else root / BASELINES / loss
 
 
+def flip_rates(run: RunDir) -> tuple[float, float]:
+    """(ρ01, ρ10) that the fit stage chose, for the noise-aware losses."""
+    path = run.path(rd.NOISE_MODEL)
+    if not path.exists():
+        raise InputError(f"{path}: flip rates not found (run the fit stage first)")
+    rates = FlipRates.from_dict(json.loads(path.read_text()))
+    return rates.rho01, rates.rho10
+
+
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Train every loss of ``losses_to_train(cfg)`` and write RUN/reward_model; ``beam_args`` are unused here."""
     losses = losses_to_train(cfg)
@@ -64,7 +75,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
             print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})", file=sys.stderr,
                   flush=True)
             started = time.perf_counter()
-            model, metrics = fit_reward_model(table, loss=loss, cfg=cfg.train)
+            model, metrics = fit_reward_model(table, loss=loss, cfg=cfg.train,
+                                              flip_rates=flip_rates(run) if loss in NOISE_AWARE else None)
             target = model_dir(tmp, loss, main=i == 0)
             save_reward_model(model, {"loss": loss, "role": "main" if i == 0 else "baseline", "train": train_cfg},
                               target)

@@ -20,6 +20,7 @@ EVALUATION = "evaluation.json"
 
 PROPENSITY_MODEL = "models/propensity.skops"
 IMPUTATION_MODEL = "models/imputation.skops"
+NOISE_MODEL = "models/noise.json"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ def batch() -> dict[str, torch.Tensor]:
         "observed": torch.tensor([1, 1, 0, 1], dtype=torch.int8),
         "weight": torch.tensor([2.0, 4.0, NAN, 1.0]),
         "imputed": torch.tensor([0.6, 0.2, 0.7, 0.9]),
+        "rho01": 0.2,
+        "rho10": 0.1,
     }
 
 
@@ -125,7 +127,76 @@ def test_dr_is_doubly_robust(selected):
 @pytest.mark.parametrize(("name", "batch_keys", "message"), [
     ("hinge", (), "unknown loss 'hinge'"),
     ("dr", ("label", "observed", "weight"), r"loss 'dr' needs \['imputed'\]"),
+    ("causalrm_ips", ("label", "observed", "weight"), r"needs \['rho01', 'rho10'\]"),
 ])
 def test_bad_calls(batch, name, batch_keys, message):
     with pytest.raises(ValueError, match=message):
         L.batch_loss(name, LOGITS, {k: batch[k] for k in batch_keys})
+
+
+def _tilde(s: float, y: float, r01: float, r10: float) -> float:
+    """ℓ̃ by the DESIGN §5 formula, written out for one unit (soft y: the mixture of the two cases)."""
+    one = ((1 - r10) * _bce(s, 1) - r01 * _bce(s, 0)) / (1 - r01 - r10)
+    zero = ((1 - r01) * _bce(s, 0) - r10 * _bce(s, 1)) / (1 - r01 - r10)
+    return y * one + (1 - y) * zero
+
+
+def test_noise_corrected_losses_hand_computed(batch):
+    t = [_tilde(0.5, 1, 0.2, 0.1), _tilde(-1.0, 0, 0.2, 0.1), None, _tilde(0.0, 0.7, 0.2, 0.1)]
+    ti = [_tilde(0.5, 0.6, 0.2, 0.1), _tilde(-1.0, 0.2, 0.2, 0.1), _tilde(2.0, 0.7, 0.2, 0.1),
+          _tilde(0.0, 0.9, 0.2, 0.1)]
+    expected = {
+        "causalrm_ips": (2 * t[0] + 4 * t[1] + 1 * t[3]) / 4,
+        "causalrm_dr": (ti[0] + 2 * (t[0] - ti[0]) + ti[1] + 4 * (t[1] - ti[1]) + ti[2] + ti[3]
+                        + 1 * (t[3] - ti[3])) / 4,
+    }
+    for name, value in expected.items():
+        assert L.batch_loss(name, LOGITS, batch).item() == pytest.approx(value, rel=1e-6), name
+
+
+def test_without_noise_the_corrected_losses_are_the_plain_ones(batch):
+    clean = {**batch, "rho01": 0.0, "rho10": 0.0}
+    for corrected, plain in (("causalrm_ips", "ips"), ("causalrm_dr", "dr")):
+        assert L.batch_loss(corrected, LOGITS, clean).item() == pytest.approx(L.batch_loss(plain, LOGITS, clean).item())
+    s, y = torch.linspace(-4, 4, 9), torch.full((9,), 0.3)
+    torch.testing.assert_close(L.noise_corrected_bce(s, y, 0.0, 0.0), L.bce(s, y))
+
+
+@pytest.mark.parametrize("rho01, rho10", [(0.2, 0.1), (0.1, 0.2), (0.0, 0.3), (0.45, 0.45)])
+def test_the_corrected_loss_is_unbiased_for_the_clean_one_in_expectation(rho01, rho10):
+    """Exactly: E[ℓ̃(s, r) | r*] over the flip distribution equals ℓ(s, r*), for each r* and any score."""
+    s = torch.linspace(-6, 6, 25, dtype=torch.float64)
+    ones, zeros = torch.ones_like(s), torch.zeros_like(s)
+    lt1, lt0 = L.noise_corrected_bce(s, ones, rho01, rho10), L.noise_corrected_bce(s, zeros, rho01, rho10)
+    torch.testing.assert_close((1 - rho01) * lt1 + rho01 * lt0, L.bce(s, ones))          # r* = 1
+    torch.testing.assert_close(rho10 * lt1 + (1 - rho10) * lt0, L.bce(s, zeros))         # r* = 0
+
+
+def test_under_simulated_flips_the_corrected_risk_matches_the_clean_risk():
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    q = torch.rand(n, generator=g, dtype=torch.float64)
+    clean = (torch.rand(n, generator=g, dtype=torch.float64) < q).double()
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    noisy = torch.where(clean == 1, (u >= 0.2).double(), (u < 0.1).double())
+    s = torch.logit(q.clamp(0.05, 0.95)) * 0.8                                           # some model's scores
+    clean_risk = L.bce(s, clean).mean().item()
+    assert abs(L.bce(s, noisy).mean().item() - clean_risk) > 0.05                        # noise biases plain BCE
+    assert L.noise_corrected_bce(s, noisy, 0.2, 0.1).mean().item() == pytest.approx(clean_risk, abs=0.01)
+
+
+def test_bradley_terry_hand_computed_with_weights_and_margin():
+    c, r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5])
+    w, m = torch.tensor([1.5, 0.5]), torch.tensor([0.5, 0.0])
+    sig = lambda x: 1 / (1 + math.exp(-x))                                               # noqa: E731
+    expected = (1.5 * -math.log(sig(2.0 - 1.0 - 0.5)) + 0.5 * -math.log(sig(0.0 - 0.5))) / 2
+    assert L.bradley_terry(c, r, w, m).item() == pytest.approx(expected, rel=1e-6)
+    assert L.bradley_terry(c, r, w).item() < L.bradley_terry(c, r, w, m).item()          # a margin asks for more
+    logits = torch.tensor([0.0, 0.0], requires_grad=True)
+    L.bradley_terry(logits[:1], logits[1:], torch.ones(1)).backward()
+    assert logits.grad[0] < 0 < logits.grad[1]                                           # push chosen up
+
+
+def test_flip_rates_that_cannot_be_corrected_are_refused():
+    with pytest.raises(ValueError, match="no usable signal"):
+        L.noise_corrected_bce(torch.zeros(2), torch.ones(2), 0.6, 0.5)
