@@ -25,8 +25,9 @@ import torch
 from sklearn.feature_extraction.text import HashingVectorizer
 from torch import nn
 
-from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, OBSERVED_ONLY, batch_loss
+from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, OBSERVED_ONLY, batch_loss, bradley_terry
 from schemas import impressions as imp
+from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import units as un
 from schemas.config import TrainConfig
@@ -302,6 +303,90 @@ def _train(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[str,
     if not best_state:                                     # every validation loss was NaN: say so, do not save it
         raise FloatingPointError(f"reward model [{loss}]: validation loss was never finite: {history}")
     return history, best_epoch, best_state
+
+
+PAIR_COLUMNS = (pr.PROMPT_ID, pr.PROMPT, pr.CHOSEN, pr.REJECTED, pr.WEIGHT, pr.MARGIN)
+
+
+def fit_pairwise_reward_model(pairs: Data, *, cfg: TrainConfig, progress: bool = True,
+                              ) -> tuple[RewardModel, dict[str, Any]]:
+    """Train a reward model on preference pairs with the weighted Bradley–Terry loss
+    −w·log σ(s(chosen) − s(rejected) − margin) (``losses.bradley_terry``); early stopping on a held-out split of
+    prompts. The same model class as the pointwise losses, so it scores single responses the same way."""
+    missing = [c for c in PAIR_COLUMNS if c not in (pairs.column_names if isinstance(pairs, pa.Table) else pairs)]
+    if missing:
+        raise InputError(f"reward model [bt]: column '{missing[0]}' missing from the pairwise data")
+    device = resolve_device(cfg.device)
+    weight, margin = _numeric(pairs, pr.WEIGHT), _numeric(pairs, pr.MARGIN)
+    if not (np.isfinite(weight).all() and (weight >= 0).all() and np.isfinite(margin).all()):
+        raise InputError("reward model [bt]: pair weights must be finite and >= 0, margins finite")
+    val = validation_mask(_strings(pairs, pr.PROMPT_ID), cfg.val_fraction)
+    train_rows, val_rows = np.flatnonzero(~val), np.flatnonzero(val)
+    if train_rows.size == 0 or val_rows.size == 0:
+        raise InputError(f"reward model [bt]: {train_rows.size} pairs to train on and {val_rows.size} to validate "
+                         "on; need some of each")
+    started = time.perf_counter()
+    prompts = _strings(pairs, pr.PROMPT)
+    Xc = featurize(prompts, _strings(pairs, pr.CHOSEN), hash_features=cfg.hash_features, ngram_max=cfg.ngram_max)
+    Xr = featurize(prompts, _strings(pairs, pr.REJECTED), hash_features=cfg.hash_features, ngram_max=cfg.ngram_max)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = RewardModel(hash_features=cfg.hash_features, ngram_max=cfg.ngram_max, hidden=cfg.hidden)
+    model.to(device)
+    pin = device.type == "cuda"
+    w_t, m_t = torch.tensor(weight, dtype=torch.float32), torch.tensor(margin, dtype=torch.float32)
+
+    def pair_loss(rows: np.ndarray) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=pin):
+            sc, sr = model(*_csr_batch(Xc[rows], device, pin)), model(*_csr_batch(Xr[rows], device, pin))
+        idx = torch.from_numpy(rows)
+        return bradley_terry(sc.float(), sr.float(), w_t[idx].to(device), m_t[idx].to(device))
+
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, best_state = float("inf"), 0, {}
+    with _small_op_threads(device):
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            t0, running = time.perf_counter(), 0.0
+            order = train_rows[torch.randperm(train_rows.size, generator=generator).numpy()]
+            for start in range(0, order.size, cfg.batch_size):
+                rows = order[start:start + cfg.batch_size]
+                value = pair_loss(rows)
+                optimiser.zero_grad(set_to_none=True)
+                value.backward()
+                optimiser.step()
+                running += float(value.detach()) * rows.size
+            seconds = time.perf_counter() - t0
+            model.eval()
+            with torch.no_grad():
+                val_loss = float(pair_loss(val_rows))
+            history.append({"epoch": epoch, "train_loss": running / train_rows.size, "val_loss": val_loss,
+                            "seconds": seconds, "samples_per_s": train_rows.size / max(seconds, 1e-9)})
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if progress:
+                print(f"  [bt] epoch {epoch}/{cfg.epochs}: train {history[-1]['train_loss']:.4f}  val {val_loss:.4f}"
+                      f"  {history[-1]['samples_per_s']:,.0f} pairs/s", file=sys.stderr, flush=True)
+            if epoch - best_epoch >= cfg.patience:
+                break
+    if not best_state:
+        raise FloatingPointError(f"reward model [bt]: validation loss was never finite: {history}")
+    model.load_state_dict(best_state)
+    model.eval()
+    with torch.no_grad():
+        diff = (model(*_csr_batch(Xc[val_rows], device, pin)) - model(*_csr_batch(Xr[val_rows], device, pin))).cpu()
+    trained_s = sum(h["seconds"] for h in history)
+    return model, {
+        "loss": "bt", "best_epoch": best_epoch, "best_val_loss": best_loss, "epochs_run": len(history),
+        "stopped_early": len(history) < cfg.epochs, "history": history, "units": "pairs",
+        "n_rows": int(weight.size), "n_train": int(train_rows.size), "n_val": int(val_rows.size),
+        "val_pair_accuracy": float((diff > 0).float().mean()), "device": str(device),
+        "wall_s": time.perf_counter() - started,
+        "samples_per_s": len(history) * train_rows.size / max(trained_s, 1e-9),
+    }
 
 
 def predict_reward(model: RewardModel, prompts: Sequence[str | None], responses: Sequence[str | None], *,

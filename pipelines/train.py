@@ -24,7 +24,9 @@ from estimators.losses import NOISE_AWARE
 from estimators.noise import FlipRates
 from estimators.reward_model import (
     CONFIG_FILE,
+    PAIR_COLUMNS,
     RewardModel,
+    fit_pairwise_reward_model,
     fit_reward_model,
     load_reward_model,
     required_columns,
@@ -64,10 +66,13 @@ def flip_rates(run: RunDir) -> tuple[float, float]:
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Train every loss of ``losses_to_train(cfg)`` and write RUN/reward_model; ``beam_args`` are unused here."""
     losses = losses_to_train(cfg)
-    columns = list(dict.fromkeys(c for loss in losses for c in required_columns(loss)))
-    table = read_dataset(run.path(rd.POINTWISE), columns)
+    columns = list(dict.fromkeys(c for loss in losses if loss != "bt" for c in required_columns(loss)))
+    table = read_dataset(run.path(rd.POINTWISE), columns or [un.OBSERVED])
     if table.num_rows == 0:
         raise InputError(f"{run.path(rd.POINTWISE)}: pointwise dataset is empty")
+    pairs = read_dataset(run.path(rd.PAIRWISE), list(PAIR_COLUMNS)) if "bt" in losses else None
+    if pairs is not None and pairs.num_rows == 0:
+        raise InputError(f"{run.path(rd.PAIRWISE)}: no pairs to train the bt loss on")
     train_cfg = cfg.train.model_dump(exclude={"loss", "baselines"})
     diagnostics: dict[str, Any] = {}
     with atomic_dir(run.path(rd.REWARD_MODEL)) as tmp:
@@ -75,8 +80,11 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
             print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})", file=sys.stderr,
                   flush=True)
             started = time.perf_counter()
-            model, metrics = fit_reward_model(table, loss=loss, cfg=cfg.train,
-                                              flip_rates=flip_rates(run) if loss in NOISE_AWARE else None)
+            if loss == "bt":
+                model, metrics = fit_pairwise_reward_model(pairs, cfg=cfg.train)
+            else:
+                model, metrics = fit_reward_model(table, loss=loss, cfg=cfg.train,
+                                                  flip_rates=flip_rates(run) if loss in NOISE_AWARE else None)
             target = model_dir(tmp, loss, main=i == 0)
             save_reward_model(model, {"loss": loss, "role": "main" if i == 0 else "baseline", "train": train_cfg},
                               target)
@@ -85,7 +93,10 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                                  "epochs_run": metrics["epochs_run"], "n_train": metrics["n_train"],
                                  "n_val": metrics["n_val"], "samples_per_s": metrics["samples_per_s"],
                                  "device": metrics["device"], "wall_s": time.perf_counter() - started}
-    return {"inputs": describe_inputs(parquet_files(run.path(rd.POINTWISE))),
+    inputs = parquet_files(run.path(rd.POINTWISE))
+    if pairs is not None:
+        inputs += parquet_files(run.path(rd.PAIRWISE))
+    return {"inputs": describe_inputs(inputs),
             "outputs": [str(run.path(rd.REWARD_MODEL))],
             "counts": {"rows": table.num_rows, "observed": int(pc.sum(table[un.OBSERVED]).as_py() or 0)},
             "diagnostics": diagnostics}

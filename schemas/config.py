@@ -187,10 +187,11 @@ class ScoreConfig(_Section):
 
 
 class TrainConfig(_Section):
-    loss: Literal["naive", "ips", "snips", "dr", "causalrm_ips", "causalrm_dr"] = "ips"
-    baselines: list[Literal["naive", "ips", "snips", "dr", "causalrm_ips", "causalrm_dr"]] = Field(
+    loss: Literal["naive", "ips", "snips", "dr", "causalrm_ips", "causalrm_dr", "bt"] = "ips"
+    baselines: list[Literal["naive", "ips", "snips", "dr", "causalrm_ips", "causalrm_dr", "bt"]] = Field(
         default_factory=lambda: ["naive"], description="losses trained beside the main one, for comparison "
-        "(causalrm_*: the noise-corrected loss with the fit stage's flip rates)")
+        "(causalrm_*: the noise-corrected loss with the fit stage's flip rates; bt: weighted Bradley-Terry on the "
+        "pairwise dataset)")
     hash_features: int = Field(2**18, ge=16, le=2**24, description="hashed n-gram buckets of prompt + response")
     ngram_max: int = Field(1, ge=1, le=3, description="word n-grams up to this length (bigrams overfit small logs)")
     hidden: int = Field(0, ge=0, description="0 = linear reward model over hashed n-grams")
