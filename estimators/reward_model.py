@@ -13,7 +13,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -243,9 +243,18 @@ def fit_reward_model(data: Data, *, loss: str, cfg: TrainConfig, progress: bool 
         print(f"  [{loss}] {train_rows.size:,} train / {val_rows.size:,} validation units "
               f"({'observed only' if loss in OBSERVED_ONLY else 'all'}), {X.shape[1]:,} features, {device}",
               file=sys.stderr, flush=True)
+    pin = device.type == "cuda"
+
+    def step_loss(rows: np.ndarray) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=pin):
+            logits = model(*_csr_batch(X[rows], device, pin))
+        return batch_loss(loss, logits.float(), _targets(arrays, rows, device, scalars))
+
     with _small_op_threads(device):
-        history, best_epoch, best_state = _train(model, loss, X, arrays, train_rows, val_rows, cfg=cfg,
-                                                 device=device, progress=progress, scalars=scalars)
+        history, best_epoch, best_state = _train(
+            model, loss, step_loss,
+            lambda: _mean_loss(model, loss, X, arrays, val_rows, device, 8 * cfg.batch_size, scalars),
+            train_rows, cfg=cfg, progress=progress)
     model.load_state_dict(best_state)
     model.eval()
     best = history[best_epoch - 1]
@@ -263,14 +272,16 @@ def fit_reward_model(data: Data, *, loss: str, cfg: TrainConfig, progress: bool 
     }
 
 
-def _train(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[str, np.ndarray],
-           train_rows: np.ndarray, val_rows: np.ndarray, *, cfg: TrainConfig, device: torch.device,
-           progress: bool, scalars: Mapping[str, float],
+def _train(model: RewardModel, name: str, step_loss: Callable[[np.ndarray], torch.Tensor],
+           val_loss_fn: Callable[[], float], train_rows: np.ndarray, *, cfg: TrainConfig, progress: bool,
            ) -> tuple[list[dict[str, float]], int, dict[str, torch.Tensor]]:
-    """Epochs of shuffled minibatches until ``cfg.patience`` epochs pass without a better validation loss."""
+    """Epochs of shuffled minibatches until ``cfg.patience`` epochs pass without a better validation loss.
+
+    ``step_loss(rows)`` is the training loss of a minibatch of row indices, ``val_loss_fn()`` the validation
+    loss (computed in eval mode without gradients): the pointwise and the pairwise trainers share this loop.
+    """
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    pin, cuda = device.type == "cuda", device.type == "cuda"
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, {}
     for epoch in range(1, cfg.epochs + 1):
@@ -279,15 +290,15 @@ def _train(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[str,
         order = train_rows[torch.randperm(train_rows.size, generator=generator).numpy()]
         for start in range(0, order.size, cfg.batch_size):
             rows = order[start:start + cfg.batch_size]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(*_csr_batch(X[rows], device, pin))
-            value = batch_loss(loss, logits.float(), _targets(arrays, rows, device, scalars))
+            value = step_loss(rows)
             optimiser.zero_grad(set_to_none=True)
             value.backward()
             optimiser.step()
             running += float(value.detach()) * rows.size
         seconds = time.perf_counter() - t0
-        val_loss = _mean_loss(model, loss, X, arrays, val_rows, device, 8 * cfg.batch_size, scalars)
+        model.eval()
+        with torch.no_grad():
+            val_loss = val_loss_fn()
         history.append({"epoch": epoch, "train_loss": running / train_rows.size, "val_loss": val_loss,
                         "seconds": seconds, "samples_per_s": train_rows.size / max(seconds, 1e-9)})
         improved = val_loss < best_loss
@@ -295,13 +306,13 @@ def _train(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[str,
             best_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if progress:
-            print(f"  [{loss}] epoch {epoch}/{cfg.epochs}: train {history[-1]['train_loss']:.4f}  "
+            print(f"  [{name}] epoch {epoch}/{cfg.epochs}: train {history[-1]['train_loss']:.4f}  "
                   f"val {val_loss:.4f}{' *' if improved else '  '}  {history[-1]['samples_per_s']:,.0f} samples/s",
                   file=sys.stderr, flush=True)
         if epoch - best_epoch >= cfg.patience:
             break
     if not best_state:                                     # every validation loss was NaN: say so, do not save it
-        raise FloatingPointError(f"reward model [{loss}]: validation loss was never finite: {history}")
+        raise FloatingPointError(f"reward model [{name}]: validation loss was never finite: {history}")
     return history, best_epoch, best_state
 
 
@@ -342,38 +353,10 @@ def fit_pairwise_reward_model(pairs: Data, *, cfg: TrainConfig, progress: bool =
         idx = torch.from_numpy(rows)
         return bradley_terry(sc.float(), sr.float(), w_t[idx].to(device), m_t[idx].to(device))
 
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, {}
     with _small_op_threads(device):
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            t0, running = time.perf_counter(), 0.0
-            order = train_rows[torch.randperm(train_rows.size, generator=generator).numpy()]
-            for start in range(0, order.size, cfg.batch_size):
-                rows = order[start:start + cfg.batch_size]
-                value = pair_loss(rows)
-                optimiser.zero_grad(set_to_none=True)
-                value.backward()
-                optimiser.step()
-                running += float(value.detach()) * rows.size
-            seconds = time.perf_counter() - t0
-            model.eval()
-            with torch.no_grad():
-                val_loss = float(pair_loss(val_rows))
-            history.append({"epoch": epoch, "train_loss": running / train_rows.size, "val_loss": val_loss,
-                            "seconds": seconds, "samples_per_s": train_rows.size / max(seconds, 1e-9)})
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if progress:
-                print(f"  [bt] epoch {epoch}/{cfg.epochs}: train {history[-1]['train_loss']:.4f}  val {val_loss:.4f}"
-                      f"  {history[-1]['samples_per_s']:,.0f} pairs/s", file=sys.stderr, flush=True)
-            if epoch - best_epoch >= cfg.patience:
-                break
-    if not best_state:
-        raise FloatingPointError(f"reward model [bt]: validation loss was never finite: {history}")
+        history, best_epoch, best_state = _train(model, "bt", pair_loss, lambda: float(pair_loss(val_rows)),
+                                                 train_rows, cfg=cfg, progress=progress)
+    best_loss = history[best_epoch - 1]["val_loss"]
     model.load_state_dict(best_state)
     model.eval()
     with torch.no_grad():
