@@ -1,7 +1,8 @@
 """`make bench`: run the benchmarks, print their figures and record them in RESULTS.md.
 
-``python -m benchmarks [ingest|estimators|all] [N_IMPRESSIONS]``: the ingest benchmark (default N 1,000,000;
-the scaling run uses N/10) and the estimator benchmark over simulator scenarios (default N 200,000).
+``python -m benchmarks [ingest|estimators|trainer|losses|all] [N_IMPRESSIONS]``: the ingest benchmark (default N
+1,000,000; the scaling run uses N/10), the estimator benchmark over simulator scenarios (default N 200,000), the
+trainer's loader throughput (default N 200,000) and every reward-model loss over 3 seeds (default N 60,000).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 
 from benchmarks.bench_estimators import bench_estimators, estimators_table
 from benchmarks.bench_ingest import bench_ingest, compare
+from benchmarks.bench_trainer import bench_losses, bench_throughput, losses_table, throughput_table
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- ingest:begin -->", "<!-- ingest:end -->"
 EST_BEGIN, EST_END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
+BENCHES = ("ingest", "estimators", "trainer", "losses")
 
 
 def _commit() -> str:
@@ -70,14 +73,43 @@ def record(block: str, begin: str = BEGIN, end: str = END) -> None:
 def main(argv: list[str]) -> int:
     which = argv[0] if argv and not argv[0].isdigit() else "all"
     n = int(argv[-1]) if argv and argv[-1].isdigit() else None
-    if which not in ("ingest", "estimators", "all"):
-        print(f"unknown benchmark {which!r}: choose ingest, estimators or all", file=sys.stderr)
+    if which not in (*BENCHES, "all"):
+        print(f"unknown benchmark {which!r}: choose {', '.join(BENCHES)} or all", file=sys.stderr)
         return 2
     if which in ("ingest", "all"):
         run_ingest(n or 1_000_000)
     if which in ("estimators", "all"):
         run_estimators(n or 200_000)
+    if which in ("trainer", "all"):
+        run_trainer(n or 200_000)
+    if which in ("losses", "all"):
+        run_losses(n or 60_000)
     return 0
+
+
+def run_trainer(n: int) -> None:
+    print(f"trainer benchmark: streaming loader vs in-memory tensors, {n:,} impressions", flush=True)
+    result = bench_throughput(n)
+    rows = throughput_table(result)
+    print("\n".join(rows))
+    record("\n".join(["<!-- trainer:begin -->",
+                       f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: {result['train_rows']:,} "
+                       f"training rows (rated units of {n:,} impressions), {result['epochs']} epochs each, ips loss, "
+                       f"linear model over {2**18:,} hashed features.", "", *rows, "<!-- trainer:end -->"]),
+           "<!-- trainer:begin -->", "<!-- trainer:end -->")
+
+
+def run_losses(n: int) -> None:
+    print(f"loss benchmark: default scenario, {n:,} impressions, seeds 0-2 (ingest, fit, score, train)", flush=True)
+    result = bench_losses(n)
+    rows = losses_table(result)
+    print("\n".join(rows))
+    record("\n".join(["<!-- losses:begin -->",
+                       f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: default scenario (α 0.5, "
+                       f"ρ 0.2/0.1), {n:,} impressions, simulation and training seeds 0, 1, 2; metrics on the "
+                       f"validation prompts' units ({', '.join(f'{u:,}' for u in result['val_units'])}) against "
+                       "reward_true; mean ± sd over the seeds.", "", *rows, "<!-- losses:end -->"]),
+           "<!-- losses:begin -->", "<!-- losses:end -->")
 
 
 def run_estimators(n: int) -> None:

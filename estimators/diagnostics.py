@@ -1,8 +1,10 @@
-"""Diagnostics of fitted nuisance models: calibration error, discrimination, overlap. Numpy in, numpy out."""
+"""Diagnostics of fitted models: calibration error, discrimination, overlap, and a reward model's error against a
+known truth. Numpy in, numpy out."""
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 from sklearn.metrics import roc_auc_score
 
 
@@ -38,3 +40,20 @@ def summary(values: np.ndarray) -> dict[str, float]:
     q = np.quantile(values, [0, 0.01, 0.25, 0.5, 0.75, 0.99, 1])
     return {"min": float(q[0]), "p01": float(q[1]), "p25": float(q[2]), "median": float(q[3]),
             "p75": float(q[4]), "p99": float(q[5]), "max": float(q[6]), "mean": float(np.mean(values))}
+
+
+def regression_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """MSE, MAE and R² of predictions against the true values (DESIGN §7)."""
+    err = pred - truth
+    return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err))),
+            "r2": float(1 - np.sum(err**2) / np.sum((truth - truth.mean()) ** 2))}
+
+
+def pairwise_accuracy(group: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """Share of within-group pairs with different truth that ``pred`` orders the same way (ties count ½)."""
+    df = pl.DataFrame({"g": group, "p": pred, "t": truth})
+    pairs = df.join(df, on="g", suffix="_b").filter(pl.col("t") > pl.col("t_b"))
+    if pairs.height == 0:
+        return None
+    right = (pairs["p"] > pairs["p_b"]).cast(pl.Float64) + 0.5 * (pairs["p"] == pairs["p_b"]).cast(pl.Float64)
+    return float(right.mean())

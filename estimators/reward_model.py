@@ -4,17 +4,24 @@ Features: hashed word n-grams of ``prompt + " " + response`` (``HashingVectorize
 sees the share of each n-gram in the text). The sparse rows feed ``nn.EmbeddingBag(mode="sum")`` directly
 (indices, offsets, per-sample weights): a linear model when ``hidden == 0``, and nothing densified on the way
 to a GPU. Nothing is fitted outside torch, so a state_dict plus ``config.json`` rebuilds the model exactly.
-No Beam and no paths except in save/load: arrays in, arrays out.
+
+Data path: any table-like input is featurised once, chunk by chunk, into a ``reward_data.FeatureCache`` on local
+disk, and every epoch streams it back (row groups shuffled, rows shuffled in a buffer, read ahead in a thread):
+memory holds a buffer, never the dataset. Training checkpoints every epoch and can resume (``Checkpoint``).
+No Beam, and no paths except the cache, checkpoints and save/load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +31,10 @@ import scipy.sparse as sp
 import torch
 from sklearn.feature_extraction.text import HashingVectorizer
 from torch import nn
+from tqdm import tqdm
 
 from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, OBSERVED_ONLY, batch_loss, bradley_terry
+from estimators.reward_data import TRAIN, VAL, Batch, Chunk, DeviceBatch, FeatureCache, ParquetBatches, stream
 from schemas import impressions as imp
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -42,7 +51,7 @@ LOSS_COLUMNS = {"label": un.LABEL, "observed": un.OBSERVED, "weight": pw.WEIGHT_
 """Loss argument → pointwise column: every weighted loss uses the clipped IPS weight (snips self-normalises)."""
 TEXT_COLUMNS = (imp.PROMPT_ID, imp.PROMPT, imp.RESPONSE)
 
-Data = pa.Table | Mapping[str, Any]
+Data = pa.Table | pa.RecordBatch | Mapping[str, Any]
 
 
 def required_columns(loss: str) -> list[str]:
@@ -138,10 +147,11 @@ def validation_mask(prompt_ids: Sequence[str], fraction: float) -> np.ndarray:
 
 
 def _column(data: Data, name: str) -> pa.ChunkedArray | np.ndarray | Sequence:
-    columns = data.column_names if isinstance(data, pa.Table) else data.keys()
+    arrow = isinstance(data, pa.Table | pa.RecordBatch)
+    columns = data.schema.names if arrow else data.keys()
     if name not in columns:
         raise InputError(f"reward model: column {name!r} missing (have {sorted(columns)})")
-    return data.column(name) if isinstance(data, pa.Table) else data[name]
+    return data.column(name) if arrow else data[name]
 
 
 def _numeric(data: Data, name: str) -> np.ndarray:
@@ -157,9 +167,10 @@ def _strings(data: Data, name: str) -> list[str | None]:
     return col.to_pylist() if isinstance(col, pa.ChunkedArray | pa.Array) else list(col)
 
 
-def _loss_inputs(data: Data, loss: str) -> dict[str, np.ndarray]:
-    """The loss's columns as float32 arrays, checked: a bad value is named here, not found as a NaN loss later."""
-    arrays = {arg: _numeric(data, LOSS_COLUMNS[arg]) for arg in INPUTS[loss]}
+def _loss_inputs(data: Data, args: Sequence[str]) -> dict[str, np.ndarray]:
+    """The loss arguments' columns as float32 arrays, checked: a bad value is named here, not found as a NaN loss
+    later."""
+    arrays = {arg: _numeric(data, LOSS_COLUMNS[arg]) for arg in args}
     o = arrays["observed"]
     if not np.isin(o, (0, 1)).all():
         raise InputError(f"reward model: {un.OBSERVED} must be 0/1, got {np.unique(o[~np.isin(o, (0, 1))])[:5]}")
@@ -177,130 +188,271 @@ def _loss_inputs(data: Data, loss: str) -> dict[str, np.ndarray]:
 
 def _csr_batch(X: sp.csr_matrix, device: torch.device, pin: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(indices, offsets, values) of a CSR block, the EmbeddingBag inputs; pinned + async copy on CUDA."""
-    tensors = (torch.from_numpy(X.indices.astype(np.int64, copy=False)),
-               torch.from_numpy(X.indptr[:-1].astype(np.int64, copy=False)),
-               torch.from_numpy(X.data.astype(np.float32, copy=False)))
-    if pin:
-        tensors = tuple(t.pin_memory() for t in tensors)
-    return tuple(t.to(device, non_blocking=pin) for t in tensors)
+    batch = DeviceBatch.from_batch(Batch({"x": X}, {}), pin=pin)
+    return batch.to(device).features["x"]
 
 
-def _targets(arrays: Mapping[str, np.ndarray], rows: np.ndarray, device: torch.device,
-             scalars: Mapping[str, float]) -> dict[str, Any]:
-    """The loss inputs of ``rows`` as tensors on ``device``, plus the loss's scalar inputs (flip rates)."""
-    return {**{k: torch.from_numpy(v[rows]).to(device) for k, v in arrays.items()}, **scalars}
+# --- data: any table-like input → record batches → a feature cache (reward_data) ---------------------------------
+
+CHUNK_ROWS = 16_384
+"""Rows featurised at a time while a cache is written: bounds memory, whatever the dataset's size."""
+POINT, CHOSEN, REJECTED = "x", "chosen", "rejected"
+PAIR_COLUMNS = (pr.PROMPT_ID, pr.PROMPT, pr.CHOSEN, pr.REJECTED, pr.WEIGHT, pr.MARGIN)
 
 
-def _mean_loss(model: RewardModel, loss: str, X: sp.csr_matrix, arrays: Mapping[str, np.ndarray],
-               rows: np.ndarray, device: torch.device, batch_size: int, scalars: Mapping[str, float]) -> float:
-    """The loss over ``rows``, as one batch would compute it (ratio losses as a ratio of sums, not a mean of ratios)."""
-    model.eval()
-    logits = []
-    with torch.no_grad():
-        for start in range(0, rows.size, batch_size):
-            r = rows[start:start + batch_size]
-            logits.append(model(*_csr_batch(X[r], device, device.type == "cuda")).float().cpu())
-    return float(batch_loss(loss, torch.cat(logits), _targets(arrays, rows, torch.device("cpu"), scalars)))
+def record_batches(data: Data | Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """A table, a column mapping or a stream of record batches, as record batches of at most CHUNK_ROWS rows."""
+    if isinstance(data, Mapping):
+        data = pa.table({k: (v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(list(v) if not
+                             isinstance(v, np.ndarray) else v, from_pandas=True)) for k, v in data.items()})
+    if isinstance(data, pa.Table):
+        yield from data.to_batches(max_chunksize=CHUNK_ROWS)
+        return
+    for batch in data:
+        for start in range(0, batch.num_rows, CHUNK_ROWS):
+            yield batch.slice(start, CHUNK_ROWS)
 
 
-def fit_reward_model(data: Data, *, loss: str, cfg: TrainConfig, progress: bool = True,
-                     flip_rates: tuple[float, float] | None = None) -> tuple[RewardModel, dict[str, Any]]:
-    """Train a reward model with ``loss`` on pointwise units; early stopping on a held-out split of prompts.
-
-    ``data`` is a ``pyarrow.Table`` or a mapping of column name → array, with the columns of
-    ``required_columns(loss)`` (names from ``schemas``; ``label`` null/NaN where unobserved). ``naive``,
-    ``ips`` and ``snips`` train on the observed units only (the others contribute 0 to them; see
-    ``losses.OBSERVED_ONLY``), ``dr`` on every unit. The validation loss is the training loss on the held-out
-    prompts. ``flip_rates`` (ρ01, ρ10) are required by the noise-aware losses (``losses.NOISE_AWARE``).
-    Returns the model in its best validation state, on the training device, and its metrics (per-epoch
-    history, counts, device, throughput).
-    """
+def units_kind(loss: str) -> str:
+    """Which rows a pointwise loss trains on: ``observed`` (losses.OBSERVED_ONLY) or ``all``; ``pairs`` for bt."""
+    if loss == "bt":
+        return "pairs"
     required_columns(loss)
-    if loss in NOISE_AWARE and flip_rates is None:
-        raise ConfigError(f"loss {loss!r} needs the fitted flip rates (models/noise.json from the fit stage)")
-    scalars = dict(zip(("rho01", "rho10"), flip_rates, strict=True)) if loss in NOISE_AWARE else {}
-    device = resolve_device(cfg.device)
-    arrays = _loss_inputs(data, loss)
-    n = arrays["observed"].size
-    kept = np.flatnonzero(arrays["observed"] == 1) if loss in OBSERVED_ONLY else np.arange(n)
-    arrays = {k: v[kept] for k, v in arrays.items()}
-    val = validation_mask(_strings(data, imp.PROMPT_ID), cfg.val_fraction)[kept]
-    train_rows, val_rows = np.flatnonzero(~val), np.flatnonzero(val)
-    if train_rows.size == 0 or val_rows.size == 0:
-        raise InputError(f"reward model [{loss}]: {train_rows.size} units to train on and {val_rows.size} to "
-                         f"validate on (of {n}); need some of each")
-    started = time.perf_counter()
-    prompts, responses = _strings(data, imp.PROMPT), _strings(data, imp.RESPONSE)
-    X = featurize([prompts[i] for i in kept], [responses[i] for i in kept], hash_features=cfg.hash_features,
-                  ngram_max=cfg.ngram_max)
-    featurize_s = time.perf_counter() - started
+    return "observed" if loss in OBSERVED_ONLY else "all"
 
+
+def write_pointwise_cache(data: Data | Iterable[pa.RecordBatch], directory: Path | str, *, args: Sequence[str],
+                          observed_only: bool, cfg: TrainConfig, progress: bool = False) -> FeatureCache:
+    """Featurise pointwise units chunk by chunk into a ``FeatureCache``: block ``x``, the loss arguments ``args``
+    as columns (their names: label, observed, weight, imputed), held out by prompt (``validation_mask``)."""
+    args = list(dict.fromkeys(["label", "observed", *args]))
+    counts = {"rows_read": 0, "observed": 0}
+
+    def chunks() -> Iterator[Chunk]:
+        for batch in record_batches(data):
+            arrays = _loss_inputs(batch, args)
+            counts["rows_read"] += batch.num_rows
+            counts["observed"] += int(arrays["observed"].sum())
+            kept = np.flatnonzero(arrays["observed"] == 1) if observed_only else np.arange(batch.num_rows)
+            prompts, responses = _strings(batch, imp.PROMPT), _strings(batch, imp.RESPONSE)
+            X = featurize([prompts[i] for i in kept], [responses[i] for i in kept],
+                          hash_features=cfg.hash_features, ngram_max=cfg.ngram_max)
+            ids = _strings(batch, imp.PROMPT_ID)
+            yield Chunk({POINT: X}, {k: v[kept] for k, v in arrays.items()},
+                        validation_mask([ids[i] for i in kept], cfg.val_fraction))
+            if progress:
+                print(f"\r  featurised {counts['rows_read']:,} units", end="", file=sys.stderr, flush=True)
+
+    cache = FeatureCache.write(chunks(), directory, n_features=cfg.hash_features,
+                               extra={"units": "observed" if observed_only else "all", "counts": counts})
+    if progress:
+        print(file=sys.stderr, flush=True)
+    return cache
+
+
+def write_pair_cache(pairs: Data | Iterable[pa.RecordBatch], directory: Path | str, *, cfg: TrainConfig,
+                     ) -> FeatureCache:
+    """Featurise preference pairs into a ``FeatureCache``: blocks ``chosen`` and ``rejected`` (each with its
+    prompt), columns weight and margin, held out by prompt."""
+    counts = {"rows_read": 0}
+
+    def chunks() -> Iterator[Chunk]:
+        for batch in record_batches(pairs):
+            names = batch.schema.names
+            missing = [c for c in PAIR_COLUMNS if c not in names]
+            if missing:
+                raise InputError(f"reward model [bt]: column '{missing[0]}' missing from the pairwise data")
+            weight, margin = _numeric(batch, pr.WEIGHT), _numeric(batch, pr.MARGIN)
+            if not (np.isfinite(weight).all() and (weight >= 0).all() and np.isfinite(margin).all()):
+                raise InputError("reward model [bt]: pair weights must be finite and >= 0, margins finite")
+            counts["rows_read"] += batch.num_rows
+            prompts = _strings(batch, pr.PROMPT)
+            yield Chunk({side: featurize(prompts, _strings(batch, column), hash_features=cfg.hash_features,
+                                         ngram_max=cfg.ngram_max)
+                         for side, column in ((CHOSEN, pr.CHOSEN), (REJECTED, pr.REJECTED))},
+                        {"weight": weight.astype(np.float32), "margin": margin.astype(np.float32)},
+                        validation_mask(_strings(batch, pr.PROMPT_ID), cfg.val_fraction))
+
+    return FeatureCache.write(chunks(), directory, n_features=cfg.hash_features,
+                              extra={"units": "pairs", "counts": counts})
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """Where ``_train`` saves its state after every epoch, and whether to continue from a saved one.
+
+    ``fingerprint`` names what the state was trained on (loss, settings, input hashes): a checkpoint with
+    another fingerprint is refused, never silently continued.
+    """
+
+    path: Path
+    fingerprint: str
+    resume: bool = False
+
+    def load(self) -> dict[str, Any] | None:
+        if not (self.resume and self.path.is_file()):
+            return None
+        state = torch.load(self.path, weights_only=True, map_location="cpu")
+        if state.get("fingerprint") != self.fingerprint:
+            raise InputError(f"{self.path}: checkpoint was written for other inputs or settings; run without "
+                             "--resume to start over")
+        return state
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, self.path)
+
+
+def _check_splits(name: str, cache: FeatureCache) -> None:
+    train, val = cache.rows(TRAIN), cache.rows(VAL)
+    if train == 0 or val == 0:
+        raise InputError(f"reward model [{name}]: {train} units to train on and {val} to validate on (of "
+                         f"{cache.meta['counts']['rows_read']}); need some of each")
+
+
+def _new_model(cfg: TrainConfig, device: torch.device) -> RewardModel:
     with torch.random.fork_rng(devices=[]):                # seeded init, without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
         model = RewardModel(hash_features=cfg.hash_features, ngram_max=cfg.ngram_max, hidden=cfg.hidden)
-    model.to(device)
-    if progress:
-        print(f"  [{loss}] {train_rows.size:,} train / {val_rows.size:,} validation units "
-              f"({'observed only' if loss in OBSERVED_ONLY else 'all'}), {X.shape[1]:,} features, {device}",
-              file=sys.stderr, flush=True)
-    pin = device.type == "cuda"
+    return model.to(device)
 
-    def step_loss(rows: np.ndarray) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=pin):
-            logits = model(*_csr_batch(X[rows], device, pin))
-        return batch_loss(loss, logits.float(), _targets(arrays, rows, device, scalars))
+
+def _logits(model: RewardModel, block: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device,
+            ) -> torch.Tensor:
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(*block).float()
+
+
+def _score_split(model: RewardModel, cache: FeatureCache, split: str, device: torch.device, batch_size: int,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Logits of every block and the columns of a whole split, on cpu, in file order (no gradients)."""
+    source = ParquetBatches(cache, split, batch_size=batch_size, shuffle=False)
+    logits: dict[str, list[torch.Tensor]] = {b: [] for b in cache.blocks}
+    columns: dict[str, list[torch.Tensor]] = {c: [] for c in cache.columns}
+    model.eval()
+    with torch.no_grad():
+        for batch in stream(source, 0, device):
+            for b, block in batch.features.items():
+                logits[b].append(_logits(model, block, device).cpu())
+            for c, v in batch.columns.items():
+                columns[c].append(v.cpu())
+    return {b: torch.cat(v) for b, v in logits.items()}, {c: torch.cat(v) for c, v in columns.items()}
+
+
+def fit_reward_model(data: Data | FeatureCache, *, loss: str, cfg: TrainConfig, progress: bool = True,
+                     flip_rates: tuple[float, float] | None = None, checkpoint: Checkpoint | None = None,
+                     ) -> tuple[RewardModel, dict[str, Any]]:
+    """Train a reward model with ``loss`` on pointwise units; early stopping on a held-out split of prompts.
+
+    ``data`` is a ``FeatureCache`` from ``write_pointwise_cache`` (what the train stage streams), or a
+    ``pyarrow.Table`` / mapping of column name → array with the columns of ``required_columns(loss)`` (names
+    from ``schemas``; ``label`` null/NaN where unobserved), featurised into a temporary cache first.
+    ``naive``, ``ips``, ``snips`` and ``causalrm_ips`` train on the observed units only (the others contribute 0
+    to them; ``losses.OBSERVED_ONLY``), the others on every unit. The validation loss is the training loss on
+    the held-out prompts. ``flip_rates`` (ρ01, ρ10) are required by the noise-aware losses
+    (``losses.NOISE_AWARE``). Returns the model in its best validation state, on the training device, and its
+    metrics (per-epoch history, counts, device, throughput).
+    """
+    kind = units_kind(loss)
+    if loss in NOISE_AWARE and flip_rates is None:
+        raise ConfigError(f"loss {loss!r} needs the fitted flip rates (models/noise.json from the fit stage)")
+    if not isinstance(data, FeatureCache):
+        with tempfile.TemporaryDirectory(prefix="obsfeed-features-") as tmp:
+            started = time.perf_counter()
+            cache = write_pointwise_cache(data, tmp, args=INPUTS[loss], observed_only=kind == "observed", cfg=cfg)
+            model, metrics = fit_reward_model(cache, loss=loss, cfg=cfg, progress=progress, flip_rates=flip_rates,
+                                              checkpoint=checkpoint)
+            return model, {**metrics, "featurize_s": time.perf_counter() - started - metrics["wall_s"]}
+    cache = data
+    if cache.meta.get("units") != kind or not set(INPUTS[loss]) <= set(cache.columns):
+        raise ValueError(f"loss {loss!r} needs a cache of {kind} units with {INPUTS[loss]}; this one has "
+                         f"{cache.meta.get('units')} units with {cache.columns}")
+    _check_splits(loss, cache)
+    scalars = dict(zip(("rho01", "rho10"), flip_rates, strict=True)) if loss in NOISE_AWARE else {}
+    device = resolve_device(cfg.device)
+    started = time.perf_counter()
+    model = _new_model(cfg, device)
+    if progress:
+        print(f"  [{loss}] {cache.rows(TRAIN):,} train / {cache.rows(VAL):,} validation units "
+              f"({'observed only' if kind == 'observed' else 'all'}), {cache.n_features:,} features, {device}",
+              file=sys.stderr, flush=True)
+
+    def step_loss(batch: DeviceBatch) -> torch.Tensor:
+        return batch_loss(loss, _logits(model, batch.features[POINT], device), {**batch.columns, **scalars})
+
+    def val_loss() -> float:
+        logits, columns = _score_split(model, cache, VAL, device, 8 * cfg.batch_size)
+        return float(batch_loss(loss, logits[POINT], {**columns, **scalars}))
 
     with _small_op_threads(device):
-        history, best_epoch, best_state = _train(
-            model, loss, step_loss,
-            lambda: _mean_loss(model, loss, X, arrays, val_rows, device, 8 * cfg.batch_size, scalars),
-            train_rows, cfg=cfg, progress=progress)
-    model.load_state_dict(best_state)
-    model.eval()
-    best = history[best_epoch - 1]
-    trained_s = sum(h["seconds"] for h in history)
+        history, best_epoch = _train(model, loss, step_loss, val_loss, cache, device, cfg=cfg, progress=progress,
+                                     checkpoint=checkpoint)
+    counts = cache.meta["counts"]
     return model, {
         "loss": loss, "flip_rates": list(flip_rates) if loss in NOISE_AWARE else None,
-        "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs, "history": history,
-        "units": "observed" if loss in OBSERVED_ONLY else "all",
-        "n_rows": int(n), "n_train": int(train_rows.size), "n_val": int(val_rows.size),
-        "n_observed_train": int(arrays["observed"][train_rows].sum()),
-        "n_observed_val": int(arrays["observed"][val_rows].sum()),
-        "device": str(device), "featurize_s": featurize_s, "wall_s": time.perf_counter() - started,
-        "samples_per_s": len(history) * train_rows.size / max(trained_s, 1e-9),
+        **_history_metrics(history, best_epoch, cfg), "units": kind,
+        "n_rows": counts["rows_read"], "n_train": cache.rows(TRAIN), "n_val": cache.rows(VAL),
+        "device": str(device), "wall_s": time.perf_counter() - started,
     }
 
 
-def _train(model: RewardModel, name: str, step_loss: Callable[[np.ndarray], torch.Tensor],
-           val_loss_fn: Callable[[], float], train_rows: np.ndarray, *, cfg: TrainConfig, progress: bool,
-           ) -> tuple[list[dict[str, float]], int, dict[str, torch.Tensor]]:
-    """Epochs of shuffled minibatches until ``cfg.patience`` epochs pass without a better validation loss.
+def _history_metrics(history: list[dict[str, float]], best_epoch: int, cfg: TrainConfig) -> dict[str, Any]:
+    trained_s = sum(h["seconds"] for h in history)
+    return {"best_epoch": best_epoch, "best_val_loss": history[best_epoch - 1]["val_loss"],
+            "epochs_run": len(history), "stopped_early": len(history) < cfg.epochs, "history": history,
+            "samples_per_s": sum(h["samples"] for h in history) / max(trained_s, 1e-9)}
 
-    ``step_loss(rows)`` is the training loss of a minibatch of row indices, ``val_loss_fn()`` the validation
-    loss (computed in eval mode without gradients): the pointwise and the pairwise trainers share this loop.
+
+def _train(model: RewardModel, name: str, step_loss: Callable[[DeviceBatch], torch.Tensor],
+           val_loss_fn: Callable[[], float], cache: FeatureCache, device: torch.device, *, cfg: TrainConfig,
+           progress: bool, checkpoint: Checkpoint | None = None) -> tuple[list[dict[str, float]], int]:
+    """Epochs of minibatches streamed from ``cache`` until ``cfg.patience`` epochs pass without a better validation
+    loss; leaves ``model`` in its best state and returns (per-epoch history, best epoch).
+
+    ``step_loss(batch)`` is the training loss of a minibatch, ``val_loss_fn()`` the validation loss: the
+    pointwise and the pairwise trainers share this loop. After each epoch the whole state (model, optimiser,
+    best state, history) goes to ``checkpoint``; a resumed run continues after the last saved epoch and, since
+    batch orders are seeded by epoch, ends where an uninterrupted run would. Progress: a live bar with
+    samples/s on a terminal, and one line per epoch (losses, samples/s) in any case.
     """
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    source = ParquetBatches(cache, TRAIN, batch_size=cfg.batch_size, seed=cfg.seed)
     history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, {}
-    for epoch in range(1, cfg.epochs + 1):
+    best_loss, best_epoch, best_state, done = float("inf"), 0, {}, False
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimizer"])
+        history, best_loss, best_epoch = saved["history"], saved["best_loss"], saved["best_epoch"]
+        best_state, done = saved["best_state"], saved["done"]
+        if progress:
+            print(f"  [{name}] resumed after epoch {len(history)}{' (finished)' if done else ''}", file=sys.stderr,
+                  flush=True)
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        if done:
+            break
         model.train()
-        t0, running = time.perf_counter(), 0.0
-        order = train_rows[torch.randperm(train_rows.size, generator=generator).numpy()]
-        for start in range(0, order.size, cfg.batch_size):
-            rows = order[start:start + cfg.batch_size]
-            value = step_loss(rows)
-            optimiser.zero_grad(set_to_none=True)
-            value.backward()
-            optimiser.step()
-            running += float(value.detach()) * rows.size
+        t0, running, seen = time.perf_counter(), 0.0, 0
+        with tqdm(total=source.num_rows, desc=f"  [{name}] epoch {epoch}", unit=" samples", unit_scale=True,
+                  leave=False, disable=not (progress and sys.stderr.isatty()), file=sys.stderr) as bar:
+            for batch in stream(source, epoch, device):
+                value = step_loss(batch)
+                optimiser.zero_grad(set_to_none=True)
+                value.backward()
+                optimiser.step()
+                running += float(value.detach()) * batch.size
+                seen += batch.size
+                bar.update(batch.size)
         seconds = time.perf_counter() - t0
         model.eval()
         with torch.no_grad():
             val_loss = val_loss_fn()
-        history.append({"epoch": epoch, "train_loss": running / train_rows.size, "val_loss": val_loss,
-                        "seconds": seconds, "samples_per_s": train_rows.size / max(seconds, 1e-9)})
+        history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss,
+                        "seconds": seconds, "samples": seen, "samples_per_s": seen / max(seconds, 1e-9)})
         improved = val_loss < best_loss
         if improved:
             best_loss, best_epoch = val_loss, epoch
@@ -309,66 +461,54 @@ def _train(model: RewardModel, name: str, step_loss: Callable[[np.ndarray], torc
             print(f"  [{name}] epoch {epoch}/{cfg.epochs}: train {history[-1]['train_loss']:.4f}  "
                   f"val {val_loss:.4f}{' *' if improved else '  '}  {history[-1]['samples_per_s']:,.0f} samples/s",
                   file=sys.stderr, flush=True)
-        if epoch - best_epoch >= cfg.patience:
-            break
+        done = epoch - best_epoch >= cfg.patience or epoch == cfg.epochs
+        if checkpoint is not None:
+            checkpoint.save({"model": model.state_dict(), "optimizer": optimiser.state_dict(), "history": history,
+                             "best_loss": best_loss, "best_epoch": best_epoch, "best_state": best_state,
+                             "done": done})
     if not best_state:                                     # every validation loss was NaN: say so, do not save it
         raise FloatingPointError(f"reward model [{name}]: validation loss was never finite: {history}")
-    return history, best_epoch, best_state
-
-
-PAIR_COLUMNS = (pr.PROMPT_ID, pr.PROMPT, pr.CHOSEN, pr.REJECTED, pr.WEIGHT, pr.MARGIN)
-
-
-def fit_pairwise_reward_model(pairs: Data, *, cfg: TrainConfig, progress: bool = True,
-                              ) -> tuple[RewardModel, dict[str, Any]]:
-    """Train a reward model on preference pairs with the weighted Bradley–Terry loss
-    −w·log σ(s(chosen) − s(rejected) − margin) (``losses.bradley_terry``); early stopping on a held-out split of
-    prompts. The same model class as the pointwise losses, so it scores single responses the same way."""
-    missing = [c for c in PAIR_COLUMNS if c not in (pairs.column_names if isinstance(pairs, pa.Table) else pairs)]
-    if missing:
-        raise InputError(f"reward model [bt]: column '{missing[0]}' missing from the pairwise data")
-    device = resolve_device(cfg.device)
-    weight, margin = _numeric(pairs, pr.WEIGHT), _numeric(pairs, pr.MARGIN)
-    if not (np.isfinite(weight).all() and (weight >= 0).all() and np.isfinite(margin).all()):
-        raise InputError("reward model [bt]: pair weights must be finite and >= 0, margins finite")
-    val = validation_mask(_strings(pairs, pr.PROMPT_ID), cfg.val_fraction)
-    train_rows, val_rows = np.flatnonzero(~val), np.flatnonzero(val)
-    if train_rows.size == 0 or val_rows.size == 0:
-        raise InputError(f"reward model [bt]: {train_rows.size} pairs to train on and {val_rows.size} to validate "
-                         "on; need some of each")
-    started = time.perf_counter()
-    prompts = _strings(pairs, pr.PROMPT)
-    Xc = featurize(prompts, _strings(pairs, pr.CHOSEN), hash_features=cfg.hash_features, ngram_max=cfg.ngram_max)
-    Xr = featurize(prompts, _strings(pairs, pr.REJECTED), hash_features=cfg.hash_features, ngram_max=cfg.ngram_max)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = RewardModel(hash_features=cfg.hash_features, ngram_max=cfg.ngram_max, hidden=cfg.hidden)
-    model.to(device)
-    pin = device.type == "cuda"
-    w_t, m_t = torch.tensor(weight, dtype=torch.float32), torch.tensor(margin, dtype=torch.float32)
-
-    def pair_loss(rows: np.ndarray) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=pin):
-            sc, sr = model(*_csr_batch(Xc[rows], device, pin)), model(*_csr_batch(Xr[rows], device, pin))
-        idx = torch.from_numpy(rows)
-        return bradley_terry(sc.float(), sr.float(), w_t[idx].to(device), m_t[idx].to(device))
-
-    with _small_op_threads(device):
-        history, best_epoch, best_state = _train(model, "bt", pair_loss, lambda: float(pair_loss(val_rows)),
-                                                 train_rows, cfg=cfg, progress=progress)
-    best_loss = history[best_epoch - 1]["val_loss"]
     model.load_state_dict(best_state)
     model.eval()
-    with torch.no_grad():
-        diff = (model(*_csr_batch(Xc[val_rows], device, pin)) - model(*_csr_batch(Xr[val_rows], device, pin))).cpu()
-    trained_s = sum(h["seconds"] for h in history)
+    return history, best_epoch
+
+
+def fit_pairwise_reward_model(pairs: Data | FeatureCache, *, cfg: TrainConfig, progress: bool = True,
+                              checkpoint: Checkpoint | None = None) -> tuple[RewardModel, dict[str, Any]]:
+    """Train a reward model on preference pairs with the weighted Bradley–Terry loss
+    −w·log σ(s(chosen) − s(rejected) − margin) (``losses.bradley_terry``); early stopping on a held-out split of
+    prompts. The same model class as the pointwise losses, so it scores single responses the same way.
+    ``pairs``: a ``FeatureCache`` from ``write_pair_cache``, or a table / mapping with ``PAIR_COLUMNS``."""
+    if not isinstance(pairs, FeatureCache):
+        with tempfile.TemporaryDirectory(prefix="obsfeed-features-") as tmp:
+            return fit_pairwise_reward_model(write_pair_cache(pairs, tmp, cfg=cfg), cfg=cfg, progress=progress,
+                                             checkpoint=checkpoint)
+    cache = pairs
+    _check_splits("bt", cache)
+    device = resolve_device(cfg.device)
+    started = time.perf_counter()
+    model = _new_model(cfg, device)
+
+    def pair_loss(batch: DeviceBatch) -> torch.Tensor:
+        chosen, rejected = (_logits(model, batch.features[b], device) for b in (CHOSEN, REJECTED))
+        return bradley_terry(chosen, rejected, batch.columns["weight"], batch.columns["margin"])
+
+    def val_scores() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return _score_split(model, cache, VAL, device, 8 * cfg.batch_size)
+
+    def val_loss() -> float:
+        logits, columns = val_scores()
+        return float(bradley_terry(logits[CHOSEN], logits[REJECTED], columns["weight"], columns["margin"]))
+
+    with _small_op_threads(device):
+        history, best_epoch = _train(model, "bt", pair_loss, val_loss, cache, device, cfg=cfg, progress=progress,
+                                     checkpoint=checkpoint)
+        logits, _ = val_scores()
     return model, {
-        "loss": "bt", "best_epoch": best_epoch, "best_val_loss": best_loss, "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs, "history": history, "units": "pairs",
-        "n_rows": int(weight.size), "n_train": int(train_rows.size), "n_val": int(val_rows.size),
-        "val_pair_accuracy": float((diff > 0).float().mean()), "device": str(device),
+        "loss": "bt", **_history_metrics(history, best_epoch, cfg), "units": "pairs",
+        "n_rows": cache.meta["counts"]["rows_read"], "n_train": cache.rows(TRAIN), "n_val": cache.rows(VAL),
+        "val_pair_accuracy": float((logits[CHOSEN] > logits[REJECTED]).float().mean()), "device": str(device),
         "wall_s": time.perf_counter() - started,
-        "samples_per_s": len(history) * train_rows.size / max(trained_s, 1e-9),
     }
 
 
@@ -386,6 +526,22 @@ def predict_reward(model: RewardModel, prompts: Sequence[str | None], responses:
                           hash_features=model.hash_features, ngram_max=model.ngram_max)
             out.append(torch.sigmoid(model(*_csr_batch(X, device, False)).float()).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
+
+
+def score(model: RewardModel | Path | str, prompts: Sequence[str | None], responses: Sequence[str | None], *,
+          batch_size: int = 8192) -> np.ndarray:
+    """Rewards P(label = 1 | x) of new (prompt, response) pairs: the Python entry point for a trained model.
+
+    ``model`` is a ``RewardModel`` or a folder written by the train stage (``RUN/reward_model``, or
+    ``RUN/reward_model/baselines/<loss>``), loaded with ``weights_only=True``.
+
+    Example (after ``make demo``)::
+
+        rewards = score("runs/demo/reward_model", ["How do I boil an egg?"], ["Simmer it for nine minutes."])
+    """
+    if not isinstance(model, RewardModel):
+        model = load_reward_model(model)
+    return predict_reward(model, list(prompts), list(responses), batch_size=batch_size)
 
 
 def save_reward_model(model: RewardModel, cfg_dict: Mapping[str, Any], directory: Path | str) -> None:

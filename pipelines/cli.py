@@ -48,8 +48,10 @@ def log(msg: str) -> None:
     print(f"[obsfeed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Sequence[str]) -> dict[str, Any]:
-    """Run ``stages`` in order, recording each in the manifest; ``_SUCCESS`` last, only if every stage is ok."""
+def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Sequence[str],
+               options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run ``stages`` in order, recording each in the manifest; ``_SUCCESS`` last, only if every stage is ok.
+    ``options``: stage name → keyword arguments for its ``run`` (e.g. ``{"train": {"resume": True}}``)."""
     from pipelines.manifest import read_manifest, record_stage
     from transforms.io import atomic_write_text
 
@@ -58,8 +60,8 @@ def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Seque
     results = {}
     for name in stages:
         log(f"{name}: started")
-        fn = stage_function(name)
-        results[name] = record_stage(run, name, cfg.digest(), lambda fn=fn: fn(run, cfg, beam_args))
+        fn, kwargs = stage_function(name), (options or {}).get(name, {})
+        results[name] = record_stage(run, name, cfg.digest(), lambda fn=fn, kw=kwargs: fn(run, cfg, beam_args, **kw))
         log(f"{name}: done in {results[name]['wall_s']:.1f}s")
     manifest = read_manifest(run)
     if all(manifest.get("stages", {}).get(s, {}).get("status") == "ok" for s in STAGES):
@@ -94,15 +96,33 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("config", type=Path)
     r.add_argument("run", type=Path)
     r.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    _train_arguments(r)
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage on RUN (config from RUN/config.toml)")
         s.add_argument("run", type=Path)
+        if name == "train":
+            _train_arguments(s)
     rs = sub.add_parser("runs", help="list the runs under a folder with their status and headline figures")
     rs.add_argument("root", type=Path)
     ev = sub.add_parser("evaluate", help="metrics vs ground truth (simulator) for a finished run")
     ev.add_argument("run", type=Path)
     ev.add_argument("--truth", type=Path, default=None, help="truth.parquet (default: [input].truth)")
     return parser
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="train on this device (overrides train.device; auto = cuda when present)")
+    parser.add_argument("--resume", action="store_true",
+                        help="train: continue from the last epoch checkpoint of a failed attempt (same inputs and "
+                             "settings only)")
+
+
+def _with_train_flags(cfg: Config, args: argparse.Namespace) -> tuple[Config, dict[str, dict[str, Any]]]:
+    """The config with ``--device`` applied, and the stage options ``--resume`` asks for."""
+    if args.device is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": args.device})})
+    return cfg, ({"train": {"resume": True}} if args.resume else {})
 
 
 def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
@@ -120,11 +140,11 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         print("\n".join(runs_table(args.root)))
         return 0
     if args.command == "run":
-        cfg = load_config(args.config)
+        cfg, options = _with_train_flags(load_config(args.config), args)
         run = RunDir(args.run)
         run.root.mkdir(parents=True, exist_ok=True)
         freeze_config(run, cfg)
-        run_stages(run, cfg, _parse_stages(args.stages), beam_args_with_defaults(beam_args))
+        run_stages(run, cfg, _parse_stages(args.stages), beam_args_with_defaults(beam_args), options)
         from pipelines.summary import print_run_summary
 
         print_run_summary(run)
@@ -138,7 +158,10 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
         evaluate.print_evaluation(evaluate.run(run, cfg, truth=args.truth))
         return 0
-    run_stages(run, cfg, [args.command], beam_args_with_defaults(beam_args))
+    options: dict[str, dict[str, Any]] = {}
+    if args.command == "train":
+        cfg, options = _with_train_flags(cfg, args)
+    run_stages(run, cfg, [args.command], beam_args_with_defaults(beam_args), options)
     return 0
 
 

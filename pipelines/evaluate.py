@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from estimators.diagnostics import auc, expected_calibration_error
+from estimators.diagnostics import auc, expected_calibration_error, pairwise_accuracy, regression_metrics
 from estimators.features import RESPONSE_LENGTH
 from pipelines.fit import CONFOUNDING, NOISE
 from schemas import pointwise as pw
@@ -30,22 +30,6 @@ from schemas.config import Config
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
 from transforms.io import atomic_write_text, read_dataset
-
-
-def regression_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    err = pred - truth
-    return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err))),
-            "r2": float(1 - np.sum(err**2) / np.sum((truth - truth.mean()) ** 2))}
-
-
-def pairwise_accuracy(group: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> float | None:
-    """Share of within-group pairs with different truth that ``pred`` orders the same way (ties count ½)."""
-    df = pl.DataFrame({"g": group, "p": pred, "t": truth})
-    pairs = df.join(df, on="g", suffix="_b").filter(pl.col("t") > pl.col("t_b"))
-    if pairs.height == 0:
-        return None
-    right = (pairs["p"] > pairs["p_b"]).cast(pl.Float64) + 0.5 * (pairs["p"] == pairs["p_b"]).cast(pl.Float64)
-    return float(right.mean())
 
 
 def mean_label_estimates(d: pl.DataFrame) -> dict[str, float]:

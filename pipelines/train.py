@@ -5,43 +5,64 @@ Layout written, atomically as one directory::
     RUN/reward_model/{model.pt, config.json, metrics.json}                 cfg.train.loss
     RUN/reward_model/baselines/<loss>/{model.pt, config.json, metrics.json} each other loss in cfg.train.baselines
 
-Fit small: the columns the losses need are read into memory once (a linear model over hashed n-grams needs no
-more than that at the sizes a nightly run sees); the Beam score stage is where scale lives.
+Data: the datasets are streamed in record batches and featurised once per kind of rows (observed units, all
+units, pairs) into a feature cache under ``RUN/checkpoints/train/``; each epoch streams the cache back.
+Checkpoints: every model's state after every epoch goes to ``RUN/checkpoints/train/<loss>/``; ``resume=True``
+(``obsfeed train RUN --resume``) continues from them after a failure, provided the inputs and the settings
+are the same (a fingerprint is checked). The folder is removed once the stage has committed its output.
+Truth: when ``[input].truth`` exists (the simulator's), metrics.json also scores the model on the validation
+prompts against ``reward_true``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
+import numpy as np
+import polars as pl
+import pyarrow.dataset as ds
 
-from estimators.losses import NOISE_AWARE
+from estimators.diagnostics import pairwise_accuracy, regression_metrics
+from estimators.losses import INPUTS, NOISE_AWARE
 from estimators.noise import FlipRates
+from estimators.reward_data import FeatureCache
 from estimators.reward_model import (
     CONFIG_FILE,
     PAIR_COLUMNS,
+    Checkpoint,
     RewardModel,
     fit_pairwise_reward_model,
     fit_reward_model,
     load_reward_model,
+    predict_reward,
     required_columns,
     save_reward_model,
+    units_kind,
+    validation_mask,
+    write_pair_cache,
+    write_pointwise_cache,
 )
 from pipelines.manifest import describe_inputs
 from schemas import run_dir as rd
+from schemas import truth as tr
 from schemas import units as un
 from schemas.config import Config
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
-from transforms.io import atomic_dir, parquet_files, read_dataset
+from transforms.io import atomic_dir, parquet_files
 
 BASELINES = "baselines"
 METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+READ_ROWS = 16_384
+"""Rows per record batch read from the datasets: memory is bounded by this and the loader's buffer."""
 
 
 def losses_to_train(cfg: Config) -> list[str]:
@@ -54,6 +75,10 @@ def model_dir(root: Path, loss: str, *, main: bool) -> Path:
     return root if main else root / BASELINES / loss
 
 
+def checkpoint_root(run: RunDir) -> Path:
+    return run.path(rd.CHECKPOINTS) / "train"
+
+
 def flip_rates(run: RunDir) -> tuple[float, float]:
     """(ρ01, ρ10) that the fit stage chose, for the noise-aware losses."""
     path = run.path(rd.NOISE_MODEL)
@@ -63,16 +88,61 @@ def flip_rates(run: RunDir) -> tuple[float, float]:
     return rates.rho01, rates.rho10
 
 
-def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
-    """Train every loss of ``losses_to_train(cfg)`` and write RUN/reward_model; ``beam_args`` are unused here."""
+def _stream(files: Sequence[Path], columns: Sequence[str]):
+    """Record batches of ``columns`` from Parquet ``files``, READ_ROWS at a time (nothing else in memory)."""
+    dataset = ds.dataset([str(f) for f in files], format="parquet")
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise InputError(f"{files[0].parent}: column '{missing[0]}' missing from the dataset")
+    return dataset.to_batches(columns=list(columns), batch_size=READ_ROWS)
+
+
+def _fingerprint(loss: str, cfg: Config, inputs: list[dict[str, Any]], rates: tuple[float, float] | None) -> str:
+    """What a checkpoint was trained on: the loss, the train settings (not the device), the flip rates and the
+    input files' hashes."""
+    settings = cfg.train.model_dump(exclude={"loss", "baselines", "device"})
+    payload = {"loss": loss, "train": settings, "flip_rates": rates, "inputs": [i["sha256"] for i in inputs]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool = False) -> dict[str, Any]:
+    """Train every loss of ``losses_to_train(cfg)`` and write RUN/reward_model; ``beam_args`` are unused here.
+
+    ``resume``: continue each loss from its last checkpoint (a loss that had finished is not trained again).
+    """
     losses = losses_to_train(cfg)
-    columns = list(dict.fromkeys(c for loss in losses if loss != "bt" for c in required_columns(loss)))
-    table = read_dataset(run.path(rd.POINTWISE), columns or [un.OBSERVED])
-    if table.num_rows == 0:
-        raise InputError(f"{run.path(rd.POINTWISE)}: pointwise dataset is empty")
-    pairs = read_dataset(run.path(rd.PAIRWISE), list(PAIR_COLUMNS)) if "bt" in losses else None
-    if pairs is not None and pairs.num_rows == 0:
-        raise InputError(f"{run.path(rd.PAIRWISE)}: no pairs to train the bt loss on")
+    kinds = {loss: units_kind(loss) for loss in losses}
+    point_files = parquet_files(run.path(rd.POINTWISE))
+    if not point_files:
+        raise InputError(f"{run.path(rd.POINTWISE)}: pointwise dataset has no Parquet files")
+    pair_files = parquet_files(run.path(rd.PAIRWISE)) if "pairs" in kinds.values() else []
+    if "pairs" in kinds.values() and not pair_files:
+        raise InputError(f"{run.path(rd.PAIRWISE)}: pairwise dataset has no Parquet files")
+    inputs = describe_inputs([*point_files, *pair_files])
+    root = checkpoint_root(run)
+    if not resume:
+        shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(root / ".cache", ignore_errors=True)
+    caches: dict[str, FeatureCache] = {}
+
+    def cache_for(kind: str) -> FeatureCache:
+        """Featurise once per kind of rows, with the columns every loss of that kind needs."""
+        if kind not in caches:
+            started = time.perf_counter()
+            if kind == "pairs":
+                caches[kind] = write_pair_cache(_stream(pair_files, PAIR_COLUMNS), root / ".cache" / kind,
+                                                cfg=cfg.train)
+            else:
+                mine = [loss for loss, k in kinds.items() if k == kind]
+                args = list(dict.fromkeys(a for loss in mine for a in INPUTS[loss]))
+                columns = list(dict.fromkeys(c for loss in mine for c in required_columns(loss)))
+                caches[kind] = write_pointwise_cache(_stream(point_files, columns), root / ".cache" / kind,
+                                                     args=args, observed_only=kind == "observed", cfg=cfg.train,
+                                                     progress=True)
+            print(f"train: featurised {kind} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr,
+                  flush=True)
+        return caches[kind]
+
     train_cfg = cfg.train.model_dump(exclude={"loss", "baselines"})
     diagnostics: dict[str, Any] = {}
     with atomic_dir(run.path(rd.REWARD_MODEL)) as tmp:
@@ -80,26 +150,51 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
             print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})", file=sys.stderr,
                   flush=True)
             started = time.perf_counter()
+            rates = flip_rates(run) if loss in NOISE_AWARE else None
+            checkpoint = Checkpoint(root / loss / CHECKPOINT_FILE, _fingerprint(loss, cfg, inputs, rates), resume)
+            cache = cache_for(kinds[loss])
             if loss == "bt":
-                model, metrics = fit_pairwise_reward_model(pairs, cfg=cfg.train)
+                model, metrics = fit_pairwise_reward_model(cache, cfg=cfg.train, checkpoint=checkpoint)
             else:
-                model, metrics = fit_reward_model(table, loss=loss, cfg=cfg.train,
-                                                  flip_rates=flip_rates(run) if loss in NOISE_AWARE else None)
+                model, metrics = fit_reward_model(cache, loss=loss, cfg=cfg.train, flip_rates=rates,
+                                                  checkpoint=checkpoint)
             target = model_dir(tmp, loss, main=i == 0)
             save_reward_model(model, {"loss": loss, "role": "main" if i == 0 else "baseline", "train": train_cfg},
                               target)
+            metrics["truth"] = _truth_metrics(model, run, cfg, point_files)
             (target / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
             diagnostics[loss] = {"val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"],
                                  "epochs_run": metrics["epochs_run"], "n_train": metrics["n_train"],
                                  "n_val": metrics["n_val"], "samples_per_s": metrics["samples_per_s"],
-                                 "device": metrics["device"], "wall_s": time.perf_counter() - started}
-    inputs = parquet_files(run.path(rd.POINTWISE))
-    if pairs is not None:
-        inputs += parquet_files(run.path(rd.PAIRWISE))
-    return {"inputs": describe_inputs(inputs),
-            "outputs": [str(run.path(rd.REWARD_MODEL))],
-            "counts": {"rows": table.num_rows, "observed": int(pc.sum(table[un.OBSERVED]).as_py() or 0)},
+                                 "device": metrics["device"], "wall_s": time.perf_counter() - started,
+                                 **({"val_r2_vs_truth": metrics["truth"]["r2"]} if metrics["truth"] else {})}
+    shutil.rmtree(root, ignore_errors=True)                # committed: nothing left to resume
+    counts = next((c.meta["counts"] for k, c in caches.items() if k != "pairs"), None)
+    return {"inputs": inputs, "outputs": [str(run.path(rd.REWARD_MODEL))],
+            "counts": {"rows": counts["rows_read"], "observed": counts["observed"]} if counts else {},
             "diagnostics": diagnostics}
+
+
+def _truth_metrics(model: RewardModel, run: RunDir, cfg: Config, point_files: Sequence[Path],
+                   ) -> dict[str, Any] | None:
+    """MSE/MAE/R² vs ``reward_true`` and pairwise accuracy within prompts, on the validation prompts' units (all
+    of them, rated or not), when the config names a ground-truth file that exists; else None."""
+    truth_path = Path(cfg.input.truth) if cfg.input.truth else None
+    if truth_path is None or not truth_path.is_file():
+        return None
+    held: list[pl.DataFrame] = []
+    for batch in _stream(point_files, [un.IMPRESSION_ID, un.PROMPT_ID, un.PROMPT, un.RESPONSE]):
+        frame = pl.from_arrow(batch)
+        held.append(frame.filter(pl.Series(validation_mask(frame[un.PROMPT_ID].to_list(), cfg.train.val_fraction))))
+    truth = pl.read_parquet(truth_path, columns=[tr.IMPRESSION_ID, tr.REWARD_TRUE])
+    d = pl.concat(held).join(truth, on=un.IMPRESSION_ID, how="inner")
+    if d.height == 0:
+        return None
+    pred = predict_reward(model, d[un.PROMPT].to_list(), d[un.RESPONSE].to_list())
+    r_true = d[tr.REWARD_TRUE].to_numpy()
+    return {"split": "validation", "units": d.height, **regression_metrics(pred, r_true),
+            "pairwise_accuracy": pairwise_accuracy(d[un.PROMPT_ID].to_numpy(), pred, r_true),
+            "mean_prediction": float(np.mean(pred)), "mean_true": float(np.mean(r_true))}
 
 
 def load_models(run: RunDir) -> dict[str, RewardModel]:

@@ -226,8 +226,10 @@ class Config(_Section):
         return tomli_w.dumps(self.model_dump(exclude_none=True))
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON form: the config hash recorded in the manifest."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the canonical JSON form: the config hash recorded in the manifest. ``train.device`` is left
+        out: like the Beam runner, it says where to compute, not what (``obsfeed train --device`` overrides it)."""
+        return hashlib.sha256(json.dumps(self.model_dump(exclude={"train": {"device"}}), sort_keys=True).encode()
+                              ).hexdigest()
 
 
 def _describe(err: ValidationError, path: Path) -> str:

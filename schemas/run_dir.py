@@ -17,6 +17,8 @@ REPORT = "report"
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 EVALUATION = "evaluation.json"
+CHECKPOINTS = "checkpoints"
+"""Per-stage state kept across a failed attempt so that a rerun can resume (train: checkpoints/train/<loss>)."""
 
 PROPENSITY_MODEL = "models/propensity.skops"
 IMPUTATION_MODEL = "models/imputation.skops"

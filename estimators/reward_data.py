@@ -1,0 +1,317 @@
+"""Batches for the reward trainer: featurise once into a local Parquet cache, then stream it every epoch.
+
+Why a cache: hashing text is the costly part of a batch and every epoch reads every row again. Hashing once
+and storing each row's sparse features as two list columns (``<block>.idx`` column ids, ``<block>.val``
+values) turns an epoch into a Parquet scan whose list offsets *are* the CSR row pointers of the batch: no
+Python per row. Nothing needs the dataset in memory: the cache is written chunk by chunk and read row group by
+row group.
+
+Shuffling (tf.data / webdataset style): each epoch visits the row groups in a random order and shuffles the
+rows inside a buffer of at least ``buffer_rows``. Every row comes exactly once per epoch, and the orders are
+seeded by (seed, epoch), so a resumed run sees the same batches as one that never stopped.
+
+No Beam, and no torch except in ``DeviceBatch``: numpy, scipy.sparse and pyarrow.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+import torch
+
+from schemas.errors import InputError
+
+TRAIN, VAL = "train", "val"
+META_FILE = "cache.json"
+T = TypeVar("T")
+
+
+def _idx(block: str) -> str:
+    return f"{block}.idx"
+
+
+def _val(block: str) -> str:
+    return f"{block}.val"
+
+
+@dataclass
+class Chunk:
+    """Rows to cache: sparse feature blocks (e.g. ``x``, or ``chosen`` and ``rejected``), float columns, and
+    which rows are held out for validation."""
+
+    features: dict[str, sp.csr_matrix]
+    columns: dict[str, np.ndarray]
+    held_out: np.ndarray
+
+
+@dataclass
+class Batch:
+    """A minibatch in host memory: CSR feature blocks and float32 columns, row-aligned."""
+
+    features: dict[str, sp.csr_matrix]
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return next(iter(self.features.values())).shape[0]
+
+
+@dataclass
+class DeviceBatch:
+    """A minibatch as tensors: per block the EmbeddingBag inputs (indices, offsets, per-sample values)."""
+
+    features: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    columns: dict[str, torch.Tensor]
+    size: int
+
+    @classmethod
+    def from_batch(cls, batch: Batch, *, pin: bool = False) -> DeviceBatch:
+        """Host tensors (pinned when ``pin``, for an asynchronous copy to a GPU) sharing the batch's memory."""
+        def tensor(a: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+            a = np.ascontiguousarray(a, dtype=dtype)
+            t = torch.from_numpy(a if a.flags.writeable else a.copy())   # Arrow buffers are read-only
+            return t.pin_memory() if pin else t
+
+        features = {k: (tensor(X.indices, np.int64), tensor(X.indptr[:-1], np.int64), tensor(X.data, np.float32))
+                    for k, X in batch.features.items()}
+        return cls(features, {k: tensor(v, np.float32) for k, v in batch.columns.items()}, len(batch))
+
+    def to(self, device: torch.device) -> DeviceBatch:
+        non_blocking = device.type == "cuda"
+        return DeviceBatch({k: tuple(t.to(device, non_blocking=non_blocking) for t in v)
+                            for k, v in self.features.items()},
+                           {k: v.to(device, non_blocking=non_blocking) for k, v in self.columns.items()}, self.size)
+
+
+def csr_to_lists(X: sp.csr_matrix) -> tuple[pa.ListArray, pa.ListArray]:
+    """A CSR block as (column ids, values) list arrays sharing one offsets array."""
+    offsets = pa.array(X.indptr.astype(np.int32, copy=False))
+    return (pa.ListArray.from_arrays(offsets, pa.array(X.indices.astype(np.int32, copy=False))),
+            pa.ListArray.from_arrays(offsets, pa.array(X.data.astype(np.float32, copy=False))))
+
+
+def lists_to_csr(idx: pa.ListArray, val: pa.ListArray, n_features: int) -> sp.csr_matrix:
+    """The inverse of ``csr_to_lists`` for a (possibly sliced) pair of list arrays: zero-copy where it can."""
+    offsets = idx.offsets.to_numpy()
+    start, stop = int(offsets[0]), int(offsets[-1])
+    indices = idx.values.slice(start, stop - start).to_numpy()
+    values = val.values.slice(start, stop - start).to_numpy()
+    return sp.csr_matrix((values, indices, offsets - start), shape=(len(idx), n_features), copy=False)
+
+
+def table_to_batch(table: pa.Table, blocks: Iterable[str], columns: Iterable[str], n_features: int) -> Batch:
+    table = table.combine_chunks()
+    return Batch({b: lists_to_csr(table[_idx(b)].chunk(0), table[_val(b)].chunk(0), n_features) for b in blocks},
+                 {c: table[c].to_numpy() for c in columns})
+
+
+class FeatureCache:
+    """A featurised dataset in a local folder: ``train.parquet``, ``val.parquet`` and ``cache.json``.
+
+    ``cache.json`` names the feature blocks, the float columns, the feature dimension and the row counts; a
+    cache is only ever read by the code that wrote it (it is a spill, not a dataset contract).
+    """
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        meta_path = self.directory / META_FILE
+        if not meta_path.is_file():
+            raise InputError(f"{self.directory}: no feature cache ({META_FILE} missing)")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+
+    @property
+    def blocks(self) -> list[str]:
+        return self.meta["blocks"]
+
+    @property
+    def columns(self) -> list[str]:
+        return self.meta["columns"]
+
+    @property
+    def n_features(self) -> int:
+        return self.meta["n_features"]
+
+    def rows(self, split: str) -> int:
+        return self.meta["rows"][split]
+
+    def path(self, split: str) -> Path:
+        return self.directory / f"{split}.parquet"
+
+    @classmethod
+    def write(cls, chunks: Iterable[Chunk], directory: Path | str, *, n_features: int,
+              row_group_rows: int = 8192, extra: Mapping[str, Any] | None = None) -> FeatureCache:
+        """Write ``chunks`` (split by their ``held_out`` mask) and return the cache; ``extra`` goes into
+        ``cache.json`` (e.g. how many source rows were read)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        writers: dict[str, pq.ParquetWriter] = {}
+        rows = {TRAIN: 0, VAL: 0}
+        blocks: list[str] | None = None
+        columns: list[str] | None = None
+        try:
+            for chunk in chunks:
+                if blocks is None:
+                    blocks, columns = list(chunk.features), list(chunk.columns)
+                arrays: dict[str, pa.Array] = {}
+                for b in blocks:
+                    arrays[_idx(b)], arrays[_val(b)] = csr_to_lists(chunk.features[b])
+                arrays.update({c: pa.array(np.asarray(chunk.columns[c], dtype=np.float32)) for c in columns})
+                table = pa.table(arrays)
+                for split, mask in ((TRAIN, ~chunk.held_out), (VAL, chunk.held_out)):
+                    part = table.filter(pa.array(mask))
+                    if part.num_rows == 0:
+                        continue
+                    if split not in writers:
+                        writers[split] = pq.ParquetWriter(directory / f"{split}.parquet", part.schema,
+                                                          compression="lz4")
+                    writers[split].write_table(part, row_group_size=row_group_rows)
+                    rows[split] += part.num_rows
+        finally:
+            for w in writers.values():
+                w.close()
+        meta = {"blocks": blocks or [], "columns": columns or [], "n_features": n_features, "rows": rows,
+                **(extra or {})}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return cls(directory)
+
+
+class ParquetBatches:
+    """Minibatches of one split of a ``FeatureCache``, streamed: row groups in a seeded random order, rows
+    shuffled within a buffer of at least ``buffer_rows`` (``shuffle=False``: file order, for validation).
+
+    Memory holds one buffer (plus a partial batch), never the split. ``epoch(e)`` is deterministic in
+    (seed, e).
+    """
+
+    def __init__(self, cache: FeatureCache, split: str, *, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 buffer_rows: int = 65_536):
+        if batch_size < 1 or buffer_rows < 1:
+            raise ValueError("batch_size and buffer_rows must be >= 1")
+        self.cache, self.split, self.batch_size = cache, split, batch_size
+        self.shuffle, self.seed, self.buffer_rows = shuffle, seed, buffer_rows
+
+    @property
+    def num_rows(self) -> int:
+        return self.cache.rows(self.split)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        if self.num_rows == 0:
+            return
+        file = pq.ParquetFile(self.cache.path(self.split), memory_map=True)
+        rng = np.random.default_rng([self.seed, epoch])
+        groups = rng.permutation(file.num_row_groups) if self.shuffle else np.arange(file.num_row_groups)
+        pending: list[pa.Table] = []
+        buffered = 0
+        for g in groups:
+            pending.append(file.read_row_group(int(g)))
+            buffered += pending[-1].num_rows
+            if buffered >= self.buffer_rows:
+                rest = yield from self._drain(pending, rng, final=False)
+                pending, buffered = [rest], rest.num_rows
+        yield from self._drain(pending, rng, final=True)
+
+    def _drain(self, pending: list[pa.Table], rng: np.random.Generator, *, final: bool):
+        """Emit the buffer's full batches (every row when ``final``); return the rows left over."""
+        table = pa.concat_tables(pending).combine_chunks()
+        if self.shuffle:
+            table = table.take(pa.array(rng.permutation(table.num_rows)))
+        n = table.num_rows
+        stop = n if final else n - n % self.batch_size
+        c = self.cache
+        for start in range(0, stop, self.batch_size):
+            yield table_to_batch(table.slice(start, min(self.batch_size, stop - start)), c.blocks, c.columns,
+                                 c.n_features)
+        return table.slice(stop)
+
+
+class InMemoryBatches:
+    """The same minibatches from a split held whole on ``device`` (one CSR per block, reshuffled each epoch):
+    the upper bound a streaming loader is measured against (``benchmarks/trainer``), and fine for small data."""
+
+    def __init__(self, cache: FeatureCache, split: str, *, batch_size: int, device: torch.device,
+                 shuffle: bool = True, seed: int = 0):
+        table = pq.read_table(cache.path(split)) if cache.rows(split) else None
+        self.batch = table_to_batch(table, cache.blocks, cache.columns, cache.n_features) if table else None
+        self.batch_size, self.device, self.shuffle, self.seed = batch_size, device, shuffle, seed
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.batch is None else len(self.batch)
+
+    def epoch(self, epoch: int = 0) -> Iterator[DeviceBatch]:
+        if self.batch is None:
+            return
+        order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_rows) if self.shuffle
+                 else np.arange(self.num_rows))
+        permuted = Batch({k: X[order] for k, X in self.batch.features.items()},
+                         {k: v[order] for k, v in self.batch.columns.items()})
+        whole = DeviceBatch.from_batch(permuted).to(self.device)
+        pointers = {k: X.indptr.astype(np.int64) for k, X in permuted.features.items()}
+        on_device = {k: torch.from_numpy(p).to(self.device) for k, p in pointers.items()}
+        for start in range(0, self.num_rows, self.batch_size):
+            stop = min(start + self.batch_size, self.num_rows)
+            features = {}
+            for k, (indices, _, values) in whole.features.items():
+                lo, hi = int(pointers[k][start]), int(pointers[k][stop])
+                features[k] = (indices[lo:hi], on_device[k][start:stop] - lo, values[lo:hi])
+            yield DeviceBatch(features, {k: v[start:stop] for k, v in whole.columns.items()}, stop - start)
+
+
+def prefetch(items: Iterator[T], depth: int = 4) -> Iterator[T]:
+    """Produce ``items`` in a background thread, ``depth`` ahead: Parquet decoding, the shuffle and pinning
+    release the GIL, so they overlap the training step. Exceptions reach the consumer; closing the consumer
+    stops the producer."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put((done, e))
+
+    worker = threading.Thread(target=produce, name="obsfeed-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
+def stream(source: ParquetBatches, epoch: int, device: torch.device,
+           convert: Callable[[Batch], DeviceBatch] | None = None) -> Iterator[DeviceBatch]:
+    """``source``'s batches for ``epoch`` as tensors on ``device``: read, shuffled and (on CUDA) pinned in a
+    background thread, copied to the device asynchronously in this one."""
+    pin = device.type == "cuda"
+    convert = convert or (lambda b: DeviceBatch.from_batch(b, pin=pin))
+    for host in prefetch(convert(b) for b in source.epoch(epoch)):
+        yield host.to(device)
