@@ -94,7 +94,8 @@ def run_trainer(n: int) -> None:
     print("\n".join(rows))
     record("\n".join(["<!-- trainer:begin -->",
                        f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: {result['train_rows']:,} "
-                       f"training rows (rated units of {n:,} impressions), {result['epochs']} epochs each, ips loss, "
+                       f"training rows (rated units of {n:,} impressions), median of {result['rounds']} alternating "
+                       f"measurements of {result['epochs']} epochs each, ips loss, "
                        f"linear model over {2**18:,} hashed features.", "", *rows, "<!-- trainer:end -->"]),
            "<!-- trainer:begin -->", "<!-- trainer:end -->")
 

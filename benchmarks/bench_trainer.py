@@ -57,8 +57,9 @@ def _epochs(model: RewardModel, batches, device: torch.device, epochs: int, lr: 
     return time.perf_counter() - started, seen
 
 
-def bench_throughput(n: int, *, epochs: int = 3) -> dict[str, Any]:
-    """Streaming vs in-memory samples/s on the default scenario's rated units (what ``ips`` trains on)."""
+def bench_throughput(n: int, *, epochs: int = 2, rounds: int = 3) -> dict[str, Any]:
+    """Streaming vs in-memory samples/s on the default scenario's rated units (what ``ips`` trains on): the median
+    of ``rounds`` alternating measurements of ``epochs`` epochs each."""
     from benchmarks.trainer_device import dataset
 
     table, _ = dataset(n)
@@ -73,23 +74,28 @@ def bench_throughput(n: int, *, epochs: int = 3) -> dict[str, Any]:
         for device_name in devices:
             device = torch.device(device_name)
             for batch_size in (256, 4096):
-                row = {"device": device_name, "batch_size": batch_size}
-                for name in ("in_memory", "streaming"):           # in-memory first: it warms the same kernels
-                    if name == "in_memory":
-                        source = InMemoryBatches(cache, TRAIN, batch_size=batch_size, device=device)
-                        batches = source.epoch
-                    else:
-                        parquet = ParquetBatches(cache, TRAIN, batch_size=batch_size)
-                        batches = lambda e, p=parquet, d=device: stream(p, e, d)  # noqa: E731
-                    torch.manual_seed(0)
-                    model = RewardModel(hash_features=cfg.hash_features).to(device)
-                    with _small_op_threads(device):
-                        seconds, seen = _epochs(model, batches, device, epochs, lr=0.05)
-                    row[f"{name}_samples_per_s"] = seen / seconds
+                row: dict[str, Any] = {"device": device_name, "batch_size": batch_size}
+                speeds: dict[str, list[float]] = {"in_memory": [], "streaming": []}
+                for _ in range(rounds):                           # alternate, so drift hits both alike
+                    for name in speeds:
+                        if name == "in_memory":
+                            source = InMemoryBatches(cache, TRAIN, batch_size=batch_size, device=device)
+                            batches = source.epoch
+                        else:
+                            parquet = ParquetBatches(cache, TRAIN, batch_size=batch_size)
+                            batches = lambda e, p=parquet, d=device: stream(p, e, d)  # noqa: E731
+                        torch.manual_seed(0)
+                        model = RewardModel(hash_features=cfg.hash_features).to(device)
+                        with _small_op_threads(device):
+                            seconds, seen = _epochs(model, batches, device, epochs, lr=0.05)
+                        speeds[name].append(seen / seconds)
+                for name, values in speeds.items():
+                    row[f"{name}_samples_per_s"] = float(np.median(values))
                 row["ratio"] = row["streaming_samples_per_s"] / row["in_memory_samples_per_s"]
                 runs.append(row)
                 print(f"  {device_name} batch {batch_size}: streaming / in-memory = {row['ratio']:.2f}", flush=True)
-    return {"impressions": n, "train_rows": cache.rows(TRAIN), "epochs": epochs, "featurize_s": featurize_s,
+    return {"impressions": n, "train_rows": cache.rows(TRAIN), "epochs": epochs, "rounds": rounds,
+            "featurize_s": featurize_s,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "runs": runs}
 
 

@@ -64,6 +64,15 @@ class Batch:
     def __len__(self) -> int:
         return next(iter(self.features.values())).shape[0]
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop) as views of this batch's arrays (no copy, no scipy slicing)."""
+        features = {}
+        for k, X in self.features.items():
+            lo, hi = X.indptr[start], X.indptr[stop]
+            features[k] = sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo),
+                                        shape=(stop - start, X.shape[1]), copy=False)
+        return Batch(features, {k: v[start:stop] for k, v in self.columns.items()})
+
 
 @dataclass
 class DeviceBatch:
@@ -148,7 +157,7 @@ class FeatureCache:
 
     @classmethod
     def write(cls, chunks: Iterable[Chunk], directory: Path | str, *, n_features: int,
-              row_group_rows: int = 8192, extra: Mapping[str, Any] | None = None) -> FeatureCache:
+              row_group_rows: int = 4096, extra: Mapping[str, Any] | None = None) -> FeatureCache:
         """Write ``chunks`` (split by their ``held_out`` mask) and return the cache; ``extra`` goes into
         ``cache.json`` (e.g. how many source rows were read)."""
         directory = Path(directory)
@@ -193,7 +202,7 @@ class ParquetBatches:
     """
 
     def __init__(self, cache: FeatureCache, split: str, *, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 buffer_rows: int = 65_536):
+                 buffer_rows: int = 16_384):
         if batch_size < 1 or buffer_rows < 1:
             raise ValueError("batch_size and buffer_rows must be >= 1")
         self.cache, self.split, self.batch_size = cache, split, batch_size
@@ -212,7 +221,7 @@ class ParquetBatches:
         pending: list[pa.Table] = []
         buffered = 0
         for g in groups:
-            pending.append(file.read_row_group(int(g)))
+            pending.append(file.read_row_group(int(g), use_threads=False))
             buffered += pending[-1].num_rows
             if buffered >= self.buffer_rows:
                 rest = yield from self._drain(pending, rng, final=False)
@@ -220,16 +229,21 @@ class ParquetBatches:
         yield from self._drain(pending, rng, final=True)
 
     def _drain(self, pending: list[pa.Table], rng: np.random.Generator, *, final: bool):
-        """Emit the buffer's full batches (every row when ``final``); return the rows left over."""
+        """Emit the buffer's full batches (every row when ``final``); return the rows left over.
+
+        The buffer becomes numpy arrays once and each batch is a set of views into them: the per-batch work is
+        a few slices, so the read-ahead thread holds the GIL for microseconds, not for Arrow calls per column.
+        """
         table = pa.concat_tables(pending).combine_chunks()
         if self.shuffle:
             table = table.take(pa.array(rng.permutation(table.num_rows)))
         n = table.num_rows
         stop = n if final else n - n % self.batch_size
         c = self.cache
-        for start in range(0, stop, self.batch_size):
-            yield table_to_batch(table.slice(start, min(self.batch_size, stop - start)), c.blocks, c.columns,
-                                 c.n_features)
+        if stop:
+            whole = table_to_batch(table.slice(0, stop), c.blocks, c.columns, c.n_features)
+            for start in range(0, stop, self.batch_size):
+                yield whole.rows(start, min(start + self.batch_size, stop))
         return table.slice(stop)
 
 
