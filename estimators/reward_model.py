@@ -29,12 +29,13 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 import torch
-from sklearn.feature_extraction.text import HashingVectorizer
 from torch import nn
 from tqdm import tqdm
 
+from estimators.features import RESPONSE_LENGTH
 from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, OBSERVED_ONLY, batch_loss, bradley_terry
 from estimators.reward_data import TRAIN, VAL, Batch, Chunk, DeviceBatch, FeatureCache, ParquetBatches, stream
+from estimators.reward_features import FEATURES, DenseSpec, features, fit_dense_spec
 from schemas import impressions as imp
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -44,9 +45,6 @@ from schemas.errors import ConfigError, InputError
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-FEATURES = "hashed-word-ngrams/prompt+response/l1/v1"
-"""Names the featurisation a saved model expects; ``load_reward_model`` refuses any other."""
-
 LOSS_COLUMNS = {"label": un.LABEL, "observed": un.OBSERVED, "weight": pw.WEIGHT_CLIPPED, "imputed": pw.IMPUTED}
 """Loss argument → pointwise column: every weighted loss uses the clipped IPS weight (snips self-normalises)."""
 TEXT_COLUMNS = (imp.PROMPT_ID, imp.PROMPT, imp.RESPONSE)
@@ -61,27 +59,18 @@ def required_columns(loss: str) -> list[str]:
     return [*TEXT_COLUMNS, *(LOSS_COLUMNS[k] for k in INPUTS[loss])]
 
 
-def featurize(prompts: Sequence[str | None], responses: Sequence[str | None], *, hash_features: int,
-              ngram_max: int) -> sp.csr_matrix:
-    """Sparse float32 rows of hashed word n-grams of ``prompt + " " + response``, l1-normalised.
-
-    One bag for both texts, not a prompt half beside a response half: the weights a prompt-only half adds are
-    free to fit each prompt's label noise (simulator, 20k impressions, logistic regression on the rated units:
-    correlation with the true reward 0.60 with separate halves, 0.94 with one bag). A missing text is empty.
-    Stateless (hashing): train, score and evaluate agree without a vocabulary.
-    """
-    vec = HashingVectorizer(n_features=hash_features, ngram_range=(1, ngram_max), alternate_sign=False,
-                            norm="l1", dtype=np.float32)
-    return vec.transform([f"{p or ''} {r or ''}" for p, r in zip(prompts, responses, strict=True)]).tocsr()
-
-
 class RewardModel(nn.Module):
-    """s(x) = bag of n-gram embeddings (+ ReLU → Linear when hidden > 0) → one logit; P(label=1|x) = σ(s)."""
+    """s(x) = bag of n-gram embeddings (+ ReLU → Linear when hidden > 0) → one logit; P(label=1|x) = σ(s).
 
-    def __init__(self, *, hash_features: int, ngram_max: int = 1, hidden: int = 0):
+    ``dense``: the optional dense block (``reward_features.DenseSpec``), columns ``hash_features`` on of the
+    same bag: a linear term in the dense features.
+    """
+
+    def __init__(self, *, hash_features: int, ngram_max: int = 1, hidden: int = 0, dense: DenseSpec | None = None):
         super().__init__()
         self.hash_features, self.ngram_max, self.hidden = hash_features, ngram_max, hidden
-        self.bag = nn.EmbeddingBag(hash_features, hidden or 1, mode="sum")
+        self.dense = dense or DenseSpec()
+        self.bag = nn.EmbeddingBag(hash_features + self.dense.dim, hidden or 1, mode="sum")
         if hidden == 0:
             nn.init.zeros_(self.bag.weight)            # a linear model: start from "every n-gram is neutral"
             self.head = None
@@ -100,7 +89,13 @@ class RewardModel(nn.Module):
     def config(self) -> dict[str, Any]:
         """What ``load_reward_model`` needs to rebuild the module before loading its state_dict."""
         return {"features": FEATURES, "hash_features": self.hash_features, "ngram_max": self.ngram_max,
-                "hidden": self.hidden}
+                "hidden": self.hidden, "dense": self.dense.to_dict()}
+
+    def features(self, prompts: Sequence[str | None], responses: Sequence[str | None],
+                 columns: Mapping[str, Any] | None = None) -> sp.csr_matrix:
+        """This model's input rows for raw texts (and the numeric columns its dense block reads)."""
+        return features(prompts, responses, hash_features=self.hash_features, ngram_max=self.ngram_max,
+                        dense=self.dense, columns=columns)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -222,9 +217,12 @@ def units_kind(loss: str) -> str:
 
 
 def write_pointwise_cache(data: Data | Iterable[pa.RecordBatch], directory: Path | str, *, args: Sequence[str],
-                          observed_only: bool, cfg: TrainConfig, progress: bool = False) -> FeatureCache:
-    """Featurise pointwise units chunk by chunk into a ``FeatureCache``: block ``x``, the loss arguments ``args``
-    as columns (their names: label, observed, weight, imputed), held out by prompt (``validation_mask``)."""
+                          observed_only: bool, cfg: TrainConfig, dense: DenseSpec | None = None,
+                          progress: bool = False) -> FeatureCache:
+    """Featurise pointwise units chunk by chunk into a ``FeatureCache``: block ``x`` (with the ``dense`` block
+    if any), the loss arguments ``args`` as columns (their names: label, observed, weight, imputed), held out by
+    prompt (``validation_mask``)."""
+    dense = dense or DenseSpec()
     args = list(dict.fromkeys(["label", "observed", *args]))
     counts = {"rows_read": 0, "observed": 0}
 
@@ -235,25 +233,37 @@ def write_pointwise_cache(data: Data | Iterable[pa.RecordBatch], directory: Path
             counts["observed"] += int(arrays["observed"].sum())
             kept = np.flatnonzero(arrays["observed"] == 1) if observed_only else np.arange(batch.num_rows)
             prompts, responses = _strings(batch, imp.PROMPT), _strings(batch, imp.RESPONSE)
-            X = featurize([prompts[i] for i in kept], [responses[i] for i in kept],
-                          hash_features=cfg.hash_features, ngram_max=cfg.ngram_max)
+            numeric = {c: _numeric(batch, c)[kept] for c in dense.needs}
+            X = features([prompts[i] for i in kept], [responses[i] for i in kept], hash_features=cfg.hash_features,
+                         ngram_max=cfg.ngram_max, dense=dense, columns=numeric)
             ids = _strings(batch, imp.PROMPT_ID)
             yield Chunk({POINT: X}, {k: v[kept] for k, v in arrays.items()},
                         validation_mask([ids[i] for i in kept], cfg.val_fraction))
             if progress:
                 print(f"\r  featurised {counts['rows_read']:,} units", end="", file=sys.stderr, flush=True)
 
-    cache = FeatureCache.write(chunks(), directory, n_features=cfg.hash_features,
-                               extra={"units": "observed" if observed_only else "all", "counts": counts})
+    cache = FeatureCache.write(chunks(), directory, n_features=cfg.hash_features + dense.dim,
+                               extra={"units": "observed" if observed_only else "all", "counts": counts,
+                                      "dense": dense.to_dict()})
     if progress:
         print(file=sys.stderr, flush=True)
     return cache
 
 
+def _pair_dense_check(numeric: Sequence[str]) -> None:
+    other = [c for c in numeric if c != RESPONSE_LENGTH]
+    if other:
+        raise ConfigError(f"loss 'bt': the pairwise dataset has no {other} columns; only response_length and the "
+                          "embedding can be features of a pair's responses")
+
+
 def write_pair_cache(pairs: Data | Iterable[pa.RecordBatch], directory: Path | str, *, cfg: TrainConfig,
-                     ) -> FeatureCache:
+                     dense: DenseSpec | None = None) -> FeatureCache:
     """Featurise preference pairs into a ``FeatureCache``: blocks ``chosen`` and ``rejected`` (each with its
-    prompt), columns weight and margin, held out by prompt."""
+    prompt, and the ``dense`` block: text-derived features only, a pair has no other unit columns), columns
+    weight and margin, held out by prompt."""
+    dense = dense or DenseSpec()
+    _pair_dense_check(dense.needs)
     counts = {"rows_read": 0}
 
     def chunks() -> Iterator[Chunk]:
@@ -267,14 +277,26 @@ def write_pair_cache(pairs: Data | Iterable[pa.RecordBatch], directory: Path | s
                 raise InputError("reward model [bt]: pair weights must be finite and >= 0, margins finite")
             counts["rows_read"] += batch.num_rows
             prompts = _strings(batch, pr.PROMPT)
-            yield Chunk({side: featurize(prompts, _strings(batch, column), hash_features=cfg.hash_features,
-                                         ngram_max=cfg.ngram_max)
+            yield Chunk({side: features(prompts, _strings(batch, column), hash_features=cfg.hash_features,
+                                        ngram_max=cfg.ngram_max, dense=dense)
                          for side, column in ((CHOSEN, pr.CHOSEN), (REJECTED, pr.REJECTED))},
                         {"weight": weight.astype(np.float32), "margin": margin.astype(np.float32)},
                         validation_mask(_strings(batch, pr.PROMPT_ID), cfg.val_fraction))
 
-    return FeatureCache.write(chunks(), directory, n_features=cfg.hash_features,
-                              extra={"units": "pairs", "counts": counts})
+    return FeatureCache.write(chunks(), directory, n_features=cfg.hash_features + dense.dim,
+                              extra={"units": "pairs", "counts": counts, "dense": dense.to_dict()})
+
+
+def dense_spec(data: Data | Iterable[pa.RecordBatch], cfg: TrainConfig, *, pairs: bool = False) -> DenseSpec:
+    """The dense block ``cfg`` asks for (``train.numeric``, ``train.embedding_model``), its standardisation fitted
+    on ``data`` in one streaming pass (for pairs: over the chosen and the rejected responses)."""
+    if not cfg.numeric and not cfg.embedding_model:
+        return DenseSpec()
+    batches: Iterable[pa.RecordBatch] = record_batches(data)
+    if pairs:
+        _pair_dense_check(cfg.numeric)
+        batches = (pa.record_batch({"response": b.column(side)}) for b in batches for side in (pr.CHOSEN, pr.REJECTED))
+    return fit_dense_spec(batches, numeric=cfg.numeric, embedding_model=cfg.embedding_model)
 
 
 # --- training --------------------------------------------------------------------------------------------------
@@ -314,10 +336,11 @@ def _check_splits(name: str, cache: FeatureCache) -> None:
                          f"{cache.meta['counts']['rows_read']}); need some of each")
 
 
-def _new_model(cfg: TrainConfig, device: torch.device) -> RewardModel:
+def _new_model(cfg: TrainConfig, device: torch.device, cache: FeatureCache) -> RewardModel:
     with torch.random.fork_rng(devices=[]):                # seeded init, without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
-        model = RewardModel(hash_features=cfg.hash_features, ngram_max=cfg.ngram_max, hidden=cfg.hidden)
+        model = RewardModel(hash_features=cfg.hash_features, ngram_max=cfg.ngram_max, hidden=cfg.hidden,
+                            dense=DenseSpec.from_dict(cache.meta.get("dense")))
     return model.to(device)
 
 
@@ -363,7 +386,8 @@ def fit_reward_model(data: Data | FeatureCache, *, loss: str, cfg: TrainConfig, 
     if not isinstance(data, FeatureCache):
         with tempfile.TemporaryDirectory(prefix="obsfeed-features-") as tmp:
             started = time.perf_counter()
-            cache = write_pointwise_cache(data, tmp, args=INPUTS[loss], observed_only=kind == "observed", cfg=cfg)
+            cache = write_pointwise_cache(data, tmp, args=INPUTS[loss], observed_only=kind == "observed", cfg=cfg,
+                                          dense=dense_spec(data, cfg))
             model, metrics = fit_reward_model(cache, loss=loss, cfg=cfg, progress=progress, flip_rates=flip_rates,
                                               checkpoint=checkpoint)
             return model, {**metrics, "featurize_s": time.perf_counter() - started - metrics["wall_s"]}
@@ -375,7 +399,7 @@ def fit_reward_model(data: Data | FeatureCache, *, loss: str, cfg: TrainConfig, 
     scalars = dict(zip(("rho01", "rho10"), flip_rates, strict=True)) if loss in NOISE_AWARE else {}
     device = resolve_device(cfg.device)
     started = time.perf_counter()
-    model = _new_model(cfg, device)
+    model = _new_model(cfg, device, cache)
     if progress:
         print(f"  [{loss}] {cache.rows(TRAIN):,} train / {cache.rows(VAL):,} validation units "
               f"({'observed only' if kind == 'observed' else 'all'}), {cache.n_features:,} features, {device}",
@@ -481,13 +505,13 @@ def fit_pairwise_reward_model(pairs: Data | FeatureCache, *, cfg: TrainConfig, p
     ``pairs``: a ``FeatureCache`` from ``write_pair_cache``, or a table / mapping with ``PAIR_COLUMNS``."""
     if not isinstance(pairs, FeatureCache):
         with tempfile.TemporaryDirectory(prefix="obsfeed-features-") as tmp:
-            return fit_pairwise_reward_model(write_pair_cache(pairs, tmp, cfg=cfg), cfg=cfg, progress=progress,
-                                             checkpoint=checkpoint)
+            cache = write_pair_cache(pairs, tmp, cfg=cfg, dense=dense_spec(pairs, cfg, pairs=True))
+            return fit_pairwise_reward_model(cache, cfg=cfg, progress=progress, checkpoint=checkpoint)
     cache = pairs
     _check_splits("bt", cache)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
-    model = _new_model(cfg, device)
+    model = _new_model(cfg, device, cache)
 
     def pair_loss(batch: DeviceBatch) -> torch.Tensor:
         chosen, rejected = (_logits(model, batch.features[b], device) for b in (CHOSEN, REJECTED))
@@ -513,8 +537,9 @@ def fit_pairwise_reward_model(pairs: Data | FeatureCache, *, cfg: TrainConfig, p
 
 
 def predict_reward(model: RewardModel, prompts: Sequence[str | None], responses: Sequence[str | None], *,
-                   batch_size: int = 8192) -> np.ndarray:
-    """Predicted P(label = 1 | x) = σ(s(x)) for each (prompt, response), float64, on the model's device."""
+                   columns: Mapping[str, Sequence[float]] | None = None, batch_size: int = 8192) -> np.ndarray:
+    """Predicted P(label = 1 | x) = σ(s(x)) for each (prompt, response), float64, on the model's device.
+    ``columns``: the numeric columns of the model's dense block (``model.dense.needs``), if it has any."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     model.eval()
@@ -522,14 +547,15 @@ def predict_reward(model: RewardModel, prompts: Sequence[str | None], responses:
     out = [np.zeros(0)]
     with torch.no_grad():
         for start in range(0, len(responses), batch_size):
-            X = featurize(prompts[start:start + batch_size], responses[start:start + batch_size],
-                          hash_features=model.hash_features, ngram_max=model.ngram_max)
+            part = slice(start, start + batch_size)
+            X = model.features(prompts[part], responses[part],
+                               {c: np.asarray(v, dtype=np.float64)[part] for c, v in (columns or {}).items()})
             out.append(torch.sigmoid(model(*_csr_batch(X, device, False)).float()).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
 def score(model: RewardModel | Path | str, prompts: Sequence[str | None], responses: Sequence[str | None], *,
-          batch_size: int = 8192) -> np.ndarray:
+          columns: Mapping[str, Sequence[float]] | None = None, batch_size: int = 8192) -> np.ndarray:
     """Rewards P(label = 1 | x) of new (prompt, response) pairs: the Python entry point for a trained model.
 
     ``model`` is a ``RewardModel`` or a folder written by the train stage (``RUN/reward_model``, or
@@ -541,7 +567,7 @@ def score(model: RewardModel | Path | str, prompts: Sequence[str | None], respon
     """
     if not isinstance(model, RewardModel):
         model = load_reward_model(model)
-    return predict_reward(model, list(prompts), list(responses), batch_size=batch_size)
+    return predict_reward(model, list(prompts), list(responses), columns=columns, batch_size=batch_size)
 
 
 def save_reward_model(model: RewardModel, cfg_dict: Mapping[str, Any], directory: Path | str) -> None:
@@ -565,6 +591,7 @@ def load_reward_model(directory: Path | str) -> RewardModel:
     if cfg.get("features") != FEATURES:                    # also a config.json from before "model" was recorded
         raise InputError(f"{directory}: model was trained on features {cfg.get('features')!r} (None: older obsfeed), "
                          f"this code makes {FEATURES!r}; re-run the train stage")
-    model = RewardModel(hash_features=cfg["hash_features"], ngram_max=cfg["ngram_max"], hidden=cfg["hidden"])
+    model = RewardModel(hash_features=cfg["hash_features"], ngram_max=cfg["ngram_max"], hidden=cfg["hidden"],
+                        dense=DenseSpec.from_dict(cfg.get("dense")))
     model.load_state_dict(torch.load(directory / MODEL_FILE, weights_only=True, map_location="cpu"))
     return model.eval()

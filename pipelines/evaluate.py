@@ -100,7 +100,7 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
         prompts, responses = d[un.PROMPT].to_list(), d[un.RESPONSE].to_list()
         group = d[un.PROMPT_ID].to_numpy()
         for loss, model in load_models(run).items():
-            pred = predict_reward(model, prompts, responses)
+            pred = predict_reward(model, prompts, responses, columns={c: d[c].to_numpy() for c in model.dense.needs})
             result["reward"][loss] = {**regression_metrics(pred, r_true),
                                       "pairwise_accuracy": pairwise_accuracy(group, pred, r_true),
                                       "mean_prediction": float(pred.mean()), "mean_true": float(r_true.mean())}

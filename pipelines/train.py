@@ -30,6 +30,7 @@ import polars as pl
 import pyarrow.dataset as ds
 
 from estimators.diagnostics import pairwise_accuracy, regression_metrics
+from estimators.features import RESPONSE_LENGTH
 from estimators.losses import INPUTS, NOISE_AWARE
 from estimators.noise import FlipRates
 from estimators.reward_data import FeatureCache
@@ -38,6 +39,7 @@ from estimators.reward_model import (
     PAIR_COLUMNS,
     Checkpoint,
     RewardModel,
+    dense_spec,
     fit_pairwise_reward_model,
     fit_reward_model,
     load_reward_model,
@@ -50,6 +52,7 @@ from estimators.reward_model import (
     write_pointwise_cache,
 )
 from pipelines.manifest import describe_inputs
+from schemas import pairwise as pr
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
@@ -124,21 +127,24 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
         shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(root / ".cache", ignore_errors=True)
     caches: dict[str, FeatureCache] = {}
+    numeric = [c for c in cfg.train.numeric if c != RESPONSE_LENGTH]
+    point_dense = dense_spec(_stream(point_files, [un.RESPONSE, *numeric]), cfg.train)
 
     def cache_for(kind: str) -> FeatureCache:
         """Featurise once per kind of rows, with the columns every loss of that kind needs."""
         if kind not in caches:
             started = time.perf_counter()
             if kind == "pairs":
+                dense = dense_spec(_stream(pair_files, [pr.CHOSEN, pr.REJECTED]), cfg.train, pairs=True)
                 caches[kind] = write_pair_cache(_stream(pair_files, PAIR_COLUMNS), root / ".cache" / kind,
-                                                cfg=cfg.train)
+                                                cfg=cfg.train, dense=dense)
             else:
                 mine = [loss for loss, k in kinds.items() if k == kind]
                 args = list(dict.fromkeys(a for loss in mine for a in INPUTS[loss]))
-                columns = list(dict.fromkeys(c for loss in mine for c in required_columns(loss)))
+                columns = list(dict.fromkeys([*(c for loss in mine for c in required_columns(loss)), *numeric]))
                 caches[kind] = write_pointwise_cache(_stream(point_files, columns), root / ".cache" / kind,
                                                      args=args, observed_only=kind == "observed", cfg=cfg.train,
-                                                     progress=True)
+                                                     dense=point_dense, progress=True)
             print(f"train: featurised {kind} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr,
                   flush=True)
         return caches[kind]
@@ -183,14 +189,16 @@ def _truth_metrics(model: RewardModel, run: RunDir, cfg: Config, point_files: Se
     if truth_path is None or not truth_path.is_file():
         return None
     held: list[pl.DataFrame] = []
-    for batch in _stream(point_files, [un.IMPRESSION_ID, un.PROMPT_ID, un.PROMPT, un.RESPONSE]):
+    numeric = model.dense.needs
+    for batch in _stream(point_files, [un.IMPRESSION_ID, un.PROMPT_ID, un.PROMPT, un.RESPONSE, *numeric]):
         frame = pl.from_arrow(batch)
         held.append(frame.filter(pl.Series(validation_mask(frame[un.PROMPT_ID].to_list(), cfg.train.val_fraction))))
     truth = pl.read_parquet(truth_path, columns=[tr.IMPRESSION_ID, tr.REWARD_TRUE])
     d = pl.concat(held).join(truth, on=un.IMPRESSION_ID, how="inner")
     if d.height == 0:
         return None
-    pred = predict_reward(model, d[un.PROMPT].to_list(), d[un.RESPONSE].to_list())
+    pred = predict_reward(model, d[un.PROMPT].to_list(), d[un.RESPONSE].to_list(),
+                          columns={c: d[c].to_numpy() for c in numeric})
     r_true = d[tr.REWARD_TRUE].to_numpy()
     return {"split": "validation", "units": d.height, **regression_metrics(pred, r_true),
             "pairwise_accuracy": pairwise_accuracy(d[un.PROMPT_ID].to_numpy(), pred, r_true),

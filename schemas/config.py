@@ -194,6 +194,14 @@ class TrainConfig(_Section):
         "pairwise dataset)")
     hash_features: int = Field(2**18, ge=16, le=2**24, description="hashed n-gram buckets of prompt + response")
     ngram_max: int = Field(1, ge=1, le=3, description="word n-grams up to this length (bigrams overfit small logs)")
+    numeric: list[str] = Field(
+        default_factory=list, description="pointwise numeric columns added as standardised features "
+        "(response_length = log words of the response, derived). None by default: a reward model fed a "
+        "confounder such as length can learn the bias it carries")
+    embedding_model: str | None = Field(
+        None, description="a local sentence-embedding model added as features: a sentence-transformers folder "
+        "(needs that package) or a word-vector text file (GloVe/word2vec/fastText .vec); relative to the "
+        "config file; never downloaded")
     hidden: int = Field(0, ge=0, description="0 = linear reward model over hashed n-grams")
     epochs: int = Field(30, ge=1, description="at most: early stopping on the validation loss usually ends sooner")
     batch_size: int = Field(256, ge=1)
@@ -267,7 +275,9 @@ def parse_config(text: str, *, path: Path | str = "<config>", base: Path | None 
             "truth": resolve(inp.truth) if inp.truth else None,
         }
     )
-    return cfg.model_copy(update={"input": resolved})
+    train = cfg.train.model_copy(update={"embedding_model": resolve(cfg.train.embedding_model)}
+                                 if cfg.train.embedding_model else {})
+    return cfg.model_copy(update={"input": resolved, "train": train})
 
 
 def load_config(path: Path | str) -> Config:

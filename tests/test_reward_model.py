@@ -361,3 +361,18 @@ def test_cli_train_flags(toy, tmp_path: Path, capsys):
     manifest = json.loads(run.path(rd.MANIFEST).read_text())
     cuda = load_config(run.config_path).model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
     assert manifest["stages"]["train"]["status"] == "ok" and manifest["config_hash"] == cuda.digest()
+
+
+def test_train_stage_with_dense_features(toy, tmp_path: Path):
+    """train.numeric reaches the pointwise models and, where a pair can have it (response_length), bt."""
+    table, good = toy
+    table = table.append_column("position", pa.array(np.arange(table.num_rows) % 5, pa.float64()))
+    run, cfg = _stage_run(tmp_path, table, loss="ips", baselines=["bt"], epochs=3, numeric=["response_length"])
+    run.path(rd.PAIRWISE).mkdir(parents=True)
+    pq.write_table(toy_pairs(600), run.path(rd.PAIRWISE) / "part-00000.parquet")
+    train.run(run, cfg)
+    models = train.load_models(run)
+    assert all(m.dense.dim == 1 and m.dense.numeric[0][0] == "response_length" for m in models.values())
+    assert roc_auc_score(good, _predict(models["ips"], table)) > 0.99
+    with pytest.raises(ConfigError, match="pairwise dataset has no"):
+        train.run(run, cfg.model_copy(update={"train": cfg.train.model_copy(update={"numeric": ["position"]})}))
