@@ -1,6 +1,6 @@
 """Trainer benchmarks (issue 7): loader throughput, and every loss against the simulator's true reward.
 
-* **throughput**: samples/s of the streaming loop (feature cache on disk → row-group + buffer shuffle → read-ahead
+* **throughput**: samples/s of the streaming loop (feature cache on disk → block + buffer shuffle → read-ahead
   thread → device) divided by samples/s of the same model and step on the same rows held whole on the device
   (``InMemoryBatches``), measured in one run, per device and batch size. 1.0 means the loader costs nothing.
 * **losses**: the pipeline (ingest, fit, score) on the default scenario for 3 simulation seeds, then the train
@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.bench_estimators import CACHE
 from estimators.losses import batch_loss
-from estimators.reward_data import TRAIN, InMemoryBatches, ParquetBatches, stream
+from estimators.reward_data import TRAIN, InMemoryBatches, StreamingBatches, stream
 from estimators.reward_model import POINT, RewardModel, _logits, _small_op_threads, write_pointwise_cache
 from pipelines.cli import main as cli
 from pipelines.simulate import SCENARIOS, simulate, write
@@ -82,8 +82,8 @@ def bench_throughput(n: int, *, epochs: int = 2, rounds: int = 3) -> dict[str, A
                             source = InMemoryBatches(cache, TRAIN, batch_size=batch_size, device=device)
                             batches = source.epoch
                         else:
-                            parquet = ParquetBatches(cache, TRAIN, batch_size=batch_size)
-                            batches = lambda e, p=parquet, d=device: stream(p, e, d)  # noqa: E731
+                            streaming = StreamingBatches(cache, TRAIN, batch_size=batch_size)
+                            batches = lambda e, s=streaming, d=device: stream(s, e, d)  # noqa: E731
                         torch.manual_seed(0)
                         model = RewardModel(hash_features=cfg.hash_features).to(device)
                         with _small_op_threads(device):

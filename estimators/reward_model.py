@@ -6,7 +6,7 @@ sees the share of each n-gram in the text). The sparse rows feed ``nn.EmbeddingB
 to a GPU. Nothing is fitted outside torch, so a state_dict plus ``config.json`` rebuilds the model exactly.
 
 Data path: any table-like input is featurised once, chunk by chunk, into a ``reward_data.FeatureCache`` on local
-disk, and every epoch streams it back (row groups shuffled, rows shuffled in a buffer, read ahead in a thread):
+disk, and every epoch streams it back (blocks shuffled, rows shuffled in a buffer, read ahead in a thread):
 memory holds a buffer, never the dataset. Training checkpoints every epoch and can resume (``Checkpoint``).
 No Beam, and no paths except the cache, checkpoints and save/load.
 """
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from estimators.features import RESPONSE_LENGTH
 from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, OBSERVED_ONLY, batch_loss, bradley_terry
-from estimators.reward_data import TRAIN, VAL, Batch, Chunk, DeviceBatch, FeatureCache, ParquetBatches, stream
+from estimators.reward_data import TRAIN, VAL, Batch, Chunk, DeviceBatch, FeatureCache, StreamingBatches, stream
 from estimators.reward_features import FEATURES, DenseSpec, features, fit_dense_spec
 from schemas import impressions as imp
 from schemas import pairwise as pr
@@ -353,7 +353,7 @@ def _logits(model: RewardModel, block: tuple[torch.Tensor, torch.Tensor, torch.T
 def _score_split(model: RewardModel, cache: FeatureCache, split: str, device: torch.device, batch_size: int,
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Logits of every block and the columns of a whole split, on cpu, in file order (no gradients)."""
-    source = ParquetBatches(cache, split, batch_size=batch_size, shuffle=False)
+    source = StreamingBatches(cache, split, batch_size=batch_size, shuffle=False)
     logits: dict[str, list[torch.Tensor]] = {b: [] for b in cache.blocks}
     columns: dict[str, list[torch.Tensor]] = {c: [] for c in cache.columns}
     model.eval()
@@ -444,7 +444,7 @@ def _train(model: RewardModel, name: str, step_loss: Callable[[DeviceBatch], tor
     samples/s on a terminal, and one line per epoch (losses, samples/s) in any case.
     """
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    source = ParquetBatches(cache, TRAIN, batch_size=cfg.batch_size, seed=cfg.seed)
+    source = StreamingBatches(cache, TRAIN, batch_size=cfg.batch_size, seed=cfg.seed)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state, done = float("inf"), 0, {}, False
     saved = checkpoint.load() if checkpoint else None

@@ -14,7 +14,7 @@ from estimators.reward_data import (
     Chunk,
     FeatureCache,
     InMemoryBatches,
-    ParquetBatches,
+    StreamingBatches,
     csr_to_lists,
     lists_to_csr,
     prefetch,
@@ -33,7 +33,7 @@ def _chunks(n_chunks: int = 5, rows: int = 1000, seed: int = 0):
 
 @pytest.fixture
 def cache(tmp_path: Path) -> FeatureCache:
-    return FeatureCache.write(_chunks(), tmp_path / "cache", n_features=64, row_group_rows=256,
+    return FeatureCache.write(_chunks(), tmp_path / "cache", n_features=64, block_rows=256,
                               extra={"counts": {"rows_read": 5000}})
 
 
@@ -47,12 +47,13 @@ def test_lists_round_trip_a_sliced_csr():
 def test_cache_splits_by_the_held_out_mask(cache: FeatureCache):
     assert (cache.rows(TRAIN), cache.rows(VAL)) == (4500, 500)
     assert cache.blocks == ["x"] and cache.columns == ["row"] and cache.meta["counts"]["rows_read"] == 5000
-    rows = np.concatenate([b.columns["row"] for b in ParquetBatches(cache, VAL, batch_size=64, shuffle=False).epoch()])
+    source = StreamingBatches(cache, VAL, batch_size=64, shuffle=False)
+    rows = np.concatenate([b.columns["row"] for b in source.epoch()])
     assert rows.tolist() == list(range(0, 5000, 10))                  # validation in file order
 
 
 def test_every_row_once_per_epoch_with_its_own_features_in_a_seeded_order(cache: FeatureCache):
-    source = ParquetBatches(cache, TRAIN, batch_size=100, seed=3, buffer_rows=600)
+    source = StreamingBatches(cache, TRAIN, batch_size=100, seed=3, buffer_rows=600)
     orders = []
     for epoch in (1, 2, 1):
         batches = list(source.epoch(epoch))
@@ -67,19 +68,19 @@ def test_every_row_once_per_epoch_with_its_own_features_in_a_seeded_order(cache:
 
 
 def test_shuffle_streams_from_a_bounded_buffer(cache: FeatureCache):
-    """The first batch is drawn from the first buffer (a few row groups), not from the whole split: the loader
+    """The first batch is drawn from the first buffer (a few blocks), not from the whole split: the loader
     never holds the dataset."""
-    source = ParquetBatches(cache, TRAIN, batch_size=50, seed=0, buffer_rows=500)
+    source = StreamingBatches(cache, TRAIN, batch_size=50, seed=0, buffer_rows=500)
     first = next(source.epoch(0)).columns["row"].astype(int)
 
-    def row_groups(rows: np.ndarray) -> set[int]:
-        """Each chunk's 900 training rows were written as row groups of 256, 256, 256 and 132 rows."""
+    def blocks(rows: np.ndarray) -> set[int]:
+        """Each chunk's 900 training rows were written as blocks of 256, 256, 256 and 132 rows."""
         position = rows % 1000 - (rows % 1000 // 10 + 1)                  # among the chunk's training rows
         return set((rows // 1000 * 4 + position // 256).tolist())
 
-    assert len(row_groups(first)) <= 3                                   # the buffer: >= 500 rows, whole groups
-    whole = ParquetBatches(cache, TRAIN, batch_size=50, seed=0, buffer_rows=10**6)
-    assert len(row_groups(next(whole.epoch(0)).columns["row"].astype(int))) > 5
+    assert len(blocks(first)) <= 3                                       # the buffer: >= 500 rows, whole blocks
+    whole = StreamingBatches(cache, TRAIN, batch_size=50, seed=0, buffer_rows=10**6)
+    assert len(blocks(next(whole.epoch(0)).columns["row"].astype(int))) > 5
 
 
 def test_in_memory_batches_are_the_same_rows(cache: FeatureCache):
@@ -93,9 +94,9 @@ def test_in_memory_batches_are_the_same_rows(cache: FeatureCache):
 
 
 def test_stream_gives_device_tensors(cache: FeatureCache):
-    batch = next(stream(ParquetBatches(cache, VAL, batch_size=32, shuffle=False), 0, torch.device("cpu")))
+    batch = next(stream(StreamingBatches(cache, VAL, batch_size=32, shuffle=False), 0, torch.device("cpu")))
     indices, offsets, values = batch.features["x"]
-    assert batch.size == 32 and indices.dtype == torch.int64 and offsets.tolist() == list(range(32))
+    assert batch.size == 32 and indices.dtype == offsets.dtype == torch.int32 and offsets.tolist() == list(range(32))
     assert values.tolist() == batch.columns["row"].tolist() == [float(r) for r in range(0, 320, 10)]
 
 
@@ -124,7 +125,7 @@ def test_prefetch_passes_errors_through_and_stops_when_closed():
 
 def test_empty_split_and_bad_sizes(tmp_path: Path):
     cache = FeatureCache.write(_chunks(1, 10), tmp_path / "c", n_features=64)
-    assert cache.rows(VAL) == 1 and list(ParquetBatches(cache, VAL, batch_size=4).epoch()) != []
+    assert cache.rows(VAL) == 1 and list(StreamingBatches(cache, VAL, batch_size=4).epoch()) != []
     with pytest.raises(ValueError, match="batch_size"):
-        ParquetBatches(cache, TRAIN, batch_size=0)
+        StreamingBatches(cache, TRAIN, batch_size=0)
     assert pa.__version__                                                # pyarrow is the cache's only format

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from estimators.reward_data import ParquetBatches
+from estimators.reward_data import StreamingBatches
 from estimators.reward_model import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -275,14 +275,14 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(toy, tmp_path
     cfg = CFG.model_copy(update={"epochs": 5, "patience": 5})
     whole, whole_metrics = fit_reward_model(table, loss="ips", cfg=cfg, progress=False)
     path = tmp_path / "ckpt" / "checkpoint.pt"
-    real_epoch = ParquetBatches.epoch
+    real_epoch = StreamingBatches.epoch
 
     def killed_in_epoch_3(self, epoch=0):
         if epoch == 3 and self.shuffle:
             raise RuntimeError("killed")
         return real_epoch(self, epoch)
 
-    monkeypatch.setattr(ParquetBatches, "epoch", killed_in_epoch_3)
+    monkeypatch.setattr(StreamingBatches, "epoch", killed_in_epoch_3)
     with pytest.raises(RuntimeError, match="killed"):
         fit_reward_model(table, loss="ips", cfg=cfg, progress=False, checkpoint=Checkpoint(path, "fp"))
     monkeypatch.undo()
