@@ -41,14 +41,18 @@ def featurize(prompts: Sequence[str | None], responses: Sequence[str | None], *,
     correlation with the true reward 0.60 with separate halves, 0.94 with one bag). A missing text is empty.
     Stateless (hashing): train, score and evaluate agree without a vocabulary.
     """
+    if len(responses) == 0:                       # HashingVectorizer cannot transform an empty list
+        return sp.csr_matrix((0, hash_features), dtype=np.float32)
     vec = HashingVectorizer(n_features=hash_features, ngram_range=(1, ngram_max), alternate_sign=False,
                             norm="l1", dtype=np.float32)
     return vec.transform(texts(prompts, responses)).tocsr()
 
 
 def numeric_values(columns: Mapping[str, Any], name: str, responses: Sequence[str | None]) -> np.ndarray:
-    """A numeric feature as float64 (NaN where missing); ``response_length`` = log(words of the response)."""
-    if name == RESPONSE_LENGTH and name not in columns:
+    """A numeric feature as float64 (NaN where missing). ``response_length`` is always log(words of the
+    response), derived from the text even where a column of that name exists: fitting, caching and scoring
+    then agree whatever columns each of them happens to be given."""
+    if name == RESPONSE_LENGTH:
         return np.log(np.maximum([len((r or "").split()) for r in responses], 1.0))
     if name not in columns:
         raise InputError(f"reward model: numeric feature column {name!r} missing")
@@ -101,9 +105,10 @@ class DenseSpec:
 
 def fit_dense_spec(batches: Iterable[pa.RecordBatch], *, numeric: Sequence[str], embedding_model: str | None,
                    response_column: str = "response") -> DenseSpec:
-    """Means and sds of ``numeric`` over every row of ``batches`` (one streaming pass of float64 sums), and the
-    embedding model's dimension."""
-    n, total, squares = np.zeros(len(numeric)), np.zeros(len(numeric)), np.zeros(len(numeric))
+    """Means and sds of ``numeric`` over every row of ``batches``, in one streaming pass: per-batch counts,
+    means and sums of squared deviations merged with Chan et al.'s update (E[x²] − mean² loses every digit
+    on a column like a unix timestamp). Also the embedding model's dimension."""
+    n, mean, m2 = np.zeros(len(numeric)), np.zeros(len(numeric)), np.zeros(len(numeric))
     if numeric:
         for batch in batches:
             columns = {c: batch.column(c) for c in batch.schema.names}
@@ -111,14 +116,20 @@ def fit_dense_spec(batches: Iterable[pa.RecordBatch], *, numeric: Sequence[str],
             for j, name in enumerate(numeric):
                 v = numeric_values(columns, name, responses)
                 v = v[np.isfinite(v)]
-                n[j], total[j], squares[j] = n[j] + v.size, total[j] + v.sum(), squares[j] + (v**2).sum()
+                if v.size == 0:
+                    continue
+                b_mean, b_m2 = v.mean(), ((v - v.mean()) ** 2).sum()
+                total = n[j] + v.size
+                delta = b_mean - mean[j]
+                mean[j] += delta * v.size / total
+                m2[j] += b_m2 + delta**2 * n[j] * v.size / total
+                n[j] = total
     stats = []
     for j, name in enumerate(numeric):
         if n[j] == 0:
             raise InputError(f"reward model: numeric feature {name!r} has no finite values")
-        mean = total[j] / n[j]
-        sd = float(np.sqrt(max(squares[j] / n[j] - mean**2, 0.0)))
-        stats.append((name, float(mean), sd if sd > 1e-12 else 1.0))
+        sd = float(np.sqrt(m2[j] / n[j]))
+        stats.append((name, float(mean[j]), sd if sd > 1e-12 * max(1.0, abs(mean[j])) else 1.0))
     dim = load_encoder(embedding_model).dim if embedding_model else 0
     return DenseSpec(tuple(stats), embedding_model, dim)
 

@@ -197,6 +197,8 @@ PAIR_COLUMNS = (pr.PROMPT_ID, pr.PROMPT, pr.CHOSEN, pr.REJECTED, pr.WEIGHT, pr.M
 
 def record_batches(data: Data | Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """A table, a column mapping or a stream of record batches, as record batches of at most CHUNK_ROWS rows."""
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
     if isinstance(data, Mapping):
         data = pa.table({k: (v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(list(v) if not
                              isinstance(v, np.ndarray) else v, from_pandas=True)) for k, v in data.items()})
@@ -232,6 +234,8 @@ def write_pointwise_cache(data: Data | Iterable[pa.RecordBatch], directory: Path
             counts["rows_read"] += batch.num_rows
             counts["observed"] += int(arrays["observed"].sum())
             kept = np.flatnonzero(arrays["observed"] == 1) if observed_only else np.arange(batch.num_rows)
+            if kept.size == 0:                             # e.g. a file's last short batch, all unrated
+                continue
             prompts, responses = _strings(batch, imp.PROMPT), _strings(batch, imp.RESPONSE)
             numeric = {c: _numeric(batch, c)[kept] for c in dense.needs}
             X = features([prompts[i] for i in kept], [responses[i] for i in kept], hash_features=cfg.hash_features,
@@ -250,7 +254,8 @@ def write_pointwise_cache(data: Data | Iterable[pa.RecordBatch], directory: Path
     return cache
 
 
-def _pair_dense_check(numeric: Sequence[str]) -> None:
+def check_pair_features(numeric: Sequence[str]) -> None:
+    """A pair has texts only: of the numeric features, response_length is the one bt can use."""
     other = [c for c in numeric if c != RESPONSE_LENGTH]
     if other:
         raise ConfigError(f"loss 'bt': the pairwise dataset has no {other} columns; only response_length and the "
@@ -263,7 +268,7 @@ def write_pair_cache(pairs: Data | Iterable[pa.RecordBatch], directory: Path | s
     prompt, and the ``dense`` block: text-derived features only, a pair has no other unit columns), columns
     weight and margin, held out by prompt."""
     dense = dense or DenseSpec()
-    _pair_dense_check(dense.needs)
+    check_pair_features(dense.needs)
     counts = {"rows_read": 0}
 
     def chunks() -> Iterator[Chunk]:
@@ -294,7 +299,7 @@ def dense_spec(data: Data | Iterable[pa.RecordBatch], cfg: TrainConfig, *, pairs
         return DenseSpec()
     batches: Iterable[pa.RecordBatch] = record_batches(data)
     if pairs:
-        _pair_dense_check(cfg.numeric)
+        check_pair_features(cfg.numeric)
         batches = (pa.record_batch({"response": b.column(side)}) for b in batches for side in (pr.CHOSEN, pr.REJECTED))
     return fit_dense_spec(batches, numeric=cfg.numeric, embedding_model=cfg.embedding_model)
 

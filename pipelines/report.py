@@ -159,9 +159,12 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
     if "weights" in figures:
         parts.append(f'<img src="{figures["weights"]}" alt="weights">')
     if reward:
-        rows = [[loss, m.get("best_epoch"), m.get("best_val_loss", m.get("val_loss")), m.get("n_train")]
+        rows = [[loss, m.get("best_epoch"), m.get("best_val_loss", m.get("val_loss")), m.get("n_train"),
+                 m.get("val_r2_vs_truth", "—"), f"{m['samples_per_s']:,.0f}" if m.get("samples_per_s") else "—",
+                 m.get("device")]
                 for loss, m in reward.items()]
-        parts.append("<h2>Reward models</h2>" + _table(rows, ["loss", "best epoch", "val loss", "train rows"]))
+        parts.append("<h2>Reward models</h2>" + _table(rows, ["loss", "best epoch", "val loss", "train rows",
+                                                              "val R² vs truth", "samples/s", "device"]))
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
              "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"

@@ -16,6 +16,7 @@ prompts against ``reward_true``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -39,6 +40,7 @@ from estimators.reward_model import (
     PAIR_COLUMNS,
     Checkpoint,
     RewardModel,
+    check_pair_features,
     dense_spec,
     fit_pairwise_reward_model,
     fit_reward_model,
@@ -104,7 +106,12 @@ def _fingerprint(loss: str, cfg: Config, inputs: list[dict[str, Any]], rates: tu
     """What a checkpoint was trained on: the loss, the train settings (not the device), the flip rates and the
     input files' hashes."""
     settings = cfg.train.model_dump(exclude={"loss", "baselines", "device"})
-    payload = {"loss": loss, "train": settings, "flip_rates": rates, "inputs": [i["sha256"] for i in inputs]}
+    embedding = None
+    if cfg.train.embedding_model and Path(cfg.train.embedding_model).exists():
+        stat = Path(cfg.train.embedding_model).stat()        # a replaced model file must not resume silently
+        embedding = [stat.st_size, stat.st_mtime_ns]
+    payload = {"loss": loss, "train": settings, "flip_rates": rates, "inputs": [i["sha256"] for i in inputs],
+               "embedding_file": embedding}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -121,6 +128,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
     pair_files = parquet_files(run.path(rd.PAIRWISE)) if "pairs" in kinds.values() else []
     if "pairs" in kinds.values() and not pair_files:
         raise InputError(f"{run.path(rd.PAIRWISE)}: pairwise dataset has no Parquet files")
+    if "pairs" in kinds.values():
+        check_pair_features(cfg.train.numeric)             # before any loss trains, not after
     inputs = describe_inputs([*point_files, *pair_files])
     root = checkpoint_root(run)
     if not resume:
@@ -151,6 +160,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
 
     train_cfg = cfg.train.model_dump(exclude={"loss", "baselines"})
     diagnostics: dict[str, Any] = {}
+    models: dict[str, tuple[RewardModel, dict[str, Any], Path]] = {}
     with atomic_dir(run.path(rd.REWARD_MODEL)) as tmp:
         for i, loss in enumerate(losses):
             print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})", file=sys.stderr,
@@ -167,42 +177,63 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
             target = model_dir(tmp, loss, main=i == 0)
             save_reward_model(model, {"loss": loss, "role": "main" if i == 0 else "baseline", "train": train_cfg},
                               target)
-            metrics["truth"] = _truth_metrics(model, run, cfg, point_files)
-            (target / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+            models[loss] = (model, metrics, target)
             diagnostics[loss] = {"val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"],
                                  "epochs_run": metrics["epochs_run"], "n_train": metrics["n_train"],
                                  "n_val": metrics["n_val"], "samples_per_s": metrics["samples_per_s"],
-                                 "device": metrics["device"], "wall_s": time.perf_counter() - started,
-                                 **({"val_r2_vs_truth": metrics["truth"]["r2"]} if metrics["truth"] else {})}
+                                 "device": metrics["device"], "wall_s": time.perf_counter() - started}
+        truth = _truth_metrics({loss: m for loss, (m, _, _) in models.items()}, cfg, point_files)
+        for loss, (_, metrics, target) in models.items():
+            metrics["truth"] = truth.get(loss)
+            if metrics["truth"]:
+                diagnostics[loss]["val_r2_vs_truth"] = metrics["truth"]["r2"]
+            (target / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     shutil.rmtree(root, ignore_errors=True)                # committed: nothing left to resume
+    with contextlib.suppress(OSError):
+        root.parent.rmdir()                                # RUN/checkpoints, if no other stage keeps state there
     counts = next((c.meta["counts"] for k, c in caches.items() if k != "pairs"), None)
     return {"inputs": inputs, "outputs": [str(run.path(rd.REWARD_MODEL))],
             "counts": {"rows": counts["rows_read"], "observed": counts["observed"]} if counts else {},
             "diagnostics": diagnostics}
 
 
-def _truth_metrics(model: RewardModel, run: RunDir, cfg: Config, point_files: Sequence[Path],
-                   ) -> dict[str, Any] | None:
-    """MSE/MAE/R² vs ``reward_true`` and pairwise accuracy within prompts, on the validation prompts' units (all
-    of them, rated or not), when the config names a ground-truth file that exists; else None."""
+def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Sequence[Path],
+                   ) -> dict[str, dict[str, Any]]:
+    """Loss → MSE/MAE/R² vs ``reward_true`` and pairwise accuracy within prompts, on the validation prompts'
+    units (all of them, rated or not), when the config names a ground-truth file that exists; else {}.
+
+    One streaming pass scores every model batch by batch, keeping only (impression id, prompt id, predictions)
+    of the validation units; the truth file is read for those ids only.
+    """
     truth_path = Path(cfg.input.truth) if cfg.input.truth else None
-    if truth_path is None or not truth_path.is_file():
-        return None
+    if truth_path is None or not truth_path.is_file() or not models:
+        return {}
+    numeric = list(dict.fromkeys(c for m in models.values() for c in m.dense.needs))
     held: list[pl.DataFrame] = []
-    numeric = model.dense.needs
     for batch in _stream(point_files, [un.IMPRESSION_ID, un.PROMPT_ID, un.PROMPT, un.RESPONSE, *numeric]):
         frame = pl.from_arrow(batch)
-        held.append(frame.filter(pl.Series(validation_mask(frame[un.PROMPT_ID].to_list(), cfg.train.val_fraction))))
-    truth = pl.read_parquet(truth_path, columns=[tr.IMPRESSION_ID, tr.REWARD_TRUE])
-    d = pl.concat(held).join(truth, on=un.IMPRESSION_ID, how="inner")
+        frame = frame.filter(pl.Series(validation_mask(frame[un.PROMPT_ID].to_list(), cfg.train.val_fraction)))
+        if frame.height == 0:
+            continue
+        prompts, responses = frame[un.PROMPT].to_list(), frame[un.RESPONSE].to_list()
+        columns = {c: frame[c].to_numpy() for c in numeric}
+        held.append(frame.select(un.IMPRESSION_ID, un.PROMPT_ID).with_columns(
+            pl.Series(loss, predict_reward(m, prompts, responses, columns=columns)) for loss, m in models.items()))
+    if not held:
+        return {}
+    preds = pl.concat(held)
+    d = (pl.scan_parquet(truth_path).select(tr.IMPRESSION_ID, tr.REWARD_TRUE)
+         .join(preds.lazy(), left_on=tr.IMPRESSION_ID, right_on=un.IMPRESSION_ID, how="inner").collect())
     if d.height == 0:
-        return None
-    pred = predict_reward(model, d[un.PROMPT].to_list(), d[un.RESPONSE].to_list(),
-                          columns={c: d[c].to_numpy() for c in numeric})
-    r_true = d[tr.REWARD_TRUE].to_numpy()
-    return {"split": "validation", "units": d.height, **regression_metrics(pred, r_true),
-            "pairwise_accuracy": pairwise_accuracy(d[un.PROMPT_ID].to_numpy(), pred, r_true),
-            "mean_prediction": float(np.mean(pred)), "mean_true": float(np.mean(r_true))}
+        return {}
+    r_true, group = d[tr.REWARD_TRUE].to_numpy(), d[un.PROMPT_ID].to_numpy()
+    out = {}
+    for loss in models:
+        pred = d[loss].to_numpy()
+        out[loss] = {"split": "validation", "units": d.height, **regression_metrics(pred, r_true),
+                     "pairwise_accuracy": pairwise_accuracy(group, pred, r_true),
+                     "mean_prediction": float(np.mean(pred)), "mean_true": float(np.mean(r_true))}
+    return out
 
 
 def load_models(run: RunDir) -> dict[str, RewardModel]:

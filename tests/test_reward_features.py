@@ -121,3 +121,22 @@ def test_a_local_embedding_carries_meaning_to_words_never_trained_on(tmp_path: P
     assert roc_auc_score(good, score(embedded, *texts)) > 0.95
     assert roc_auc_score(good, score(hashed, *texts)) == pytest.approx(0.5, abs=0.1)
     assert embedded.dense.embedding_dim == 2 and embedded.config()["dense"]["embedding_model"].endswith(".vec")
+
+
+def test_standardisation_keeps_its_digits_on_large_values():
+    """E[x²] − mean² would lose every digit of a timestamp-like column's variance; the merged update does not."""
+    rng = np.random.default_rng(1)
+    x = 1.7e9 + rng.normal(0, 10.0, 3000)
+    batches = [pa.record_batch({"ts": x[i:i + 700]}) for i in range(0, 3000, 700)]
+    ((_, mean, sd),) = fit_dense_spec(batches, numeric=["ts"], embedding_model=None).numeric
+    assert mean == pytest.approx(x.mean(), rel=1e-12) and sd == pytest.approx(x.std(), rel=1e-6)
+
+
+def test_response_length_is_always_derived_from_the_text():
+    """A column named response_length (here a raw word count) must not make fitting and scoring disagree."""
+    responses = ["a b c", "a", "a b c d e f g h"]
+    batch = pa.record_batch({"response": responses, "response_length": [3.0, 1.0, 8.0]})
+    spec = fit_dense_spec([batch], numeric=["response_length"], embedding_model=None)
+    assert spec.numeric[0][1] == pytest.approx(np.log([3, 1, 8]).mean())
+    with_column = spec.transform({"response_length": [3.0, 1.0, 8.0]}, [None] * 3, responses)
+    assert np.array_equal(with_column, spec.transform({}, [None] * 3, responses))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -376,3 +377,17 @@ def test_train_stage_with_dense_features(toy, tmp_path: Path):
     assert roc_auc_score(good, _predict(models["ips"], table)) > 0.99
     with pytest.raises(ConfigError, match="pairwise dataset has no"):
         train.run(run, cfg.model_copy(update={"train": cfg.train.model_copy(update={"numeric": ["position"]})}))
+
+
+def test_a_chunk_without_rated_units_and_a_record_batch_input(toy, tmp_path: Path):
+    """An input batch whose units are all unrated (a file's short last batch) is skipped, not a crash."""
+    from estimators.reward_model import write_pointwise_cache
+
+    table, _ = toy
+    unrated = table.filter(pc.equal(table[un.OBSERVED], 0)).slice(0, 5).to_batches()[0]
+    batches = [*table.to_batches(max_chunksize=1000), unrated]
+    cache = write_pointwise_cache(iter(batches), tmp_path / "c", args=("weight",), observed_only=True, cfg=CFG)
+    observed = int(table[un.OBSERVED].to_numpy().sum())
+    assert cache.rows("train") + cache.rows("val") == observed and cache.meta["counts"]["rows_read"] == 2405
+    model, metrics = fit_reward_model(table.to_batches()[0], loss="naive", cfg=CFG, progress=False)
+    assert metrics["n_rows"] == table.to_batches()[0].num_rows
