@@ -4,7 +4,8 @@ Run on a GPU machine to check the CUDA path and measure it against the CPU in th
 ``python -m benchmarks.trainer_device [N_IMPRESSIONS] [OUT.json]``. The data are simulated (default scenario)
 and turned into the pointwise columns the ``ips`` and ``naive`` losses read, with the simulator's true
 propensity in the weight (this checks the trainer, not the estimators). It reports, per device and batch
-size, training samples/s, the best validation loss and R² of the predictions against the true reward.
+size, training samples/s, the best validation loss and R² of the predictions against the true reward, and the
+streaming loader's throughput against in-memory tensors on each device (``bench_trainer.bench_throughput``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def main(argv: list[str]) -> int:
                 result["runs"].append(run)
                 print(json.dumps(run), flush=True)
     result["true_mean_reward"] = float(reward.mean())
+    from benchmarks.bench_trainer import bench_throughput
+
+    result["throughput"] = bench_throughput(n)
     text = json.dumps(result, indent=2)
     if out:
         with open(out, "w") as f:
