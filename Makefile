@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_N ?= 60000
 export OBSFEED_HASH_KEY ?= obsfeed-demo-key-not-secret
 
-.PHONY: demo test test-fast bench lint clean venv
+.PHONY: demo test test-fast bench bench-real lint clean venv
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks all
+
+# Public datasets (../shared/data) through the pipeline: HH-RLHF over 5 seeds.
+bench-real: $(STAMP)
+	$(BIN)/python -m benchmarks realdata
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

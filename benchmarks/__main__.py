@@ -3,6 +3,8 @@
 ``python -m benchmarks [ingest|estimators|trainer|losses|all] [N_IMPRESSIONS]``: the ingest benchmark (default N
 1,000,000; the scaling run uses N/10), the estimator benchmark over simulator scenarios (default N 200,000), the
 trainer's loader throughput (default N 200,000) and every reward-model loss over 3 seeds (default N 60,000).
+``python -m benchmarks realdata`` (``make bench-real``, not part of ``all``): the public datasets in
+../shared/data through the pipeline, over 5 seeds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from benchmarks.bench_estimators import bench_estimators, estimators_table
 from benchmarks.bench_ingest import bench_ingest, compare
+from benchmarks.bench_realdata import bench_hh, hh_table
 from benchmarks.bench_trainer import bench_losses, bench_throughput, losses_table, throughput_table
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -73,9 +76,12 @@ def record(block: str, begin: str = BEGIN, end: str = END) -> None:
 def main(argv: list[str]) -> int:
     which = argv[0] if argv and not argv[0].isdigit() else "all"
     n = int(argv[-1]) if argv and argv[-1].isdigit() else None
-    if which not in (*BENCHES, "all"):
-        print(f"unknown benchmark {which!r}: choose {', '.join(BENCHES)} or all", file=sys.stderr)
+    if which not in (*BENCHES, "all", "realdata"):
+        print(f"unknown benchmark {which!r}: choose {', '.join(BENCHES)}, all or realdata", file=sys.stderr)
         return 2
+    if which == "realdata":
+        run_realdata()
+        return 0
     if which in ("ingest", "all"):
         run_ingest(n or 1_000_000)
     if which in ("estimators", "all"):
@@ -85,6 +91,19 @@ def main(argv: list[str]) -> int:
     if which in ("losses", "all"):
         run_losses(n or 60_000)
     return 0
+
+
+def run_realdata() -> None:
+    print("real-data benchmark: HH-RLHF harmless-base (semi-synthetic feedback), seeds 0-4", flush=True)
+    result = bench_hh()
+    rows = hh_table(result)
+    print("\n".join(rows))
+    record("\n".join(["<!-- hh-rlhf:begin -->",
+                       f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: harmless-base test pairs, "
+                       "80% of pairs logged with simulated selection (α 0.5, longer answers rated more) and flips "
+                       "(ρ 0.2/0.1), 10% of units audited; metrics on the 20% held-out pairs, mean ± sd over "
+                       "seeds 0-4 (each seed redraws selection, flips, audit and split).", "", *rows,
+                       "<!-- hh-rlhf:end -->"]), "<!-- hh-rlhf:begin -->", "<!-- hh-rlhf:end -->")
 
 
 def run_trainer(n: int) -> None:

@@ -7,6 +7,7 @@ Flags the CLI does not know are passed on to Beam (``--runner``, ``--direct_num_
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -22,6 +23,8 @@ from schemas.errors import ConfigError, ObsfeedUserError
 from schemas.run_dir import RunDir
 
 STAGES = ("ingest", "fit", "score", "train", "report")
+IMPORTERS = {"hh-rlhf": "import_hh_rlhf"}
+"""``obsfeed import SOURCE``: the module in ``pipelines`` with ``add_arguments(parser)`` and ``main(args)``."""
 DEFAULT_BEAM_ARGS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
 """Beam's local FnApiRunner, in-process. Not ``multi_processing``: with 2 workers, Beam 2.77's parallel bundle
 manager intermittently dropped part of a grouped input at 1M impressions (about one run in three; caught by
@@ -31,8 +34,6 @@ the ingest row-count invariant, reproduced with Beam alone). Pass ``--direct_run
 
 def stage_function(name: str) -> Callable[..., dict[str, Any]]:
     """The ``run(run_dir, cfg, beam_args)`` of a stage, imported lazily (torch and Beam are heavy)."""
-    import importlib
-
     return importlib.import_module(f"pipelines.{name}").run
 
 
@@ -102,6 +103,10 @@ def make_parser() -> argparse.ArgumentParser:
         s.add_argument("run", type=Path)
         if name == "train":
             _train_arguments(s)
+    im = sub.add_parser("import", help="turn a public dataset into the input contract (plus its ground truth)")
+    sources = im.add_subparsers(dest="source", required=True)
+    for name, module in IMPORTERS.items():
+        importlib.import_module(f"pipelines.{module}").add_arguments(sources.add_parser(name))
     rs = sub.add_parser("runs", help="list the runs under a folder with their status and headline figures")
     rs.add_argument("root", type=Path)
     ev = sub.add_parser("evaluate", help="metrics vs ground truth (simulator) for a finished run")
@@ -126,6 +131,10 @@ def _with_train_flags(cfg: Config, args: argparse.Namespace) -> tuple[Config, di
 
 
 def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    if args.command == "import":
+        for k, v in importlib.import_module(f"pipelines.{IMPORTERS[args.source]}").main(args).items():
+            print(f"{k:>24}: {v}")
+        return 0
     if args.command == "simulate":
         from pipelines import simulate
 
@@ -169,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)  # Beam's import-time notices are not the user's business
     parser = make_parser()
     args, beam_args = parser.parse_known_args(argv)
-    if args.command in ("simulate", "evaluate", "runs") and beam_args:
+    if args.command in ("simulate", "evaluate", "runs", "import") and beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     try:
         return dispatch(args, beam_args)

@@ -120,7 +120,8 @@ def _confounders(run: RunDir, d: pl.DataFrame) -> list[dict[str, Any]]:
         row = {k: e[k] for k in ("treatment", "model", "effect", "ci_low", "ci_high")}
         if e["treatment"] == RESPONSE_LENGTH and tr.LENGTH_EFFECT_TRUE in d.columns:
             true = float(d.filter(pl.col(un.OBSERVED) == 1)[tr.LENGTH_EFFECT_TRUE].mean())
-            row.update(true=true, covered=e["ci_low"] <= true <= e["ci_high"])
+            if np.isfinite(true):                          # NaN: real labels, the true effect is unknown
+                row.update(true=true, covered=e["ci_low"] <= true <= e["ci_high"])
         out.append(row)
     return out
 
