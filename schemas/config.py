@@ -203,6 +203,8 @@ class TrainConfig(_Section):
         "(needs that package) or a word-vector text file (GloVe/word2vec/fastText .vec); relative to the "
         "config file; never downloaded")
     hidden: int = Field(0, ge=0, description="0 = linear reward model over hashed n-grams")
+    factors: int = Field(0, ge=0, description="k > 0 adds factorisation-machine pairwise interactions with k "
+                         "factors; over user and item id tokens, matrix factorisation with biases")
     epochs: int = Field(30, ge=1, description="at most: early stopping on the validation loss usually ends sooner")
     batch_size: int = Field(256, ge=1)
     lr: float = Field(0.05, gt=0)
