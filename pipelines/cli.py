@@ -23,7 +23,7 @@ from schemas.errors import ConfigError, ObsfeedUserError
 from schemas.run_dir import RunDir
 
 STAGES = ("ingest", "fit", "score", "train", "report")
-IMPORTERS = {"hh-rlhf": "import_hh_rlhf"}
+IMPORTERS = {"coat": "import_coat", "hh-rlhf": "import_hh_rlhf"}
 """``obsfeed import SOURCE``: the module in ``pipelines`` with ``add_arguments(parser)`` and ``main(args)``."""
 DEFAULT_BEAM_ARGS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
 """Beam's local FnApiRunner, in-process. Not ``multi_processing``: with 2 workers, Beam 2.77's parallel bundle
