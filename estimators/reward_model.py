@@ -225,6 +225,11 @@ def record_batches(data: Data | Iterable[pa.RecordBatch]) -> Iterator[pa.RecordB
             yield batch.slice(start, CHUNK_ROWS)
 
 
+def split_column(cfg: TrainConfig) -> str:
+    """The column whose hash decides the held-out split of pointwise units (``train.val_by``)."""
+    return imp.PROMPT_ID if cfg.val_by == "prompt" else imp.IMPRESSION_ID
+
+
 def units_kind(loss: str) -> str:
     """Which rows a pointwise loss trains on: ``observed`` (losses.OBSERVED_ONLY) or ``all``; ``pairs`` for bt."""
     if loss == "bt":
@@ -255,7 +260,7 @@ def write_pointwise_cache(data: Data | Iterable[pa.RecordBatch], directory: Path
             numeric = {c: _numeric(batch, c)[kept] for c in dense.needs}
             X = features([prompts[i] for i in kept], [responses[i] for i in kept], hash_features=cfg.hash_features,
                          ngram_max=cfg.ngram_max, dense=dense, columns=numeric)
-            ids = _strings(batch, imp.PROMPT_ID)
+            ids = _strings(batch, split_column(cfg))
             yield Chunk({POINT: X}, {k: v[kept] for k, v in arrays.items()},
                         validation_mask([ids[i] for i in kept], cfg.val_fraction))
             if progress:

@@ -48,6 +48,7 @@ from estimators.reward_model import (
     predict_reward,
     required_columns,
     save_reward_model,
+    split_column,
     units_kind,
     validation_mask,
     write_pair_cache,
@@ -150,7 +151,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
             else:
                 mine = [loss for loss, k in kinds.items() if k == kind]
                 args = list(dict.fromkeys(a for loss in mine for a in INPUTS[loss]))
-                columns = list(dict.fromkeys([*(c for loss in mine for c in required_columns(loss)), *numeric]))
+                columns = list(dict.fromkeys([*(c for loss in mine for c in required_columns(loss)), *numeric,
+                                              split_column(cfg.train)]))
                 caches[kind] = write_pointwise_cache(_stream(point_files, columns), root / ".cache" / kind,
                                                      args=args, observed_only=kind == "observed", cfg=cfg.train,
                                                      dense=point_dense, progress=True)
@@ -212,7 +214,8 @@ def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Seq
     held: list[pl.DataFrame] = []
     for batch in _stream(point_files, [un.IMPRESSION_ID, un.PROMPT_ID, un.PROMPT, un.RESPONSE, *numeric]):
         frame = pl.from_arrow(batch)
-        frame = frame.filter(pl.Series(validation_mask(frame[un.PROMPT_ID].to_list(), cfg.train.val_fraction)))
+        held_out = validation_mask(frame[split_column(cfg.train)].to_list(), cfg.train.val_fraction)
+        frame = frame.filter(pl.Series(held_out))
         if frame.height == 0:
             continue
         prompts, responses = frame[un.PROMPT].to_list(), frame[un.RESPONSE].to_list()

@@ -210,6 +210,10 @@ class TrainConfig(_Section):
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    val_by: Literal["prompt", "unit"] = Field(
+        "prompt", description="held-out split by prompt (a prompt's responses stay together: no leak through the "
+        "prompt) or by unit (id data such as user x item ratings, where holding out whole users would make "
+        "them cold-start)")
     patience: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

@@ -410,3 +410,16 @@ def test_factorisation_machine_learns_user_item_interactions(tmp_path: Path):
     assert roc_auc_score(label, _predict(linear, table)) < 0.6 < 0.75 < roc_auc_score(label, _predict(fm, table))
     save_reward_model(fm, {"loss": "naive"}, tmp_path / "fm")
     assert np.allclose(_predict(load_reward_model(tmp_path / "fm"), table), _predict(fm, table))
+
+
+def test_validation_split_by_unit_for_id_data(toy, tmp_path: Path):
+    """val_by = unit holds out units, not prompts: every prompt keeps units on the training side."""
+    from estimators.reward_model import write_pointwise_cache
+
+    table, _ = toy
+    table = table.append_column(un.IMPRESSION_ID, pa.array([f"i{k}" for k in range(table.num_rows)]))
+    cfg = CFG.model_copy(update={"val_by": "unit", "val_fraction": 0.3})
+    cache = write_pointwise_cache(table, tmp_path / "c", args=("weight",), observed_only=False, cfg=cfg)
+    assert cache.rows("val") == validation_mask(table[un.IMPRESSION_ID].to_pylist(), 0.3).sum()
+    with pytest.raises(InputError, match="impression_id"):
+        fit_reward_model(toy[0], loss="naive", cfg=cfg, progress=False)
