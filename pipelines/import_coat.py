@@ -22,7 +22,6 @@ Mapping to the input contract (issue 8):
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.simulate import write_signals
 from schemas import impressions as imp
 from schemas import signals as sig
 from schemas.conform import conform
@@ -124,10 +124,7 @@ def import_coat(src: Path | str, out: Path | str) -> dict[str, Any]:
     out = Path(out)
     (out / "impressions").mkdir(parents=True, exist_ok=True)
     pq.write_table(logs["impressions"], out / "impressions" / "part-00000.parquet", compression="zstd")
-    with gzip.GzipFile(out / "signals.jsonl.gz", "wb", mtime=0) as f:
-        for row in logs["signals"].to_pylist():
-            row[sig.TS] = row[sig.TS].isoformat().replace("+00:00", "Z")
-            f.write((json.dumps(row, separators=(",", ":")) + "\n").encode())
+    write_signals(logs["signals"], out / "signals.jsonl.gz")
     pq.write_table(logs["test"], out / "test.parquet", compression="zstd")
     (out / "import.json").write_text(json.dumps({"source": "coat (Schnabel et al. 2016)", "label": "(rating - 1) / 4",
                                                  "counts": logs["counts"]}, indent=2) + "\n")

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.simulate import write_signals
 from schemas import impressions as imp
 from schemas import signals as sig
 from schemas import truth as tr
@@ -171,12 +172,7 @@ def write(result: dict[str, Any], out: Path, *, settings: HHSettings, source_cou
     out = Path(out)
     (out / "impressions").mkdir(parents=True, exist_ok=True)
     pq.write_table(result["impressions"], out / "impressions" / "part-00000.parquet", compression="zstd")
-    with gzip.GzipFile(out / "signals.jsonl.gz", "wb", mtime=0) as f:
-        for row in result["signals"].to_pylist():
-            row[sig.TS] = row[sig.TS].isoformat().replace("+00:00", "Z")
-            if row[sig.VALUE] is not None and np.isnan(row[sig.VALUE]):
-                row[sig.VALUE] = None
-            f.write((json.dumps(row, separators=(",", ":")) + "\n").encode())
+    write_signals(result["signals"], out / "signals.jsonl.gz")
     pq.write_table(result["truth"], out / "truth.parquet", compression="zstd")
     pq.write_table(result["test_pairs"], out / "test_pairs.parquet", compression="zstd")
     (out / "import.json").write_text(json.dumps({"source": "hh-rlhf harmless-base test", "settings": asdict(settings),

@@ -294,6 +294,18 @@ def _add_dirt(rng: np.random.Generator, impressions: pa.Table, signals: pa.Table
             signals.take(rng.permutation(signals.num_rows)))
 
 
+def write_signals(signals: pa.Table, path: Path) -> None:
+    """Signals as the input contract's JSON Lines (gzip, reproducible bytes): ISO timestamps with Z, null for a
+    missing value."""
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        for row in signals.to_pylist():
+            ts = row[sig.TS]
+            row[sig.TS] = None if ts is None else ts.isoformat().replace("+00:00", "Z")
+            if row[sig.VALUE] is not None and np.isnan(row[sig.VALUE]):
+                row[sig.VALUE] = None
+            f.write((json.dumps(row, separators=(",", ":")) + "\n").encode())
+
+
 def write(logs: SimulatedLogs, out: Path, *, scenario: Scenario, n_impression_files: int = 2) -> dict[str, str]:
     """Write the logs in the input contract: impressions as Parquet parts, signals as JSON Lines (gzip)."""
     out = Path(out)
@@ -305,13 +317,7 @@ def write(logs: SimulatedLogs, out: Path, *, scenario: Scenario, n_impression_fi
     for j in range(n_impression_files):
         part = logs.impressions.slice(bounds[j], bounds[j + 1] - bounds[j])
         pq.write_table(part, out / "impressions" / f"part-{j:05d}.parquet", compression="zstd")
-    with gzip.GzipFile(out / "signals.jsonl.gz", "wb", mtime=0) as f:
-        for row in logs.signals.to_pylist():
-            ts = row[sig.TS]
-            row[sig.TS] = None if ts is None else ts.isoformat().replace("+00:00", "Z")
-            if row[sig.VALUE] is not None and np.isnan(row[sig.VALUE]):
-                row[sig.VALUE] = None
-            f.write((json.dumps(row, separators=(",", ":")) + "\n").encode())
+    write_signals(logs.signals, out / "signals.jsonl.gz")
     pq.write_table(logs.truth, out / "truth.parquet", compression="zstd")
     (out / "scenario.json").write_text(json.dumps(asdict(scenario), indent=2) + "\n")
     return {"impressions": str(out / "impressions"), "signals": str(out / "signals.jsonl.gz"),
