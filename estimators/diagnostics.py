@@ -57,3 +57,20 @@ def pairwise_accuracy(group: np.ndarray, pred: np.ndarray, truth: np.ndarray) ->
         return None
     right = (pairs["p"] > pairs["p_b"]).cast(pl.Float64) + 0.5 * (pairs["p"] == pairs["p_b"]).cast(pl.Float64)
     return float(right.mean())
+
+
+def ndcg_at_k(group: np.ndarray, pred: np.ndarray, relevance: np.ndarray, *, k: int = 5) -> float | None:
+    """Mean over groups (e.g. users) of NDCG@k of ``pred``'s order against binary or graded ``relevance``;
+    groups with no relevant item are left out (their NDCG is undefined), as in the Coat protocol. None if none
+    is left. Ties in ``pred`` keep the input order."""
+    df = pl.DataFrame({"g": group, "p": pred, "r": relevance.astype(float)}).with_row_index("i")
+    ranked = df.sort(["g", "p", "i"], descending=[False, True, False]).with_columns(
+        rank=pl.int_range(pl.len()).over("g") + 1)
+    ideal = df.sort(["g", "r"], descending=[False, True]).with_columns(rank=pl.int_range(pl.len()).over("g") + 1)
+
+    def dcg(frame: pl.DataFrame) -> pl.DataFrame:
+        return (frame.filter(pl.col("rank") <= k)
+                .group_by("g").agg(dcg=(pl.col("r") / (pl.col("rank") + 1).log(2)).sum()))
+
+    scores = dcg(ranked).join(dcg(ideal).rename({"dcg": "ideal"}), on="g").filter(pl.col("ideal") > 0)
+    return float((scores["dcg"] / scores["ideal"]).mean()) if scores.height else None
