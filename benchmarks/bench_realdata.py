@@ -1,5 +1,12 @@
 """Real-data benchmarks (issue 8): public datasets through the whole pipeline, scored on held-out truth.
 
+Coat (``obsfeed import coat``): the pipeline (ingest, fit, score) runs once per propensity variant on the
+self-selected ratings (the feature-interaction propensity that obsfeed fits, and the published propensities
+through ``fit.propensity_column``); the train stage then runs for 5 training seeds (initialisation, batch order,
+which ratings validate). Each model scores the uniformly random ratings (test.parquet), which no stage reads:
+MSE and MAE on 1–5 (prediction 1 + 4·p), AUC and NDCG@5 with rating ≥ 4 as relevant (users with no such
+rating left out of NDCG).
+
 HH-RLHF semi-synthetic (``obsfeed import hh-rlhf``): per seed, the import draws selection, flips, the audit and the
 train/test split of pairs; the pipeline (ingest, fit, score, train with every loss) runs on the logged part; each
 reward model then scores the held-out pairs' responses. An oracle, the same model trained with the naive loss on
@@ -20,9 +27,10 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from benchmarks.bench_estimators import CACHE
-from estimators.diagnostics import expected_calibration_error
+from estimators.diagnostics import expected_calibration_error, ndcg_at_k
 from estimators.reward_model import fit_reward_model, score
 from pipelines.cli import main as cli
+from pipelines.import_coat import LOGGED_PROPENSITY, import_coat
 from pipelines.import_hh_rlhf import HHSettings, import_hh_rlhf
 from pipelines.train import load_models
 from schemas import truth as tr
@@ -105,4 +113,73 @@ def hh_table(result: dict[str, Any]) -> list[str]:
     d = result["mse_diff_causalrm_dr_minus_naive"]
     lines += ["", f"MSE(causalrm_dr) − MSE(naive), paired by seed: {d['mean']:+.4f} "
                   f"[95% CI {d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"]
+    return lines
+
+
+COAT_LOSSES = ("naive", "ips", "snips", "dr", "causalrm_ips", "causalrm_dr")
+COAT_VARIANTS = {"feature-interaction propensity (fitted)": "",
+                 "published propensity (logged)": f'propensity_column = "{LOGGED_PROPENSITY}"'}
+
+
+def coat_metrics(model, test) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    pred = 1 + 4 * score(model, test.column("prompt").to_pylist(), test.column("response").to_pylist())
+    rating = test.column("rating").to_numpy().astype(float)
+    relevant = rating >= 4
+    return {"mse": float(np.mean((pred - rating) ** 2)), "mae": float(np.mean(np.abs(pred - rating))),
+            "auc": float(roc_auc_score(relevant, pred)),
+            "ndcg5": ndcg_at_k(test.column("user").to_numpy(), pred, relevant.astype(int), k=5)}
+
+
+def coat_variant(fit_extra: str, work: Path, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    data = CACHE / "coat"
+    if not (data / "test.parquet").exists():
+        import_coat(SHARED_DATA / "coat", data)
+    text = (ROOT / "configs" / "coat.toml").read_text().replace("../data/coat", str(data))
+    text = text.replace("[fit]\n", f"[fit]\n{fit_extra}\n", 1)
+    cfg_path = work / "coat.toml"
+    cfg_path.write_text(text)
+    run = work / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    if cli(["run", str(cfg_path), str(run), "--stages", "ingest,fit,score"]) != 0:
+        raise RuntimeError("coat: the pipeline failed")
+    test = pq.read_table(data / "test.parquet")
+    frozen = RunDir(run).config_path.read_text()
+    per_seed = []
+    for seed in seeds:
+        train_part = frozen[frozen.index("[train]"):]
+        RunDir(run).config_path.write_text(frozen.replace(train_part, train_part.replace("seed = 0", f"seed = {seed}")))
+        if cli(["train", str(run)]) != 0:
+            raise RuntimeError(f"coat seed {seed}: the train stage failed")
+        models = load_models(RunDir(run))
+        per_seed.append({loss: coat_metrics(models[loss], test) for loss in COAT_LOSSES})
+        print(f"  seed {seed}: " + ", ".join(f"{k} {v['mse']:.3f}" for k, v in per_seed[-1].items()), flush=True)
+    return per_seed
+
+
+def bench_coat(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[str, Any]:
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("OBSFEED_HASH_KEY", "benchmark-key-not-secret")
+    work = CACHE / "coat-work"
+    work.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, fit_extra in COAT_VARIANTS.items():
+        print(f"  coat, {name}", flush=True)
+        per_seed = coat_variant(fit_extra, work, seeds)
+        out[name] = {loss: {k: (float(np.mean(v)), float(np.std(v, ddof=1)))
+                            for k in ("mse", "mae", "auc", "ndcg5") for v in [[s[loss][k] for s in per_seed]]}
+                     for loss in COAT_LOSSES}
+    shutil.rmtree(work, ignore_errors=True)
+    return {"seeds": list(seeds), "summary": out}
+
+
+def coat_table(result: dict[str, Any]) -> list[str]:
+    lines = ["| propensity | loss | MSE (1–5) | MAE | AUC | NDCG@5 |", "|---|---|---|---|---|---|"]
+    for variant, by_loss in result["summary"].items():
+        for loss, m in by_loss.items():
+            lines.append(f"| {variant} | {loss} | {m['mse'][0]:.3f} ± {m['mse'][1]:.3f} "
+                         f"| {m['mae'][0]:.3f} ± {m['mae'][1]:.3f} | {m['auc'][0]:.3f} ± {m['auc'][1]:.3f} "
+                         f"| {m['ndcg5'][0]:.3f} ± {m['ndcg5'][1]:.3f} |")
     return lines
