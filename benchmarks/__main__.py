@@ -93,52 +93,42 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def record_block(tag: str, context: str, rows: list[str]) -> None:
+    """Print ``rows`` and record them in RESULTS.md between ``<!-- tag:begin/end -->``, under a dated line naming
+    the commit and ``context`` (what was measured)."""
+    print("\n".join(rows))
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    record("\n".join([begin, f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: {context}", "", *rows,
+                       end]), begin, end)
+
+
 def run_realdata() -> None:
     print("real-data benchmark: Coat, 2 propensity variants x 5 training seeds", flush=True)
-    rows = coat_table(bench_coat())
-    print("\n".join(rows))
-    record("\n".join(["<!-- coat:begin -->",
-                       f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: configs/coat.toml, trained "
-                       "on the 6,960 self-selected ratings (early stopping on 10% of them), tested on the 4,640 "
-                       "uniformly random ratings; the pipeline once per propensity variant, then training seeds "
-                       "0-4; mean ± sd over the seeds.", "", *rows, "<!-- coat:end -->"]),
-           "<!-- coat:begin -->", "<!-- coat:end -->")
+    record_block("coat", "configs/coat.toml, trained on the 6,960 self-selected ratings (early stopping on 10% of "
+                 "them), tested on the 4,640 uniformly random ratings; the pipeline once per propensity variant, "
+                 "then training seeds 0-4; mean ± sd over the seeds.", coat_table(bench_coat()))
     print("real-data benchmark: HH-RLHF harmless-base (semi-synthetic feedback), seeds 0-4", flush=True)
-    result = bench_hh()
-    rows = hh_table(result)
-    print("\n".join(rows))
-    record("\n".join(["<!-- hh-rlhf:begin -->",
-                       f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: harmless-base test pairs, "
-                       "80% of pairs logged with simulated selection (α 0.5, longer answers rated more) and flips "
-                       "(ρ 0.2/0.1), 10% of units audited; metrics on the 20% held-out pairs, mean ± sd over "
-                       "seeds 0-4 (each seed redraws selection, flips, audit and split).", "", *rows,
-                       "<!-- hh-rlhf:end -->"]), "<!-- hh-rlhf:begin -->", "<!-- hh-rlhf:end -->")
+    record_block("hh-rlhf", "harmless-base test pairs, 80% of pairs logged with simulated selection (α 0.5, longer "
+                 "answers rated more) and flips (ρ 0.2/0.1), 10% of units audited; metrics on the 20% held-out "
+                 "pairs, mean ± sd over seeds 0-4 (each seed redraws selection, flips, audit and split).",
+                 hh_table(bench_hh()))
 
 
 def run_trainer(n: int) -> None:
     print(f"trainer benchmark: streaming loader vs in-memory tensors, {n:,} impressions", flush=True)
     result = bench_throughput(n)
-    rows = throughput_table(result)
-    print("\n".join(rows))
-    record("\n".join(["<!-- trainer:begin -->",
-                       f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: {result['train_rows']:,} "
-                       f"training rows (rated units of {n:,} impressions), median of {result['rounds']} alternating "
-                       f"measurements of {result['epochs']} epochs each, ips loss, "
-                       f"linear model over {2**18:,} hashed features.", "", *rows, "<!-- trainer:end -->"]),
-           "<!-- trainer:begin -->", "<!-- trainer:end -->")
+    record_block("trainer", f"{result['train_rows']:,} training rows (rated units of {n:,} impressions), median of "
+                 f"{result['rounds']} alternating measurements of {result['epochs']} epochs each, ips loss, linear "
+                 f"model over {2**18:,} hashed features.", throughput_table(result))
 
 
 def run_losses(n: int) -> None:
     print(f"loss benchmark: default scenario, {n:,} impressions, seeds 0-2 (ingest, fit, score, train)", flush=True)
     result = bench_losses(n)
-    rows = losses_table(result)
-    print("\n".join(rows))
-    record("\n".join(["<!-- losses:begin -->",
-                       f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`: default scenario (α 0.5, "
-                       f"ρ 0.2/0.1), {n:,} impressions, simulation and training seeds 0, 1, 2; metrics on the "
-                       f"validation prompts' units ({', '.join(f'{u:,}' for u in result['val_units'])}) against "
-                       "reward_true; mean ± sd over the seeds.", "", *rows, "<!-- losses:end -->"]),
-           "<!-- losses:begin -->", "<!-- losses:end -->")
+    record_block("losses", f"default scenario (α 0.5, ρ 0.2/0.1), {n:,} impressions, simulation and training seeds "
+                 f"0, 1, 2; metrics on the validation prompts' units "
+                 f"({', '.join(f'{u:,}' for u in result['val_units'])}) against reward_true; mean ± sd over the seeds.",
+                 losses_table(result))
 
 
 def run_estimators(n: int) -> None:

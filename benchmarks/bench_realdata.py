@@ -27,6 +27,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from benchmarks.bench_estimators import CACHE
+from benchmarks.bench_trainer import mean_sd
 from estimators.diagnostics import expected_calibration_error, ndcg_at_k
 from estimators.reward_model import fit_reward_model, score
 from pipelines.cli import main as cli
@@ -94,9 +95,7 @@ def bench_hh(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     per_seed = [hh_seed(seed, work) for seed in seeds]
     shutil.rmtree(work, ignore_errors=True)
-    summary = {name: {k: (float(np.mean(v)), float(np.std(v, ddof=1)))
-                      for k in ("pair_accuracy", "mse", "ece") for v in [[s[name][k] for s in per_seed]]}
-               for name in (*HH_LOSSES, "oracle")}
+    summary = mean_sd(per_seed, (*HH_LOSSES, "oracle"), ("pair_accuracy", "mse", "ece"))
     diff = np.array([s["causalrm_dr"]["mse"] - s["naive"]["mse"] for s in per_seed])
     half = T_975[len(seeds)] * diff.std(ddof=1) / np.sqrt(len(seeds))
     return {"seeds": list(seeds), "per_seed": per_seed, "summary": summary,
@@ -168,9 +167,7 @@ def bench_coat(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[str, Any]:
     for name, fit_extra in COAT_VARIANTS.items():
         print(f"  coat, {name}", flush=True)
         per_seed = coat_variant(fit_extra, work, seeds)
-        out[name] = {loss: {k: (float(np.mean(v)), float(np.std(v, ddof=1)))
-                            for k in ("mse", "mae", "auc", "ndcg5") for v in [[s[loss][k] for s in per_seed]]}
-                     for loss in COAT_LOSSES}
+        out[name] = mean_sd(per_seed, COAT_LOSSES, ("mse", "mae", "auc", "ndcg5"))
     shutil.rmtree(work, ignore_errors=True)
     return {"seeds": list(seeds), "summary": out}
 

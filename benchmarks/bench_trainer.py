@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_estimators import CACHE
+from benchmarks.bench_estimators import CONFIG as ESTIMATORS_CONFIG
 from estimators.losses import batch_loss
 from estimators.reward_data import TRAIN, InMemoryBatches, StreamingBatches, stream
 from estimators.reward_model import POINT, RewardModel, _logits, _small_op_threads, write_pointwise_cache
@@ -109,20 +111,20 @@ def throughput_table(result: dict[str, Any]) -> list[str]:
 
 # --- losses against the truth -----------------------------------------------------------------------------------
 
-CONFIG = """[input]
-impressions = "{data}/impressions/*.parquet"
-signals = "{data}/signals.jsonl.gz"
-truth = "{data}/truth.parquet"
-[privacy]
-allow_unkeyed = true
-[fit]
-categorical = ["model_version", "user_segment"]
-[train]
+CONFIG = ESTIMATORS_CONFIG + """[train]
 loss = "causalrm_dr"
 baselines = {baselines}
 hash_features = 65536
 seed = {seed}
 """
+"""The estimator benchmark's config (simulated inputs, default fit) plus a train section with every loss."""
+
+
+def mean_sd(per_seed: list[dict[str, dict[str, float]]], names: Sequence[str], keys: Sequence[str],
+            ) -> dict[str, dict[str, tuple[float, float]]]:
+    """name → metric → (mean, sample sd) over the seeds' results."""
+    return {name: {k: (float(np.mean(v)), float(np.std(v, ddof=1))) for k in keys
+                   for v in [[s[name][k] for s in per_seed]]} for name in names}
 
 
 def bench_losses(n: int, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
@@ -138,7 +140,7 @@ def bench_losses(n: int, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
             write(simulate(scenario), data, scenario=scenario)
         cfg_path = work / "cfg.toml"
         baselines = json.dumps([loss for loss in LOSSES if loss != "causalrm_dr"])
-        cfg_path.write_text(CONFIG.format(data=data, seed=seed, baselines=baselines))
+        cfg_path.write_text(CONFIG.format(data=data, fit="", seed=seed, baselines=baselines))
         run = work / "run"
         shutil.rmtree(run, ignore_errors=True)
         print(f"  seed {seed}: pipeline and {len(LOSSES)} losses ...", flush=True)
@@ -152,11 +154,7 @@ def bench_losses(n: int, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
                             "epochs_run": metrics["epochs_run"]}
         per_seed.append(result)
     shutil.rmtree(work, ignore_errors=True)
-    summary = {}
-    for loss in LOSSES:
-        summary[loss] = {k: (float(np.mean(v)), float(np.std(v, ddof=1)))
-                         for k in ("r2", "mse", "mae", "pairwise_accuracy")
-                         for v in [[s[loss][k] for s in per_seed]]}
+    summary = mean_sd(per_seed, LOSSES, ("r2", "mse", "mae", "pairwise_accuracy"))
     return {"impressions": n, "seeds": list(seeds), "per_seed": per_seed, "summary": summary,
             "val_units": [s["naive"]["units"] for s in per_seed]}
 
