@@ -11,11 +11,13 @@ HH-RLHF semi-synthetic (``obsfeed import hh-rlhf``): per seed, the import draws 
 train/test split of pairs; the pipeline (ingest, fit, score, train with every loss) runs on the logged part; each
 reward model then scores the held-out pairs' responses. An oracle, the same model trained with the naive loss on
 every training unit's true label r*, is the ceiling. Metrics on the test pairs: pairwise accuracy (chosen scored
-above rejected), and pointwise MSE (Brier) and ECE of P(r* = 1) against r* over both responses of each pair.
+above rejected), and pointwise MSE (Brier) and ECE of P(r* = 1) against r* over both responses of each pair,
+for each model as trained and as calibrated on the audit (configs/hh_rlhf.toml: ``train.calibrate = "gold"``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -47,7 +49,17 @@ T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 
 
 
 def pair_metrics(model, test) -> dict[str, float]:
-    """Pairwise accuracy (ties count ½) and pointwise MSE / ECE vs r* on held-out pairs."""
+    """Pairwise accuracy (ties count ½) and pointwise MSE / ECE vs r* on held-out pairs; for a model calibrated
+    on the audit (``train.calibrate = "gold"``), also ``raw_mse`` / ``raw_ece`` with its output map undone."""
+    out = _pair_metrics(model, test)
+    raw = copy.deepcopy(model)
+    raw.scale.fill_(1.0)
+    raw.shift.fill_(0.0)
+    unmapped = _pair_metrics(raw, test)
+    return {**out, "raw_mse": unmapped["mse"], "raw_ece": unmapped["ece"]}
+
+
+def _pair_metrics(model, test) -> dict[str, float]:
     prompts = test.column("prompt").to_pylist()
     s_c = score(model, prompts, test.column("chosen").to_pylist())
     s_r = score(model, prompts, test.column("rejected").to_pylist())
@@ -95,23 +107,36 @@ def bench_hh(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     per_seed = [hh_seed(seed, work) for seed in seeds]
     shutil.rmtree(work, ignore_errors=True)
-    summary = mean_sd(per_seed, (*HH_LOSSES, "oracle"), ("pair_accuracy", "mse", "ece"))
-    diff = np.array([s["causalrm_dr"]["mse"] - s["naive"]["mse"] for s in per_seed])
-    half = T_975[len(seeds)] * diff.std(ddof=1) / np.sqrt(len(seeds))
+    summary = mean_sd(per_seed, (*HH_LOSSES, "oracle"), ("pair_accuracy", "raw_mse", "mse", "raw_ece", "ece"))
     return {"seeds": list(seeds), "per_seed": per_seed, "summary": summary,
-            "mse_diff_causalrm_dr_minus_naive": {"mean": float(diff.mean()), "ci_low": float(diff.mean() - half),
-                                                  "ci_high": float(diff.mean() + half)}}
+            "mse_diffs": {name: paired_ci([s["causalrm_dr"][a] - s["naive"][b] for s in per_seed])
+                          for name, (a, b) in MSE_DIFFS.items()}}
+
+
+MSE_DIFFS = {"causalrm_dr − naive, both as trained": ("raw_mse", "raw_mse"),
+             "causalrm_dr calibrated on the audit − naive as trained": ("mse", "raw_mse"),
+             "causalrm_dr − naive, both calibrated on the audit": ("mse", "mse")}
+"""Seed-paired MSE differences reported (the first key of each pair is causalrm_dr's metric, the second naive's)."""
+
+
+def paired_ci(diffs: list[float]) -> dict[str, float]:
+    """Mean and Student-t 95% CI of seed-paired differences."""
+    d = np.asarray(diffs, dtype=float)
+    half = T_975[d.size] * d.std(ddof=1) / np.sqrt(d.size)
+    return {"mean": float(d.mean()), "ci_low": float(d.mean() - half), "ci_high": float(d.mean() + half)}
 
 
 def hh_table(result: dict[str, Any]) -> list[str]:
-    lines = ["| model | pairwise accuracy | MSE vs r* | ECE vs r* |", "|---|---|---|---|"]
+    lines = ["| model | pairwise accuracy | MSE vs r*, as trained | MSE, calibrated on the audit | ECE, as trained "
+             "| ECE, calibrated |", "|---|---|---|---|---|---|"]
     for name, m in result["summary"].items():
         label = "oracle (all true labels)" if name == "oracle" else name
-        lines.append(f"| {label} | {m['pair_accuracy'][0]:.3f} ± {m['pair_accuracy'][1]:.3f} "
-                     f"| {m['mse'][0]:.4f} ± {m['mse'][1]:.4f} | {m['ece'][0]:.4f} ± {m['ece'][1]:.4f} |")
-    d = result["mse_diff_causalrm_dr_minus_naive"]
-    lines += ["", f"MSE(causalrm_dr) − MSE(naive), paired by seed: {d['mean']:+.4f} "
-                  f"[95% CI {d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"]
+        lines.append(f"| {label} | " + " | ".join(
+            f"{m[k][0]:.{3 if k == 'pair_accuracy' else 4}f} ± {m[k][1]:.{3 if k == 'pair_accuracy' else 4}f}"
+            for k in ("pair_accuracy", "raw_mse", "mse", "raw_ece", "ece")) + " |")
+    lines += ["", "Seed-paired MSE differences (95% CI):", ""]
+    lines += [f"- {name}: {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+              for name, d in result["mse_diffs"].items()]
     return lines
 
 

@@ -87,6 +87,9 @@ class RewardModel(nn.Module):
             self.pairs = nn.EmbeddingBag(hash_features + self.dense.dim, factors, mode="sum")
             nn.init.normal_(self.pairs.weight, std=0.1)
         self.bias = nn.Parameter(torch.zeros(1))
+        # The post-hoc affine calibration of the logit (``calibrate``): identity until fitted, saved with the model.
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("shift", torch.zeros(1))
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Logits for a CSR batch: ``indices``/``values`` = its column ids and values, ``offsets`` = indptr[:-1]."""
@@ -99,7 +102,7 @@ class RewardModel(nn.Module):
             squares = F.embedding_bag(indices, self.pairs.weight ** 2, offsets, mode="sum",
                                       per_sample_weights=values ** 2)
             out = out + 0.5 * (total ** 2 - squares).sum(-1)
-        return out
+        return self.scale * out + self.shift
 
     def config(self) -> dict[str, Any]:
         """What ``load_reward_model`` needs to rebuild the module before loading its state_dict."""
@@ -391,6 +394,70 @@ def _score_split(model: RewardModel, cache: FeatureCache, split: str, device: to
     return {b: torch.cat(v) for b, v in logits.items()}, {c: torch.cat(v) for c, v in columns.items()}
 
 
+CALIBRATION_SCALE = (1e-3, 10.0)
+"""Bounds on the calibration slope a: below, a constant predictor; above, a few separable units, or a risk with
+no finite minimiser (the noise-corrected loss is unbounded below along a), could push a to infinity."""
+
+
+def calibrate_logits(loss: str, logits: torch.Tensor, columns: Mapping[str, torch.Tensor],
+                     scalars: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The affine map s' = a·s + b, a in ``CALIBRATION_SCALE``, that minimises ``loss``'s risk of the units in
+    ``columns`` (Platt scaling; with ``naive`` on audited labels, the plain log-loss against r*).
+
+    A monotone map leaves every ranking as it is but sets the level and spread of P(r=1|x); on a model that
+    learned little (a small a) it pulls the scores to that level. Returns a, b and the risk before and after
+    (the identity when the fit does not lower the risk).
+    """
+    s = logits.detach().to(torch.float64)
+    cols = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in columns.items()}
+    extra = dict(scalars or {})
+    log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    lo, hi = (float(np.log(x)) for x in CALIBRATION_SCALE)
+
+    def risk() -> torch.Tensor:
+        return batch_loss(loss, log_a.clamp(lo, hi).exp() * s + b, {**cols, **extra})
+
+    with torch.no_grad():
+        before = float(risk())
+    optimiser = torch.optim.LBFGS([log_a, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        value = risk()
+        value.backward()
+        return value
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        after = float(risk())
+    a = min(max(float(log_a.detach().clamp(lo, hi).exp()), CALIBRATION_SCALE[0]), CALIBRATION_SCALE[1])
+    if not (np.isfinite(after) and after <= before):       # keep the identity rather than a worse or broken map
+        return {"scale": 1.0, "shift": 0.0, "val_loss_before": before, "val_loss_after": before}
+    return {"scale": a, "shift": float(b.detach()), "val_loss_before": before, "val_loss_after": after}
+
+
+def calibrate_on_gold(model: RewardModel, prompts: Sequence[str | None], responses: Sequence[str | None],
+                      gold: np.ndarray, *, columns: Mapping[str, Sequence[float]] | None = None) -> dict[str, float]:
+    """Fit ``model``'s output map s' = a·s + b on audited units (gold labels r* in [0, 1]) by log-loss, and set it.
+
+    Why: self-selection on the true label (users rate good answers more) is invisible in x, so no propensity
+    p(x) can undo it, and flip corrections then move the level the wrong way; a random audit sees r* directly.
+    Two parameters on a few hundred audited units; the model's own weights stay as trained.
+    """
+    gold = np.asarray(gold, dtype=np.float64)
+    if gold.size == 0 or not np.isfinite(gold).all() or ((gold < 0) | (gold > 1)).any():
+        raise ValueError(f"gold labels: need at least one, each in [0, 1] (got {gold.size} labels)")
+    model.scale.fill_(1.0)
+    model.shift.fill_(0.0)
+    p = predict_reward(model, prompts, responses, columns=columns).clip(1e-12, 1 - 1e-12)
+    fitted = calibrate_logits("naive", torch.tensor(np.log(p / (1 - p))),
+                              {"label": torch.tensor(gold), "observed": torch.ones(gold.size, dtype=torch.int8)})
+    model.scale.fill_(fitted["scale"])
+    model.shift.fill_(fitted["shift"])
+    return {**fitted, "n_gold": int(gold.size), "mean_gold": float(gold.mean())}
+
+
 def fit_reward_model(data: Data | FeatureCache, *, loss: str, cfg: TrainConfig, progress: bool = True,
                      flip_rates: tuple[float, float] | None = None, checkpoint: Checkpoint | None = None,
                      ) -> tuple[RewardModel, dict[str, Any]]:
@@ -618,5 +685,8 @@ def load_reward_model(directory: Path | str) -> RewardModel:
                          f"this code makes {FEATURES!r}; re-run the train stage")
     model = RewardModel(hash_features=cfg["hash_features"], ngram_max=cfg["ngram_max"], hidden=cfg["hidden"],
                         dense=DenseSpec.from_dict(cfg.get("dense")), factors=cfg.get("factors", 0))
-    model.load_state_dict(torch.load(directory / MODEL_FILE, weights_only=True, map_location="cpu"))
+    state = torch.load(directory / MODEL_FILE, weights_only=True, map_location="cpu")
+    for name, identity in (("scale", torch.ones(1)), ("shift", torch.zeros(1))):
+        state.setdefault(name, identity)                    # saved before calibration existed: the identity map
+    model.load_state_dict(state)
     return model.eval()

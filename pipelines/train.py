@@ -40,6 +40,7 @@ from estimators.reward_model import (
     PAIR_COLUMNS,
     Checkpoint,
     RewardModel,
+    calibrate_on_gold,
     check_pair_features,
     dense_spec,
     fit_pairwise_reward_model,
@@ -160,6 +161,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
                   flush=True)
         return caches[kind]
 
+    gold: pl.DataFrame | None = None                       # the audited units, read once if calibrate = gold
     train_cfg = cfg.train.model_dump(exclude={"loss", "baselines"})
     diagnostics: dict[str, Any] = {}
     models: dict[str, tuple[RewardModel, dict[str, Any], Path]] = {}
@@ -176,6 +178,10 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
             else:
                 model, metrics = fit_reward_model(cache, loss=loss, cfg=cfg.train, flip_rates=rates,
                                                   checkpoint=checkpoint)
+            if cfg.train.calibrate == "gold":
+                if gold is None:
+                    gold = _gold_units(point_files, numeric)
+                metrics["calibration"] = _calibrate(model, gold, loss)
             target = model_dir(tmp, loss, main=i == 0)
             save_reward_model(model, {"loss": loss, "role": "main" if i == 0 else "baseline", "train": train_cfg},
                               target)
@@ -184,6 +190,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
                                  "epochs_run": metrics["epochs_run"], "n_train": metrics["n_train"],
                                  "n_val": metrics["n_val"], "samples_per_s": metrics["samples_per_s"],
                                  "device": metrics["device"], "wall_s": time.perf_counter() - started}
+            if "calibration" in metrics:
+                diagnostics[loss]["calibration"] = metrics["calibration"]
         truth = _truth_metrics({loss: m for loss, (m, _, _) in models.items()}, cfg, point_files)
         for loss, (_, metrics, target) in models.items():
             metrics["truth"] = truth.get(loss)
@@ -197,6 +205,30 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
     return {"inputs": inputs, "outputs": [str(run.path(rd.REWARD_MODEL))],
             "counts": {"rows": counts["rows_read"], "observed": counts["observed"]} if counts else {},
             "diagnostics": diagnostics}
+
+
+def _gold_units(point_files: Sequence[Path], numeric: Sequence[str]) -> pl.DataFrame:
+    """The units with an audited label (``label_gold`` not null): prompt, response, gold label, numeric columns."""
+    dataset = ds.dataset([str(f) for f in point_files], format="parquet")
+    if un.LABEL_GOLD not in dataset.schema.names:
+        raise InputError(f"{point_files[0].parent}: train.calibrate = 'gold' but the dataset has no "
+                         f"'{un.LABEL_GOLD}' column")
+    frame = pl.from_arrow(dataset.to_table(columns=[un.PROMPT, un.RESPONSE, un.LABEL_GOLD, *numeric],
+                                           filter=ds.field(un.LABEL_GOLD).is_valid()))
+    if frame.height == 0:
+        raise InputError(f"{point_files[0].parent}: train.calibrate = 'gold' but no unit has an audited label "
+                         f"(map a signal type to ingest.gold)")
+    return frame
+
+
+def _calibrate(model: RewardModel, gold: pl.DataFrame, loss: str) -> dict[str, float]:
+    fitted = calibrate_on_gold(model, gold[un.PROMPT].to_list(), gold[un.RESPONSE].to_list(),
+                               gold[un.LABEL_GOLD].to_numpy(),
+                               columns={c: gold[c].to_numpy() for c in model.dense.needs})
+    print(f"train: {loss} calibrated on {fitted['n_gold']:,} audited units: s' = {fitted['scale']:.3f}*s "
+          f"{fitted['shift']:+.3f} (log-loss {fitted['val_loss_before']:.4f} -> {fitted['val_loss_after']:.4f})",
+          file=sys.stderr, flush=True)
+    return fitted
 
 
 def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Sequence[Path],

@@ -215,6 +215,10 @@ class TrainConfig(_Section):
         "prompt) or by unit (id data such as user x item ratings, where holding out whole users would make "
         "them cold-start)")
     patience: int = Field(2, ge=1)
+    calibrate: Literal["none", "gold"] = Field(
+        "none", description="'gold': after training, fit s' = a*s + b (a > 0, so rankings stay) on the units with "
+        "an audited label (label_gold) by log-loss. Selection on the true label itself cannot be seen from x, so "
+        "no weight from p(x) undoes it; a random audit can, and this puts P(r*=1|x) on its level. Every loss")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 

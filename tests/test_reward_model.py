@@ -13,9 +13,12 @@ from sklearn.metrics import roc_auc_score
 
 from estimators.reward_data import StreamingBatches
 from estimators.reward_model import (
+    CALIBRATION_SCALE,
     CONFIG_FILE,
     MODEL_FILE,
     Checkpoint,
+    calibrate_logits,
+    calibrate_on_gold,
     fit_pairwise_reward_model,
     fit_reward_model,
     load_reward_model,
@@ -423,3 +426,83 @@ def test_validation_split_by_unit_for_id_data(toy, tmp_path: Path):
     assert cache.rows("val") == validation_mask(table[un.IMPRESSION_ID].to_pylist(), 0.3).sum()
     with pytest.raises(InputError, match="impression_id"):
         fit_reward_model(toy[0], loss="naive", cfg=cfg, progress=False)
+
+
+def _tensors(**columns) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in columns.items()}
+
+
+def test_calibration_recovers_a_known_affine_map():
+    """Labels drawn from σ(2s − 1): Platt scaling with the naive risk finds a ≈ 2, b ≈ −1."""
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=40_000)
+    y = (rng.random(s.size) < 1 / (1 + np.exp(-(2 * s - 1)))).astype(float)
+    fitted = calibrate_logits("naive", torch.tensor(s), _tensors(label=y, observed=np.ones(s.size)))
+    assert fitted["scale"] == pytest.approx(2.0, abs=0.06) and fitted["shift"] == pytest.approx(-1.0, abs=0.05)
+    assert fitted["val_loss_after"] < fitted["val_loss_before"]
+
+
+def test_calibration_with_the_corrected_risk_targets_the_clean_rate():
+    """A model that learned nothing (s = noise) on labels that are selected (1s rated twice as often) and flipped
+    (ρ01, ρ10) = (0.2, 0.1): naive calibration lands on the rated, noisy rate; causalrm_ips's on the clean rate
+    0.5, with a slope near 0 (the scores carry no signal)."""
+    rng = np.random.default_rng(1)
+    n = 60_000
+    clean = rng.random(n) < 0.5
+    p = np.where(clean, 0.4, 0.2)
+    observed = rng.random(n) < p
+    noisy = np.where(clean, rng.random(n) >= 0.2, rng.random(n) < 0.1)
+    label = np.where(observed, noisy.astype(float), np.nan)
+    s = torch.tensor(rng.normal(scale=0.5, size=n))
+    cols = _tensors(label=label, observed=observed.astype(np.int8), weight=observed / p)
+    naive = calibrate_logits("naive", s, cols)
+    fixed = calibrate_logits("causalrm_ips", s, cols, {"rho01": 0.2, "rho10": 0.1})
+    rated_rate = (2 / 3) * 0.8 + (1 / 3) * 0.1                           # P(r=1 | rated) = 0.567
+    assert 1 / (1 + np.exp(-naive["shift"])) == pytest.approx(rated_rate, abs=0.01)
+    assert 1 / (1 + np.exp(-fixed["shift"])) == pytest.approx(0.5, abs=0.02)
+    assert naive["scale"] < 0.05 and fixed["scale"] < 0.05
+
+
+def test_gold_calibration_keeps_rankings_sets_the_level_and_is_saved(toy, tmp_path: Path):
+    """Naive learns the rated (selected) rate; an audit of clean labels on random units puts the level back, with
+    the ranking untouched; the map is saved with the model, and a model saved without one loads as identity."""
+    table, good = toy
+    model, _ = fit_reward_model(table, loss="naive", cfg=CFG, progress=False)
+    plain = _predict(model, table)
+    rng = np.random.default_rng(3)
+    audit = rng.random(table.num_rows) < 0.3
+    clean = good ^ (rng.random(good.size) < 0.1)                  # r* ~ Bernoulli(0.9 / 0.1): not separable
+    prompts, responses = table[imp.PROMPT].to_pylist(), table[imp.RESPONSE].to_pylist()
+    fitted = calibrate_on_gold(model, [p for p, a in zip(prompts, audit, strict=True) if a],
+                               [r for r, a in zip(responses, audit, strict=True) if a], clean[audit].astype(float))
+    assert CALIBRATION_SCALE[0] <= fitted["scale"] <= CALIBRATION_SCALE[1]
+    assert fitted["val_loss_after"] < fitted["val_loss_before"] and fitted["n_gold"] == audit.sum()
+    pred = _predict(model, table)
+    logit = np.log(plain / (1 - plain))
+    np.testing.assert_allclose(np.log(pred / (1 - pred)), fitted["scale"] * logit + fitted["shift"], atol=1e-3)
+    assert roc_auc_score(good, pred) == roc_auc_score(good, plain)
+    assert abs(pred.mean() - clean.mean()) < 0.02 < abs(plain.mean() - clean.mean())
+    save_reward_model(model, {"loss": "naive"}, tmp_path)
+    np.testing.assert_array_equal(_predict(load_reward_model(tmp_path), table), pred)
+    state = torch.load(tmp_path / MODEL_FILE, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in ("scale", "shift")}, tmp_path / MODEL_FILE)
+    np.testing.assert_allclose(_predict(load_reward_model(tmp_path), table), plain, rtol=1e-6)
+    with pytest.raises(ValueError, match="gold labels"):
+        calibrate_on_gold(model, ["q"], ["a"], np.array([2.0]))
+
+
+def test_train_stage_calibrates_on_the_audit_when_asked(toy, tmp_path: Path):
+    table, good = toy
+    audited = np.random.default_rng(4).random(table.num_rows) < 0.3
+    gold = pa.array(np.where(audited, good.astype(float), np.nan), pa.float64(), from_pandas=True)
+    run, cfg = _stage_run(tmp_path, table.append_column(un.LABEL_GOLD, gold), loss="naive", baselines=["ips"],
+                          calibrate="gold")
+    result = train.run(run, cfg)
+    for loss in ("naive", "ips"):
+        cal = result["diagnostics"][loss]["calibration"]
+        assert cal["n_gold"] == audited.sum() and cal["val_loss_after"] < cal["val_loss_before"]
+    pred = _predict(train.load_models(run)["naive"], table)
+    assert abs(pred.mean() - good.mean()) < 0.02
+    run, cfg = _stage_run(tmp_path / "no-audit", table, calibrate="gold")
+    with pytest.raises(InputError, match="label_gold"):
+        train.run(run, cfg)
