@@ -34,7 +34,8 @@ from transforms.gates import failed_expectations
 from transforms.io import commit_dir, count_rows, read_dataset, staging_dir
 from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket, key_from_env
 from transforms.read import COUNTS, ReadRaw, peek_schema
-from transforms.validate import QUARANTINE, Validate, merge_counts
+from transforms.validate import CONTEXT, QUARANTINE, Validate, merge_counts
+from transforms.window import OTHER_DAY, DayWindow
 from transforms.write import WriteBucketParts, WriteJson
 
 TABLES = ("impressions", "signals")
@@ -80,14 +81,16 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     """The ingest graph: read → validate → dedup events by event id → bucket by impression → dedup impressions
     + join + label → write units, quarantine, counts."""
     ing, buckets = cfg.ingest, cfg.ingest.buckets
+    window = DayWindow.of(ing.day, ing.late_window)
     spill = {"events": f"{scratch_dir}/events", "impressions": f"{scratch_dir}/impressions",
-             "signals": f"{scratch_dir}/signals"} if ing.shuffle == "files" else {}
+             "signals": f"{scratch_dir}/signals", "context": f"{scratch_dir}/context"} if ing.shuffle == "files" else {}
     imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions",
                                             string_columns=_string_columns(imp.IMPRESSIONS))
     sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals", string_columns=_string_columns(sig.SIGNALS))
-    v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS, impression_files)
+    v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS, impression_files,
+                                                              window=window)
     v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, signal_files, ing.known_types,
-                                                          ing.value_types)
+                                                          ing.value_types, window=window)
     unique_sigs = (v_sigs.ok
                    | "BucketEvents" >> beam.ParDo(KeyByBucket(buckets, sig.EVENT_ID, spill.get("events")))
                    | "GroupEvents" >> beam.GroupByKey()
@@ -99,10 +102,13 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
         "signals": unique_sigs.rows | "BucketSignals" >> beam.ParDo(
             KeyByBucket(buckets, sig.IMPRESSION_ID, spill.get("signals"))),
     }
+    if window is not None:                  # the neighbouring days' impressions, to place each signal in its day
+        keyed[CONTEXT] = v_imps.context | "BucketContext" >> beam.ParDo(
+            KeyByBucket(buckets, imp.IMPRESSION_ID, spill.get("context")))
     joined = (keyed | "CoGroupBuckets" >> beam.CoGroupByKey()
               | "JoinAndLabel" >> beam.ParDo(JoinAndLabel(
                   rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types, known_types=ing.known_types,
-                  gold=ing.gold,
+                  gold=ing.gold, window=window,
                   unobserved_label=ing.unobserved_label, key_env=key_env, units_schema=units_schema,
                   signal_files=signal_files,
               )).with_outputs(QUARANTINE, COUNTS, main="units"))
@@ -126,7 +132,8 @@ def _string_columns(schema: pa.Schema) -> list[str]:
 
 
 def reconcile(counts: dict[str, int], units_rows: int, quarantined: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Per-table row counts, checking ``rows_in = rows_ok + rows_quarantined + rows_duplicate``."""
+    """Per-table row counts, checking ``rows_in = rows_ok + rows_quarantined + rows_duplicate
+    + rows_other_day`` (the last: rows that belong to another day of a scheduled run; 0 otherwise)."""
     out = {}
     for table in TABLES:
         c = {
@@ -135,7 +142,9 @@ def reconcile(counts: dict[str, int], units_rows: int, quarantined: dict[str, in
             "rows_quarantined": quarantined.get(table, 0),
             "rows_duplicate": counts.get(f"{table}.rows_duplicate", 0),
         }
-        if c["rows_in"] != c["rows_ok"] + c["rows_quarantined"] + c["rows_duplicate"]:
+        if f"{table}.{OTHER_DAY}" in counts:               # a scheduled day's run
+            c[OTHER_DAY] = counts[f"{table}.{OTHER_DAY}"]
+        if c["rows_in"] != c["rows_ok"] + c["rows_quarantined"] + c["rows_duplicate"] + c.get(OTHER_DAY, 0):
             raise RuntimeError(f"ingest lost rows of {table}: {c} does not reconcile")
         out[table] = c
     return out

@@ -20,6 +20,18 @@ EVALUATION = "evaluation.json"
 CHECKPOINTS = "checkpoints"
 """Per-stage state kept across a failed attempt so that a rerun can resume (train: checkpoints/train/<loss>)."""
 
+# A scheduled root (`obsfeed run --date`): the datasets above as Hive partitions ``<dataset>/date=YYYY-MM-DD/``,
+# each day's run directory (config, manifest, models, reward model, report) under ``days/YYYY-MM-DD``.
+PARTITIONED = (UNITS, QUARANTINE, POINTWISE, PAIRWISE)
+DAYS = "days"
+FITS = "fits"
+"""Models fitted on a window of days (``obsfeed fit ROOT --from --to``): ``fits/<first>_<last>/``."""
+CATALOGUE = "catalogue.parquet"
+LOCK = ".obsfeed.lock"
+WORK = ".work"
+"""Where a day is computed before its partitions are swapped in (hidden: dataset readers never look here)."""
+DATE_PARTITION = "date"
+
 PROPENSITY_MODEL = "models/propensity.skops"
 IMPUTATION_MODEL = "models/imputation.skops"
 NOISE_MODEL = "models/noise.json"

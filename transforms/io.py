@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from schemas.config import OutputConfig
 from schemas.errors import InputError
+from schemas.run_dir import DATE_PARTITION
 
 DICTIONARY_COLUMNS = ("impression_id", "prompt_id", "response_id", "user_hash", "chosen_id", "rejected_id",
                       "model_version", "label_source", "table", "reason", "source_file")
@@ -141,9 +142,6 @@ def parquet_files(directory: Path | str) -> list[Path]:
     if not directory.is_dir():
         raise InputError(f"{directory}: dataset not found (has the stage that writes it run?)")
     return sorted(directory.rglob("*.parquet"))
-
-
-DATE_PARTITION = "date"
 
 
 def partitions(table: pa.Table, partition_by: str, ts_column: str = "ts") -> list[tuple[str, pa.Table]]:

@@ -28,7 +28,8 @@ from schemas.errors import ConfigError
 from schemas.hashing import bucket_of
 from transforms.io import decode_table, encode_table, spill_table
 from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
-from transforms.validate import QUARANTINE, quarantine_rows
+from transforms.validate import CONTEXT, QUARANTINE, quarantine_rows
+from transforms.window import OTHER_DAY, DayWindow
 
 LabelRule = float | str
 _IMP_TS = "_impression_ts"
@@ -178,11 +179,12 @@ class JoinAndLabel(beam.DoFn):
 
     def __init__(self, *, rules: Mapping[str, LabelRule], explicit: Sequence[str], observe: Sequence[str],
                  known_types: Sequence[str], unobserved_label: float | None, key_env: str | None,
-                 units_schema: pa.Schema, signal_files: Sequence[str], gold: str | None = None):
+                 units_schema: pa.Schema, signal_files: Sequence[str], gold: str | None = None,
+                 window: DayWindow | None = None):
         self._rules, self._explicit, self._observe = dict(rules), list(explicit), list(observe)
         self._known, self._unobserved_label = list(known_types), unobserved_label
         self._key_env, self._schema, self._signal_files = key_env, units_schema, list(signal_files)
-        self._gold = gold
+        self._gold, self._window = gold, window
         self._key: bytes | None = None
 
     def setup(self):
@@ -201,6 +203,8 @@ class JoinAndLabel(beam.DoFn):
             lookup = (imps.select(imp.IMPRESSION_ID, pl.col(imp.TS).alias(_IMP_TS)) if imps_raw is not None
                       else pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, _IMP_TS: pl.Datetime("us", "UTC")}))
             sigs = sigs.join(lookup, on=imp.IMPRESSION_ID, how="left")
+            if self._window is not None:
+                sigs, counts["signals." + OTHER_DAY] = self._not_this_day(sigs, _concat(groups.get(CONTEXT, [])))
             reason = (pl.when(pl.col(_IMP_TS).is_null()).then(pl.lit(qr.ORPHAN_SIGNAL))
                       .when(pl.col(sig.TS) < pl.col(_IMP_TS)).then(pl.lit(qr.TIME_TRAVEL)))
             sigs = sigs.with_columns(reason.alias("_reason"))
@@ -220,6 +224,17 @@ class JoinAndLabel(beam.DoFn):
         elif sigs_raw is not None:
             counts["signals.rows_ok"] = 0
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
+
+
+    def _not_this_day(self, sigs: pl.DataFrame, context: pl.DataFrame | None) -> tuple[pl.DataFrame, int]:
+        """Drop the signals that belong to another day: those of a neighbouring day's impression, and those
+        with no impression whose own ts is outside the day (their day reports them as orphans)."""
+        unmatched = pl.col(_IMP_TS).is_null()
+        neighbour = (pl.col(imp.IMPRESSION_ID).is_in(context[imp.IMPRESSION_ID].implode()) if context is not None
+                     else pl.lit(False))
+        other = unmatched & (neighbour | ~self._window.owns(pl.col(sig.TS)))
+        n_other = int(sigs.select(other.sum()).item())
+        return sigs.filter(~other), n_other
 
 
 def _concat(tables: Sequence[bytes | pa.Table]) -> pl.DataFrame | None:

@@ -17,6 +17,10 @@ from schemas import impressions as imp
 from schemas import quarantine as qr
 from schemas import signals as sig
 from transforms.read import COUNTS, FILE_INDEX, QUARANTINE, ROW_NUMBER
+from transforms.window import OTHER_DAY, DayWindow
+
+CONTEXT = "context"
+"""Tag of the impressions a day's run reads only to place signals (``transforms.window``): id and ts."""
 
 _REASON = "_reason"
 _PROVENANCE = (FILE_INDEX, ROW_NUMBER)
@@ -119,15 +123,22 @@ class Validated(NamedTuple):
     ok: beam.PCollection
     quarantine: beam.PCollection
     counts: beam.PCollection
+    context: beam.PCollection
 
 
 class SplitBad(beam.DoFn):
-    """RecordBatch in: coerced good rows out (as an Arrow table), rejected rows tagged ``quarantine``."""
+    """RecordBatch in: coerced good rows out (as an Arrow table), rejected rows tagged ``quarantine``.
+
+    With a ``window`` (one day of a scheduled run), only the rows the day reads come out: impressions of the day
+    (and those of its neighbours, id and ts only, tagged ``context``), signals within its context; a rejected
+    row is quarantined by the day its ts falls in; the rest is counted as ``rows_other_day``.
+    """
 
     def __init__(self, table: str, schema: pa.Schema, files: Sequence[str], known_types: Sequence[str] = (),
-                 value_types: Sequence[str] = ()):
+                 value_types: Sequence[str] = (), window: DayWindow | None = None):
         self._table, self._schema, self._files = table, schema, list(files)
         self._known, self._value_types = list(known_types), list(value_types)
+        self._window = window
 
     def process(self, batch: pa.RecordBatch):
         raw = pl.from_arrow(pa.Table.from_batches([batch]))
@@ -135,26 +146,43 @@ class SplitBad(beam.DoFn):
         if self._table == "signals":
             reasons = pl.select(pl.coalesce(reasons, signal_checks(df, self._known, self._value_types))).to_series()
         bad = reasons.is_not_null()
+        w, counts = self._window, {}
+        if w is not None:
+            ts = pl.col(imp.TS)
+            owned = df.select(w.owns(ts).fill_null(True)).to_series()         # no readable ts: every day's
+            read = df.select(w.owns(ts) if self._table == "impressions" else w.in_context(ts)).to_series()
+            context = df.select(w.in_context(ts) & ~w.owns(ts)).to_series() & ~bad
+            keep_bad = bad & owned
+            counts[f"{self._table}.{OTHER_DAY}"] = int((~(keep_bad | (~bad & read.fill_null(False)))).sum())
+            if self._table == "impressions" and context.any():
+                yield beam.pvalue.TaggedOutput(CONTEXT, df.filter(context).select(imp.IMPRESSION_ID, imp.TS)
+                                               .to_arrow())
+            good = ~bad & read.fill_null(False)
+            bad = keep_bad
+        else:
+            good = ~bad
         n_bad = int(bad.sum())
         if n_bad:
             yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_rows(raw.filter(bad), reasons.filter(bad),
                                                                        self._table, self._files))
-            yield beam.pvalue.TaggedOutput(COUNTS, {f"{self._table}.rows_quarantined": n_bad})
-        if n_bad < raw.height:
-            yield df.filter(~bad).to_arrow()
+            counts[f"{self._table}.rows_quarantined"] = n_bad
+        if counts:
+            yield beam.pvalue.TaggedOutput(COUNTS, counts)
+        if good.any():
+            yield df.filter(good).to_arrow()
 
 
 class Validate(beam.PTransform):
     """Batches of one raw table → ``Validated(ok, quarantine, counts)``."""
 
     def __init__(self, table: str, schema: pa.Schema, files: Sequence[str], known_types: Sequence[str] = (),
-                 value_types: Sequence[str] = ()):
+                 value_types: Sequence[str] = (), window: DayWindow | None = None):
         super().__init__()
-        self._fn = SplitBad(table, schema, files, known_types, value_types)
+        self._fn = SplitBad(table, schema, files, known_types, value_types, window)
 
     def expand(self, batches):
-        out = batches | beam.ParDo(self._fn).with_outputs(QUARANTINE, COUNTS, main="ok")
-        return Validated(out.ok, out[QUARANTINE], out[COUNTS])
+        out = batches | beam.ParDo(self._fn).with_outputs(QUARANTINE, COUNTS, CONTEXT, main="ok")
+        return Validated(out.ok, out[QUARANTINE], out[COUNTS], out[CONTEXT])
 
 
 def contract_schema(table: str) -> pa.Schema:
