@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from estimators import persist
 from estimators import weights as W
@@ -18,6 +20,7 @@ from estimators.balance import balance_table
 from estimators.confounding import ConfounderEffect, confounder_controls
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc, expected_calibration_error, summary
+from estimators.drift import profile, signal_counts
 from estimators.features import RESPONSE_LENGTH, input_columns, make_featurizer, structured_columns, treatment_values
 from estimators.imputation import ImputationModel
 from estimators.noise import FlipRates, anchor_flip_rates, audit_flip_rates, corrected_target, mean_ci, ppi_mean
@@ -38,6 +41,8 @@ IMPUTATION = "imputation.skops"
 CONFOUNDING = "confounding.json"
 NOISE = "noise.json"
 WEIGHTS = "weights.json"
+REFERENCE = "reference.json"
+"""The fit sample's profile (``estimators.drift.profile``) and date range: what later days are compared with."""
 
 
 def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> np.ndarray:
@@ -128,6 +133,14 @@ def choose_clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> di
             "sample_clipped": int(np.sum((observed == 1) & (propensity < clip)))}
 
 
+def reference_profile(sample: pa.Table, propensity: np.ndarray, observed: np.ndarray, label: np.ndarray, cfg: Config,
+                      ) -> dict[str, Any]:
+    """The drift reference of the fitted models: the sample's profile and the UTC dates its units span."""
+    span = pc.min_max(pc.strftime(sample[un.TS], format="%Y-%m-%d")).as_py()
+    return {"first_day": span["min"], "last_day": span["max"],
+            **profile(propensity, observed, label, signal_counts(sample, cfg.ingest.known_types))}
+
+
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     fc = cfg.fit
     units = read_dataset(run.path(rd.UNITS))
@@ -184,6 +197,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         (tmp / NOISE).write_text(json.dumps({**flips.to_dict(), **noise_diag}, indent=2) + "\n")
         (tmp / WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
         (tmp / CONFOUNDING).write_text(json.dumps(effects, indent=2) + "\n")
+        (tmp / REFERENCE).write_text(json.dumps(reference_profile(sample, p_oof, o, label, cfg), indent=2) + "\n")
     return {
         "inputs": describe_inputs(parquet_files(run.path(rd.UNITS))),
         "outputs": [str(run.path(rd.MODELS))],

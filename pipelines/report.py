@@ -119,11 +119,15 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
     if "ingest" in ok:
         counts = st["ingest"].get("counts", {})
         parts.append("<h2>Rows</h2>" + _table(
-            [[t, c["rows_in"], c["rows_ok"], c["rows_quarantined"], c["rows_duplicate"]] for t, c in counts.items()],
-            ["table", "rows in", "ok", "quarantined", "duplicate"]))
+            [[t, c["rows_in"], c["rows_ok"], c["rows_quarantined"], c["rows_duplicate"], c.get("rows_other_day", "—")]
+             for t, c in counts.items()],
+            ["table", "rows in", "ok", "quarantined", "duplicate", "other days (scheduled run)"]))
         reasons = st["ingest"].get("diagnostics", {}).get("quarantine_reasons", {})
         parts.append("<h2>Quarantine reasons</h2>" + _table(list(reasons.items()), ["table:reason", "rows"]))
-    if "fit" in ok:
+    reused = st.get("fit", {}).get("reused_from")
+    if reused:
+        parts.append(f"<p>Models fitted earlier, reused from <code>{html.escape(str(reused))}</code>.</p>")
+    if "fit" in ok and not reused:
         p = st["fit"]["diagnostics"]["propensity"]
         parts.append("<h2>Propensity of observation</h2>" + _table(
             [["AUC (out-of-fold)", p["auc"]], ["ECE (out-of-fold)", p["ece"]], ["mean p̂", p["mean"]],
@@ -132,7 +136,7 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
     for key in ("overlap", "calibration"):
         if key in figures:
             parts.append(f'<img src="{figures[key]}" alt="{key}">')
-    if "fit" in ok:
+    if "fit" in ok and not reused:
         parts.append(_noise_section(st["fit"]["diagnostics"].get("flip_rates", {})))
         effects = st["fit"]["diagnostics"].get("confounders", [])
         if effects:
@@ -158,6 +162,16 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
                      + _table(rows, ["weight", "Kish ESS", "ESS / n", "top-1% share", "max"]))
     if "weights" in figures:
         parts.append(f'<img src="{figures["weights"]}" alt="weights">')
+    drift = st.get("score", {}).get("diagnostics", {}).get("drift") if "score" in ok else None
+    if drift:
+        ref = drift["reference"]
+        parts.append(f"<h2>Drift against the fit window {ref['first_day']} … {ref['last_day']}</h2>" + _table(
+            [[name, drift[name], drift["bounds"].get(name) if drift["bounds"].get(name) is not None else "—"]
+             for name in ("propensity_psi", "label_rate_shift", "signal_mix_shift")],
+            ["check", "value", "bound"])
+            + _table([["units", ref["units"], drift["day"]["units"]],
+                      ["mean observed label", ref["label_rate"], drift["day"]["label_rate"]]],
+                     ["", "fit window", "this run"]))
     if reward:
         rows = [[loss, m.get("best_epoch"), m.get("best_val_loss", m.get("val_loss")), m.get("n_train"),
                  m.get("val_r2_vs_truth", "—"), f"{m['samples_per_s']:,.0f}" if m.get("samples_per_s") else "—",

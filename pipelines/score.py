@@ -16,8 +16,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from estimators import weights as W
 from estimators.diagnostics import summary
+from estimators.drift import breaches, compare, profile, signal_counts
 from estimators.propensity import logged_propensity
-from pipelines.fit import CONFOUNDING, FEATURIZER, IMPUTATION, NOISE, PROPENSITY, WEIGHTS
+from pipelines.fit import CONFOUNDING, FEATURIZER, IMPUTATION, NOISE, PROPENSITY, REFERENCE, WEIGHTS
 from pipelines.manifest import dataset_sha256, describe_inputs
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -105,6 +106,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                             f"observed units, below score.ess_floor = {cfg.score.ess_floor:.2%}; the previous "
                             "datasets are left in place")
         output_gates(tmp_pw, tmp_pr, cfg.score.min_margin)
+        diagnostics["drift"] = drift_check(tmp_pw, models / REFERENCE, cfg)
         content = {rd.POINTWISE: dataset_sha256(tmp_pw), rd.PAIRWISE: dataset_sha256(tmp_pr)}
         commit_dir(tmp, final)
     finally:
@@ -138,6 +140,29 @@ def check_logged_propensity(unit_files: Sequence[str], column: str) -> None:
         logged_propensity(t[column].to_numpy(zero_copy_only=False), column)
     except ValueError as e:
         raise GateError(f"score: {e}") from e
+
+
+def drift_check(pointwise_dir: Path, reference_path: Path, cfg: Config) -> dict[str, Any] | None:
+    """The scored units against the profile of the data the models were fitted on (``models/reference.json``;
+    None for models fitted before it existed). A breach of a ``[drift]`` bound fails the stage (exit code 2,
+    the previous datasets stay) when ``drift.gate`` is on; either way it is recorded."""
+    if not reference_path.exists():
+        return None
+    reference = json.loads(reference_path.read_text())
+    t = read_dataset(pointwise_dir)
+    day = profile(t[pw.PROPENSITY].to_numpy(), t[un.OBSERVED].to_numpy(),
+                  t[un.LABEL].to_numpy(zero_copy_only=False).astype(float),
+                  signal_counts(t, cfg.ingest.known_types), edges=reference["propensity_edges"])
+    values = compare(reference, day)
+    bounds = {"propensity_psi": cfg.drift.max_propensity_psi, "label_rate_shift": cfg.drift.max_label_rate_shift,
+              "signal_mix_shift": cfg.drift.max_signal_mix_shift}
+    failed = breaches(values, bounds)
+    if failed and cfg.drift.gate:
+        raise GateError(f"score: drift against the fit window {reference['first_day']}..{reference['last_day']}: "
+                        + "; ".join(failed) + " (drift.gate = true; the previous datasets are left in place)")
+    return {**values, "bounds": bounds, "breaches": failed, "gate": cfg.drift.gate,
+            "reference": {k: reference[k] for k in ("first_day", "last_day", "units", "label_rate", "signal_mix")},
+            "day": {k: day[k] for k in ("units", "label_rate", "signal_mix")}}
 
 
 def weight_diagnostics(pointwise_dir: Path, clip: float) -> dict[str, Any]:
