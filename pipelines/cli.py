@@ -7,22 +7,23 @@ Flags the CLI does not know are passed on to Beam (``--runner``, ``--direct_num_
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
 import json
 import logging
 import sys
-import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.logs import json_mode, log, log_format
+from pipelines.stages import STAGES, freeze_config, run_stages
 from schemas import run_dir as rd
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, ObsfeedUserError
 from schemas.run_dir import RunDir
 
-STAGES = ("ingest", "fit", "score", "train", "report")
 IMPORTERS = {"coat": "import_coat", "hh-rlhf": "import_hh_rlhf"}
 """``obsfeed import SOURCE``: the module in ``pipelines`` with ``add_arguments(parser)`` and ``main(args)``."""
 DEFAULT_BEAM_ARGS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
@@ -32,50 +33,12 @@ the ingest row-count invariant, reproduced with Beam alone). Pass ``--direct_run
 --direct_num_workers=2`` to run that way anyway; the invariant check stays on."""
 
 
-def stage_function(name: str) -> Callable[..., dict[str, Any]]:
-    """The ``run(run_dir, cfg, beam_args)`` of a stage, imported lazily (torch and Beam are heavy)."""
-    return importlib.import_module(f"pipelines.{name}").run
-
-
 def beam_args_with_defaults(beam_args: Sequence[str]) -> list[str]:
     """The caller's Beam flags; the local in-process runner only when no runner was named."""
     args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args = [*DEFAULT_BEAM_ARGS, *args]
     return args
-
-
-def log(msg: str) -> None:
-    print(f"[obsfeed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Sequence[str],
-               options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run ``stages`` in order, recording each in the manifest; ``_SUCCESS`` last, only if every stage is ok.
-    ``options``: stage name → keyword arguments for its ``run`` (e.g. ``{"train": {"resume": True}}``)."""
-    from pipelines.manifest import read_manifest, record_stage
-    from transforms.io import atomic_write_text
-
-    success = run.path(rd.SUCCESS)
-    success.unlink(missing_ok=True)
-    results = {}
-    for name in stages:
-        log(f"{name}: started")
-        fn, kwargs = stage_function(name), (options or {}).get(name, {})
-        results[name] = record_stage(run, name, cfg.digest(), lambda fn=fn, kw=kwargs: fn(run, cfg, beam_args, **kw))
-        log(f"{name}: done in {results[name]['wall_s']:.1f}s")
-    manifest = read_manifest(run)
-    if all(manifest.get("stages", {}).get(s, {}).get("status") == "ok" for s in STAGES):
-        atomic_write_text(success, json.dumps({"run_id": run.run_id, "config_hash": cfg.digest(),
-                                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    return results
-
-
-def freeze_config(run: RunDir, cfg: Config) -> None:
-    """Keep the exact config used (input paths resolved) as ``RUN/config.toml``."""
-    from transforms.io import atomic_write_text
-
-    atomic_write_text(run.config_path, cfg.to_toml())
 
 
 def _parse_stages(text: str) -> list[str]:
@@ -89,8 +52,17 @@ def _parse_stages(text: str) -> list[str]:
 def make_parser() -> argparse.ArgumentParser:
     from pipelines import simulate
 
-    parser = argparse.ArgumentParser(prog="obsfeed", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="stderr as human-readable lines (default) or JSON lines for a scheduler")
+    parser = argparse.ArgumentParser(prog="obsfeed", description=__doc__.splitlines()[0], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def sub_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add(name, parents=[common], **kwargs)
+
+    sub.add_parser = sub_parser                               # every subcommand takes --log-format too
     sim = sub.add_parser("simulate", help="write simulated raw logs with ground truth")
     simulate.add_arguments(sim)
     r = sub.add_parser("run", help="run the pipeline (all stages by default) into a run directory")
@@ -98,11 +70,23 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("run", type=Path)
     r.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     _train_arguments(r)
+    _schedule_arguments(r)
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage on RUN (config from RUN/config.toml)")
         s.add_argument("run", type=Path)
         if name == "train":
             _train_arguments(s)
+        if name == "fit":
+            s.add_argument("--from", dest="from_date", type=_date, default=None,
+                           help="with --to, RUN is a scheduled root: fit on its published days FROM..TO into "
+                                "RUN/fits/FROM_TO (for --models-from)")
+            s.add_argument("--to", dest="to_date", type=_date, default=None)
+            s.add_argument("--config", type=Path, default=None,
+                           help="with --from/--to: the config to fit with (default: the last day's)")
+    u = sub.add_parser("unlock", help="remove the stale lock a killed scheduled run left on ROOT")
+    u.add_argument("root", type=Path)
+    u.add_argument("--force", action="store_true",
+                   help="also when the holder ran on another host (make sure it has stopped)")
     im = sub.add_parser("import", help="turn a public dataset into the input contract (plus its ground truth)")
     sources = im.add_subparsers(dest="source", required=True)
     for name, module in IMPORTERS.items():
@@ -121,6 +105,39 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="train: continue from the last epoch checkpoint of a failed attempt (same inputs and "
                              "settings only)")
+
+
+def _schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--date", type=_date, default=None,
+                        help="scheduled run: process this logical day (UTC) into RUN as a root of date partitions")
+    parser.add_argument("--from", dest="from_date", type=_date, default=None,
+                        help="backfill the days FROM..TO (inclusive), one at a time; days already ok are skipped")
+    parser.add_argument("--to", dest="to_date", type=_date, default=None)
+    parser.add_argument("--force", action="store_true", help="re-run days that are already ok")
+    parser.add_argument("--models-from", type=Path, default=None,
+                        help="score with the models fitted earlier in this run / day / fit directory (no fit)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config and inputs, print the plan, write nothing")
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _days(args: argparse.Namespace) -> list[dt.date] | None:
+    """The days a scheduled command names (--date, or --from with --to), or None for a plain run."""
+    from pipelines.schedule import days_between
+
+    if args.date and (args.from_date or args.to_date):
+        raise ConfigError("--date and --from/--to: give one or the other")
+    if bool(args.from_date) != bool(args.to_date):
+        raise ConfigError("--from and --to go together")
+    if args.date:
+        return [args.date]
+    return days_between(args.from_date, args.to_date) if args.from_date else None
 
 
 def _with_train_flags(cfg: Config, args: argparse.Namespace) -> tuple[Config, dict[str, dict[str, Any]]]:
@@ -146,10 +163,24 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
         if not args.root.is_dir():
             raise ConfigError(f"{args.root}: not a folder")
+        if (args.root / rd.CATALOGUE).exists():                  # a scheduled root: its days
+            from pipelines.catalogue import read_catalogue
+            from pipelines.summary import catalogue_lines
+
+            print("\n".join(catalogue_lines(read_catalogue(args.root))))
+            return 0
         print("\n".join(runs_table(args.root)))
+        return 0
+    if args.command == "unlock":
+        from pipelines.lock import unlock
+
+        print(unlock(args.root, force=args.force))
         return 0
     if args.command == "run":
         cfg, options = _with_train_flags(load_config(args.config), args)
+        days = _days(args)
+        if days is not None or args.dry_run or args.models_from:
+            return _scheduled(args, cfg, days, options, beam_args)
         run = RunDir(args.run)
         run.root.mkdir(parents=True, exist_ok=True)
         freeze_config(run, cfg)
@@ -157,6 +188,13 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         from pipelines.summary import print_run_summary
 
         print_run_summary(run)
+        return 0
+    if args.command == "fit" and (args.from_date or args.to_date):
+        from pipelines.schedule import fit_window
+
+        if not (args.from_date and args.to_date):
+            raise ConfigError("--from and --to go together")
+        print(fit_window(args.run, args.from_date, args.to_date, beam_args_with_defaults(beam_args), args.config))
         return 0
     run = RunDir(args.run)
     if not run.config_path.exists():
@@ -174,25 +212,61 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     return 0
 
 
+def _scheduled(args: argparse.Namespace, cfg: Config, days: list[dt.date] | None, options: dict[str, Any],
+               beam_args: Sequence[str]) -> int:
+    """``obsfeed run --date / --from --to [--dry-run] [--models-from]``: days into a scheduled root."""
+    from pipelines import schedule
+    stages = _parse_stages(args.stages)
+    if days is None:
+        raise ConfigError("--dry-run and --models-from are for scheduled runs: add --date or --from/--to")
+    if args.dry_run:
+        plan = schedule.dry_run(cfg, args.run, days, force=args.force, models_from=args.models_from, stages=stages)
+        if json_mode():
+            print(json.dumps(plan, default=str))
+        else:
+            print(f"plan for {plan['root']} (lock: {plan['lock']}; stages {', '.join(plan['stages'])}; "
+                  f"late window {plan['late_window']} days; models: {plan['models_from'] or 'fitted per day'}):")
+            for d in plan["days"]:
+                print(f"  {d['day']}  {d['action']:<4}  (status {d['status'] or 'new'}, {d['attempts']} attempts)")
+        return 0
+    rows = schedule.run_days(cfg, args.run, days, stages=stages, beam_args=beam_args_with_defaults(beam_args),
+                             options=options, force=args.force, models_from=args.models_from)
+    from pipelines.summary import catalogue_lines
+
+    if json_mode():
+        for row in rows:
+            print(json.dumps(row, default=str))
+    else:
+        print("\n".join(catalogue_lines(rows)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)  # Beam's import-time notices are not the user's business
     parser = make_parser()
     args, beam_args = parser.parse_known_args(argv)
     if args.command in ("simulate", "evaluate", "runs", "import") and beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
-    try:
-        return dispatch(args, beam_args)
-    except ObsfeedUserError as e:
-        print(f"obsfeed {args.command}: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - anything else is ours: say so, with the traceback
-        user = _user_error_inside(e)
-        if user is not None:
-            print(f"obsfeed {args.command}: {user}", file=sys.stderr)
-            return 2
-        traceback.print_exc()
-        print(f"obsfeed {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    with log_format(getattr(args, "log_format", "text")):
+        try:
+            return dispatch(args, beam_args)
+        except ObsfeedUserError as e:
+            return _fail(args.command, str(e), 2)
+        except Exception as e:  # noqa: BLE001 - anything else is ours: say so, with the traceback
+            user = _user_error_inside(e)
+            if user is not None:
+                return _fail(args.command, str(user), 2)
+            traceback.print_exc()
+            return _fail(args.command, f"internal error: {type(e).__name__}: {e}", 1)
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    """One line on stderr saying what went wrong (a JSON record with the exit code in JSON mode)."""
+    if json_mode():
+        log(message, level="error", command=command, exit_code=code)
+    else:
+        print(f"obsfeed {command}: {message}", file=sys.stderr)
+    return code
 
 
 def _user_error_inside(e: BaseException) -> ObsfeedUserError | None:

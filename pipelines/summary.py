@@ -76,7 +76,7 @@ def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
     process that is gone), ``failed: <stage>``, or ``incomplete (<stages done>)``."""
     if run.path(rd.SUCCESS).exists():
         return "complete"
-    from pipelines.cli import STAGES  # cli imports this module lazily: no cycle at import time
+    from pipelines.stages import STAGES
 
     recorded = manifest.get("stages", {})
     stages = {name: recorded[name] for name in (*STAGES, *sorted(set(recorded) - set(STAGES))) if name in recorded}
@@ -113,3 +113,19 @@ def runs_table(root: Path) -> list[str]:
     if not runs:
         lines.append(f"(no runs under {root})")
     return lines
+
+
+def catalogue_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The days of a scheduled run as a table: status, counts and the drift figures."""
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    out = [f"{'date':<10}  {'status':<7}  {'units':>9}  {'observed':>9}  {'label':>6}  {'ESS':>6}  {'PSI':>6}  "
+           f"{'Δlabel':>6}  {'Δmix':>6}  models"]
+    for r in rows:
+        out.append(f"{r['date']!s:<10}  {r['status']:<7}  {f(r['units'], ',d'):>9}  {f(r['observed'], ',d'):>9}  "
+                   f"{f(r['label_rate'], '.3f'):>6}  {f(r['ess_share'], '.1%'):>6}  "
+                   f"{f(r['propensity_psi'], '.3f'):>6}  "
+                   f"{f(r['label_rate_shift'], '.3f'):>6}  {f(r['signal_mix_shift'], '.3f'):>6}  "
+                   f"{'reused' if r['models_from'] else 'fitted'}")
+    return out

@@ -6,6 +6,7 @@ time rather than inside a Beam worker at night.
 
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import hashlib
 import json
@@ -60,6 +61,10 @@ class IngestConfig(_Section):
         None, ge=0, le=1, description="click-through framing: label given to units with no signal"
     )
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    day: dt.date | None = Field(
+        None, description="process one logical day (UTC): its impressions, and their signals up to late_window "
+        "days after the day ends; set by `obsfeed run --date`. None: every row of the input")
+    late_window: int = Field(3, ge=0, le=366, description="days after a day's end that its signals may arrive")
     buckets: int = Field(8, ge=1, le=4096, description="hash buckets for the shuffle and output files")
     shuffle: Literal["files", "beam"] = Field(
         "files",
@@ -223,6 +228,20 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+class DriftConfig(_Section):
+    """Drift of a day against the window its models were fitted on (scheduled runs; DESIGN §3)."""
+
+    max_propensity_psi: float | None = Field(
+        0.25, gt=0, description="population stability index of the day's propensities against the fit window's "
+        "(10 quantile bins of the fit window; 0.1 is a shift worth a look, 0.25 a large one); None: not gated")
+    max_label_rate_shift: float | None = Field(
+        0.10, gt=0, le=1, description="absolute change of the observed units' mean label; None: not gated")
+    max_signal_mix_shift: float | None = Field(
+        0.20, gt=0, le=1, description="total variation distance between the signal-type mixes; None: not gated")
+    gate: bool = Field(True, description="fail the day (exit 2) when a gated check exceeds its bound; false: "
+                       "record and report only")
+
+
 class OutputConfig(_Section):
     partition_by: Literal["none", "date"] = Field(
         "none", description="'date' writes the pointwise and pairwise datasets as date=YYYY-MM-DD/part-*.parquet "
@@ -238,6 +257,7 @@ class Config(_Section):
     fit: FitConfig = FitConfig()
     score: ScoreConfig = ScoreConfig()
     train: TrainConfig = TrainConfig()
+    drift: DriftConfig = DriftConfig()
     output: OutputConfig = OutputConfig()
 
     def to_toml(self) -> str:
@@ -246,8 +266,8 @@ class Config(_Section):
     def digest(self) -> str:
         """sha256 of the canonical JSON form: the config hash recorded in the manifest. ``train.device`` is left
         out: like the Beam runner, it says where to compute, not what (``obsfeed train --device`` overrides it)."""
-        return hashlib.sha256(json.dumps(self.model_dump(exclude={"train": {"device"}}), sort_keys=True).encode()
-                              ).hexdigest()
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"train": {"device"}}), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _describe(err: ValidationError, path: Path) -> str:

@@ -19,3 +19,7 @@ class SchemaError(InputError):
 
 class GateError(ObsfeedUserError):
     """A data-quality gate failed (too many bad rows, a failed expectation)."""
+
+
+class LockError(ObsfeedUserError):
+    """Another run holds the scheduled root (or left a stale lock behind)."""
