@@ -179,7 +179,7 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     if args.command == "run":
         cfg, options = _with_train_flags(load_config(args.config), args)
         days = _days(args)
-        if days is not None or args.dry_run or args.models_from:
+        if days is not None or args.dry_run or args.models_from or args.force:
             return _scheduled(args, cfg, days, options, beam_args)
         run = RunDir(args.run)
         run.root.mkdir(parents=True, exist_ok=True)
@@ -189,6 +189,8 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
         print_run_summary(run)
         return 0
+    if args.command == "fit" and args.config and not (args.from_date or args.to_date):
+        raise ConfigError("fit --config goes with --from/--to (a plain fit uses RUN/config.toml)")
     if args.command == "fit" and (args.from_date or args.to_date):
         from pipelines.schedule import fit_window
 
@@ -218,7 +220,7 @@ def _scheduled(args: argparse.Namespace, cfg: Config, days: list[dt.date] | None
     from pipelines import schedule
     stages = _parse_stages(args.stages)
     if days is None:
-        raise ConfigError("--dry-run and --models-from are for scheduled runs: add --date or --from/--to")
+        raise ConfigError("--dry-run, --models-from and --force are for scheduled runs: add --date or --from/--to")
     if args.dry_run:
         plan = schedule.dry_run(cfg, args.run, days, force=args.force, models_from=args.models_from, stages=stages)
         if json_mode():
@@ -256,14 +258,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             user = _user_error_inside(e)
             if user is not None:
                 return _fail(args.command, str(user), 2)
-            traceback.print_exc()
-            return _fail(args.command, f"internal error: {type(e).__name__}: {e}", 1)
+            if not json_mode():
+                traceback.print_exc()
+            return _fail(args.command, f"internal error: {type(e).__name__}: {e}", 1,
+                         traceback="".join(traceback.format_exception(e)))
 
 
-def _fail(command: str, message: str, code: int) -> int:
-    """One line on stderr saying what went wrong (a JSON record with the exit code in JSON mode)."""
+def _fail(command: str, message: str, code: int, **fields: Any) -> int:
+    """One line on stderr saying what went wrong (a JSON record with the exit code, and the traceback of an
+    internal error as one field, in JSON mode)."""
     if json_mode():
-        log(message, level="error", command=command, exit_code=code)
+        log(message, level="error", command=command, exit_code=code, **fields)
     else:
         print(f"obsfeed {command}: {message}", file=sys.stderr)
     return code

@@ -171,7 +171,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         quarantined = _quarantine_by_table(quarantine_tmp)
         table_counts = reconcile(counts, count_rows(units_tmp), quarantined)
         commit_dir(quarantine_tmp, quarantine_final)
-        bad = {t: c["rows_quarantined"] / c["rows_in"] if c["rows_in"] else 0.0 for t, c in table_counts.items()}
+        read = {t: c["rows_in"] - c.get(OTHER_DAY, 0) for t, c in table_counts.items()}   # this day's rows
+        bad = {t: table_counts[t]["rows_quarantined"] / n if n else 0.0 for t, n in read.items()}
         worst = max(bad, key=bad.get)
         if bad[worst] > cfg.ingest.max_bad_fraction:
             raise GateError(f"ingest: {bad[worst]:.1%} of {worst} rows were quarantined, above "

@@ -1,10 +1,12 @@
 """One writer per scheduled root: a lock file that a second scheduler meets (exit 2), and that a killed run
 leaves behind as a *stale* lock, told apart by its holder's host and process id.
 
-The lock is a file created with O_EXCL (atomic on local filesystems and on NFSv3+), holding JSON: pid, host,
-start time and command line. A lock whose host is this machine and whose pid no longer runs is stale;
-``obsfeed unlock ROOT`` removes it then, and refuses while its holder runs (or, on another host, without
-``--force``: that process cannot be checked from here).
+The lock is a file holding JSON (pid, host, start time, command line), written under a temporary name and
+hard-linked into place (atomic, and it fails if a lock exists, on local filesystems and NFS alike). A lock
+whose host is this machine and whose pid no longer runs is stale; ``obsfeed unlock ROOT`` removes it then,
+and refuses while its holder runs (or, on another host, without ``--force``: that process cannot be checked
+from here). SIGTERM, what schedulers send on a timeout, unwinds the run: the day is marked failed and the lock
+freed; only SIGKILL or a crash of the machine leaves a stale lock.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +26,9 @@ from typing import Any
 
 from schemas import run_dir as rd
 from schemas.errors import LockError
+
+_HELD: dict[Path, str] = {}
+"""Locks this process holds (path → start time): a lock with our pid that is not here is a dead process's."""
 
 
 def lock_path(root: Path) -> Path:
@@ -42,6 +49,8 @@ def holder_alive(holder: dict[str, Any]) -> bool | None:
     """True / False for a holder on this host; None when it cannot be told from here (another host)."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return None
+    if holder["pid"] == os.getpid():      # ours, or a restarted container's that reused our pid
+        return holder.get("started_at") in _HELD.values()
     try:
         os.kill(holder["pid"], 0)
     except ProcessLookupError:
@@ -64,8 +73,12 @@ def root_lock(root: Path) -> Iterator[None]:
     path = lock_path(root)
     payload = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)})
+    # Written whole under a temporary name, then hard-linked to the lock's name (atomic, fails if it exists):
+    # nobody ever reads a half-written lock, and a kill leaves either no lock or a complete one.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(payload)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(tmp, path)
     except OSError as e:
         if e.errno != errno.EEXIST:
             raise
@@ -75,14 +88,24 @@ def root_lock(root: Path) -> Iterator[None]:
             raise LockError(f"{path}: stale lock left by {describe(holder)}, which is no longer running; check "
                             f"that day's status in the catalogue, then clear it with `obsfeed unlock {root}`") from None
         raise LockError(f"{path}: another run holds this root: {describe(holder)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _HELD[path] = json.loads(payload)["started_at"]
+    handle = threading.current_thread() is threading.main_thread()     # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if handle else None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
         yield
     finally:
+        _HELD.pop(path, None)
+        if handle:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         with contextlib.suppress(FileNotFoundError):
             if read_lock(root) == json.loads(payload):      # never remove a lock that is not ours
                 path.unlink()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def unlock(root: Path, *, force: bool = False) -> str:
@@ -97,5 +120,7 @@ def unlock(root: Path, *, force: bool = False) -> str:
     if alive is None and not force:
         raise LockError(f"{lock_path(root)}: held by {describe(holder)}, which cannot be checked from "
                         f"{socket.gethostname()}; make sure it has stopped, then pass --force")
+    if read_lock(root) != holder:                          # taken over since we looked: not ours to remove
+        raise LockError(f"{lock_path(root)}: the lock changed while checking it; run unlock again")
     lock_path(root).unlink(missing_ok=True)
     return f"{lock_path(root)}: removed the lock of {describe(holder)}"

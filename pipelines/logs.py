@@ -75,14 +75,15 @@ def log_format(mode: str) -> Iterator[None]:
     if mode not in ("text", "json"):
         raise ValueError(f"log format must be text or json, got {mode!r}")
     saved_mode, saved_stderr = _FORMAT["mode"], sys.stderr
-    handlers = [(h, h.formatter, getattr(h, "stream", None)) for h in logging.getLogger().handlers]
+    # Only the handlers that write to stderr are switched (a FileHandler keeps its file and its format).
+    handlers = [(h, h.formatter, h.stream) for h in logging.getLogger().handlers
+                if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)]
     _FORMAT["mode"] = mode
     if mode == "json" and not isinstance(sys.stderr, JsonLines):
         sys.stderr = JsonLines(sys.stderr)
         for h, _, _ in handlers:
             h.setFormatter(_JsonFormatter())
-            if isinstance(h, logging.StreamHandler):
-                h.setStream(sys.stderr)
+            h.setStream(sys.stderr)
     try:
         yield
     finally:
@@ -91,8 +92,7 @@ def log_format(mode: str) -> Iterator[None]:
         sys.stderr, _FORMAT["mode"] = saved_stderr, saved_mode
         for h, formatter, stream in handlers:
             h.setFormatter(formatter)
-            if isinstance(h, logging.StreamHandler) and stream is not None:
-                h.setStream(stream)
+            h.setStream(stream)
 
 
 def log(msg: str, level: str = "info", **fields: Any) -> None:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.catalogue import day_row, upsert
+from pipelines.catalogue import day_row, read_catalogue, upsert
 from pipelines.lock import holder_alive, read_lock, root_lock
 from pipelines.logs import log
 from pipelines.manifest import describe_inputs, read_manifest, record_stage, write_manifest
@@ -33,7 +35,7 @@ from schemas import run_dir as rd
 from schemas.config import Config, expand_inputs, load_config
 from schemas.errors import ConfigError, InputError
 from schemas.run_dir import RunDir
-from transforms.io import commit_dir, parquet_files
+from transforms.io import commit_dir, parquet_files, recover_dir
 from transforms.window import DayWindow
 
 MODELS_MARKER = "weights.json"
@@ -173,11 +175,23 @@ def _reuse_models(work: RunDir, cfg: Config, models: Path) -> None:
 
 
 def publish(work: RunDir, root: Path, day: dt.date) -> None:
-    """Swap the day's partitions into the dataset roots, then its run directory into ``days/D``."""
+    """Swap the day's partitions into the dataset roots, then its run directory into ``days/D``.
+
+    Each swap is atomic; the day as a whole is not (a crash between two swaps leaves some partitions new),
+    which is why the catalogue row turns ok only after the last one, and a day not ok is run again. A
+    partition this run did not produce (e.g. ``--stages ingest``) is removed: it would not match the new units.
+    """
     for name in rd.PARTITIONED:
+        target = partition(root, name, day)
+        recover_dir(target)                               # a swap a killed run left half done
         staged = work.path(name)
         if staged.is_dir():
-            commit_dir(staged, partition(root, name, day))
+            commit_dir(staged, target)
+        elif target.exists():
+            gone = target.with_name(f".{target.name}.drop-{uuid.uuid4().hex[:12]}")
+            os.replace(target, gone)
+            shutil.rmtree(gone)
+    recover_dir(day_dir(root, day))
     commit_dir(work.root, day_dir(root, day))
     with contextlib.suppress(OSError):                    # other days' work may be there
         (Path(root) / rd.WORK).rmdir()
@@ -211,9 +225,10 @@ def fit_window(root: Path, first: dt.date, last: dt.date, beam_args: Sequence[st
     fit directory (``ROOT/fits/<first>_<last>``), which ``--models-from`` accepts. The config is ``config``,
     or the last day's frozen one (without its day)."""
     root = Path(root).resolve()
-    days = [d for d in days_between(first, last) if partition(root, rd.UNITS, d).is_dir()]
+    ok = {r[cat.DATE] for r in read_catalogue(root) if r[cat.STATUS] == cat.OK}
+    days = [d for d in days_between(first, last) if d in ok and partition(root, rd.UNITS, d).is_dir()]
     if not days:
-        raise InputError(f"{root}: no published units between {first} and {last}")
+        raise InputError(f"{root}: no day between {first} and {last} is ok in the catalogue")
     source = config or day_dir(root, days[-1]) / rd.CONFIG
     if not Path(source).is_file():
         raise InputError(f"{source}: config not found (pass --config)")

@@ -65,6 +65,11 @@ def write_days(out: Path) -> dict[str, object]:
                            sig.TYPE: ["upvote"] * len(day3), sig.VALUE: pa.array([None] * len(day3), pa.float64())},
                           schema=sigs.schema)
     sigs = pa.concat_tables([sigs, late_votes])
+    # A logging replay: one day-1 impression again the next day (same id). One run over everything keeps the
+    # earliest copy; so must the days.
+    first = int(np.flatnonzero(day_of == 0)[0])
+    replay = _shift(imps.slice(first, 1), np.array([1]))
+    imps = pa.concat_tables([imps, replay])
     (out / "impressions").mkdir(parents=True)
     pq.write_table(imps, out / "impressions" / "part-0.parquet")
     (out / "signals").mkdir()
@@ -91,7 +96,7 @@ buckets = 2
 epochs = 2
 hash_features = 1024
 """)
-    return {"late_votes": set(day3)}
+    return {"late_votes": set(day3), "replayed": replay[imp.IMPRESSION_ID][0].as_py()}
 
 
 def arrive_late(data: Path) -> None:
@@ -186,7 +191,9 @@ def test_union_of_days_equals_one_run_over_everything_but_the_late_window(five_d
     assert cli("run", data / "config.toml", whole, "--stages", "ingest") == 0
     single = pl.read_parquet(whole / rd.UNITS)
     daily = pl.scan_parquet(root / rd.UNITS, hive_partitioning=True).collect().drop("date")
-    assert sorted(daily[un.IMPRESSION_ID]) == sorted(single[un.IMPRESSION_ID])
+    assert sorted(daily[un.IMPRESSION_ID]) == sorted(single[un.IMPRESSION_ID])     # each unit once
+    replayed = daily.filter(pl.col(un.IMPRESSION_ID) == five_days[2]["replayed"])
+    assert replayed[imp.TS].dt.date().to_list() == [DAYS[0]], "the earliest copy of a replayed impression"
     # The late-window effect, computed from the raw input: signals that arrived (before CUT) more than LATE
     # days after their impression's day; a daily run never sees them.
     imps = pl.read_parquet(data / "impressions" / "part-0.parquet").unique(imp.IMPRESSION_ID)

@@ -195,16 +195,25 @@ class JoinAndLabel(beam.DoFn):
         imps_raw = _concat(groups["impressions"])
         sigs_raw = _concat(groups["signals"])
         counts: dict[str, int] = {}
+        context = _concat(groups.get(CONTEXT, [])) if self._window is not None else None
         if imps_raw is not None:
             imps = dedup(imps_raw, imp.IMPRESSION_ID)
             counts["impressions.rows_duplicate"] = imps_raw.height - imps.height
+            if context is not None:                # an earlier copy on a neighbouring day is the one that counts
+                earlier = (imps.join(context.group_by(imp.IMPRESSION_ID).agg(pl.col(imp.TS).min().alias("_first")),
+                                     on=imp.IMPRESSION_ID, how="left")
+                           .select(pl.col("_first").lt(pl.col(imp.TS)).fill_null(False)).to_series())
+                counts["impressions." + OTHER_DAY] = int(earlier.sum())
+                imps = imps.filter(~earlier)
+                if imps.height == 0:
+                    imps_raw = None
         if sigs_raw is not None:
             sigs = sigs_raw                      # already one row per event id: see DedupByKey
             lookup = (imps.select(imp.IMPRESSION_ID, pl.col(imp.TS).alias(_IMP_TS)) if imps_raw is not None
                       else pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, _IMP_TS: pl.Datetime("us", "UTC")}))
             sigs = sigs.join(lookup, on=imp.IMPRESSION_ID, how="left")
             if self._window is not None:
-                sigs, counts["signals." + OTHER_DAY] = self._not_this_day(sigs, _concat(groups.get(CONTEXT, [])))
+                sigs, counts["signals." + OTHER_DAY] = self._not_this_day(sigs, context)
             reason = (pl.when(pl.col(_IMP_TS).is_null()).then(pl.lit(qr.ORPHAN_SIGNAL))
                       .when(pl.col(sig.TS) < pl.col(_IMP_TS)).then(pl.lit(qr.TIME_TRAVEL)))
             sigs = sigs.with_columns(reason.alias("_reason"))
