@@ -41,6 +41,14 @@ from transforms.write import WriteBucketParts, WriteJson
 TABLES = ("impressions", "signals")
 
 
+def input_files(cfg: Config) -> tuple[list[str], list[str]]:
+    """The impression and signal files this run reads (for a scheduled day, ``{date}`` paths cover the days
+    within ``ingest.late_window`` of it)."""
+    window = {"day": cfg.ingest.day, "late_window": cfg.ingest.late_window}
+    return (expand_inputs(cfg.input.impressions, what="impressions", **window),
+            expand_inputs(cfg.input.signals, what="signals", **window))
+
+
 def check_columns(files: Sequence[str], schema: pa.Schema) -> None:
     """Fail early, naming the file, when a file lacks a required column of the contract."""
     required = [f.name for f in schema if not f.nullable]
@@ -152,8 +160,7 @@ def reconcile(counts: dict[str, int], units_rows: int, quarantined: dict[str, in
 
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Run the ingest graph with the caller's Beam options and commit ``units/`` and ``quarantine/``."""
-    impression_files = expand_inputs(cfg.input.impressions, what="impressions")
-    signal_files = expand_inputs(cfg.input.signals, what="signals")
+    impression_files, signal_files = input_files(cfg)
     check_columns(impression_files, imp.IMPRESSIONS)
     check_columns(signal_files, sig.SIGNALS)
     env = key_env(cfg)

@@ -32,7 +32,7 @@ from pipelines.manifest import describe_inputs, read_manifest, record_stage, wri
 from pipelines.stages import freeze_config, run_stages
 from schemas import catalogue as cat
 from schemas import run_dir as rd
-from schemas.config import Config, expand_inputs, load_config
+from schemas.config import Config, load_config
 from schemas.errors import ConfigError, InputError
 from schemas.run_dir import RunDir
 from transforms.io import commit_dir, parquet_files, recover_dir
@@ -82,21 +82,29 @@ def plan(root: Path, days: Sequence[dt.date], *, force: bool) -> list[dict[str, 
 def dry_run(cfg: Config, root: Path, days: Sequence[dt.date], *, force: bool, models_from: Path | None,
             stages: Sequence[str]) -> dict[str, Any]:
     """Validate the config and inputs, and say what a run would do; writes nothing."""
-    from pipelines.ingest import check_columns
+    from pipelines.ingest import check_columns, input_files
     from schemas import impressions as imp
     from schemas import signals as sig
 
-    impressions = expand_inputs(cfg.input.impressions, what="impressions")
-    signals = expand_inputs(cfg.input.signals, what="signals")
-    check_columns(impressions, imp.IMPRESSIONS)
-    check_columns(signals, sig.SIGNALS)
+    steps = plan(root, days, force=force)
+    impressions: set[str] = set()
+    signals: set[str] = set()
+    for step in steps:
+        if step["action"] == "run":                     # each day's own inputs ({date} paths), checked
+            day_cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(
+                update={"day": dt.date.fromisoformat(step["day"])})})
+            day_imps, day_sigs = input_files(day_cfg)
+            step["impression_files"], step["signal_files"] = len(day_imps), len(day_sigs)
+            impressions.update(day_imps)
+            signals.update(day_sigs)
+    check_columns(sorted(impressions), imp.IMPRESSIONS)
+    check_columns(sorted(signals), sig.SIGNALS)
     holder = read_lock(root)
     lock = "free" if holder is None else {True: "held", False: "stale", None: "held (other host)"}[
         holder_alive(holder)]
     return {"root": str(root), "impression_files": len(impressions), "signal_files": len(signals),
             "late_window": cfg.ingest.late_window, "stages": list(stages), "lock": lock,
-            "models_from": str(models_folder(models_from)) if models_from else None,
-            "days": plan(root, days, force=force)}
+            "models_from": str(models_folder(models_from)) if models_from else None, "days": steps}
 
 
 def run_days(cfg: Config, root: Path, days: Sequence[dt.date], *, stages: Sequence[str], beam_args: Sequence[str],

@@ -318,13 +318,37 @@ def load_config(path: Path | str) -> Config:
     return parse_config(path.read_text(), path=path, base=path.parent.resolve())
 
 
-def expand_inputs(patterns: list[str], *, what: str) -> list[str]:
-    """Expand files/globs to a sorted list of files; none found is an error naming the pattern."""
+DATE_FIELD = "{date}"
+"""In an input path, the logical day of a scheduled run (YYYY-MM-DD): logs stored by day, e.g.
+``logs/impressions/date={date}/*.parquet``, are then read for the days a run needs, not the whole history."""
+
+
+def expand_inputs(patterns: list[str], *, what: str, day: dt.date | None = None, late_window: int = 0,
+                  ) -> list[str]:
+    """Expand files/globs to a sorted list of files; none found is an error naming the pattern.
+
+    A pattern with ``{date}`` is read for each day from ``day - late_window`` to ``day + late_window`` (the
+    days whose rows a scheduled day owns or must see: ``transforms.window``); only ``day`` itself must
+    have files. Without a ``day`` such a pattern is an error: it needs ``--date``.
+    """
     files: list[str] = []
     for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else (
-            [pattern] if Path(pattern).is_file() else [])
+        if DATE_FIELD in pattern:
+            if day is None:
+                raise ConfigError(f"{pattern}: an input path with {DATE_FIELD} needs a scheduled run (--date)")
+            for offset in range(-late_window, late_window + 1):
+                d = day + dt.timedelta(days=offset)
+                found = _matches(pattern.replace(DATE_FIELD, d.isoformat()))
+                if not found and offset == 0:
+                    raise InputError(f"{pattern}: no {what} input file found for {d}")
+                files.extend(found)
+            continue
+        matched = _matches(pattern)
         if not matched:
             raise InputError(f"{pattern}: no {what} input file found")
         files.extend(matched)
     return files
+
+
+def _matches(pattern: str) -> list[str]:
+    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else ([pattern] if Path(pattern).is_file() else [])

@@ -329,3 +329,32 @@ def test_dry_run_and_json_logs(five_days, tmp_path, capsys):
                "--log-format", "json") == 2
     last = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert last["level"] == "error" and last["exit_code"] == 2 and "--date" in last["msg"]
+
+
+def test_logs_stored_by_day_are_read_for_the_window_only(five_days, tmp_path):
+    """With ``{date}`` in the input paths a day reads the files of the days within its late window, not the
+    whole history, and builds the same units as from one glob over everything."""
+    data, root, _ = five_days
+    logs = tmp_path / "by-day"
+    for table, files in (("impressions", ["impressions/part-0.parquet"]), ("signals", ["signals/early.parquet"])):
+        frame = pl.concat([pl.read_parquet(data / f) for f in files])
+        day = frame[imp.TS].dt.date().fill_null(DAYS[0])
+        for d in day.unique().to_list():
+            (logs / table / f"date={d}").mkdir(parents=True)
+            frame.filter(day == d).write_parquet(logs / table / f"date={d}" / "part-0.parquet")
+    config = (data / "config.toml").read_text()
+    config = config.replace('impressions = "impressions/*.parquet"', 'impressions = "impressions/date={date}/*"')
+    config = config.replace('signals = "signals/*"', 'signals = "signals/date={date}/*"')
+    (logs / "config.toml").write_text(config)
+    assert cli("run", logs / "config.toml", tmp_path / "plain", "--stages", "ingest") == 2   # {date} needs --date
+    out = tmp_path / "nightly"
+    assert cli("run", logs / "config.toml", out, "--from", DAYS[0], "--to", DAYS[-1], "--stages", "ingest") == 0
+    manifest = json.loads((out / rd.DAYS / str(DAYS[2]) / rd.MANIFEST).read_text())
+    read = [i["path"] for i in manifest["stages"]["ingest"]["inputs"]]
+    window = {str(DAYS[2] + dt.timedelta(days=k)) for k in range(-LATE, LATE + 1)}
+    assert read and all(p.split("date=")[1][:10] in window for p in read)
+    for d in DAYS:
+        mine = pl.read_parquet(out / rd.UNITS / f"date={d}").sort(un.IMPRESSION_ID)
+        theirs = pl.read_parquet(root / rd.UNITS / f"date={d}").sort(un.IMPRESSION_ID)
+        assert mine.equals(theirs), d
+    assert cli("run", logs / "config.toml", out, "--date", DAYS[-1] + dt.timedelta(days=1), "--dry-run") == 2
