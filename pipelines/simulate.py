@@ -30,12 +30,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
+import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas import impressions as imp
@@ -292,6 +294,24 @@ def _add_dirt(rng: np.random.Generator, impressions: pa.Table, signals: pa.Table
     signals = pa.concat_tables([signals, replay, bad])
     return (impressions.take(rng.permutation(impressions.num_rows)),
             signals.take(rng.permutation(signals.num_rows)))
+
+
+def spread_over_days(logs: SimulatedLogs, n_days: int) -> SimulatedLogs:
+    """The same logs over ``n_days`` consecutive days: each prompt (with its responses and their signals)
+    moves to day hash(prompt_id) mod n_days. For scheduled runs (``obsfeed run --date``); the signals keep
+    their delays, so the audits a day or more later reach into the next days, as late signals do."""
+    prompts = logs.impressions[imp.PROMPT_ID].to_numpy(zero_copy_only=False)
+    day_of_prompt = {p: int(hashlib.sha256(p.encode()).hexdigest(), 16) % n_days for p in set(prompts)}
+    days = np.array([day_of_prompt[p] for p in prompts])
+    day_of_id = dict(zip(logs.impressions[imp.IMPRESSION_ID].to_pylist(), days.tolist(), strict=True))
+    signal_days = np.array([day_of_id.get(i, 0) for i in logs.signals[sig.IMPRESSION_ID].to_pylist()])
+    return SimulatedLogs(_shift_days(logs.impressions, days), _shift_days(logs.signals, signal_days), logs.truth)
+
+
+def _shift_days(table: pa.Table, days: np.ndarray) -> pa.Table:
+    shifted = pc.add(table[imp.TS].combine_chunks(), pa.array(days.astype("int64") * 86_400_000_000,
+                                                              pa.int64()).cast(pa.duration("us")))
+    return table.set_column(table.schema.get_field_index(imp.TS), imp.TS, shifted)
 
 
 def write_signals(signals: pa.Table, path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from pipelines.catalogue import read_catalogue
 from pipelines.cli import main
-from pipelines.simulate import Scenario, simulate, write_signals
+from pipelines.simulate import Scenario, simulate, spread_over_days, write_signals
 from schemas import impressions as imp
 from schemas import run_dir as rd
 from schemas import signals as sig
@@ -38,25 +38,15 @@ CUT = dt.datetime(2026, 11, 6, tzinfo=dt.UTC)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _shift(table: pa.Table, days: np.ndarray) -> pa.Table:
-    ts = table[imp.TS].combine_chunks()
-    shifted = pa.compute.add(ts, pa.array((days * 86_400_000_000).astype("int64")).cast(pa.duration("us")))
-    return table.set_column(table.schema.get_field_index(imp.TS), imp.TS, shifted)
-
-
 def write_days(out: Path) -> dict[str, object]:
-    """Five days of logs from one simulation: each prompt's impressions (and their signals) moved to day
-    hash(prompt) mod 5. Signals before CUT go to signals/early.parquet; later ones to late.parquet.gz, which
-    the test adds when it wants them to have arrived. Some day-3 units without feedback get an upvote
-    after CUT but within day 3's late window: late signals that must become labels on a re-run."""
-    logs = simulate(Scenario(n_impressions=3000, seed=7, gold_share=0.2))
-    imps = logs.impressions
-    prompt_day = {p: int(p[-1], 16) % 5 for p in set(imps[imp.PROMPT_ID].to_pylist())}
-    day_of = np.array([prompt_day[p] for p in imps[imp.PROMPT_ID].to_pylist()])
-    imps = _shift(imps, day_of)
+    """Five days of logs from one simulation (``simulate.spread_over_days``). Signals before CUT go to
+    signals/early.parquet; later ones to pending-late.jsonl.gz, which the test moves in when they arrive.
+    Some day-3 units without feedback get an upvote after CUT but within day 3's late window: late signals
+    that must become labels on a re-run."""
+    logs = spread_over_days(simulate(Scenario(n_impressions=3000, seed=7, gold_share=0.2)), len(DAYS))
+    imps, sigs = logs.impressions, logs.signals
+    day_of = np.array([(d.date() - DAY1).days for d in imps[imp.TS].to_pylist()])
     id_day = dict(zip(imps[imp.IMPRESSION_ID].to_pylist(), day_of.tolist(), strict=True))
-    sigs = logs.signals
-    sigs = _shift(sigs, np.array([id_day.get(i, 0) for i in sigs[sig.IMPRESSION_ID].to_pylist()]))
     signalled = set(sigs[sig.IMPRESSION_ID].to_pylist())
     day3 = [i for i, d in id_day.items() if d == 2 and i not in signalled][:40]
     late_votes = pa.table({sig.EVENT_ID: [f"late-{i}" for i in day3], sig.IMPRESSION_ID: day3,
@@ -68,7 +58,9 @@ def write_days(out: Path) -> dict[str, object]:
     # A logging replay: one day-1 impression again the next day (same id). One run over everything keeps the
     # earliest copy; so must the days.
     first = int(np.flatnonzero(day_of == 0)[0])
-    replay = _shift(imps.slice(first, 1), np.array([1]))
+    replay = imps.slice(first, 1)
+    replay = replay.set_column(replay.schema.get_field_index(imp.TS), imp.TS,
+                               pa.array([replay[imp.TS][0].as_py() + dt.timedelta(days=1)], imp.TIMESTAMP))
     imps = pa.concat_tables([imps, replay])
     (out / "impressions").mkdir(parents=True)
     pq.write_table(imps, out / "impressions" / "part-0.parquet")
