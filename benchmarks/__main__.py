@@ -1,8 +1,9 @@
 """`make bench`: run the benchmarks, print their figures and record them in RESULTS.md.
 
-``python -m benchmarks [ingest|estimators|trainer|losses|all] [N_IMPRESSIONS]``: the ingest benchmark (default N
-1,000,000; the scaling run uses N/10), the estimator benchmark over simulator scenarios (default N 200,000), the
-trainer's loader throughput (default N 200,000) and every reward-model loss over 3 seeds (default N 60,000).
+``python -m benchmarks [ingest|estimators|trainer|losses|schedule|all] [N_IMPRESSIONS]``: the ingest benchmark
+(default N 1,000,000; the scaling run uses N/10), the estimator benchmark over simulator scenarios (default N
+200,000), the trainer's loader throughput (default N 200,000), every reward-model loss over 3 seeds (default N
+60,000), and a simulated week run day by day against one run (default N 70,000).
 ``python -m benchmarks realdata`` (``make bench-real``, not part of ``all``): the public datasets in
 ../shared/data through the pipeline, over 5 seeds.
 """
@@ -18,12 +19,13 @@ from pathlib import Path
 from benchmarks.bench_estimators import bench_estimators, estimators_table
 from benchmarks.bench_ingest import bench_ingest, compare
 from benchmarks.bench_realdata import bench_coat, bench_hh, coat_table, hh_table
+from benchmarks.bench_schedule import bench_schedule, schedule_table
 from benchmarks.bench_trainer import bench_losses, bench_throughput, losses_table, throughput_table
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- ingest:begin -->", "<!-- ingest:end -->"
 EST_BEGIN, EST_END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
-BENCHES = ("ingest", "estimators", "trainer", "losses")
+BENCHES = ("ingest", "estimators", "trainer", "losses", "schedule")
 
 
 def _commit() -> str:
@@ -90,6 +92,8 @@ def main(argv: list[str]) -> int:
         run_trainer(n or 200_000)
     if which in ("losses", "all"):
         run_losses(n or 60_000)
+    if which in ("schedule", "all"):
+        run_schedule(n or 70_000)
     return 0
 
 
@@ -120,6 +124,14 @@ def run_trainer(n: int) -> None:
     record_block("trainer", f"{result['train_rows']:,} training rows (rated units of {n:,} impressions), median of "
                  f"{result['rounds']} alternating measurements of {result['epochs']} epochs each, ips loss, linear "
                  f"model over {2**18:,} hashed features.", throughput_table(result))
+
+
+def run_schedule(n: int) -> None:
+    print(f"schedule benchmark: {n:,} impressions over 7 days, once as one run and twice day by day", flush=True)
+    result = bench_schedule(n)
+    record_block("schedule", f"{n:,} simulated impressions spread over 7 days ({result['units']:,} units), "
+                 f"late window {result['late_window']} days; ingest, fit and score each way; the union of the "
+                 "days' units checked equal to the single run's.", schedule_table(result))
 
 
 def run_losses(n: int) -> None:
