@@ -149,7 +149,8 @@ def drift_check(pointwise_dir: Path, reference_path: Path, cfg: Config) -> dict[
     if not reference_path.exists():
         return None
     reference = json.loads(reference_path.read_text())
-    t = read_dataset(pointwise_dir)
+    t = read_dataset(pointwise_dir, [pw.PROPENSITY, un.OBSERVED, un.LABEL,
+                                     *(un.count_column(k) for k in cfg.ingest.known_types)])
     day = profile(t[pw.PROPENSITY].to_numpy(), t[un.OBSERVED].to_numpy(),
                   t[un.LABEL].to_numpy(zero_copy_only=False).astype(float),
                   signal_counts(t, cfg.ingest.known_types), edges=reference["propensity_edges"])

@@ -196,20 +196,15 @@ class JoinAndLabel(beam.DoFn):
         sigs_raw = _concat(groups["signals"])
         counts: dict[str, int] = {}
         context = _concat(groups.get(CONTEXT, [])) if self._window is not None else None
+        imps = None
         if imps_raw is not None:
             imps = dedup(imps_raw, imp.IMPRESSION_ID)
             counts["impressions.rows_duplicate"] = imps_raw.height - imps.height
             if context is not None:                # an earlier copy on a neighbouring day is the one that counts
-                earlier = (imps.join(context.group_by(imp.IMPRESSION_ID).agg(pl.col(imp.TS).min().alias("_first")),
-                                     on=imp.IMPRESSION_ID, how="left")
-                           .select(pl.col("_first").lt(pl.col(imp.TS)).fill_null(False)).to_series())
-                counts["impressions." + OTHER_DAY] = int(earlier.sum())
-                imps = imps.filter(~earlier)
-                if imps.height == 0:
-                    imps_raw = None
+                imps, counts["impressions." + OTHER_DAY] = _not_first_copy(imps, context)
         if sigs_raw is not None:
             sigs = sigs_raw                      # already one row per event id: see DedupByKey
-            lookup = (imps.select(imp.IMPRESSION_ID, pl.col(imp.TS).alias(_IMP_TS)) if imps_raw is not None
+            lookup = (imps.select(imp.IMPRESSION_ID, pl.col(imp.TS).alias(_IMP_TS)) if imps is not None
                       else pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, _IMP_TS: pl.Datetime("us", "UTC")}))
             sigs = sigs.join(lookup, on=imp.IMPRESSION_ID, how="left")
             if self._window is not None:
@@ -223,7 +218,7 @@ class JoinAndLabel(beam.DoFn):
                     bad.drop("_reason", _IMP_TS), bad["_reason"], "signals", self._signal_files))
                 counts["signals.rows_quarantined"] = bad.height
             sigs = sigs.filter(pl.col("_reason").is_null()).drop("_reason", _IMP_TS)
-        if imps_raw is not None:
+        if imps is not None and imps.height:
             units = build_units(imps, sigs if sigs_raw is not None else None, rules=self._rules,
                                 explicit=self._explicit, observe=self._observe, known_types=self._known,
                                 unobserved_label=self._unobserved_label, hash_key=self._key,
@@ -244,6 +239,16 @@ class JoinAndLabel(beam.DoFn):
         other = unmatched & (neighbour | ~self._window.owns(pl.col(sig.TS)))
         n_other = int(sigs.select(other.sum()).item())
         return sigs.filter(~other), n_other
+
+
+def _not_first_copy(imps: pl.DataFrame, context: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Drop the day's impressions whose id a neighbouring day logged earlier (that day owns the unit), and say
+    how many: as one run over everything keeps the earliest copy."""
+    first = context.group_by(imp.IMPRESSION_ID).agg(pl.col(imp.TS).min().alias("_first"))
+    later = (imps.join(first, on=imp.IMPRESSION_ID, how="inner").filter(pl.col("_first") < pl.col(imp.TS))
+             .select(imp.IMPRESSION_ID))
+    kept = imps.join(later, on=imp.IMPRESSION_ID, how="anti")
+    return kept, imps.height - kept.height
 
 
 def _concat(tables: Sequence[bytes | pa.Table]) -> pl.DataFrame | None:

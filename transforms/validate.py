@@ -146,21 +146,18 @@ class SplitBad(beam.DoFn):
         if self._table == "signals":
             reasons = pl.select(pl.coalesce(reasons, signal_checks(df, self._known, self._value_types))).to_series()
         bad = reasons.is_not_null()
-        w, counts = self._window, {}
+        good, counts, w = ~bad, {}, self._window
         if w is not None:
             ts = pl.col(imp.TS)
-            owned = df.select(w.owns(ts).fill_null(True)).to_series()         # no readable ts: every day's
-            read = df.select(w.owns(ts) if self._table == "impressions" else w.in_context(ts)).to_series()
-            context = df.select(w.in_context(ts) & ~w.owns(ts)).to_series() & ~bad
-            keep_bad = bad & owned
-            counts[f"{self._table}.{OTHER_DAY}"] = int((~(keep_bad | (~bad & read.fill_null(False)))).sum())
-            if self._table == "impressions" and context.any():
-                yield beam.pvalue.TaggedOutput(CONTEXT, df.filter(context).select(imp.IMPRESSION_ID, imp.TS)
-                                               .to_arrow())
-            good = ~bad & read.fill_null(False)
-            bad = keep_bad
-        else:
-            good = ~bad
+            if self._table == "impressions":            # the neighbours' impressions: to place signals
+                context = df.select(w.in_context(ts) & ~w.owns(ts)).to_series() & good
+                if context.any():
+                    yield beam.pvalue.TaggedOutput(CONTEXT, df.filter(context).select(imp.IMPRESSION_ID, imp.TS)
+                                                   .to_arrow())
+            reads = w.owns(ts) if self._table == "impressions" else w.in_context(ts)
+            good = good & df.select(reads.fill_null(False)).to_series()
+            bad = bad & df.select(w.owns(ts).fill_null(True)).to_series()    # unreadable ts: every day's
+            counts[f"{self._table}.{OTHER_DAY}"] = raw.height - int(good.sum()) - int(bad.sum())
         n_bad = int(bad.sum())
         if n_bad:
             yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_rows(raw.filter(bad), reasons.filter(bad),
