@@ -67,6 +67,13 @@ def models_folder(path: Path) -> Path:
                      "directory, or its models folder)")
 
 
+def day_config(cfg: Config, day: dt.date) -> Config:
+    """The config of one day's run: ingest restricted to the day, outputs unpartitioned (the day is the
+    partition)."""
+    return cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"day": day}),
+                                  "output": cfg.output.model_copy(update={"partition_by": "none"})})
+
+
 def plan(root: Path, days: Sequence[dt.date], *, force: bool) -> list[dict[str, Any]]:
     """What a run over ``days`` would do with each: run it, or skip it (already ok, and not forced)."""
     out = []
@@ -91,9 +98,7 @@ def dry_run(cfg: Config, root: Path, days: Sequence[dt.date], *, force: bool, mo
     signals: set[str] = set()
     for step in steps:
         if step["action"] == "run":                     # each day's own inputs ({date} paths), checked
-            day_cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(
-                update={"day": dt.date.fromisoformat(step["day"])})})
-            day_imps, day_sigs = input_files(day_cfg)
+            day_imps, day_sigs = input_files(day_config(cfg, dt.date.fromisoformat(step["day"])))
             step["impression_files"], step["signal_files"] = len(day_imps), len(day_sigs)
             impressions.update(day_imps)
             signals.update(day_sigs)
@@ -130,9 +135,7 @@ def run_days(cfg: Config, root: Path, days: Sequence[dt.date], *, stages: Sequen
 def run_day(cfg: Config, root: Path, day: dt.date, *, stages: Sequence[str], beam_args: Sequence[str],
             options: dict[str, dict[str, Any]] | None = None, models: Path | None = None) -> dict[str, Any]:
     """Compute ``day`` in the work folder and publish it; the catalogue says running, then ok or failed."""
-    day_cfg = cfg.model_copy(update={
-        "ingest": cfg.ingest.model_copy(update={"day": day}),
-        "output": cfg.output.model_copy(update={"partition_by": "none"})})   # the day is the partition
+    day_cfg = day_config(cfg, day)
     work = RunDir(Path(root) / rd.WORK / day.isoformat())
     shutil.rmtree(work.root, ignore_errors=True)             # a killed attempt's leftovers: start the day afresh
     work.root.mkdir(parents=True)
