@@ -99,12 +99,19 @@ def hh_seed(seed: int, work: Path) -> dict[str, Any]:
     return result
 
 
-def bench_hh(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[str, Any]:
+def quiet_work_dir(name: str) -> Path:
+    """A scratch folder under the benchmark cache, with Beam's and the libraries' chatter off and a hash key set
+    (the pipeline runs in-process, many times)."""
     logging.disable(logging.WARNING)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     os.environ.setdefault("OBSFEED_HASH_KEY", "benchmark-key-not-secret")
-    work = CACHE / "hh-work"
+    work = CACHE / name
     work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def bench_hh(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[str, Any]:
+    work = quiet_work_dir("hh-work")
     per_seed = [hh_seed(seed, work) for seed in seeds]
     shutil.rmtree(work, ignore_errors=True)
     summary = mean_sd(per_seed, (*HH_LOSSES, "oracle"), ("pair_accuracy", "raw_mse", "mse", "raw_ece", "ece"))
@@ -183,11 +190,7 @@ def coat_variant(fit_extra: str, work: Path, seeds: tuple[int, ...]) -> list[dic
 
 
 def bench_coat(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[str, Any]:
-    logging.disable(logging.WARNING)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    os.environ.setdefault("OBSFEED_HASH_KEY", "benchmark-key-not-secret")
-    work = CACHE / "coat-work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = quiet_work_dir("coat-work")
     out = {}
     for name, fit_extra in COAT_VARIANTS.items():
         print(f"  coat, {name}", flush=True)

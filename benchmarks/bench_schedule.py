@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from benchmarks.bench_estimators import CACHE
+from benchmarks.bench_realdata import quiet_work_dir
 from pipelines.catalogue import read_catalogue
 from pipelines.cli import main as cli
 from pipelines.simulate import Scenario, simulate, spread_over_days
@@ -66,10 +65,8 @@ def _timed(args: list[Any]) -> float:
 
 
 def bench_schedule(n: int = 70_000, days: int = 7, late: int = 3) -> dict[str, Any]:
-    logging.disable(logging.WARNING)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    work = CACHE / "schedule-work"
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(CACHE / "schedule-work", ignore_errors=True)
+    work = quiet_work_dir("schedule-work")
     logs = spread_over_days(simulate(Scenario(n_impressions=n, seed=0)), days)
     last = FIRST_DAY + dt.timedelta(days=days - 1)
     stages = ["--stages", "ingest,fit,score"]
