@@ -7,9 +7,11 @@ row: a path repeated per row would be most of the bytes of a narrow table in eve
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,13 +24,18 @@ import pyarrow.parquet as pq
 
 from schemas import quarantine as qr
 from schemas.errors import InputError
+from transforms.privacy import key_from_env, redact_csv_text, redact_json_text
 
 MALFORMED_RECORD = qr.MALFORMED_RECORD
 
 FILE_INDEX = "_file_index"
 ROW_NUMBER = "_row_number"
+NESTED = "_nested"
+"""Provenance of a JSON Lines row whose list or object value was turned into text in a mixed column."""
+NESTED_SEP = "\x1f"
 COUNTS = "counts"
 QUARANTINE = "quarantine"
+_BOM = b"\xef\xbb\xbf"
 
 
 def file_format(path: str) -> str:
@@ -53,83 +60,200 @@ class Malformed(NamedTuple):
     reason: str
 
 
-def _read_json_lines(path: str) -> tuple[pa.Table, list[Malformed]]:
-    """JSON Lines, one record at a time: the slow path, taken only when the fast reader fails on the file
-    (a malformed line, or a column whose JSON type changes between records).
+def _valid_utf8(table: pa.Table) -> bool:
+    """Whether every string value and column name is valid UTF-8. pyarrow's JSON reader copies the bytes of a
+    string as they are, so an invalid byte would reach Parquet unnoticed; a full validation checks every string
+    array (nested ones too) and decoding the schema's names checks the names, which validation does not."""
+    def names(fields: Iterable[pa.Field]) -> None:
+        for field in fields:
+            _ = field.name
+            names(field.type.field(i) for i in range(field.type.num_fields))
 
+    try:
+        table.validate(full=True)
+        names(table.schema)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook``: a key given twice in one object is an error, as in pyarrow's reader (at any depth,
+    objects inside lists too), not json's silent last-one-wins."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        raise ValueError("an object with a key given twice")
+    return record
+
+
+def _read_json_lines(path: str) -> tuple[pa.Table, list[Malformed]]:
+    """JSON Lines line by line: the slow path, taken only when the fast reader fails on the file (a malformed
+    line, a key given twice, a column whose JSON type changes between records) or its output holds invalid UTF-8.
+
+    Each line is decoded strictly: a line that is not UTF-8 is malformed, its text the line with the bytes
+    escaped. When that was all, the other lines go through the fast reader again; else each is parsed by
+    ``json``, made to reject as pyarrow does a key given twice (at any depth) and an escaped lone surrogate.
     Records are counted as pyarrow counts them (non-blank lines), so row numbers match the fast path's.
     """
-    good, records, rows_at, bad = [], [], [], []
+    lines, rows_at, bad = [], [], []
     with pa.input_stream(path, compression="detect") as stream:
-        # Only "\n" ends a JSON Lines record: str.splitlines would also split inside a text at U+2028 or NEL.
-        lines = [line.removesuffix("\r") for line in stream.read().decode("utf-8", errors="replace").split("\n")]
+        data = stream.read().removeprefix(_BOM)              # pyarrow skips a byte order mark too
+    # Only "\n" ends a JSON Lines record: str.splitlines would also split inside a text at U+2028 or NEL.
+    # Blank means JSON whitespace only, as for pyarrow: a line of "\f" or U+00A0 is a (malformed) record.
     index = 0
-    for line in lines:
-        if not line.strip():
+    for raw in data.split(b"\n"):
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip(b" \t\r"):
             continue
         try:
-            record = json.loads(line)
+            raw.decode("utf-8")
+            lines.append(raw)
+            rows_at.append(index)
+        except UnicodeDecodeError:
+            bad.append(Malformed(index, raw.decode("utf-8", errors="backslashreplace"), MALFORMED_RECORD))
+        index += 1
+    if bad and lines:                        # perhaps only bytes were wrong: the rest as the fast path reads it
+        with contextlib.suppress(pa.ArrowInvalid):
+            table = pajson.read_json(pa.BufferReader(b"\n".join(lines)))
+            if table.num_rows == len(lines):
+                return table.append_column(ROW_NUMBER, pa.array(rows_at, pa.int64())), bad
+    good, records, good_rows = [], [], []
+    for raw, index in zip(lines, rows_at, strict=True):
+        line = raw.decode("utf-8")
+        try:
+            record = json.loads(line, object_pairs_hook=_unique_keys)
             if not isinstance(record, dict):
                 raise ValueError(f"a JSON {type(record).__name__}, not an object")
-            good.append(line)
+            if "\\u" in line:                    # an escaped lone surrogate decodes, but is no UTF-8 text
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            good.append(raw)
             records.append(record)
-            rows_at.append(index)
-        except ValueError:
+            good_rows.append(index)
+        except (ValueError, RecursionError):    # UnicodeError and JSONDecodeError are ValueErrors
             bad.append(Malformed(index, line, MALFORMED_RECORD))
-        index += 1
-    try:  # the good lines through the fast path's parser, so that column types are inferred alike
-        table = pajson.read_json(pa.BufferReader("\n".join(good).encode())) if good else pa.table({})
-    except pa.ArrowInvalid:
+    bad.sort(key=lambda m: m.row_number)
+    table = None
+    if good:  # the good lines through the fast path's parser, so that column types are inferred alike
+        with contextlib.suppress(pa.ArrowInvalid):
+            table = pajson.read_json(pa.BufferReader(b"\n".join(good)))
+    if table is None or table.num_rows != len(records):
         table = _table_from_records(records)
-    return table.append_column(ROW_NUMBER, pa.array(rows_at, pa.int64())), bad
+    return table.append_column(ROW_NUMBER, pa.array(good_rows, pa.int64())), bad
 
 
 def _table_from_records(records: list[dict]) -> pa.Table:
     """Parsed JSON objects → a table, column by column; a column whose values do not share one type becomes
-    strings (numbers as their JSON text), so that validation can reject just the rows of the wrong type."""
+    strings (numbers, lists and objects as their JSON text), so that validation can reject just the rows of the
+    wrong type. Which rows held a list or object there is kept in ``NESTED`` (the column names, joined by
+    ``NESTED_SEP``): their JSON text is not a scalar that merely looks like one (``bad_type:<column>``)."""
     names = list(dict.fromkeys(k for r in records for k in r))
     columns = {}
+    nested: list[list[str]] = [[] for _ in records]
     for name in names:
         values = [r.get(name) for r in records]
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            for i, v in enumerate(values):
+                if isinstance(v, dict | list):
+                    nested[i].append(name)
             columns[name] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values],
                                      pa.string())
-    return pa.table(columns) if names else pa.table({"_empty": pa.nulls(len(records))}).drop_columns(["_empty"])
+    if any(nested):
+        columns[NESTED] = pa.array([NESTED_SEP.join(n) if n else None for n in nested], pa.string())
+    return pa.table(columns) if columns else pa.table({"_empty": pa.nulls(len(records))}).drop_columns(["_empty"])
+
+
+def _delimiter(path: str) -> str:
+    """Tab for a .tsv file (compressed or not), else comma: from the name, not from anywhere in the path."""
+    name = Path(path).name.lower()
+    for suffix in (".gz", ".bz2", ".zst"):
+        name = name.removesuffix(suffix)
+    return "\t" if name.endswith(".tsv") else ","
+
+
+def _csv_parse_options(delimiter: str, invalid_row_handler: Callable[[pacsv.InvalidRow], str]) -> pacsv.ParseOptions:
+    """One set of options for the fast path, the slow path's re-reading and peek_schema, so that they split alike."""
+    return pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=invalid_row_handler)
 
 
 def _read_csv(path: str, string_columns: Sequence[str] = ()) -> tuple[pa.Table, list[Malformed]]:
-    """A CSV/TSV file; a row with the wrong number of fields is set aside as malformed, not fatal.
+    """A CSV/TSV file; a row with the wrong number of fields, or with bytes that are not UTF-8, is set aside as
+    malformed, not fatal.
 
     ``string_columns`` (the contract's ids and texts) are read as text, so that an id such as "007" is not
-    turned into the number 7, nor a user called "NULL" into a null.
+    turned into the number 7, nor a user called "NULL" into a null. Quoted values may span lines.
 
-    Row numbers are 0-based data rows (the header is not a row). Quoted values may span lines, and then the
-    parser cannot say on which line a malformed row was: such a row is numbered after the parsed rows.
+    pyarrow's reader alone cannot say which row was malformed (it gives no row number when values may span
+    lines) and fails the file on a byte that is not UTF-8 in a text column (in another column it would infer
+    binary): such a file is read again record by record (:func:`_read_csv_records`), clean files never are.
     """
-    bad: list[Malformed] = []
+    delimiter, invalid = _delimiter(path), []
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns})
+    try:
+        table = pacsv.read_csv(path, parse_options=_csv_parse_options(delimiter, lambda row: invalid.append(1)
+                                                                      or "skip"), convert_options=convert)
+        if not invalid and not any(pa.types.is_binary(t) for t in table.schema.types):
+            _ = table.column_names                  # the header's names are UTF-8 too
+            return table, []
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass
+    return _read_csv_records(path, delimiter, convert)
 
-    def invalid(row) -> str:
-        bad.append(Malformed(-1 if row.number is None else row.number - 2, row.text, MALFORMED_RECORD))
-        return "skip"
 
-    delimiter = "\t" if ".tsv" in path else ","
+def _csv_record_pattern(delimiter: str, width: int | None) -> re.Pattern[bytes]:
+    r"""A record and its line end, split as pyarrow's parser splits them (``ParseLine`` in arrow/csv/parser.cc,
+    default options): a quote opens a quoted part only at the start of a field; inside it, a doubled quote is a
+    quote and line ends are text; after it, the field goes on unquoted (a quote is text there) up to a delimiter
+    or a line end ("\r\n", "\r" or "\n"). Group 1 is a record of exactly ``width`` fields, group 2 any other (all of
+    them when ``width`` is None), so that the regex engine, not Python, checks the widths."""
+    d = re.escape(delimiter.encode())
+    field = rb'(?:"[^"]*+(?:""[^"]*+)*+"?+)?+[^' + d + rb"\r\n]*+"
+    exact = rb"(?!)" if width is None else field + rb"(?:" + d + field + rb"){%d}" % (width - 1)
+    return re.compile(rb"(?:(" + exact + rb")|(" + field + rb"(?:" + d + field + rb")*+))(?:\r\n|\r|\n|\Z)")
+
+
+def _read_csv_records(path: str, delimiter: str, convert: pacsv.ConvertOptions) -> tuple[pa.Table, list[Malformed]]:
+    """The slow path of :func:`_read_csv`: split the bytes into records as pyarrow's parser does, set aside a
+    record that is not UTF-8 (its text with the bytes escaped) or has the wrong number of fields, and parse the
+    others with pyarrow, so that column types are inferred as for a clean file.
+
+    Row numbers are 0-based data rows (the header is not a row; empty lines, which pyarrow skips, are not
+    counted), exact also when values span lines.
+    """
     with pa.input_stream(path, compression="detect") as stream:
-        header = stream.read(1 << 16).decode("utf-8", errors="replace").splitlines()[:1]
-    names = next(csv.reader(header, delimiter=delimiter), [])
-    table = pacsv.read_csv(
-        path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
-                                               invalid_row_handler=invalid),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns if c in names}))
-    if not bad:
-        return table, bad
-    n_good = table.num_rows
-    taken = {m.row_number for m in bad if m.row_number >= 0}
-    rows = [i for i in range(n_good + len(taken)) if i not in taken][:n_good]
-    unknown = iter(range(max([*rows, *taken, -1]) + 1, 1 << 62))   # the parser could not say where they were
-    bad = [m if m.row_number >= 0 else m._replace(row_number=next(unknown)) for m in bad]
-    return table.append_column(ROW_NUMBER, pa.array(rows, pa.int64())), bad
+        data = stream.read().removeprefix(_BOM)             # pyarrow skips a byte order mark too
+    header = next((m for m in _csv_record_pattern(delimiter, None).finditer(data) if m.group(2)), None)
+    if header is None:
+        raise pa.ArrowInvalid("Empty CSV file")
+    try:
+        header.group(2).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise pa.ArrowInvalid(f"the header is not UTF-8: {e}") from e
+    options = _csv_parse_options(delimiter, lambda _: "skip")
+    columns = pacsv.read_csv(pa.BufferReader(header.group(0)), parse_options=options).num_columns
+    good, rows_at, bad, i = [header.group(0)], [], [], 0
+    for m in _csv_record_pattern(delimiter, columns).finditer(data, header.end()):
+        text = m.group(2) if m.group(1) is None else m.group(1)
+        if not text:                                        # an empty line
+            continue
+        try:
+            text.decode("utf-8")
+            if m.group(1) is None:
+                bad.append(Malformed(i, text.decode("utf-8"), MALFORMED_RECORD))
+            else:
+                good.append(m.group(0))
+                rows_at.append(i)
+        except UnicodeDecodeError:
+            bad.append(Malformed(i, text.decode("utf-8", errors="backslashreplace"), MALFORMED_RECORD))
+        i += 1
+    invalid = []
+    table = pacsv.read_csv(pa.BufferReader(b"".join(good)), convert_options=convert,
+                           parse_options=_csv_parse_options(delimiter, lambda row: invalid.append(row.text)
+                                                            or "skip"))
+    if invalid or table.num_rows != len(rows_at):   # cannot happen while the split follows pyarrow's parser
+        raise pa.ArrowInvalid(f"records split unlike pyarrow's parser (rejected on re-reading: {invalid[:1]})")
+    return table.append_column(ROW_NUMBER, pa.array(rows_at, pa.int64())), bad
 
 
 def _with_provenance(batch: pa.RecordBatch | pa.Table, file_index: int, first_row: int) -> pa.Table:
@@ -159,9 +283,10 @@ def read_file(path: str, *, file_index: int = 0, batch_rows: int = 65_536, malfo
             return
         bad: list[Malformed] = []
         if fmt == "json":
-            try:
+            table = None
+            with contextlib.suppress(pa.ArrowInvalid):
                 table = pajson.read_json(path)
-            except pa.ArrowInvalid:
+            if table is None or not _valid_utf8(table):
                 table, bad = _read_json_lines(path)
         else:
             table, bad = _read_csv(path, string_columns)
@@ -181,32 +306,62 @@ def peek_schema(path: str) -> pa.Schema:
         if fmt == "json":
             try:
                 with pajson.open_json(path) as reader:
-                    return reader.schema
-            except pa.ArrowInvalid:
-                return _read_json_lines(path)[0].drop_columns([ROW_NUMBER]).schema
-        with pacsv.open_csv(path, parse_options=pacsv.ParseOptions(
-                delimiter="\t" if ".tsv" in path else ",", newlines_in_values=True,
-                invalid_row_handler=lambda _: "skip")) as reader:
-            return reader.schema
+                    schema = reader.schema
+                if _valid_utf8(schema.empty_table()):                   # the names (no values yet)
+                    return schema
+            except (pa.ArrowInvalid, UnicodeDecodeError):
+                pass
+            return _read_json_lines(path)[0].drop_columns([ROW_NUMBER]).schema
+        try:
+            with pacsv.open_csv(path, parse_options=_csv_parse_options(_delimiter(path), lambda _: "skip")) as reader:
+                schema = reader.schema
+            if not any(pa.types.is_binary(t) for t in schema.types):     # binary: bytes that are not UTF-8
+                _ = schema.names
+                return schema
+        except (pa.ArrowInvalid, UnicodeDecodeError):
+            pass
+        table = _read_csv(path)[0]
+        return table.drop_columns([c for c in [ROW_NUMBER] if c in table.column_names]).schema
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
 
 
-def malformed_rows(malformed: list[Malformed], path: str, table: str) -> pa.Table:
-    """Unparseable records in the quarantine schema (``record`` is the raw text, as it was in the file)."""
+def malformed_rows(malformed: list[Malformed], path: str, table: str, *, user_column: str | None = None,
+                   hash_key: bytes | None = None) -> pa.Table:
+    """Unparseable records in the quarantine schema (``record`` is the raw text, as it was in the file, except
+    that a ``user_column`` value in it is replaced by its pseudonym: ``transforms.privacy``)."""
+    texts = [m.text for m in malformed]
+    if user_column is not None and texts:
+        if file_format(path) == "csv":
+            header = _csv_header(path)
+            texts = [redact_csv_text(t, header, hash_key, _delimiter(path), user_column) for t in texts]
+        else:
+            texts = [redact_json_text(t, hash_key, user_column) for t in texts]
     return pa.table({
         qr.TABLE: [table] * len(malformed), qr.SOURCE_FILE: [path] * len(malformed),
         qr.ROW_NUMBER: [m.row_number for m in malformed], qr.REASON: [m.reason for m in malformed],
-        qr.RECORD: [m.text for m in malformed],
+        qr.RECORD: texts,
     }, schema=qr.QUARANTINE)
+
+
+def _csv_header(path: str) -> list[str]:
+    with pa.input_stream(path, compression="detect") as stream:
+        first = stream.read(1 << 20).removeprefix(_BOM).split(b"\n", 1)[0].rstrip(b"\r")
+    return next(csv.reader([first.decode("utf-8", errors="replace")], delimiter=_delimiter(path)), [])
 
 
 class ReadFileBatches(beam.DoFn):
     """(file index, path) in, record batches out; unparseable records on ``quarantine``, row counts on ``counts``."""
 
-    def __init__(self, table: str, batch_rows: int = 65_536, string_columns: Sequence[str] = ()):
+    def __init__(self, table: str, batch_rows: int = 65_536, string_columns: Sequence[str] = (), *,
+                 user_column: str | None = None, key_env: str | None = None):
         self._table = table
         self._batch_rows, self._strings = batch_rows, list(string_columns)
+        self._user_column, self._key_env, self._key = user_column, key_env, None
+
+    def setup(self):
+        if self._user_column is not None:
+            self._key = key_from_env(self._key_env)      # on the worker: the pipeline graph holds no secret
 
     def process(self, item: tuple[int, str]):
         index, path = item
@@ -218,7 +373,9 @@ class ReadFileBatches(beam.DoFn):
             yield batch
         counts = {f"{self._table}.rows_in": rows + len(malformed)}
         if malformed:
-            yield beam.pvalue.TaggedOutput(QUARANTINE, malformed_rows(malformed, path, self._table))
+            yield beam.pvalue.TaggedOutput(QUARANTINE, malformed_rows(malformed, path, self._table,
+                                                                      user_column=self._user_column,
+                                                                      hash_key=self._key))
             counts[f"{self._table}.rows_quarantined"] = len(malformed)
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
 
@@ -226,20 +383,23 @@ class ReadFileBatches(beam.DoFn):
 class ReadRaw(beam.PTransform):
     """``files`` of one table → RecordBatches (main), unparseable records (``quarantine``), row counts (``counts``).
 
-    ``string_columns``: columns that a CSV file must keep as text (the contract's ids and texts).
+    ``string_columns``: columns that a CSV file must keep as text (the contract's ids and texts); ``user_column``
+    and ``key_env``: the raw user id a malformed record's text may hold is pseudonymised with that key.
     """
 
-    def __init__(self, files: list[str], table: str, batch_rows: int = 65_536, string_columns: Sequence[str] = ()):
+    def __init__(self, files: list[str], table: str, batch_rows: int = 65_536, string_columns: Sequence[str] = (),
+                 **options):
         super().__init__()
         self._files, self._table, self._batch_rows = list(files), table, batch_rows
-        self._strings = list(string_columns)
+        self._strings, self._options = list(string_columns), options
 
     def expand(self, pbegin):
         return (pbegin
                 | "Files" >> beam.Create(list(enumerate(self._files)))
                 | "Reshuffle" >> beam.Reshuffle()
-                | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows, self._strings)).with_outputs(
-                    COUNTS, QUARANTINE, main="batches"))
+                | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows, self._strings,
+                                                       **self._options)).with_outputs(COUNTS, QUARANTINE,
+                                                                                      main="batches"))
 
 
 class ReadParts(beam.PTransform):
