@@ -14,22 +14,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from estimators import persist
+from estimators import nuisance, persist
 from estimators import weights as W
 from estimators.balance import balance_table
 from estimators.confounding import ConfounderEffect, confounder_controls
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc, expected_calibration_error, summary
 from estimators.drift import profile, signal_counts
-from estimators.features import RESPONSE_LENGTH, input_columns, make_featurizer, structured_columns, treatment_values
-from estimators.imputation import ImputationModel
+from estimators.features import RESPONSE_LENGTH, input_columns, structured_columns, treatment_values
 from estimators.noise import FlipRates, anchor_flip_rates, audit_flip_rates, corrected_target, mean_ci, ppi_mean
-from estimators.propensity import PropensityModel, logged_propensity
+from estimators.propensity import logged_propensity
 from pipelines.manifest import describe_inputs
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config, FitConfig
-from schemas.errors import GateError, InputError
+from schemas.errors import ConfigError, GateError, InputError
 from schemas.hashing import fold_of, sample_rank
 from schemas.run_dir import RunDir
 from transforms.io import atomic_dir, parquet_files, read_dataset
@@ -81,7 +80,11 @@ def noise_model(scores: np.ndarray, label: np.ndarray, gold: np.ndarray, observe
         except ValueError as e:
             errors[name] = str(e)
     if wanted and not any(estimates[n] for n in wanted):     # under "auto", one usable estimate is enough
-        raise GateError(f"fit: flip rates ({fc.noise}): " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        why = "; ".join(f"{k}: {v}" for k, v in errors.items())
+        if fc.noise != "auto":                               # the configured method cannot run on these units
+            raise ConfigError(f"fit.noise = {fc.noise!r} cannot be estimated on these units ({why}); choose "
+                              "another fit.noise ('auto' falls back to the other method)")
+        raise GateError(f"fit: flip rates ({fc.noise}): {why}")
     diag["estimates"] = {k: v.to_dict() if v else None for k, v in estimates.items()}
     diag["errors"] = errors
     audit = estimates["audit"]
@@ -121,13 +124,16 @@ def choose_clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> di
     """The propensity floor the score stage applies (from the config, or chosen on the sample's out-of-fold
     propensities), after refusing degenerate propensities (exit code 2) rather than clipping them away."""
     sc = cfg.score
-    reason = W.degenerate_weights(observed, propensity, min_ess_share=sc.ess_floor)
+    reason = W.degenerate_weights(observed, propensity, min_ess_share=sc.ips_min_ess_share)
     if reason:
-        raise GateError(f"fit: degenerate propensities: {reason}")
-    clip = W.auto_clip(observed, propensity, sc.min_ess_share) if sc.clip == "auto" else float(sc.clip)
+        raise GateError(f"fit: degenerate propensities: {reason} (score.ips_min_ess_share = {sc.ips_min_ess_share})")
+    if sc.clip == "auto":
+        clip = W.auto_clip(observed, propensity, sc.min_ess_share)
+    else:
+        clip = 0.0 if sc.clip == "none" else float(sc.clip)
     clip = min(clip, 1 - 1e-9)
     w = W.clipped(observed, propensity, clip)
-    return {"clip": clip, "method": "auto" if sc.clip == "auto" else "config",
+    return {"clip": clip, "method": "auto" if sc.clip == "auto" else "none" if sc.clip == "none" else "config",
             "min_ess_share": sc.min_ess_share if sc.clip == "auto" else None,
             "sample_ess_share": W.kish_ess(w) / max(1, int(observed.sum())),
             "sample_clipped": int(np.sum((observed == 1) & (propensity < clip)))}
@@ -161,8 +167,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     fold = fold_of(sample[un.IMPRESSION_ID], fc.folds)
 
     frame = design(sample, fc)
-    featurizer = make_featurizer(numeric=fc.numeric, categorical=fc.categorical, hash_features=fc.hash_features,
-                                 ngram_max=fc.ngram_max)
+    featurizer = nuisance.featurizer(fc)      # built where the skops allow-list test builds them (estimators.nuisance)
     X = featurizer.fit_transform(frame).tocsr()          # one pass over the text (hashing is most of the cost)
     structured = structured_columns(featurizer)
     if fc.propensity_column:
@@ -172,18 +177,15 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         except ValueError as e:
             raise GateError(f"fit: {e}") from e
     else:
-        p_oof, p_models = crossfit(PropensityModel(model=fc.propensity_model, calibration=fc.calibration, C=fc.C,
-                                                   passthrough=structured, random_state=fc.seed), X, o, fold)
+        p_oof, p_models = crossfit(nuisance.propensity_model(fc, structured), X, o, fold)
     y = np.nan_to_num(label.astype(float))
-    m_oof, m_models = crossfit(ImputationModel(model=fc.imputation_model, C=fc.C, passthrough=structured,
-                                               random_state=fc.seed), X, y, fold, fit_mask=o == 1)
+    m_oof, m_models = crossfit(nuisance.imputation_model(fc, structured), X, y, fold, fit_mask=o == 1)
 
     obs = o == 1
     gold = sample[un.LABEL_GOLD].to_numpy(zero_copy_only=False).astype(float) \
         if un.LABEL_GOLD in sample.column_names else np.full(len(o), np.nan)
     proxy_oof = m_oof if fc.noise_proxy == fc.imputation_model else crossfit(
-        ImputationModel(model=fc.noise_proxy, C=fc.C, passthrough=structured, random_state=fc.seed),
-        X, y, fold, fit_mask=obs)[0]
+        nuisance.imputation_model(fc, structured, model=fc.noise_proxy), X, y, fold, fit_mask=obs)[0]
     flips, noise_diag = noise_model(proxy_oof, y, gold, obs, fc)
     weighting = {**choose_clip(o, p_oof, cfg), "propensity_column": fc.propensity_column}
     w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])

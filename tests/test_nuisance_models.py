@@ -1,3 +1,4 @@
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -5,14 +6,17 @@ import pytest
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from threadpoolctl import threadpool_limits
 
-from estimators import persist
+from estimators import nuisance, persist
 from estimators.crossfit import check_folds, crossfit, predict_by_fold
 from estimators.diagnostics import auc, expected_calibration_error
-from estimators.features import feature_frame, make_featurizer
+from estimators.features import feature_frame, make_featurizer, structured_columns
 from estimators.imputation import ImputationModel
+from estimators.nuisance import choices, option_grid
 from estimators.propensity import PropensityModel
 from estimators.stacking import LinearThenBoosted
+from schemas.config import FitConfig
 
 
 @pytest.fixture(scope="module")
@@ -130,23 +134,78 @@ def test_featurizer_on_text_numeric_and_categorical():
         feature_frame(cols, text=[], numeric=[], categorical=["segment"])
 
 
-def test_skops_allow_list_matches_what_our_models_need(data, tmp_path: Path):
-    X, _, o, y, fold = data
-    frame = feature_frame({"prompt": ["a b"] * 20, "response": ["c"] * 20, "v": ["x", "y"] * 10}, text=["prompt"],
-                          numeric=["response_length"], categorical=["v"])
-    objs = {"featurizer": make_featurizer(numeric=["response_length"], categorical=["v"]).fit(frame),
-            "propensity": crossfit(PropensityModel(), X, o, fold)[1],
-            "imputation": crossfit(ImputationModel(), X, y, fold)[1],
-            "boosted": [PropensityModel(model="boosted", passthrough=[2]).fit(X, o),
-                        ImputationModel(model="boosted", passthrough=[2]).fit(X, y)]}
-    needed = set()
-    for name, obj in objs.items():
-        persist.save(obj, tmp_path / f"{name}.skops")
-        needed |= set(persist.untrusted_types(tmp_path / f"{name}.skops"))
-        persist.load(tmp_path / f"{name}.skops")
-    assert needed == persist.ALLOWED_TYPES
-    loaded = persist.load(tmp_path / "propensity.skops")
-    np.testing.assert_allclose(loaded[0].predict_proba(X), objs["propensity"][0].predict_proba(X))
+def _tiny_units(n: int = 120, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Unit columns that every default feature reads, observed flags and soft labels: enough rows for each class
+    in every inner fold of the boosted models, few enough to fit every configurable model in seconds."""
+    rng = np.random.default_rng(seed)
+    words = np.array(["sort", "list", "fast", "slow", "why", "how", "code", "error"])
+    columns = {"prompt": np.array([" ".join(rng.choice(words, 3)) for _ in range(n)], dtype=object),
+               "response": np.array([" ".join(rng.choice(words, rng.integers(1, 8))) for _ in range(n)], dtype=object),
+               "position": rng.integers(0, 5, n).astype(float), "model_version": rng.choice(["v1", "v2"], n)}
+    o = (rng.random(n) < 0.5).astype(int)
+    y = np.where(rng.random(n) < 0.1, 0.7, (rng.random(n) < 0.5).astype(float))
+    return columns, o, y
+
+
+def _key(estimator: BaseEstimator) -> str:
+    return f"{type(estimator).__qualname__}{sorted(estimator.get_params(deep=False).items())}"
+
+
+def _saved_by_the_fit_stage() -> list[tuple[str, object, object]]:
+    """(what, fitted object, its input) for each distinct object that the fit stage saves under some
+    ``option_grid()`` config, built by ``estimators.nuisance``."""
+    columns, o, y = _tiny_units()
+    saved: dict[str, tuple[str, object, object]] = {}
+    designs: dict[str, tuple[object, list[int]]] = {}
+    every, observed = np.ones(o.size, bool), o == 1    # the rows pipelines.fit fits each model on
+    for fc in option_grid(hash_features=16):            # the hashed width changes no saved type
+        feat = nuisance.featurizer(fc)
+        fkey = _key(feat)
+        if fkey not in designs:
+            frame = feature_frame(columns, text=fc.text, numeric=fc.numeric, categorical=fc.categorical)
+            designs[fkey] = feat.fit_transform(frame).tocsr(), structured_columns(feat)
+            saved[fkey] = ("featurizer", feat, frame)
+        X, passthrough = designs[fkey]
+        for what, model, target, rows in (("propensity", nuisance.propensity_model(fc, passthrough), o, every),
+                                          ("imputation", nuisance.imputation_model(fc, passthrough), y, observed)):
+            key = fkey + _key(model)
+            if key not in saved:                        # one fold model: fit.py's K folds add copies, not types
+                saved[key] = (f"{what} {_key(model)}", [model.fit(X[rows], target[rows])], X)
+    return list(saved.values())
+
+
+def _outputs(obj, X) -> np.ndarray:
+    """What the score stage gets from a saved object: the design matrix, or each fold model's full output."""
+    if not isinstance(obj, list):
+        return obj.transform(X).toarray()
+    return np.stack([m.predict_proba(X) if hasattr(m, "predict_proba") else m.predict(X) for m in obj])
+
+
+def test_option_grid_covers_every_choice():
+    grid = list(option_grid())
+    for name, field in FitConfig.model_fields.items():
+        if choices(field.annotation):
+            assert {getattr(fc, name) for fc in grid} == set(choices(field.annotation)), name
+    assert "sigmoid" in choices(FitConfig.model_fields["calibration"].annotation)
+
+
+def test_skops_allow_list_is_what_every_configurable_model_needs(tmp_path: Path):
+    """Every object the fit stage can save round-trips through skops with identical outputs, and the union of
+    their untrusted types is ALLOWED_TYPES: a new option value that brings in a new class fails here."""
+    needed: set[str] = set()
+    with threadpool_limits(1):                          # OpenMP threads cost tiny boosted models 5-10x
+        saved = _saved_by_the_fit_stage()
+        for i, (what, obj, X) in enumerate(saved):
+            path = tmp_path / f"{i}.skops"
+            persist.save(obj, path)
+            types = set(persist.untrusted_types(path))
+            assert types <= persist.ALLOWED_TYPES, f"{what} needs {sorted(types - persist.ALLOWED_TYPES)} allowed"
+            needed |= types
+            np.testing.assert_array_equal(_outputs(persist.load(path), X), _outputs(obj, X), err_msg=what)
+    assert needed == persist.ALLOWED_TYPES, f"listed but never needed: {sorted(persist.ALLOWED_TYPES - needed)}"
+    propensity = {(obj[0].model, obj[0].calibration) for what, obj, _ in saved if what.startswith("propensity")}
+    options = [choices(FitConfig.model_fields[f].annotation) for f in ("propensity_model", "calibration")]
+    assert propensity == set(itertools.product(*options)) and ("logistic", "sigmoid") in propensity
 
 
 class _Unlisted(BaseEstimator):
