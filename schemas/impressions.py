@@ -24,7 +24,7 @@ IMPRESSIONS = pa.schema(
         pa.field(PROMPT, pa.string()),
         pa.field(RESPONSE, pa.string()),
         pa.field(MODEL_VERSION, pa.string()),
-        pa.field(POSITION, pa.int32()),
+        pa.field(POSITION, pa.int32(), metadata={"min": "0"}),   # "min": smaller values are out of range
     ],
     metadata={"obsfeed.table": "impressions", "obsfeed.schema_version": "1"},
 )

@@ -13,10 +13,9 @@ from transforms.join import (
     KeyByBucket,
     dedup,
     gold_labels,
-    key_from_env,
-    pseudonymise,
     resolve_labels,
 )
+from transforms.privacy import key_from_env, pseudonymise
 from transforms.read import FILE_INDEX, ROW_NUMBER
 
 RULES = {"upvote": 1.0, "downvote": 0.0, "edit": "1 - value", "copy": 1.0, "regenerate": 0.0}

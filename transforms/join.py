@@ -8,9 +8,6 @@ elements: each bucket's sub-table is Arrow IPC bytes, or the path of an Arrow fi
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
 from collections.abc import Mapping, Sequence
 
 import apache_beam as beam
@@ -24,9 +21,9 @@ from schemas import quarantine as qr
 from schemas import signals as sig
 from schemas import units as un
 from schemas.conform import conform
-from schemas.errors import ConfigError
 from schemas.hashing import bucket_of
 from transforms.io import decode_table, encode_table, spill_table
+from transforms.privacy import key_from_env, pseudonymise
 from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
 from transforms.validate import CONTEXT, QUARANTINE, quarantine_rows
 from transforms.window import OTHER_DAY, DayWindow
@@ -55,18 +52,6 @@ class KeyByBucket(beam.DoFn):
         for k in np.unique(b):
             part = table.filter(pa.array(b == k))
             yield int(k), encode_table(part) if self._spill is None else spill_table(part, self._spill, int(k))
-
-
-def pseudonymise(user_ids: pl.Series, key: bytes | None) -> pl.Series:
-    """Keyed HMAC-SHA256 of each user id (hex, 128 bits); plain SHA-256 only when explicitly unkeyed."""
-    def one(u: str) -> str:
-        if key is None:
-            return hashlib.sha256(u.encode()).hexdigest()[:32]
-        return hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32]
-
-    uniq = user_ids.unique()
-    mapping = dict(zip(uniq.to_list(), [one(u) for u in uniq.to_list()], strict=True))
-    return user_ids.replace_strict(mapping, return_dtype=pl.String)
 
 
 def dedup(df: pl.DataFrame, key: str) -> pl.DataFrame:
@@ -156,17 +141,6 @@ class DedupByKey(beam.DoFn):
         kept = dedup(raw, self._key)
         yield beam.pvalue.TaggedOutput(COUNTS, {f"{self._table}.rows_duplicate": raw.height - kept.height})
         yield kept.to_arrow()
-
-
-def key_from_env(key_env: str | None) -> bytes | None:
-    """The HMAC key for user ids from the environment variable ``key_env`` (None = explicitly unkeyed)."""
-    if key_env is None:
-        return None
-    key = os.environ.get(key_env)
-    if not key:
-        raise ConfigError(f"privacy: environment variable {key_env} is not set; set it to a secret key "
-                          "or set privacy.allow_unkeyed = true (user ids are then only hashed, not pseudonymised)")
-    return key.encode()
 
 
 class JoinAndLabel(beam.DoFn):
