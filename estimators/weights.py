@@ -25,10 +25,10 @@ def ips(observed: np.ndarray, propensity: np.ndarray) -> np.ndarray:
 
 
 def clipped(observed: np.ndarray, propensity: np.ndarray, clip: float) -> np.ndarray:
-    """w = o / max(p̂, λ): bounded weights, trading a little bias for much less variance."""
+    """w = o / max(p̂, λ): bounded weights, trading a little bias for much less variance (λ = 0: no floor)."""
     _check(observed, propensity)
-    if not 0 < clip < 1:
-        raise ValueError(f"clip must be in (0, 1), got {clip}")
+    if not 0 <= clip < 1:
+        raise ValueError(f"clip must be in [0, 1), got {clip}")
     return observed / np.maximum(propensity, clip)
 
 
@@ -105,5 +105,5 @@ def degenerate_weights(observed: np.ndarray, propensity: np.ndarray, *, min_ess_
     ess = kish_ess(observed / propensity)
     if ess < min_ess_share * n_obs:
         return (f"Kish ESS of the IPS weights is {ess:.1f}, {ess / n_obs:.2%} of the {n_obs} observed units, "
-                f"below the floor of {min_ess_share:.2%}: the propensities have almost no overlap")
+                f"below the floor of {min_ess_share:g} of them: the propensities have almost no overlap")
     return None

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.lock import root_lock
 from pipelines.logs import json_mode, log, log_format
 from pipelines.stages import STAGES, freeze_config, run_stages
 from schemas import run_dir as rd
@@ -55,6 +56,8 @@ def make_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
                         help="stderr as human-readable lines (default) or JSON lines for a scheduler")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also show the libraries' own warnings and notices (Beam, scikit-learn, ...)")
     parser = argparse.ArgumentParser(prog="obsfeed", description=__doc__.splitlines()[0], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser
@@ -182,9 +185,10 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         if days is not None or args.dry_run or args.models_from or args.force:
             return _scheduled(args, cfg, days, options, beam_args)
         run = RunDir(args.run)
-        run.root.mkdir(parents=True, exist_ok=True)
-        freeze_config(run, cfg)
-        run_stages(run, cfg, _parse_stages(args.stages), beam_args_with_defaults(beam_args), options)
+        stages = _parse_stages(args.stages)
+        with root_lock(run.root):                    # one writer per run directory, config included
+            freeze_config(run, cfg)
+            run_stages(run, cfg, stages, beam_args_with_defaults(beam_args), options)
         from pipelines.summary import print_run_summary
 
         print_run_summary(run)
@@ -210,7 +214,8 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     options: dict[str, dict[str, Any]] = {}
     if args.command == "train":
         cfg, options = _with_train_flags(cfg, args)
-    run_stages(run, cfg, [args.command], beam_args_with_defaults(beam_args), options)
+    with root_lock(run.root):
+        run_stages(run, cfg, [args.command], beam_args_with_defaults(beam_args), options)
     return 0
 
 
@@ -244,24 +249,41 @@ def _scheduled(args: argparse.Namespace, cfg: Config, days: list[dt.date] | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.ERROR)  # Beam's import-time notices are not the user's business
     parser = make_parser()
     args, beam_args = parser.parse_known_args(argv)
+    quiet_libraries(verbose=getattr(args, "verbose", False))
     if args.command in ("simulate", "evaluate", "runs", "import") and beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     with log_format(getattr(args, "log_format", "text")):
         try:
             return dispatch(args, beam_args)
         except ObsfeedUserError as e:
-            return _fail(args.command, str(e), 2)
-        except Exception as e:  # noqa: BLE001 - anything else is ours: say so, with the traceback
+            return _fail(args.command, str(e), 2, error=type(e).__name__)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - anything else is ours (a Rust panic too): say so, with the traceback
             user = _user_error_inside(e)
             if user is not None:
-                return _fail(args.command, str(user), 2)
+                return _fail(args.command, str(user), 2, error=type(user).__name__)
             if not json_mode():
                 traceback.print_exc()
             return _fail(args.command, f"internal error: {type(e).__name__}: {e}", 1,
                          traceback="".join(traceback.format_exception(e)))
+
+
+def quiet_libraries(*, verbose: bool) -> None:
+    """Third-party log records and Python warnings on stderr only with ``--verbose``: obsfeed's own lines
+    (``pipelines.logs``) say what a user needs, and a library's notice is not the user's business."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, logging.NullHandler)]:
+        root.removeHandler(h)
+    logging.captureWarnings(True)                 # warnings.warn → the "py.warnings" logger, shown only if verbose
+    if verbose:
+        if not any(type(h) is logging.StreamHandler for h in root.handlers):
+            root.addHandler(logging.StreamHandler())
+        root.setLevel(logging.WARNING)
+    elif not root.handlers:
+        root.addHandler(logging.NullHandler())
 
 
 def _fail(command: str, message: str, code: int, **fields: Any) -> int:

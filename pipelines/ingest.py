@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.manifest import describe_inputs
 from schemas import impressions as imp
+from schemas import pointwise as pw
 from schemas import quarantine as qr
 from schemas import run_dir as rd
 from schemas import signals as sig
@@ -30,10 +30,11 @@ from schemas.config import Config, expand_inputs
 from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
 from schemas.suites import suite_columns, units_suite
-from transforms.gates import failed_expectations
-from transforms.io import commit_dir, count_rows, read_dataset, staging_dir
-from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket, key_from_env
-from transforms.read import COUNTS, ReadRaw, peek_schema
+from transforms.gates import failed_expectations, raw_id_leaks
+from transforms.io import commit_dir, count_rows, ensure_part, read_dataset, scratch_dir, staging_dir
+from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
+from transforms.privacy import key_from_env
+from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER, ReadRaw, peek_schema
 from transforms.validate import CONTEXT, QUARANTINE, Validate, merge_counts
 from transforms.window import OTHER_DAY, DayWindow
 from transforms.write import WriteBucketParts, WriteJson
@@ -61,17 +62,47 @@ def check_columns(files: Sequence[str], schema: pa.Schema) -> None:
             raise InputError(f"{path}: required column '{missing[0]}' is missing")
 
 
-def extra_fields(files: Sequence[str]) -> list[pa.Field]:
-    """Impression columns beyond the contract (e.g. features), kept on the units as they are."""
+def extra_fields(files: Sequence[str], known_types: Sequence[str] = ()) -> list[pa.Field]:
+    """Impression columns beyond the contract (e.g. features), kept on the units, typed over every file: a
+    column whose type differs between files is float64 when every type is numeric, else text
+    (``transforms.validate.conform_extras``).
+
+    A column named like one obsfeed writes itself (``user_hash``, ``n_upvote``, ``weight_ips``, ...) is refused
+    up front: it would be silently replaced, or clash in the output schema.
+    """
     declared = set(imp.IMPRESSIONS.names)
-    schema = peek_schema(files[0])
-    fields = []
-    for f in schema:
-        if f.name in declared:
-            continue
-        t = pa.string() if pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type) else f.type
-        fields.append(pa.field(f.name, t))
-    return fields
+    types: dict[str, set[pa.DataType]] = {}
+    for path in files:
+        for f in peek_schema(path):
+            if f.name in declared:
+                continue
+            t = f.type
+            if pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+                t = pa.string()
+            elif pa.types.is_large_binary(t):
+                t = pa.binary()
+            if not pa.types.is_null(t):                 # an all-null column of one file says nothing of its type
+                types.setdefault(f.name, set()).add(t)
+            else:
+                types.setdefault(f.name, set())
+    reserved = set(pw.pointwise_schema(un.units_schema(known_types)).names) | {FILE_INDEX, ROW_NUMBER}
+    clash = sorted(set(types) & reserved)
+    if clash:
+        raise InputError(f"{files[0]}: impression column{'s' if len(clash) > 1 else ''} {', '.join(clash)} "
+                         "would clash with obsfeed's own output columns; rename "
+                         f"{'them' if len(clash) > 1 else 'it'} in the input")
+    return [pa.field(name, _common_type(ts)) for name, ts in types.items()]
+
+
+def _common_type(types: set[pa.DataType]) -> pa.DataType:
+    """One type for a column over files: its type, float64 for numbers of several types, else text."""
+    if not types:
+        return pa.null()
+    if len(types) == 1:
+        return next(iter(types))
+    if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in types):
+        return pa.float64()
+    return pa.string()
 
 
 def key_env(cfg: Config) -> str | None:
@@ -93,12 +124,16 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     spill = {"events": f"{scratch_dir}/events", "impressions": f"{scratch_dir}/impressions",
              "signals": f"{scratch_dir}/signals", "context": f"{scratch_dir}/context"} if ing.shuffle == "files" else {}
     imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions",
-                                            string_columns=_string_columns(imp.IMPRESSIONS))
+                                            string_columns=_string_columns(imp.IMPRESSIONS),
+                                            user_column=imp.USER_ID, key_env=key_env)
     sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals", string_columns=_string_columns(sig.SIGNALS))
+    extra = pa.schema([f for f in units_schema if f.name not in un.units_schema(ing.known_types).names])
     v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS, impression_files,
-                                                              window=window)
+                                                              window=window, ts_unit=ing.ts_unit, extra=extra,
+                                                              key_env=key_env)
     v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, signal_files, ing.known_types,
-                                                          ing.value_types, window=window)
+                                                          ing.value_types, window=window, ts_unit=ing.ts_unit,
+                                                          key_env=key_env)
     unique_sigs = (v_sigs.ok
                    | "BucketEvents" >> beam.ParDo(KeyByBucket(buckets, sig.EVENT_ID, spill.get("events")))
                    | "GroupEvents" >> beam.GroupByKey()
@@ -164,33 +199,44 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     check_columns(impression_files, imp.IMPRESSIONS)
     check_columns(signal_files, sig.SIGNALS)
     env = key_env(cfg)
-    schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_files))
+    schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_files, cfg.ingest.known_types))
     units_final, quarantine_final = run.path(rd.UNITS), run.path(rd.QUARANTINE)
     units_tmp, quarantine_tmp = staging_dir(units_final), staging_dir(quarantine_final)
-    scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=run.root))
+    scratch = scratch_dir(run.root, "ingest")
     start = time.perf_counter()
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, impression_files=impression_files, signal_files=signal_files, units_schema=schema,
                   key_env=env, units_dir=str(units_tmp), quarantine_dir=str(quarantine_tmp),
                   counts_path=str(scratch / "counts.json"), scratch_dir=str(scratch / "shuffle"))
+        ensure_part(quarantine_tmp, qr.QUARANTINE, cfg.output)       # an empty quarantine is still a dataset
         counts = json.loads((scratch / "counts.json").read_text())
         quarantined = _quarantine_by_table(quarantine_tmp)
         table_counts = reconcile(counts, count_rows(units_tmp), quarantined)
-        commit_dir(quarantine_tmp, quarantine_final)
         read = {t: c["rows_in"] - c.get(OTHER_DAY, 0) for t, c in table_counts.items()}   # this day's rows
         bad = {t: table_counts[t]["rows_quarantined"] / n if n else 0.0 for t, n in read.items()}
         worst = max(bad, key=bad.get)
         if bad[worst] > cfg.ingest.max_bad_fraction:
+            failed = run.path(rd.FAILED_QUARANTINE)
+            commit_dir(quarantine_tmp, failed)
             raise GateError(f"ingest: {bad[worst]:.1%} of {worst} rows were quarantined, above "
-                            f"ingest.max_bad_fraction = {cfg.ingest.max_bad_fraction:.1%}; see {quarantine_final}")
+                            f"ingest.max_bad_fraction = {cfg.ingest.max_bad_fraction:.1%}; see {failed} (the "
+                            "previous outputs are left in place)")
         pipeline_s = time.perf_counter() - start
         suite = units_suite(schema)
-        failures = failed_expectations(read_dataset(units_tmp, suite_columns(suite)), suite)
+        failures = failed_expectations(read_dataset(units_tmp, suite_columns(suite)), suite) if count_rows(
+            units_tmp) else []
         gate_s = time.perf_counter() - start - pipeline_s
         if failures:
             raise GateError(f"ingest: the units gate failed ({len(failures)} expectations): " + "; ".join(failures))
+        ensure_part(units_tmp, schema, cfg.output)
+        leaked = raw_id_leaks({"units": units_tmp, "quarantine": quarantine_tmp})
+        if leaked:
+            raise GateError(f"ingest: {leaked}")
+        # Committed only now that every gate passed: a failed ingest leaves units/ and quarantine/ as they were.
+        commit_dir(quarantine_tmp, quarantine_final)
         commit_dir(units_tmp, units_final)
+        shutil.rmtree(run.path(rd.FAILED_QUARANTINE), ignore_errors=True)
     finally:
         for d in (units_tmp, quarantine_tmp, scratch):
             shutil.rmtree(d, ignore_errors=True)

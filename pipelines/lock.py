@@ -1,5 +1,5 @@
-"""One writer per scheduled root: a lock file that a second scheduler meets (exit 2), and that a killed run
-leaves behind as a *stale* lock, told apart by its holder's host and process id.
+"""One writer per run directory or scheduled root: a lock file that a second run meets (exit 2), and that a
+killed run leaves behind as a *stale* lock, told apart by its holder's host and process id.
 
 The lock is a file holding JSON (pid, host, start time, command line), written under a temporary name and
 hard-linked into place (atomic, and it fails if a lock exists, on local filesystems and NFS alike). A lock
@@ -26,6 +26,7 @@ from typing import Any
 
 from schemas import run_dir as rd
 from schemas.errors import LockError
+from transforms.io import process_alive
 
 _HELD: dict[Path, str] = {}
 """Locks this process holds (path → start time): a lock with our pid that is not here is a dead process's."""
@@ -51,13 +52,7 @@ def holder_alive(holder: dict[str, Any]) -> bool | None:
         return None
     if holder["pid"] == os.getpid():      # ours, or a restarted container's that reused our pid
         return holder.get("started_at") in _HELD.values()
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                 # it runs, as another user
-        return True
-    return True
+    return process_alive(holder["pid"], holder["host"])
 
 
 def describe(holder: dict[str, Any]) -> str:
@@ -67,8 +62,9 @@ def describe(holder: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def root_lock(root: Path) -> Iterator[None]:
-    """Hold the lock of ``root`` for the block; raise LockError (exit 2) if another run holds it."""
-    root = Path(root)
+    """Hold the lock of ``root`` (a run directory or a scheduled root) for the block; raise LockError (exit 2)
+    if another run holds it."""
+    root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     path = lock_path(root)
     payload = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -86,8 +82,9 @@ def root_lock(root: Path) -> Iterator[None]:
         alive = holder_alive(holder)
         if alive is False:
             raise LockError(f"{path}: stale lock left by {describe(holder)}, which is no longer running; check "
-                            f"that day's status in the catalogue, then clear it with `obsfeed unlock {root}`") from None
-        raise LockError(f"{path}: another run holds this root: {describe(holder)}") from None
+                            f"what it left (`obsfeed runs {root}`), then clear it with `obsfeed unlock {root}`"
+                            ) from None
+        raise LockError(f"{path}: another run holds {root}: {describe(holder)}") from None
     finally:
         tmp.unlink(missing_ok=True)
     _HELD[path] = json.loads(payload)["started_at"]

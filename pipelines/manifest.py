@@ -11,7 +11,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,49 @@ def dataset_sha256(directory: Path | str) -> str:
     for f in sorted(root.rglob("*.parquet")):
         h.update(str(f.relative_to(root)).encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
+
+
+def tree_sha256(directory: Path | str) -> str | None:
+    """One hash of a folder's content (every file's relative path and bytes, hidden names skipped, in path
+    order); None when it does not exist. What lineage compares: same hash, same content."""
+    root = Path(directory)
+    if not root.exists():
+        return None
+    if root.is_file():
+        return sha256_file(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(str(rel).encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def lineage(run: RunDir, names: Iterable[str]) -> dict[str, str | None]:
+    """The content hash of each run-directory output in ``names``."""
+    return {name: tree_sha256(run.path(name)) for name in names}
+
+
+def stale_stages(manifest: dict[str, Any], order: Sequence[str]) -> list[str]:
+    """The stages recorded ok whose inputs are not what they consumed: an input rewritten since by its
+    producer (its recorded output hash differs), or produced by a stage that is itself stale. A stage recorded
+    before lineage existed is taken as it is."""
+    stages = manifest.get("stages", {})
+    producer = {name: s for s in order for name in rd.STAGE_OUTPUTS.get(s, ())}
+    produced: dict[str, str | None] = {}
+    for s in order:
+        produced.update(((stages.get(s) or {}).get("lineage") or {}).get("produced") or {})
+    stale: list[str] = []
+    for s in order:
+        entry = stages.get(s) or {}
+        consumed = (entry.get("lineage") or {}).get("consumed")
+        if entry.get("status") != "ok" or consumed is None:
+            continue
+        if any(producer.get(name) in stale or (name in produced and produced[name] != h)
+               for name, h in consumed.items()):
+            stale.append(s)
+    return stale
 
 
 def versions() -> dict[str, str]:
@@ -82,24 +125,32 @@ def write_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
     atomic_write_text(run.path(rd.MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``work`` and record its result under ``stages.<stage>``, with status, timing, memory and versions.
+def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], dict[str, Any]],
+                 consumes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``work`` and record its result under ``stages.<stage>``, with status, timing, memory, versions and
+    lineage: the content hashes of the run-directory inputs it consumed (``consumes``, by default
+    ``STAGE_INPUTS[stage]``) and of the outputs it produced.
 
-    A failed stage is recorded as failed (then the error propagates), so a run is never left looking complete.
+    A failed stage is recorded as failed (then the error propagates), so a run is never left looking complete;
+    its outputs were not committed, so the hashes of what it produced last time are kept.
     """
     manifest = read_manifest(run)
+    before = (manifest.get("stages", {}).get(stage) or {}).get("lineage") or {}
+    consumed = lineage(run, rd.STAGE_INPUTS.get(stage, ()) if consumes is None else consumes)
     manifest.update({"run_id": run.run_id, "config_hash": config_hash, "versions": versions(),
                      "git_commit": git_commit()})
     started = time.perf_counter()
     entry: dict[str, Any] = {"started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     # Recorded as running first: a process killed mid-stage (no `finally` runs) then leaves "running" with a pid
     # that is gone, which `obsfeed runs` reports as killed, instead of the previous run's "ok".
+    entry["lineage"] = {"consumed": None, "produced": before.get("produced")}
     manifest.setdefault("stages", {})[stage] = {**entry, "status": "running", "pid": os.getpid(),
                                                 "host": platform.node()}
     write_manifest(run, manifest)
     try:
         entry.update(work())
         entry["status"] = "ok"
+        entry["lineage"] = {"consumed": consumed, "produced": lineage(run, rd.STAGE_OUTPUTS.get(stage, ()))}
     except BaseException as e:
         entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise

@@ -56,9 +56,10 @@ def plot_weights(w_ips: np.ndarray, w_clip: np.ndarray, clip: float, path: Path)
     """Distribution of IPS weights of observed units (log scale), raw vs clipped."""
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
-    bins = np.logspace(0, np.log10(max(w_ips.max(), 1.0 / clip) * 1.05), 50)
+    top = max(w_ips.max(initial=1.0), 1.0 / clip if clip > 0 else 1.0, 1.0)
+    bins = np.logspace(0, np.log10(top * 1.05), 50)
     ax.hist(w_ips, bins=bins, alpha=0.6, label="IPS 1/p̂")
-    ax.hist(w_clip, bins=bins, alpha=0.6, label=f"clipped (p̂ ≥ {clip})")
+    ax.hist(w_clip, bins=bins, alpha=0.6, label=f"clipped (p̂ ≥ {clip})" if clip > 0 else "clipped (no floor)")
     ax.set(xscale="log", yscale="log", xlabel="weight", ylabel="observed units", title="Weight distribution")
     ax.legend()
     fig.tight_layout()
@@ -245,9 +246,9 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     with atomic_dir(run.path(rd.REPORT)) as tmp:
         plot_overlap(p, o, tmp / figures["overlap"])
         plot_calibration(p, o, tmp / figures["calibration"])
-        clip = read_manifest(run).get("stages", {}).get("score", {}).get("diagnostics", {}).get("clip")
-        plot_weights(t[pw.WEIGHT_IPS].to_numpy()[obs], t[pw.WEIGHT_CLIPPED].to_numpy()[obs],
-                     clip if clip is not None else cfg.score.clip, tmp / figures["weights"])
+        clip = float(json.loads(run.path(rd.WEIGHTS_FILE).read_text())["clip"])   # the floor fit chose
+        plot_weights(t[pw.WEIGHT_IPS].to_numpy()[obs], t[pw.WEIGHT_CLIPPED].to_numpy()[obs], clip,
+                     tmp / figures["weights"])
         fit_entry = read_manifest(run).get("stages", {}).get("fit", {})
         fit = fit_entry.get("diagnostics", {}) if fit_entry.get("status") == "ok" else {}
         if fit.get("confounders"):

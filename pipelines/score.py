@@ -27,10 +27,18 @@ from schemas import units as un
 from schemas.config import Config
 from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
-from schemas.suites import RAW_USER_COLUMNS, pairwise_suite, pointwise_suite, suite_columns
+from schemas.suites import pairwise_suite, pointwise_suite, suite_columns
 from transforms import score as sc
-from transforms.gates import failed_expectations
-from transforms.io import commit_dir, count_rows, encode_table, parquet_files, read_dataset, staging_dir
+from transforms.gates import failed_expectations, raw_id_leaks
+from transforms.io import (
+    commit_dir,
+    count_rows,
+    encode_table,
+    ensure_part,
+    parquet_files,
+    read_dataset,
+    staging_dir,
+)
 from transforms.join import KeyByBucket
 from transforms.read import ReadParts
 from transforms.write import WriteBucketParts
@@ -96,15 +104,18 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, unit_files=unit_files, model_paths=model_paths, pointwise_schema=schema,
                   run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr), clip=clip)
+        ensure_part(tmp_pw, schema, cfg.output)                 # empty datasets are still datasets
+        ensure_part(tmp_pr, pr.PAIRWISE, cfg.output)
         n_units, n_points = count_rows(run.path(rd.UNITS)), count_rows(tmp_pw)
         if n_units != n_points:
             raise RuntimeError(f"score lost units: {n_units} in, {n_points} out")
         diagnostics = weight_diagnostics(tmp_pw, clip)
         ess_share = diagnostics[pw.WEIGHT_IPS]["ess_share"]
-        if ess_share < cfg.score.ess_floor:
-            raise GateError(f"score: degenerate weights: the Kish ESS of the IPS weights is {ess_share:.2%} of the "
-                            f"observed units, below score.ess_floor = {cfg.score.ess_floor:.2%}; the previous "
-                            "datasets are left in place")
+        floor = cfg.score.ips_min_ess_share
+        if ess_share < floor:
+            raise GateError(f"score: degenerate weights: the Kish ESS of the IPS weights is {ess_share:.4g} of the "
+                            f"observed units, below score.ips_min_ess_share = {floor:g}; the previous datasets are "
+                            "left in place")
         output_gates(tmp_pw, tmp_pr, cfg.score.min_margin)
         diagnostics["drift"] = drift_check(tmp_pw, models / REFERENCE, cfg)
         content = {rd.POINTWISE: dataset_sha256(tmp_pw), rd.PAIRWISE: dataset_sha256(tmp_pr)}
@@ -120,14 +131,13 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
 def output_gates(pointwise_dir: Path, pairwise_dir: Path, min_margin: float) -> None:
     """The Great Expectations gates on the staged datasets, and no raw user id in either: a dataset that fails
     is not committed (exit code 2) and the previous one stays."""
+    leaked = raw_id_leaks({rd.POINTWISE: pointwise_dir, rd.PAIRWISE: pairwise_dir})
+    if leaked:
+        raise GateError(f"score: {leaked}")
     for name, path, suite in ((rd.POINTWISE, pointwise_dir, pointwise_suite()),
                               (rd.PAIRWISE, pairwise_dir, pairwise_suite(min_margin))):
-        files = parquet_files(path)
-        if not files:
+        if not count_rows(path):
             continue
-        leaked = [c for c in RAW_USER_COLUMNS if c in pq.read_schema(files[0]).names]
-        if leaked:
-            raise GateError(f"score: {name} would carry the raw user id column {leaked[0]!r}")
         failures = failed_expectations(read_dataset(path, suite_columns(suite)), suite)
         if failures:
             raise GateError(f"score: the {name} gate failed ({len(failures)} expectations): " + "; ".join(failures))

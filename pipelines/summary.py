@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from pipelines.manifest import read_manifest
+from pipelines.manifest import read_manifest, stale_stages
 from schemas import run_dir as rd
 from schemas.run_dir import RunDir
 
@@ -73,7 +73,8 @@ def _alive(pid: int | None, host: str | None) -> bool:
 
 def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
     """``complete`` (``_SUCCESS`` present), ``running: <stage>``, ``killed: <stage>`` (recorded as running by a
-    process that is gone), ``failed: <stage>``, or ``incomplete (<stages done>)``."""
+    process that is gone), ``failed: <stage>``, ``stale: <stages>`` (ran on outputs rewritten since), or
+    ``incomplete (<stages done>)``."""
     if run.path(rd.SUCCESS).exists():
         return "complete"
     from pipelines.stages import STAGES
@@ -86,6 +87,9 @@ def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
     failed = [name for name, e in stages.items() if e.get("status") == "failed"]
     if failed:
         return f"failed: {failed[0]}"
+    stale = stale_stages(manifest, STAGES)
+    if stale:
+        return f"stale: {','.join(stale)}"
     done = [name for name, e in stages.items() if e.get("status") == "ok"]
     return f"incomplete ({','.join(done) or 'nothing done'})"
 
@@ -96,7 +100,7 @@ def runs_table(root: Path) -> list[str]:
     root = Path(root)
     candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
     runs = [RunDir(p) for p in candidates if (p / rd.MANIFEST).exists()]
-    header = (f"{'run':<24}{'status':<28}{'last stage at':<22}{'units':>9}{'observed':>10}{'AUC':>7}{'ESS':>7}"
+    header = (f"{'run':<24}{'status':<36}{'last stage at':<22}{'units':>9}{'observed':>10}{'AUC':>7}{'ESS':>7}"
               f"{'pairs':>8}")
     lines = [header]
     for run in runs:
@@ -107,7 +111,7 @@ def runs_table(root: Path) -> list[str]:
         ess = st.get("score", {}).get("diagnostics", {}).get("weight_clipped", {}).get("ess_share")
         pairs = st.get("score", {}).get("counts", {}).get("pairs")
         last = max((e.get("started_at", "") for e in st.values()), default="")
-        lines.append(f"{str(m.get('run_id', run.root.name))[:23]:<24}{run_status(run, m)[:27]:<28}{last:<22}"
+        lines.append(f"{str(m.get('run_id', run.root.name))[:23]:<24}{run_status(run, m)[:35]:<36}{last:<22}"
                      f"{_fmt(ing.get('units')):>9}{_fmt(ing.get('observed_rate'), 3):>10}{_fmt(auc):>7}"
                      f"{_fmt(ess, 2):>7}{_fmt(pairs):>8}")
     if not runs:

@@ -63,7 +63,7 @@ from schemas import units as un
 from schemas.config import Config
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
-from transforms.io import atomic_dir, parquet_files
+from transforms.io import atomic_dir, count_rows, parquet_files
 
 BASELINES = "baselines"
 METRICS_FILE = "metrics.json"
@@ -130,6 +130,10 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
     pair_files = parquet_files(run.path(rd.PAIRWISE)) if "pairs" in kinds.values() else []
     if "pairs" in kinds.values() and not pair_files:
         raise InputError(f"{run.path(rd.PAIRWISE)}: pairwise dataset has no Parquet files")
+    if "pairs" in kinds.values() and not count_rows(run.path(rd.PAIRWISE)):
+        raise InputError(f"{run.path(rd.PAIRWISE)}: the pairwise dataset is empty: no prompt has two responses "
+                         f"whose {cfg.score.pair_target} differs by score.min_margin = {cfg.score.min_margin}; "
+                         "loss 'bt' has nothing to train on")
     if "pairs" in kinds.values():
         check_pair_features(cfg.train.numeric)             # before any loss trains, not after
     inputs = describe_inputs([*point_files, *pair_files])

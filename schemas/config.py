@@ -61,6 +61,11 @@ class IngestConfig(_Section):
         None, ge=0, le=1, description="click-through framing: label given to units with no signal"
     )
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    ts_unit: Literal["auto", "s", "ms", "us", "iso"] = Field(
+        "auto", description="how a timestamp given as a number is read: epoch seconds, milliseconds or "
+        "microseconds, 'auto' (by magnitude, per value: < 1e11 seconds, < 1e14 ms, < 1e17 us, else ns) or 'iso' "
+        "(numbers are bad_timestamp). Strings are ISO-8601 in any case: a date and time, or a date alone (its "
+        "midnight UTC)")
     day: dt.date | None = Field(
         None, description="process one logical day (UTC): its impressions, and their signals up to late_window "
         "days after the day ends; set by `obsfeed run --date`. None: every row of the input")
@@ -165,18 +170,31 @@ class FitConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    clip: float | Literal["auto"] = Field(
+    clip: float | Literal["auto", "none"] = Field(
         0.02, description="propensities are floored at clip for weight_clipped; 'auto' picks the smallest floor "
-        "that keeps the Kish ESS of the clipped weights at min_ess_share of the observed units (on the fit sample)")
+        "that keeps the Kish ESS of the clipped weights at min_ess_share of the observed units (on the fit "
+        "sample); 'none': no floor (weight_clipped = weight_ips, e.g. for a logging policy's known propensities)")
     min_ess_share: float = Field(0.2, gt=0, le=1, description="the ESS share that clip = 'auto' keeps")
-    ess_floor: float = Field(0.01, gt=0, le=1, description="fit and score fail (exit 2) when the IPS weights' "
-                             "Kish ESS is below this share of the observed units: no overlap, not a clipping matter")
+    ips_min_ess_share: float = Field(
+        0.01, gt=0, le=1, description="fit and score fail (exit 2) when the Kish ESS of the IPS weights is below "
+        "this share of the observed units (0.01 = 1%): no overlap, not a clipping matter")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        """``ess_floor``, this key's old name, still reads (run directories' frozen configs hold it)."""
+        if isinstance(data, dict) and "ess_floor" in data:
+            data = dict(data)
+            if "ips_min_ess_share" in data:
+                raise ValueError("score.ess_floor is the old name of score.ips_min_ess_share: give only the latter")
+            data["ips_min_ess_share"] = data.pop("ess_floor")
+        return data
 
     @field_validator("clip")
     @classmethod
     def _clip_in_range(cls, v: float | str) -> float | str:
-        if v != "auto" and not 0 < v < 1:
-            raise ValueError(f"clip must be in (0, 1) or 'auto', got {v}")
+        if v not in ("auto", "none") and not 0 < v < 1:
+            raise ValueError(f"clip must be in (0, 1), 'auto' or 'none', got {v}")
         return v
     pairs: Literal["all", "capped", "best_vs_worst"] = Field(
         "capped", description="which pairs of a prompt's units: every pair at least min_margin apart ('all'), "
@@ -260,6 +278,16 @@ class Config(_Section):
     drift: DriftConfig = DriftConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="after")
+    def _pairs_can_exist(self) -> Config:
+        """A pairwise loss is refused before any stage runs when the config alone says there will be no pair:
+        labels lie in [0, 1], so no two differ by more than 1."""
+        wants_pairs = "bt" in (self.train.loss, *self.train.baselines)
+        if wants_pairs and self.score.pair_target == "label" and self.score.min_margin > 1:
+            raise ValueError(f"train asks for loss 'bt', but no pair can exist: labels lie in [0, 1] and "
+                             f"score.min_margin = {self.score.min_margin} > 1 with score.pair_target = 'label'")
+        return self
+
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(exclude_none=True))
 
@@ -277,7 +305,8 @@ def _describe(err: ValidationError, path: Path) -> str:
         return f"{path}: unknown key '{where}'"
     if first["type"] == "missing":
         return f"{path}: missing key '{where}'"
-    return f"{path}: key '{where}': {first['msg']}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{path}: key '{where}': {msg}" if where else f"{path}: {msg}"
 
 
 def parse_config(text: str, *, path: Path | str = "<config>", base: Path | None = None) -> Config:
@@ -325,7 +354,8 @@ DATE_FIELD = "{date}"
 
 def expand_inputs(patterns: list[str], *, what: str, day: dt.date | None = None, late_window: int = 0,
                   ) -> list[str]:
-    """Expand files/globs to a sorted list of files; none found is an error naming the pattern.
+    """Expand files/globs/folders (:func:`_matches`) to a sorted list of files; none found is an error naming the
+    pattern.
 
     A pattern with ``{date}`` is read for each day from ``day - late_window`` to ``day + late_window`` (the
     days whose rows a scheduled day owns or must see: ``transforms.window``); only ``day`` itself must
@@ -351,4 +381,24 @@ def expand_inputs(patterns: list[str], *, what: str, day: dt.date | None = None,
 
 
 def _matches(pattern: str) -> list[str]:
-    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else ([pattern] if Path(pattern).is_file() else [])
+    """The files of a file, glob or folder, sorted. A folder (or a folder a glob matches) is read as polars,
+    pyarrow and DuckDB read a dataset: every data file below it, hive-style ``date=.../`` folders included,
+    skipping entries whose name starts with '.' or '_' (``_SUCCESS``, ``.part-0.crc``, ``_temporary/``) and files
+    of other formats. The formats are those of ``transforms.read.file_format``: keep the two lists alike."""
+    formats = (".parquet", ".pq", ".jsonl", ".ndjson", ".json", ".csv", ".tsv")
+
+    def is_data(name: str) -> bool:
+        name = name.lower()
+        for suffix in (".gz", ".bz2", ".zst"):
+            name = name.removesuffix(suffix)
+        return name.endswith(formats)
+
+    files = []
+    for found in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]):
+        path = Path(found)
+        if path.is_file():
+            files.append(found)
+        elif path.is_dir():
+            files.extend(str(f) for f in path.rglob("*") if f.is_file() and is_data(f.name)
+                         and not any(part.startswith((".", "_")) for part in f.relative_to(path).parts))
+    return sorted(files)

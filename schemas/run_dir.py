@@ -32,9 +32,32 @@ WORK = ".work"
 """Where a day is computed before its partitions are swapped in (hidden: dataset readers never look here)."""
 DATE_PARTITION = "date"
 
+FAILED_QUARANTINE = "failed/quarantine"
+"""The quarantine of the latest ingest that failed its gates: for inspection; ``quarantine/`` stays as it was."""
+
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "fit": (UNITS,),
+    "score": (UNITS, MODELS),
+    "train": (DATASETS, MODELS),
+    "report": (UNITS, QUARANTINE, MODELS, DATASETS, REWARD_MODEL),
+}
+"""What each stage reads of the run directory: its content hashes are recorded when the stage runs (lineage),
+so that a stage whose inputs were rewritten since is *stale* and the run is not complete."""
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "ingest": (UNITS, QUARANTINE),
+    "fit": (MODELS,),
+    "score": (DATASETS,),
+    "train": (REWARD_MODEL,),
+    "report": (REPORT,),
+}
+"""What each stage writes (committed only after its gates pass: a failed stage leaves them as they were)."""
+
 PROPENSITY_MODEL = "models/propensity.skops"
 IMPUTATION_MODEL = "models/imputation.skops"
 NOISE_MODEL = "models/noise.json"
+WEIGHTS_FILE = "models/weights.json"
+"""The propensity floor the fit stage chose (``clip``): the only source of it after fit."""
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ def pairwise_suite(min_margin: float) -> gx.ExpectationSuite:
 
 RAW_USER_COLUMNS = ("user_id",)
 """Columns that must never reach an output: the raw user id (units carry only its keyed hash)."""
+RAW_ID_KEY = r'"user_id"\s*:\s*[^\s,}n]'
+"""A quarantine record that still names the raw user id: a ``"user_id"`` key with a value other than null."""
 
 
 def suite_columns(suite: gx.ExpectationSuite) -> list[str]:

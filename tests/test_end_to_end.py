@@ -211,7 +211,8 @@ def test_rerunning_score_rewrites_identical_datasets(finished_run):
 
 def test_a_run_killed_during_score_leaves_the_previous_datasets_and_no_success(finished_run, tmp_path):
     """SIGKILL to an `obsfeed score` subprocess while it writes: the committed datasets are untouched, there is no
-    _SUCCESS, and the next score run clears what the killed one left and commits. (It re-runs a stage of the
+    _SUCCESS, its lock is reported stale until `obsfeed unlock`, and the next score run clears what the killed
+    one left and commits. (It re-runs a stage of the
     shared run, so it comes after the tests that read the first run's manifest.)"""
     run, _ = finished_run
     before = {d: dataset_sha256(run / d) for d in (rd.POINTWISE, rd.PAIRWISE)}
@@ -231,6 +232,8 @@ def test_a_run_killed_during_score_leaves_the_previous_datasets_and_no_success(f
     assert {d: dataset_sha256(run / d) for d in (rd.POINTWISE, rd.PAIRWISE)} == before
     assert json.loads((run / rd.MANIFEST).read_text())["stages"]["score"]["status"] == "running"
     assert run_status(RunDir(run), json.loads((run / rd.MANIFEST).read_text())) == "killed: score"
+    assert main(["score", str(run)]) == 2                      # the killed run's lock: stale, named, kept
+    assert main(["unlock", str(run)]) == 0
     assert main(["score", str(run)]) == 0
     assert not list(run.glob(staged.name))
     assert {d: dataset_sha256(run / d) for d in (rd.POINTWISE, rd.PAIRWISE)} == before

@@ -105,10 +105,12 @@ def test_file_and_beam_shuffles_give_the_same_files_and_leave_no_scratch(logs: P
 
 
 def test_too_many_bad_rows_fail_but_quarantine_is_written(logs: Path, hash_key):
+    """The failed attempt's quarantine is kept for inspection in failed/quarantine; nothing is committed."""
     run = RunDir(logs / "run")
     with pytest.raises(GateError, match="44.4% of signals rows were quarantined"):
         ingest.run(run, load_config(_config(logs, max_bad=0.1)))
-    assert run.path(rd.QUARANTINE).is_dir() and not run.path(rd.UNITS).exists()
+    assert run.path(rd.FAILED_QUARANTINE).is_dir() and not run.path(rd.UNITS).exists()
+    assert not run.path(rd.QUARANTINE).exists()
 
 
 def test_refuses_to_run_without_a_hash_key(logs: Path, monkeypatch):

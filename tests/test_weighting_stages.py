@@ -57,12 +57,12 @@ def test_degenerate_weights_fail_score_and_keep_the_previous_datasets(fitted):
     score.run(run, parse_config(text))
     before = read_dataset(run.path(rd.POINTWISE))
     with pytest.raises(GateError, match="degenerate weights: the Kish ESS of the IPS weights is"):
-        score.run(run, parse_config(text.replace("[score]\n", "[score]\ness_floor = 0.99\n")))
+        score.run(run, parse_config(text.replace("[score]\n", "[score]\nips_min_ess_share = 0.99\n")))
     assert read_dataset(run.path(rd.POINTWISE)).equals(before)
 
 
 def test_fit_refuses_degenerate_propensities_instead_of_clipping_them():
-    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[score]\nclip = "auto"\ness_floor = 0.5\n')
+    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[score]\nclip = "auto"\nips_min_ess_share = 0.5\n')
     o = np.array([1.0, 0, 1, 1])
     with pytest.raises(GateError, match="NaN or outside"):
         fit.choose_clip(o, np.array([0.5, np.nan, 0.4, 0.6]), cfg)

@@ -1,11 +1,19 @@
-"""Run a Great Expectations suite on an Arrow table and say which expectations failed."""
+"""The data gates: a Great Expectations suite on an Arrow table (which expectations failed), and no raw user id
+in any output."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from schemas import quarantine as qr
+from schemas.suites import RAW_ID_KEY, RAW_USER_COLUMNS
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -38,3 +46,21 @@ def failed_expectations(table: pa.Table, suite: gx.ExpectationSuite) -> list[str
             detail = r.result.get("unexpected_count", r.result.get("observed_value", ""))
             failures.append(f"{cfg.type}({cfg.kwargs.get('column')}): {detail}")
     return failures
+
+
+def raw_id_leaks(datasets: dict[str, Path]) -> str | None:
+    """Why a staged output would carry a raw user id, or None: a raw user column in any dataset's schema, or a
+    quarantine record that names ``user_id`` (records carry ``user_hash``, the units' pseudonym). Checked on
+    every output table before it is committed."""
+    for name, directory in datasets.items():
+        files = sorted(Path(directory).rglob("*.parquet"))
+        for f in files:
+            leaked = [c for c in RAW_USER_COLUMNS if c in pq.read_schema(f).names]
+            if leaked:
+                return f"{name} would carry the raw user id column {leaked[0]!r} ({f.name})"
+        if files and qr.RECORD in pq.read_schema(files[0]).names:
+            records = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=[qr.RECORD])[qr.RECORD]
+            hits = pc.sum(pc.match_substring_regex(records, RAW_ID_KEY)).as_py() or 0
+            if hits:
+                return f"{name}: {hits} record(s) would carry a raw user id (a {RAW_USER_COLUMNS[0]!r} key)"
+    return None

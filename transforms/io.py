@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -74,15 +76,77 @@ def write_part(table: pa.Table, path: Path | str, output: OutputConfig) -> None:
     )
 
 
+def process_alive(pid: int | None, host: str | None) -> bool | None:
+    """Whether process ``pid`` of ``host`` still runs: True / False on this host, None when it cannot be told
+    from here (another host, or no pid)."""
+    if host != socket.gethostname() or not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                 # it runs, as another user
+        return True
+    return True
+
+
+def writer_tag() -> str:
+    """``<pid>@<host>``: put in every scratch and staging name, so that clean-up can tell a dead writer's
+    leftovers from a live writer's work in progress."""
+    host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
+    return f"{os.getpid()}@{host}"
+
+
+_TAGGED = re.compile(r"-(\d+)@([^-]*(?:-[^-]+)*?)-[0-9a-f]{12}$")
+
+
+def left_by_dead_writer(path: Path) -> bool:
+    """Whether the scratch or staging folder (or file) ``path`` was left by a writer that is known dead: its
+    name's ``<pid>@<host>`` (:func:`writer_tag`) is a process of this host that no longer runs. A name without
+    a tag (written before tags existed) counts as dead; another host's, or a live process's, never does."""
+    match = _TAGGED.search(path.name)
+    if match is None:
+        return True
+    host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
+    if match.group(2) != host:
+        return False
+    return process_alive(int(match.group(1)), socket.gethostname()) is False
+
+
+def remove_dead_scratch(root: Path | str) -> list[Path]:
+    """Remove what killed writers left in run directory ``root``: scratch folders (``.ingest-*``) and
+    temporary files and staging folders (``.<name>.tmp-*``) whose writer is known dead. Returns them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted([*root.glob(".ingest-*"), *root.glob(".*.tmp-*"), *root.glob("*/.*.tmp-*")]):
+        if left_by_dead_writer(path):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def scratch_dir(root: Path | str, prefix: str) -> Path:
+    """A fresh scratch folder ``<root>/.<prefix>-<writer tag>-<hex>`` (see :func:`remove_dead_scratch`)."""
+    path = Path(root) / f".{prefix}-{writer_tag()}-{uuid.uuid4().hex[:12]}"
+    path.mkdir(parents=True)
+    return path
+
+
 def recover_dir(final: Path) -> None:
-    """Undo what a killed writer of ``final`` left: its staging folders are removed, and if it died between
-    the two renames of :func:`commit_dir` (``final`` gone, the previous one set aside) the previous one is put
-    back. One writer per run directory is assumed (concurrent runs on one directory need a lock)."""
+    """Undo what a killed writer of ``final`` left: its staging folders are removed (only those whose writer
+    is known dead: another writer's may be in progress), and if it died between the two renames of
+    :func:`commit_dir` (``final`` gone, the previous one set aside) the previous one is put back."""
     parent = final.parent
     if not parent.is_dir():
         return
     for stale in parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if left_by_dead_writer(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     old = sorted(parent.glob(f".{final.name}.old-*"))
     if old and not final.exists():
         os.replace(old[-1], final)
@@ -95,7 +159,7 @@ def staging_dir(final: Path) -> Path:
     """A fresh temporary sibling of ``final`` (same filesystem, so the commit is a rename), after recovering
     from any writer of ``final`` that was killed (:func:`recover_dir`)."""
     recover_dir(final)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = final.parent / f".{final.name}.tmp-{writer_tag()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     return tmp
 
@@ -130,9 +194,21 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     """Write a small text file atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = path.with_name(f".{path.name}.tmp-{writer_tag()}-{uuid.uuid4().hex[:12]}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def ensure_part(directory: Path | str, schema: pa.Schema, output: OutputConfig) -> Path | None:
+    """Write ``part-00000.parquet`` with zero rows and ``schema`` when the dataset ``directory`` has no part
+    file: an empty output is still a dataset, which every reader opens and finds empty (not missing)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(directory.rglob("*.parquet")):
+        return None
+    path = directory / part_name(0)
+    write_part(schema.empty_table(), path, output)
+    return path
 
 
 def parquet_files(directory: Path | str) -> list[Path]:
