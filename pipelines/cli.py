@@ -86,7 +86,7 @@ def make_parser() -> argparse.ArgumentParser:
             s.add_argument("--to", dest="to_date", type=_date, default=None)
             s.add_argument("--config", type=Path, default=None,
                            help="with --from/--to: the config to fit with (default: the last day's)")
-    u = sub.add_parser("unlock", help="remove the stale lock a killed scheduled run left on ROOT")
+    u = sub.add_parser("unlock", help="remove the stale lock a killed run left on a run directory or scheduled root")
     u.add_argument("root", type=Path)
     u.add_argument("--force", action="store_true",
                    help="also when the holder ran on another host (make sure it has stopped)")
