@@ -182,7 +182,7 @@ def _reuse_models(work: RunDir, cfg: Config, models: Path) -> None:
                 "counts": {"files": len(files)}, "diagnostics": {}}
 
     log(f"fit: reusing the models in {models}", stage="fit", event="models_reused")
-    record_stage(work, "fit", cfg.digest(), reuse)
+    record_stage(work, "fit", cfg.digest(), reuse, consumes=())      # fitted elsewhere: nothing of this day
 
 
 def publish(work: RunDir, root: Path, day: dt.date) -> None:

@@ -186,4 +186,7 @@ def test_a_bad_csv_row_quarantines_that_row_only(tmp_path: Path, hash_key, body,
                                                "rows_duplicate": 0}
     q = read_dataset(run.path(rd.QUARANTINE)).to_pylist()
     assert [(r["reason"], r["row_number"]) for r in q] == [(reason, 1)]
-    assert "i2" in q[0]["record"]
+    if reason == "malformed_record":         # too few fields: each field the user id could have moved to is hashed
+        assert len(q[0]["record"].split(",")) == 2 and "2026-11-01" not in q[0]["record"]
+    else:
+        assert "i2" in q[0]["record"]

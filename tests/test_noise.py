@@ -13,7 +13,7 @@ from estimators.noise import (
 )
 from pipelines.fit import noise_model
 from schemas.config import FitConfig
-from schemas.errors import GateError
+from schemas.errors import ConfigError, GateError
 
 
 def _flip(rng, clean, rho01, rho10):
@@ -143,5 +143,5 @@ def test_auto_falls_back_to_the_audit_when_anchors_fail_and_fails_only_without_e
 
 def test_an_audit_that_is_asked_for_but_too_small_fails_the_stage():
     scores, label, gold, _ = _audited_world(3000, 20)
-    with pytest.raises(GateError, match="at least 30"):
+    with pytest.raises(ConfigError, match="at least 30"):          # fit.noise names a method these units cannot feed
         noise_model(scores, label, gold, np.ones(label.size, bool), FitConfig(noise="audit", min_audit=30))

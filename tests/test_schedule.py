@@ -22,7 +22,9 @@ import pytest
 
 from pipelines.catalogue import read_catalogue
 from pipelines.cli import main
+from pipelines.manifest import stale_stages
 from pipelines.simulate import Scenario, simulate, spread_over_days, write_signals
+from pipelines.stages import STAGES as ALL_STAGES
 from schemas import impressions as imp
 from schemas import run_dir as rd
 from schemas import signals as sig
@@ -279,6 +281,7 @@ def test_models_fitted_on_a_window_score_later_days_with_drift_checks(five_days,
     assert "reused from" in report and f"Drift against the fit window {DAYS[0]}" in report
     manifest = json.loads((root / rd.DAYS / str(DAYS[3]) / rd.MANIFEST).read_text())
     assert manifest["stages"]["fit"]["reused_from"] == str(fits / rd.MODELS)
+    assert stale_stages(manifest, ALL_STAGES) == []              # reused models consumed nothing of this day
     assert manifest["schedule"]["models_from"] == str(fits / rd.MODELS)
     drift = manifest["stages"]["score"]["diagnostics"]["drift"]
     assert drift["reference"]["first_day"] == str(DAYS[0]) and drift["breaches"] == []
