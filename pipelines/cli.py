@@ -211,10 +211,11 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
         evaluate.print_evaluation(evaluate.run(run, cfg, truth=args.truth))
         return 0
-    options: dict[str, dict[str, Any]] = {}
-    if args.command == "train":
-        cfg, options = _with_train_flags(cfg, args)
     with root_lock(run.root):
+        cfg = load_config(run.config_path)               # read again under the lock: another run may have rewritten it
+        options: dict[str, dict[str, Any]] = {}
+        if args.command == "train":
+            cfg, options = _with_train_flags(cfg, args)
         run_stages(run, cfg, [args.command], beam_args_with_defaults(beam_args), options)
     return 0
 
@@ -275,15 +276,10 @@ def quiet_libraries(*, verbose: bool) -> None:
     """Third-party log records and Python warnings on stderr only with ``--verbose``: obsfeed's own lines
     (``pipelines.logs``) say what a user needs, and a library's notice is not the user's business."""
     root = logging.getLogger()
-    for h in [h for h in root.handlers if isinstance(h, logging.NullHandler)]:
-        root.removeHandler(h)
     logging.captureWarnings(True)                 # warnings.warn → the "py.warnings" logger, shown only if verbose
-    if verbose:
-        if not any(type(h) is logging.StreamHandler for h in root.handlers):
-            root.addHandler(logging.StreamHandler())
-        root.setLevel(logging.WARNING)
-    elif not root.handlers:
-        root.addHandler(logging.NullHandler())
+    if not any(type(h) is logging.StreamHandler for h in root.handlers):
+        root.addHandler(logging.StreamHandler())
+    root.setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _fail(command: str, message: str, code: int, **fields: Any) -> int:

@@ -30,11 +30,11 @@ from schemas.config import Config, expand_inputs
 from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
 from schemas.suites import suite_columns, units_suite
-from transforms.gates import failed_expectations, raw_id_leaks
+from transforms.gates import failed_expectations, raw_id_leaks, raw_user_fields
 from transforms.io import commit_dir, count_rows, ensure_part, read_dataset, scratch_dir, staging_dir
 from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
 from transforms.privacy import key_from_env
-from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER, ReadRaw, peek_schema
+from transforms.read import COUNTS, FILE_INDEX, NESTED, ROW_NUMBER, ReadRaw, peek_schema
 from transforms.validate import CONTEXT, QUARANTINE, Validate, merge_counts
 from transforms.window import OTHER_DAY, DayWindow
 from transforms.write import WriteBucketParts, WriteJson
@@ -50,13 +50,22 @@ def input_files(cfg: Config) -> tuple[list[str], list[str]]:
             expand_inputs(cfg.input.signals, what="signals", **window))
 
 
+INTERNAL_COLUMNS = (FILE_INDEX, ROW_NUMBER, NESTED)
+"""Names obsfeed gives its own provenance columns while it reads: an input column may not have them."""
+
+
 def check_columns(files: Sequence[str], schema: pa.Schema) -> None:
-    """Fail early, naming the file, when a file lacks a required column of the contract."""
+    """Fail early, naming the file, when a file lacks a required column of the contract or has a column named
+    like one of obsfeed's provenance columns."""
     required = [f.name for f in schema if not f.nullable]
     for path in files:
         names = set(peek_schema(path).names)
         if not names:               # an empty file: no rows to check
             continue
+        internal = sorted(names & set(INTERNAL_COLUMNS))
+        if internal:
+            raise InputError(f"{path}: column '{internal[0]}' is a name obsfeed uses for its own provenance "
+                             "columns; rename it in the input")
         missing = [c for c in required if c not in names]
         if missing:
             raise InputError(f"{path}: required column '{missing[0]}' is missing")
@@ -85,19 +94,24 @@ def extra_fields(files: Sequence[str], known_types: Sequence[str] = ()) -> list[
                 types.setdefault(f.name, set()).add(t)
             else:
                 types.setdefault(f.name, set())
-    reserved = set(pw.pointwise_schema(un.units_schema(known_types)).names) | {FILE_INDEX, ROW_NUMBER}
+    reserved = set(pw.pointwise_schema(un.units_schema(known_types)).names) | set(INTERNAL_COLUMNS)
     clash = sorted(set(types) & reserved)
     if clash:
         raise InputError(f"{files[0]}: impression column{'s' if len(clash) > 1 else ''} {', '.join(clash)} "
                          "would clash with obsfeed's own output columns; rename "
                          f"{'them' if len(clash) > 1 else 'it'} in the input")
+    for path in files:
+        nested = [p for p in raw_user_fields(peek_schema(path)) if "." in p or "[" in p or "{" in p]
+        if nested:
+            raise InputError(f"{path}: column {nested[0]!r} would carry raw user ids into the units; drop it or "
+                             "move the id to the user_id column")
     return [pa.field(name, _common_type(ts)) for name, ts in types.items()]
 
 
 def _common_type(types: set[pa.DataType]) -> pa.DataType:
     """One type for a column over files: its type, float64 for numbers of several types, else text."""
-    if not types:
-        return pa.null()
+    if not types:                     # null in every file's first block: the values that follow are kept as text
+        return pa.string()
     if len(types) == 1:
         return next(iter(types))
     if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in types):
@@ -126,7 +140,8 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions",
                                             string_columns=_string_columns(imp.IMPRESSIONS),
                                             user_column=imp.USER_ID, key_env=key_env)
-    sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals", string_columns=_string_columns(sig.SIGNALS))
+    sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals", string_columns=_string_columns(sig.SIGNALS),
+                                        user_column=imp.USER_ID, key_env=key_env)   # a user id logged there too
     extra = pa.schema([f for f in units_schema if f.name not in un.units_schema(ing.known_types).names])
     v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS, impression_files,
                                                               window=window, ts_unit=ing.ts_unit, extra=extra,
@@ -217,6 +232,9 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         bad = {t: table_counts[t]["rows_quarantined"] / n if n else 0.0 for t, n in read.items()}
         worst = max(bad, key=bad.get)
         if bad[worst] > cfg.ingest.max_bad_fraction:
+            leaked = raw_id_leaks({"quarantine": quarantine_tmp})
+            if leaked:
+                raise GateError(f"ingest: {leaked}")
             failed = run.path(rd.FAILED_QUARANTINE)
             commit_dir(quarantine_tmp, failed)
             raise GateError(f"ingest: {bad[worst]:.1%} of {worst} rows were quarantined, above "

@@ -68,10 +68,12 @@ def lineage(run: RunDir, names: Iterable[str]) -> dict[str, str | None]:
     return {name: tree_sha256(run.path(name)) for name in names}
 
 
-def stale_stages(manifest: dict[str, Any], order: Sequence[str]) -> list[str]:
+def stale_stages(manifest: dict[str, Any], order: Sequence[str], settings: dict[str, str] | None = None,
+                 ) -> list[str]:
     """The stages recorded ok whose inputs are not what they consumed: an input rewritten since by its
-    producer (its recorded output hash differs), or produced by a stage that is itself stale. A stage recorded
-    before lineage existed is taken as it is."""
+    producer (its recorded output hash differs), or produced by a stage that is itself stale; or that ran with
+    other settings than ``settings`` (stage → ``Config.stage_digest`` of the run's config now). A stage
+    recorded before lineage existed is stale once a stage it reads from has run with lineage."""
     stages = manifest.get("stages", {})
     producer = {name: s for s in order for name in rd.STAGE_OUTPUTS.get(s, ())}
     produced: dict[str, str | None] = {}
@@ -80,11 +82,19 @@ def stale_stages(manifest: dict[str, Any], order: Sequence[str]) -> list[str]:
     stale: list[str] = []
     for s in order:
         entry = stages.get(s) or {}
-        consumed = (entry.get("lineage") or {}).get("consumed")
-        if entry.get("status") != "ok" or consumed is None:
+        if entry.get("status") != "ok":
             continue
-        if any(producer.get(name) in stale or (name in produced and produced[name] != h)
-               for name, h in consumed.items()):
+        lineage = entry.get("lineage")
+        if lineage is None:                                  # recorded before lineage: stale once it matters
+            upstream = {producer.get(name) for name in rd.STAGE_INPUTS.get(s, ())}
+            if any(u in stale or ((stages.get(u) or {}).get("lineage") or {}).get("produced") for u in upstream):
+                stale.append(s)
+            continue
+        consumed = lineage.get("consumed") or {}
+        recorded = lineage.get("settings")
+        if (settings is not None and recorded is not None and settings.get(s) not in (None, recorded)) or any(
+                producer.get(name) in stale or (name in produced and produced[name] != h)
+                for name, h in consumed.items()):
             stale.append(s)
     return stale
 
@@ -126,10 +136,10 @@ def write_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
 
 
 def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], dict[str, Any]],
-                 consumes: Sequence[str] | None = None) -> dict[str, Any]:
+                 consumes: Sequence[str] | None = None, settings: str | None = None) -> dict[str, Any]:
     """Run ``work`` and record its result under ``stages.<stage>``, with status, timing, memory, versions and
     lineage: the content hashes of the run-directory inputs it consumed (``consumes``, by default
-    ``STAGE_INPUTS[stage]``) and of the outputs it produced.
+    ``STAGE_INPUTS[stage]``) and of the outputs it produced, and the digest of the settings it ran with.
 
     A failed stage is recorded as failed (then the error propagates), so a run is never left looking complete;
     its outputs were not committed, so the hashes of what it produced last time are kept.
@@ -150,7 +160,8 @@ def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], d
     try:
         entry.update(work())
         entry["status"] = "ok"
-        entry["lineage"] = {"consumed": consumed, "produced": lineage(run, rd.STAGE_OUTPUTS.get(stage, ()))}
+        entry["lineage"] = {"consumed": consumed, "produced": lineage(run, rd.STAGE_OUTPUTS.get(stage, ())),
+                            "settings": settings}
     except BaseException as e:
         entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise

@@ -68,13 +68,14 @@ def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Seque
                 raise InputError(f"{run.path(rd.UNITS)}: {reason}; drop it from train.loss/train.baselines")
         log(f"{name}: started", stage=name, event="stage_started")
         fn, kwargs = stage_function(name), (options or {}).get(name, {})
-        results[name] = record_stage(run, name, cfg.digest(), lambda fn=fn, kw=kwargs: fn(run, cfg, beam_args, **kw))
+        results[name] = record_stage(run, name, cfg.digest(), lambda fn=fn, kw=kwargs: fn(run, cfg, beam_args, **kw),
+                                     settings=cfg.stage_digest(name))
         log(f"{name}: done in {results[name]['wall_s']:.1f}s", stage=name, event="stage_done",
             wall_s=results[name]["wall_s"])
     manifest = read_manifest(run)
-    stale = stale_stages(manifest, STAGES)
+    stale = stale_stages(manifest, STAGES, {s: cfg.stage_digest(s) for s in STAGES})
     if stale:
-        log(f"stale: {', '.join(stale)} ran on outputs that have been rewritten since; run "
+        log(f"stale: {', '.join(stale)} ran on outputs rewritten since, or with other settings; run "
             f"{'them' if len(stale) > 1 else 'it'} again for a complete run", level="warning", event="stale",
             stages=stale)
     if all(manifest.get("stages", {}).get(s, {}).get("status") == "ok" for s in STAGES) and not stale:

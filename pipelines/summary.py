@@ -71,6 +71,20 @@ def _alive(pid: int | None, host: str | None) -> bool:
     return True
 
 
+def _settings(run: RunDir) -> dict[str, str] | None:
+    """Each stage's settings digest under the run's config now (None when it cannot be read)."""
+    from schemas.config import load_config
+    from schemas.errors import ConfigError
+
+    try:
+        cfg = load_config(run.config_path)
+    except (ConfigError, OSError):
+        return None
+    from pipelines.stages import STAGES
+
+    return {s: cfg.stage_digest(s) for s in STAGES}
+
+
 def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
     """``complete`` (``_SUCCESS`` present), ``running: <stage>``, ``killed: <stage>`` (recorded as running by a
     process that is gone), ``failed: <stage>``, ``stale: <stages>`` (ran on outputs rewritten since), or
@@ -87,7 +101,7 @@ def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
     failed = [name for name, e in stages.items() if e.get("status") == "failed"]
     if failed:
         return f"failed: {failed[0]}"
-    stale = stale_stages(manifest, STAGES)
+    stale = stale_stages(manifest, STAGES, _settings(run))
     if stale:
         return f"stale: {','.join(stale)}"
     done = [name for name, e in stages.items() if e.get("status") == "ok"]

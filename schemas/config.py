@@ -268,6 +268,16 @@ class OutputConfig(_Section):
     row_group_size: int = Field(131_072, ge=1024)
 
 
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest": ("input", "ingest", "privacy", "output"),
+    "fit": ("fit", "score"),
+    "score": ("fit", "score", "drift", "output"),
+    "train": ("train",),
+    "report": (),
+}
+"""The config sections each stage reads (``Config.stage_digest``)."""
+
+
 class Config(_Section):
     input: InputConfig
     ingest: IngestConfig = IngestConfig()
@@ -290,6 +300,13 @@ class Config(_Section):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+    def stage_digest(self, stage: str) -> str:
+        """sha256 of the sections ``stage`` reads (``STAGE_SECTIONS``): recorded in its lineage, so that a stage
+        that ran with other settings than the run's config now holds is stale."""
+        dump = self.model_dump(mode="json", include=set(STAGE_SECTIONS.get(stage, ())),
+                               exclude={"train": {"device"}})
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
 
     def digest(self) -> str:
         """sha256 of the canonical JSON form: the config hash recorded in the manifest. ``train.device`` is left

@@ -24,10 +24,10 @@ from tests.conftest import HASH_KEY_ENV, config_text
 
 pytestmark = pytest.mark.e2e
 
-STAGES_FOR = {"ingest": "ingest", "privacy": "ingest", "fit": "fit,score", "score": "score,train", "train": "train",
+STAGES_FOR = {"ingest": "ingest", "privacy": "ingest", "fit": "fit,score", "score": "fit,score,train", "train": "train",
               "drift": "score", "output": "ingest,score"}
-"""The stages that read an option of each config section (the base run trains ips and naive, which read no fit
-option but the weights; sizes stay tiny: see SMALL)."""
+"""The stages that read an option of each config section (score.clip is decided in fit; the base run trains ips
+and naive, which read no fit option but the weights; sizes stay tiny: see SMALL)."""
 SMALL = {"fit": {"categorical": ["model_version", "user_segment"], "folds": 2, "hash_features": 1024,
                  "confounder_controls": 5},
          "train": {"epochs": 1, "hash_features": 4096}}

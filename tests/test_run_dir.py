@@ -78,6 +78,8 @@ def complete(tmp_path_factory) -> tuple[Path, Path, Path]:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (run / rd.SUCCESS).exists()
+    noise = [line for line in proc.stderr.splitlines() if "WARNING" in line or "apitools" in line]
+    assert noise == []                                           # the CLI is quiet: no library warning
     return run, cfg, other
 
 
@@ -103,6 +105,18 @@ def test_an_ingest_only_rerun_with_new_input_marks_the_later_stages_stale(comple
     assert "stale: train,report" in capsys.readouterr().out          # train still ran on the old datasets
     assert main(["run", str(_config(tmp_path, other)), str(run), "--stages", "train,report"]) == 0
     assert (run / rd.SUCCESS).exists()
+
+
+def test_a_later_stage_run_with_other_settings_leaves_the_earlier_ones_stale(complete, tmp_path, capsys,
+                                                                            monkeypatch):
+    run, _, _ = complete
+    run = _copy(run, tmp_path / "run")
+    monkeypatch.setenv(HASH_KEY_ENV, "test-key")
+    data = Path(json.loads((run / rd.MANIFEST).read_text())["stages"]["ingest"]["inputs"][-1]["path"]).parent
+    relabelled = _config(tmp_path, data, ingest={"explicit": ["upvote", "downvote"]})    # edits no longer explicit
+    assert main(["run", str(relabelled), str(run), "--stages", "report"]) == 0
+    assert not (run / rd.SUCCESS).exists()                  # units were labelled under the old rules
+    assert "stale: ingest, fit, score, train" in capsys.readouterr().err
 
 
 def test_the_same_input_again_is_not_stale(complete, tmp_path, capsys, monkeypatch):
@@ -185,21 +199,24 @@ def test_sigkill_in_a_stage_keeps_the_previous_outputs_and_the_next_run_cleans_u
     assert manifest["stages"][stage]["status"] == "ok"
 
 
-def test_staging_clean_up_spares_a_live_writers_folder(tmp_path):
+def test_staging_clean_up_spares_a_live_writers_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr("socket.gethostname", lambda: "xn--bcher-kva-7")     # dashes and digits in the host
     final = tmp_path / "units"
     live = staging_dir(final)                                          # ours: alive
+    host = writer_tag().split("@")[1]
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout.strip()
-    dead = tmp_path / f".units.tmp-{dead_pid}@{writer_tag().split('@')[1]}-0123456789ab"
+    dead = tmp_path / f".units.tmp-{dead_pid}@{host}-0123456789ab"
+    reused = tmp_path / f".units.tmp-{os.getpid()}@{host}-abcdef012345"   # our pid, not our folder: a restart
     elsewhere = tmp_path / ".units.tmp-1@another-host-0123456789ab"
-    legacy = tmp_path / ".units.tmp-0123456789ab"
-    for d in (dead, elsewhere, legacy):
+    legacy = tmp_path / ".units.tmp-0123456789ab"                      # an older version's: writer unknown
+    for d in (dead, reused, elsewhere, legacy):
         d.mkdir()
-    assert not left_by_dead_writer(live) and left_by_dead_writer(dead) and left_by_dead_writer(legacy)
-    assert not left_by_dead_writer(elsewhere)
+    assert left_by_dead_writer(dead) and left_by_dead_writer(reused)
+    assert not any(map(left_by_dead_writer, (live, elsewhere, legacy)))
     staging_dir(final)
-    assert live.exists() and elsewhere.exists() and not dead.exists() and not legacy.exists()
-    scratch = tmp_path / f".ingest-{dead_pid}@{writer_tag().split('@')[1]}-0123456789ab"
+    assert live.exists() and elsewhere.exists() and legacy.exists() and not dead.exists() and not reused.exists()
+    scratch = tmp_path / f".ingest-{dead_pid}@{host}-0123456789ab"
     scratch.mkdir()
     assert scratch in remove_dead_scratch(tmp_path) and not scratch.exists() and live.exists()
 

@@ -48,6 +48,27 @@ def failed_expectations(table: pa.Table, suite: gx.ExpectationSuite) -> list[str
     return failures
 
 
+def raw_user_fields(schema: pa.Schema) -> list[str]:
+    """The paths of fields named like a raw user id at any depth (``ctx.user_id``, ``events[].user_id``)."""
+    found: list[str] = []
+
+    def walk(field: pa.Field, path: str) -> None:
+        if field.name in RAW_USER_COLUMNS:
+            found.append(path)
+        t = field.type
+        if pa.types.is_struct(t):
+            for i in range(t.num_fields):
+                walk(t.field(i), f"{path}.{t.field(i).name}")
+        elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            walk(t.value_field, f"{path}[]")
+        elif pa.types.is_map(t):
+            walk(t.item_field, f"{path}{{}}")
+
+    for f in schema:
+        walk(f, f.name)
+    return found
+
+
 def raw_id_leaks(datasets: dict[str, Path]) -> str | None:
     """Why a staged output would carry a raw user id, or None: a raw user column in any dataset's schema, or a
     quarantine record that names ``user_id`` (records carry ``user_hash``, the units' pseudonym). Checked on
@@ -55,7 +76,7 @@ def raw_id_leaks(datasets: dict[str, Path]) -> str | None:
     for name, directory in datasets.items():
         files = sorted(Path(directory).rglob("*.parquet"))
         for f in files:
-            leaked = [c for c in RAW_USER_COLUMNS if c in pq.read_schema(f).names]
+            leaked = raw_user_fields(pq.read_schema(f))
             if leaked:
                 return f"{name} would carry the raw user id column {leaked[0]!r} ({f.name})"
         if files and qr.RECORD in pq.read_schema(files[0]).names:

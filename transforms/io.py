@@ -90,27 +90,45 @@ def process_alive(pid: int | None, host: str | None) -> bool | None:
     return True
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
+
+
+_MINE: set[str] = set()
+"""The scratch and staging names this process made: a name with our pid that is not here is a dead process's
+(a restarted container reuses pids)."""
+
+
 def writer_tag() -> str:
     """``<pid>@<host>``: put in every scratch and staging name, so that clean-up can tell a dead writer's
     leftovers from a live writer's work in progress."""
-    host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
-    return f"{os.getpid()}@{host}"
+    return f"{os.getpid()}@{_host()}"
 
 
-_TAGGED = re.compile(r"-(\d+)@([^-]*(?:-[^-]+)*?)-[0-9a-f]{12}$")
+def _tagged_name(prefix: str) -> str:
+    name = f"{prefix}-{writer_tag()}-{uuid.uuid4().hex[:12]}"
+    _MINE.add(name)
+    return name
+
+
+_TAGGED = re.compile(r"-(\d+)@(.*)-[0-9a-f]{12}$")
 
 
 def left_by_dead_writer(path: Path) -> bool:
     """Whether the scratch or staging folder (or file) ``path`` was left by a writer that is known dead: its
-    name's ``<pid>@<host>`` (:func:`writer_tag`) is a process of this host that no longer runs. A name without
-    a tag (written before tags existed) counts as dead; another host's, or a live process's, never does."""
+    name's ``<pid>@<host>`` (:func:`writer_tag`) is a process of this host that no longer runs (or our own pid
+    in a name this process did not make). Another host's, a live process's, or a name without a tag (from an
+    older version, whose writer cannot be told) never is."""
     match = _TAGGED.search(path.name)
-    if match is None:
-        return True
-    host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
-    if match.group(2) != host:
+    if match is None or match.group(2) != _host():
         return False
-    return process_alive(int(match.group(1)), socket.gethostname()) is False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return path.name not in _MINE
+    try:
+        return process_alive(pid, socket.gethostname()) is False
+    except (OverflowError, ValueError):              # not a pid this system can have
+        return False
 
 
 def remove_dead_scratch(root: Path | str) -> list[Path]:
@@ -132,7 +150,7 @@ def remove_dead_scratch(root: Path | str) -> list[Path]:
 
 def scratch_dir(root: Path | str, prefix: str) -> Path:
     """A fresh scratch folder ``<root>/.<prefix>-<writer tag>-<hex>`` (see :func:`remove_dead_scratch`)."""
-    path = Path(root) / f".{prefix}-{writer_tag()}-{uuid.uuid4().hex[:12]}"
+    path = Path(root) / _tagged_name(f".{prefix}")
     path.mkdir(parents=True)
     return path
 
@@ -159,7 +177,7 @@ def staging_dir(final: Path) -> Path:
     """A fresh temporary sibling of ``final`` (same filesystem, so the commit is a rename), after recovering
     from any writer of ``final`` that was killed (:func:`recover_dir`)."""
     recover_dir(final)
-    tmp = final.parent / f".{final.name}.tmp-{writer_tag()}-{uuid.uuid4().hex[:12]}"
+    tmp = final.parent / _tagged_name(f".{final.name}.tmp")
     tmp.mkdir(parents=True)
     return tmp
 
@@ -194,9 +212,10 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     """Write a small text file atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{writer_tag()}-{uuid.uuid4().hex[:12]}")
+    tmp = path.with_name(_tagged_name(f".{path.name}.tmp"))
     tmp.write_text(text)
     os.replace(tmp, path)
+    _MINE.discard(tmp.name)
 
 
 def ensure_part(directory: Path | str, schema: pa.Schema, output: OutputConfig) -> Path | None:

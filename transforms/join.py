@@ -189,7 +189,7 @@ class JoinAndLabel(beam.DoFn):
             bad = sigs.filter(pl.col("_reason").is_not_null())
             if bad.height:
                 yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_rows(
-                    bad.drop("_reason", _IMP_TS), bad["_reason"], "signals", self._signal_files))
+                    bad.drop("_reason", _IMP_TS), bad["_reason"], "signals", self._signal_files, self._key))
                 counts["signals.rows_quarantined"] = bad.height
             sigs = sigs.filter(pl.col("_reason").is_null()).drop("_reason", _IMP_TS)
         if imps is not None and imps.height:

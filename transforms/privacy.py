@@ -42,7 +42,9 @@ def key_from_env(key_env: str | None) -> bytes | None:
     return key.encode()
 
 
-_JSON_USER = re.compile(r'"user_id"\s*:\s*("(?:[^"\\]|\\.)*"|[^\s,}\]]+)')
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_SCALAR = re.compile(r"[-+\w.]+")
+_LOOSE_KEY = r"{}(?:_|\\u005[fF]|\\x5[fF])?{}"
 
 
 def pseudonym(user_id: str, key: bytes | None) -> str:
@@ -52,20 +54,33 @@ def pseudonym(user_id: str, key: bytes | None) -> str:
 
 def redact_json_text(text: str, key: bytes | None, column: str = "user_id") -> str:
     """Raw text of a JSON record that could not be parsed, with each ``"user_id": value`` replaced by
-    ``"user_hash": "<pseudonym>"`` (a string value is hashed as the text it holds, anything else as written)."""
-    pattern = _JSON_USER if column == "user_id" else re.compile(
-        rf'"{re.escape(column)}"\s*:\s*("(?:[^"\\]|\\.)*"|[^\s,}}\]]+)')
+    ``"user_hash": "<pseudonym>"`` (a string value is hashed as the text it holds, a number as written).
 
-    def hashed(m: re.Match[str]) -> str:
-        raw = m.group(1)
+    What cannot be redacted for sure is withheld whole (its pseudonym and length stand in for it): a value that
+    is not a complete string or a scalar (an object, a list, a string cut off), or the key spelled another way
+    (``"user\\u005fid"``, ``'user_id'``)."""
+    head, _, tail = column.partition("_")
+    loose = re.compile(_LOOSE_KEY.format(re.escape(head), re.escape(tail)) if tail else re.escape(column), re.I)
+    key_at = re.compile(rf'"{re.escape(column)}"\s*:\s*')
+    out, pos = [], 0
+    for m in key_at.finditer(text):
+        value = _STRING.match(text, m.end()) or _SCALAR.match(text, m.end())
+        if value is None:                              # an object, a list, a string cut off
+            return _withheld(text, key)
+        raw = value.group()
         if raw.startswith('"'):
             try:
                 raw = json.loads(raw)
             except ValueError:
-                raw = raw[1:-1]
-        return f'"user_hash": "{pseudonym(str(raw), key)}"'
+                return _withheld(text, key)
+        out += [text[pos:m.start()], f'"user_hash": "{pseudonym(str(raw), key)}"']
+        pos = value.end()
+    redacted = "".join([*out, text[pos:]])
+    return _withheld(text, key) if loose.search(redacted) else redacted
 
-    return pattern.sub(hashed, text)
+
+def _withheld(text: str, key: bytes | None) -> str:
+    return f"<withheld: {len(text)} characters that may hold a raw user id; pseudonym {pseudonym(text, key)}>"
 
 
 def redact_csv_text(text: str, header: list[str], key: bytes | None, delimiter: str = ",",

@@ -311,7 +311,8 @@ def peek_schema(path: str) -> pa.Schema:
                     return schema
             except (pa.ArrowInvalid, UnicodeDecodeError):
                 pass
-            return _read_json_lines(path)[0].drop_columns([ROW_NUMBER]).schema
+            table = _read_json_lines(path)[0]
+            return table.drop_columns([c for c in (ROW_NUMBER, NESTED) if c in table.column_names]).schema
         try:
             with pacsv.open_csv(path, parse_options=_csv_parse_options(_delimiter(path), lambda _: "skip")) as reader:
                 schema = reader.schema
@@ -346,7 +347,7 @@ def malformed_rows(malformed: list[Malformed], path: str, table: str, *, user_co
 
 def _csv_header(path: str) -> list[str]:
     with pa.input_stream(path, compression="detect") as stream:
-        first = stream.read(1 << 20).removeprefix(_BOM).split(b"\n", 1)[0].rstrip(b"\r")
+        first = re.split(rb"\r\n|\r|\n", stream.read(1 << 20).removeprefix(_BOM), maxsplit=1)[0]
     return next(csv.reader([first.decode("utf-8", errors="replace")], delimiter=_delimiter(path)), [])
 
 

@@ -6,6 +6,8 @@ The checks are vectorised (polars expressions over a whole batch); the first fai
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -43,12 +45,35 @@ def _is_nested(dtype: pl.DataType) -> bool:
     return isinstance(dtype, pl.List | pl.Array | pl.Struct) or dtype == pl.Object
 
 
+def _has_binary(dtype: pl.DataType) -> bool:
+    """Bytes anywhere in the type (polars cannot write them as JSON)."""
+    if dtype == pl.Binary or dtype == pl.Object:
+        return True
+    if isinstance(dtype, pl.List | pl.Array):
+        return _has_binary(dtype.inner)
+    if isinstance(dtype, pl.Struct):
+        return any(_has_binary(f.dtype) for f in dtype.fields)
+    return False
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode()
+    if isinstance(value, pl.Series):                      # a list value, as map_elements hands it over
+        return value.to_list()
+    return str(value)
+
+
+_TEXT_SOURCES = (pl.String, pl.Boolean)
+"""Besides numbers: the types a value may be written in and still be read as text (an id) exactly."""
+
+
 def _epoch_us(col: pl.Expr, dtype: pl.DataType, unit: str) -> pl.Expr:
     """Epoch numbers → microseconds (Int64); integers stay exact, floats are rounded to the microsecond."""
     if dtype.is_integer():
-        x = col.cast(pl.Int64)
-        if unit != "auto":
-            return x * _US_PER[unit]
+        x = col.cast(pl.Int64, strict=False)
+        if unit != "auto":                   # beyond the range of microseconds in an Int64: not a time
+            return pl.when(x.abs() < (2**63 - 1) // _US_PER[unit]).then(x * _US_PER[unit])
         a = x.abs()
         return (pl.when(a < 10**11).then(x * 1_000_000).when(a < 10**14).then(x * 1_000)
                 .when(a < 10**17).then(x).otherwise(x // 1_000))
@@ -118,16 +143,31 @@ def _binary_as_text(values: pl.Series) -> pl.Series:
 
 def _cast(df: pl.DataFrame, name: str, target: pl.DataType) -> pl.Expr:
     """``name`` cast to a scalar contract type; a value that does not convert exactly is null. A nested value
-    (a JSON list or object) is not a scalar; a float is an integer only when it has no fraction (2.5 is not
-    silently 2)."""
+    (a JSON list or object) is not a scalar; a float or decimal is an integer only when it has no fraction
+    (2.5 is not silently 2); a date, time, duration or boolean is not a number, nor a date or duration an id."""
     raw, dtype = pl.col(name), df.schema[name]
-    if _is_nested(dtype):
-        return pl.lit(None, target)
     if dtype == pl.Binary and target == pl.String:
         return pl.lit(_binary_as_text(df[name]))
-    if target.is_integer() and dtype.is_float():
-        return pl.when(raw == raw.floor()).then(raw.cast(target, strict=False))
+    if target == pl.String:
+        ok = dtype.is_numeric() or dtype in _TEXT_SOURCES
+    else:
+        ok = dtype.is_numeric() or dtype == pl.String
+    if not ok:
+        return pl.lit(None, target)
+    if target.is_integer() and (dtype.is_float() or dtype.is_decimal()):
+        x = raw.cast(pl.Float64)
+        return pl.when(x == x.floor()).then(raw.cast(target, strict=False))
     return raw.cast(target, strict=False)
+
+
+def _evaluated(df: pl.DataFrame, expr: pl.Expr, name: str, target: pl.DataType) -> pl.Expr:
+    """``expr`` computed now, or all null if polars cannot compute it for this column's type (every value is
+    then rejected with the column's reason, and the batch goes on)."""
+    try:
+        values = df.select(expr.alias(name)).to_series().cast(target, strict=False)
+        return pl.lit(values[0], target) if values.len() == 1 != df.height else pl.lit(values)
+    except (pl.exceptions.PolarsError, pl.exceptions.PanicException, ArithmeticError, ValueError, TypeError):
+        return pl.lit(None, target)
 
 
 def coerce(df: pl.DataFrame, schema: pa.Schema, ts_unit: str = "auto") -> tuple[pl.DataFrame, pl.Series]:
@@ -139,6 +179,9 @@ def coerce(df: pl.DataFrame, schema: pa.Schema, ts_unit: str = "auto") -> tuple[
     """
     checks: list[pl.Expr] = []
     casts: list[pl.Expr] = []
+    categorical = [c for c, t in df.schema.items() if isinstance(t, pl.Categorical | pl.Enum)]
+    if categorical:                                       # dictionary-encoded text is text
+        df = df.with_columns(pl.col(categorical).cast(pl.String))
     for field in schema:
         name = field.name
         target = pl.from_arrow(pa.array([], field.type)).dtype
@@ -157,6 +200,7 @@ def coerce(df: pl.DataFrame, schema: pa.Schema, ts_unit: str = "auto") -> tuple[
         if NESTED in df.columns:     # a list or object the reader had to write as text (transforms.read)
             parsed = pl.when(pl.col(NESTED).str.split(NESTED_SEP).list.contains(name).fill_null(False)).then(
                 pl.lit(None, target)).otherwise(parsed)
+        parsed = _evaluated(df, parsed, name, target)
         casts.append(parsed.alias(name))
         if not field.nullable:  # an empty or blank id is as missing as a null one (CSV writes nulls so)
             missing = raw.is_null()
@@ -171,11 +215,13 @@ def coerce(df: pl.DataFrame, schema: pa.Schema, ts_unit: str = "auto") -> tuple[
     return df.with_columns(casts).drop(NESTED, strict=False), reasons.to_series().cast(pl.String)
 
 
-def conform_extras(df: pl.DataFrame, extra: pa.Schema) -> pl.DataFrame:
-    """Cast the kept non-contract columns to the types chosen over every input file (``extra``): a column
-    whose type differs between files is text (numbers as written, lists and objects as JSON, bytes as
-    base64), so that files of one table always concatenate."""
-    casts = []
+def conform_extras(df: pl.DataFrame, extra: pa.Schema) -> tuple[pl.DataFrame, pl.Series]:
+    """Cast the kept non-contract columns to the types chosen over every input file (``extra``), and say per
+    row which value does not convert (``bad_type:<column>``, null = fine). A column whose type differs between
+    files is text (numbers as written, lists and objects as JSON, bytes as base64), so that files of one table
+    always concatenate; a value a file's first block did not announce (a word in a column of booleans) costs
+    its row, not the run."""
+    casts, checks = [], []
     for field in extra:
         if field.name not in df.columns:
             continue
@@ -185,14 +231,24 @@ def conform_extras(df: pl.DataFrame, extra: pa.Schema) -> pl.DataFrame:
             continue
         col = pl.col(field.name)
         if target == pl.String:
-            casts.append(_as_text(col, dtype).alias(field.name))
+            expr = _as_text(col, dtype)
+        elif target == pl.Boolean and dtype == pl.String:     # JSON/CSV spellings of a boolean
+            word = col.str.strip_chars().str.to_lowercase()
+            expr = pl.when(word == "true").then(True).when(word == "false").then(False)
         else:
-            casts.append(col.cast(target, strict=False))
-    return df.with_columns(casts) if casts else df
+            expr = col.cast(target, strict=False)
+        cast = _evaluated(df, expr, field.name, target)
+        casts.append(cast.alias(field.name))
+        checks.append(pl.when(col.is_not_null() & cast.is_null()).then(pl.lit(qr.BAD_TYPE.format(column=field.name))))
+    reasons = df.select(pl.coalesce(*checks) if checks else pl.lit(None, pl.String)).to_series().cast(pl.String)
+    return (df.with_columns(casts) if casts else df), reasons
 
 
 def _as_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     """A column of any type as text: JSON for nested values, base64 for bytes, the value's text otherwise."""
+    if _has_binary(dtype) and dtype != pl.Binary:        # JSON with base64 bytes, value by value
+        return col.map_elements(lambda v: json.dumps(v, default=_json_default), return_dtype=pl.String,
+                                skip_nulls=True)
     if _is_nested(dtype):
         return (pl.struct(col.alias("v")).struct.json_encode().str.strip_prefix('{"v":').str.strip_suffix("}")
                 .replace("null", None))
@@ -224,10 +280,12 @@ def quarantine_rows(raw: pl.DataFrame, reasons: pl.Series, table: str, files: Se
     fields = []
     for c in payload:
         dtype = raw.schema[c]
+        if c == un.USER_HASH and imp.USER_ID in payload:       # the raw id's pseudonym takes this name
+            continue
         if c == imp.USER_ID:
             users = raw[c] if dtype == pl.String else raw.select(_as_text(pl.col(c), dtype)).to_series()
             fields.append(pl.lit(pseudonymise(users, hash_key)).alias(un.USER_HASH))
-        elif dtype == pl.Binary or dtype == pl.Object:
+        elif _has_binary(dtype):
             fields.append(_as_text(pl.col(c), dtype).alias(c))
         else:
             fields.append(pl.col(c))
@@ -271,7 +329,8 @@ class SplitBad(beam.DoFn):
         raw = pl.from_arrow(pa.Table.from_batches([batch]))
         df, reasons = coerce(raw, self._schema, self._ts_unit)
         if self._extra is not None:
-            df = conform_extras(df, self._extra)
+            df, odd = conform_extras(df, self._extra)
+            reasons = pl.select(pl.coalesce(reasons, odd)).to_series()
         if self._table == "signals":
             reasons = pl.select(pl.coalesce(reasons, signal_checks(df, self._known, self._value_types))).to_series()
         bad = reasons.is_not_null()
