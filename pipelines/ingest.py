@@ -54,12 +54,18 @@ INTERNAL_COLUMNS = (FILE_INDEX, ROW_NUMBER, NESTED)
 """Names obsfeed gives its own provenance columns while it reads: an input column may not have them."""
 
 
-def check_columns(files: Sequence[str], schema: pa.Schema) -> None:
+def file_schemas(files: Sequence[str]) -> dict[str, pa.Schema]:
+    """Each file's columns, peeked once (a JSON Lines file the fast reader refuses is read whole for it)."""
+    return {path: peek_schema(path) for path in files}
+
+
+def check_columns(files: Sequence[str], schema: pa.Schema, schemas: dict[str, pa.Schema] | None = None) -> None:
     """Fail early, naming the file, when a file lacks a required column of the contract or has a column named
-    like one of obsfeed's provenance columns."""
+    like one of obsfeed's provenance columns (``schemas``: the files' columns, if already peeked)."""
     required = [f.name for f in schema if not f.nullable]
+    schemas = schemas or file_schemas(files)
     for path in files:
-        names = set(peek_schema(path).names)
+        names = set(schemas[path].names)
         if not names:               # an empty file: no rows to check
             continue
         internal = sorted(names & set(INTERNAL_COLUMNS))
@@ -71,18 +77,18 @@ def check_columns(files: Sequence[str], schema: pa.Schema) -> None:
             raise InputError(f"{path}: required column '{missing[0]}' is missing")
 
 
-def extra_fields(files: Sequence[str], known_types: Sequence[str] = ()) -> list[pa.Field]:
+def extra_fields(schemas: dict[str, pa.Schema], known_types: Sequence[str] = ()) -> list[pa.Field]:
     """Impression columns beyond the contract (e.g. features), kept on the units, typed over every file: a
     column whose type differs between files is float64 when every type is numeric, else text
     (``transforms.validate.conform_extras``).
 
     A column named like one obsfeed writes itself (``user_hash``, ``n_upvote``, ``weight_ips``, ...) is refused
-    up front: it would be silently replaced, or clash in the output schema.
+    up front: it would be silently replaced, or clash in the output schema; so is a user id nested in a column.
     """
     declared = set(imp.IMPRESSIONS.names)
     types: dict[str, set[pa.DataType]] = {}
-    for path in files:
-        for f in peek_schema(path):
+    for schema in schemas.values():
+        for f in schema:
             if f.name in declared:
                 continue
             t = f.type
@@ -97,11 +103,11 @@ def extra_fields(files: Sequence[str], known_types: Sequence[str] = ()) -> list[
     reserved = set(pw.pointwise_schema(un.units_schema(known_types)).names) | set(INTERNAL_COLUMNS)
     clash = sorted(set(types) & reserved)
     if clash:
-        raise InputError(f"{files[0]}: impression column{'s' if len(clash) > 1 else ''} {', '.join(clash)} "
+        raise InputError(f"{next(iter(schemas))}: impression column{'s' if len(clash) > 1 else ''} {', '.join(clash)} "
                          "would clash with obsfeed's own output columns; rename "
                          f"{'them' if len(clash) > 1 else 'it'} in the input")
-    for path in files:
-        nested = [p for p in raw_user_fields(peek_schema(path)) if "." in p or "[" in p or "{" in p]
+    for path, schema in schemas.items():
+        nested = [p for p in raw_user_fields(schema) if p != imp.USER_ID]      # the contract's own column aside
         if nested:
             raise InputError(f"{path}: column {nested[0]!r} would carry raw user ids into the units; drop it or "
                              "move the id to the user_id column")
@@ -211,10 +217,11 @@ def reconcile(counts: dict[str, int], units_rows: int, quarantined: dict[str, in
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Run the ingest graph with the caller's Beam options and commit ``units/`` and ``quarantine/``."""
     impression_files, signal_files = input_files(cfg)
-    check_columns(impression_files, imp.IMPRESSIONS)
+    impression_schemas = file_schemas(impression_files)
+    check_columns(impression_files, imp.IMPRESSIONS, impression_schemas)
     check_columns(signal_files, sig.SIGNALS)
     env = key_env(cfg)
-    schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_files, cfg.ingest.known_types))
+    schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_schemas, cfg.ingest.known_types))
     units_final, quarantine_final = run.path(rd.UNITS), run.path(rd.QUARANTINE)
     units_tmp, quarantine_tmp = staging_dir(units_final), staging_dir(quarantine_final)
     scratch = scratch_dir(run.root, "ingest")

@@ -39,23 +39,19 @@ def describe_inputs(paths: Iterable[Path | str]) -> list[dict[str, Any]]:
 def dataset_sha256(directory: Path | str) -> str:
     """One hash of a dataset's content: every Parquet file's relative path and bytes, in path order. Two runs
     that wrote the same rows into the same files have the same hash."""
-    root = Path(directory)
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.parquet")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + sha256_file(f).encode())
-    return h.hexdigest()
+    return tree_sha256(directory, "*.parquet") or hashlib.sha256().hexdigest()
 
 
-def tree_sha256(directory: Path | str) -> str | None:
-    """One hash of a folder's content (every file's relative path and bytes, hidden names skipped, in path
-    order); None when it does not exist. What lineage compares: same hash, same content."""
+def tree_sha256(directory: Path | str, pattern: str = "*") -> str | None:
+    """One hash of a folder's content (every ``pattern`` file's relative path and bytes, hidden names skipped,
+    in path order); None when it does not exist. What lineage compares: same hash, same content."""
     root = Path(directory)
     if not root.exists():
         return None
     if root.is_file():
         return sha256_file(root)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob(pattern) if p.is_file()):
         rel = f.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue

@@ -11,7 +11,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from pipelines.logs import log
 from pipelines.manifest import read_manifest, record_stage, stale_stages
@@ -20,7 +19,7 @@ from schemas import units as un
 from schemas.config import Config
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
-from transforms.io import atomic_write_text, parquet_files, remove_dead_scratch
+from transforms.io import atomic_write_text, read_dataset, remove_dead_scratch
 
 STAGES = ("ingest", "fit", "score", "train", "report")
 
@@ -37,8 +36,7 @@ PAIR_LOSSES = ("bt",)
 def why_no_pairs(units_dir: Path, cfg: Config) -> str | None:
     """Why the score stage can make no pair from these units, or None when some prompt has two candidates: two
     responses with a label (``score.pair_target = "label"``) or two responses at all (``"target_dr"``)."""
-    t = ds.dataset([str(f) for f in parquet_files(units_dir)], format="parquet").to_table(
-        columns=[un.PROMPT_ID, un.OBSERVED])
+    t = read_dataset(units_dir, [un.PROMPT_ID, un.OBSERVED])
     if cfg.score.pair_target == "label":
         t = t.filter(pc.equal(t[un.OBSERVED], 1))
     per_prompt = pc.value_counts(t[un.PROMPT_ID]).field("counts") if t.num_rows else pa.array([], pa.int64())

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from schemas import quarantine as qr
 from schemas.suites import RAW_ID_KEY, RAW_USER_COLUMNS
+from transforms.io import read_dataset
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -80,7 +80,7 @@ def raw_id_leaks(datasets: dict[str, Path]) -> str | None:
             if leaked:
                 return f"{name} would carry the raw user id column {leaked[0]!r} ({f.name})"
         if files and qr.RECORD in pq.read_schema(files[0]).names:
-            records = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=[qr.RECORD])[qr.RECORD]
+            records = read_dataset(directory, [qr.RECORD])[qr.RECORD]
             hits = pc.sum(pc.match_substring_regex(records, RAW_ID_KEY)).as_py() or 0
             if hits:
                 return f"{name}: {hits} record(s) would carry a raw user id (a {RAW_USER_COLUMNS[0]!r} key)"

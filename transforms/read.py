@@ -38,11 +38,17 @@ QUARANTINE = "quarantine"
 _BOM = b"\xef\xbb\xbf"
 
 
-def file_format(path: str) -> str:
-    """'parquet', 'json' or 'csv' from the file name (a .gz/.bz2/.zst suffix is looked through)."""
+def _bare_name(path: str) -> str:
+    """The file name, lower case, without a compression suffix (.gz, .bz2, .zst)."""
     name = Path(path).name.lower()
     for suffix in (".gz", ".bz2", ".zst"):
         name = name.removesuffix(suffix)
+    return name
+
+
+def file_format(path: str) -> str:
+    """'parquet', 'json' or 'csv' from the file name (a .gz/.bz2/.zst suffix is looked through)."""
+    name = _bare_name(path)
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     if name.endswith((".jsonl", ".ndjson", ".json")):
@@ -166,10 +172,7 @@ def _table_from_records(records: list[dict]) -> pa.Table:
 
 def _delimiter(path: str) -> str:
     """Tab for a .tsv file (compressed or not), else comma: from the name, not from anywhere in the path."""
-    name = Path(path).name.lower()
-    for suffix in (".gz", ".bz2", ".zst"):
-        name = name.removesuffix(suffix)
-    return "\t" if name.endswith(".tsv") else ","
+    return "\t" if _bare_name(path).endswith(".tsv") else ","
 
 
 def _csv_parse_options(delimiter: str, invalid_row_handler: Callable[[pacsv.InvalidRow], str]) -> pacsv.ParseOptions:

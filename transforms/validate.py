@@ -32,12 +32,6 @@ _PROVENANCE = (FILE_INDEX, ROW_NUMBER, NESTED)
 
 _UTC_US = pl.Datetime("us", "UTC")
 
-TS_UNITS = ("auto", "s", "ms", "us", "iso")
-"""How a timestamp given as a number is read (``ingest.ts_unit``): epoch seconds, milliseconds or microseconds,
-'auto' (by magnitude, per value: below 1e11 seconds, below 1e14 milliseconds, below 1e17 microseconds, else
-nanoseconds; 1e11 s is the year 5138 and 1e11 ms is 1973), or 'iso' (numbers are refused as bad_timestamp).
-Strings are ISO-8601 whatever the unit: date and time, or a date alone (midnight UTC)."""
-
 _US_PER = {"s": 1_000_000, "ms": 1_000, "us": 1}
 
 
@@ -69,7 +63,9 @@ _TEXT_SOURCES = (pl.String, pl.Boolean)
 
 
 def _epoch_us(col: pl.Expr, dtype: pl.DataType, unit: str) -> pl.Expr:
-    """Epoch numbers → microseconds (Int64); integers stay exact, floats are rounded to the microsecond."""
+    """Epoch numbers → microseconds (Int64); integers stay exact, floats are rounded to the microsecond.
+    ``unit`` is ``ingest.ts_unit``: 's', 'ms', 'us', or 'auto', by magnitude per value (below 1e11 seconds, below
+    1e14 milliseconds, below 1e17 microseconds, else nanoseconds; 1e11 s is the year 5138, 1e11 ms is 1973)."""
     if dtype.is_integer():
         x = col.cast(pl.Int64, strict=False)
         if unit != "auto":                   # beyond the range of microseconds in an Int64: not a time
@@ -95,7 +91,7 @@ def _from_epoch(col: pl.Expr, dtype: pl.DataType, unit: str) -> pl.Expr:
 
 def _parse_timestamp(col: pl.Expr, dtype: pl.DataType, unit: str = "auto") -> pl.Expr:
     """ISO-8601 strings (with a zone, or naive = UTC; a date alone is its midnight), dates, datetimes and epoch
-    numbers (``unit``: see TS_UNITS) → Datetime(us, UTC); failures → null."""
+    numbers (``unit``: see ``_epoch_us``; 'iso' refuses numbers) → Datetime(us, UTC); failures → null."""
     if isinstance(dtype, pl.Datetime):
         expr = col.dt.cast_time_unit("us")
         return expr.dt.convert_time_zone("UTC") if dtype.time_zone else expr.dt.replace_time_zone("UTC")
