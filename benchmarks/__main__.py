@@ -1,9 +1,10 @@
 """`make bench`: run the benchmarks, print their figures and record them in RESULTS.md.
 
-``python -m benchmarks [ingest|estimators|trainer|losses|schedule|all] [N_IMPRESSIONS]``: the ingest benchmark
-(default N 1,000,000; the scaling run uses N/10), the estimator benchmark over simulator scenarios (default N
-200,000), the trainer's loader throughput (default N 200,000), every reward-model loss over 3 seeds (default N
-60,000), and a simulated week run day by day against one run (default N 70,000).
+``python -m benchmarks [ingest|estimators|trainer|losses|schedule|votes|all] [N_IMPRESSIONS]``: the ingest
+benchmark (default N 1,000,000; the scaling run uses N/10), the estimator benchmark over simulator scenarios
+(default N 200,000), the trainer's loader throughput (default N 200,000), every reward-model loss over 3 seeds
+(default N 60,000), a simulated week run day by day against one run (default N 70,000), and mean vs latest vote
+aggregation with three raters per reply over 3 seeds (default N 20,000).
 ``python -m benchmarks realdata`` (``make bench-real``, not part of ``all``): the public datasets in
 ../shared/data through the pipeline, over 5 seeds.
 """
@@ -16,16 +17,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.bench_estimators import bench_estimators, estimators_table
+from benchmarks.bench_estimators import bench_estimators, clean_table, estimators_table, stabilised_table
 from benchmarks.bench_ingest import bench_ingest, compare
 from benchmarks.bench_realdata import bench_coat, bench_hh, coat_table, hh_table
 from benchmarks.bench_schedule import bench_schedule, schedule_table
 from benchmarks.bench_trainer import bench_losses, bench_throughput, losses_table, throughput_table
+from benchmarks.bench_votes import bench_votes, votes_table
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- ingest:begin -->", "<!-- ingest:end -->"
 EST_BEGIN, EST_END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
-BENCHES = ("ingest", "estimators", "trainer", "losses", "schedule")
+BENCHES = ("ingest", "estimators", "trainer", "losses", "schedule", "votes")
 
 
 def _commit() -> str:
@@ -94,6 +96,8 @@ def main(argv: list[str]) -> int:
         run_losses(n or 60_000)
     if which in ("schedule", "all"):
         run_schedule(n or 70_000)
+    if which in ("votes", "all"):
+        run_votes(n or 20_000)
     return 0
 
 
@@ -134,6 +138,32 @@ def run_schedule(n: int) -> None:
                  "checked equal to the single run's each time.", schedule_table(results))
 
 
+def _tree_commit() -> str:
+    """The commit, or "working tree on top of" it when tracked files differ from it (what was measured)."""
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=RESULTS.parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        dirty = ""
+    return f"working tree on top of {_commit()}" if dirty else _commit()
+
+
+def run_votes(n: int) -> None:
+    print(f"votes benchmark: three raters per observed reply, {n:,} impressions, seeds 0-2, latest vs mean",
+          flush=True)
+    result = bench_votes(n)
+    rows = votes_table(result)
+    print("\n".join(rows))
+    observed = ", ".join(f"{s['observed']:,}" for s in result["per_seed"])
+    begin, end = "<!-- votes:begin -->", "<!-- votes:end -->"
+    record("\n".join([begin, f"Measured {dt.date.today().isoformat()}, commit: {_tree_commit()}. Scenario "
+                       f"`three_raters` ({result['raters']} raters on every observed reply, each with their own "
+                       f"leaning and noise), {n:,} impressions ({observed} observed units), simulation and training "
+                       "seeds 0, 1, 2; ingest, fit, score and train (ips, naive baseline) once per aggregate on the "
+                       "same logs; R² of the reward model against reward_true over every unit (`obsfeed evaluate`).",
+                       "", *rows, end]), begin, end)
+
+
 def run_losses(n: int) -> None:
     print(f"loss benchmark: default scenario, {n:,} impressions, seeds 0-2 (ingest, fit, score, train)", flush=True)
     result = bench_losses(n)
@@ -145,7 +175,14 @@ def run_losses(n: int) -> None:
 
 def run_estimators(n: int) -> None:
     print(f"estimator benchmark: simulator scenarios at {n:,} impressions (ingest, fit, score, evaluate)", flush=True)
-    rows = estimators_table(bench_estimators(n))
+    results = bench_estimators(n)
+    rows = ["Mean clean reward E[r*] (reward_true over all units; fit.noise = \"auto\", the simulator's 2% random "
+            "audit): bias of each estimate and its share of the naive bias.", "", *clean_table(results), "",
+            "Selection and confounding diagnostics (biases here against the mean *label*, the secondary figure).", "",
+            *estimators_table(results), "",
+            "Weight stabilisers and DR variants (score.stabilize = \"monotone\", Switch-DR at score.switch_tau, "
+            "shrinkage at score.shrink_lambda): bias of the mean label against the mean label, and its share of the "
+            "naive bias against E[r*] after the semicolon.", "", *stabilised_table(results)]
     print("\n".join(rows))
     record("\n".join([EST_BEGIN, f"Measured {dt.date.today().isoformat()} at commit `{_commit()}`.", "", *rows,
                        EST_END]), EST_BEGIN, EST_END)

@@ -71,7 +71,8 @@ def polars_ingest(cfg: Config, out: Path) -> int:
              and not f.name.startswith("_")]
     units = build_units(imps, sigs, rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types,
                         known_types=ing.known_types, unobserved_label=ing.unobserved_label, hash_key=None,
-                        units_schema=un.units_schema(ing.known_types, extra))
+                        units_schema=un.units_schema(ing.known_types, extra), aggregate=ing.aggregate,
+                        prior=ing.prior)
     out.mkdir(parents=True, exist_ok=True)
     pl.from_arrow(units).write_parquet(out / "units.parquet", compression="zstd")
     return units.num_rows

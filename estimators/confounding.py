@@ -5,17 +5,26 @@ answer's quality (verbosity bias). DML estimates its effect θ on the label give
 model version, user segment, position): both the label and T are predicted from W with cross-fitting, and θ is
 the regression of the label's residual on T's residual, with a 95% CI. The deconfounded target removes
 θ·(T − T_ref), the part of the label explained by the confounder (DeconfoundLM).
+
+The controls are never complete, so each effect also carries EconML's omitted-variable-bias sensitivity analysis
+(Chernozhukov, Cinelli, Newey, Sharma & Syrgkanis 2022, "Long story short: omitted variable bias in causal
+machine learning"): an unmeasured confounder that explains a share c_t of the treatment's residual variance
+and c_y of the outcome's moves θ by at most |ρ|·√(c_y·c_t/(1 − c_t))·S, S² = σ²·ν² (σ² the residual variance of
+the outcome, ν² = 1/E[T̃²] for the treatment residual T̃). The robustness value is the c_y = c_t at which that
+bound (or the CI widened by it) reaches 0.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import Ridge
 
 Model = Literal["linear_dml", "causal_forest_dml"]
+SENSITIVITY_ALPHA = 0.05
+"""Level of the CIs and of the robustness value of the CI (the same 95% as the effect's CI)."""
 
 
 class ConfounderEffect(BaseEstimator):
@@ -23,14 +32,17 @@ class ConfounderEffect(BaseEstimator):
 
     ``linear_dml`` assumes one constant effect (EconML ``LinearDML``, X = None); ``causal_forest_dml`` lets
     the effect vary with W (``CausalForestDML`` with X = W) and reports its average over the fitted units.
+    ``benchmark``: the confounder strength c_y = c_t (partial R², ρ = 1) at which the sensitivity bounds are
+    reported beside the robustness values.
     """
 
     def __init__(self, *, model: Model = "linear_dml", cv: int = 3, alpha: float = 1.0, n_estimators: int = 200,
-                 random_state: int = 0):
+                 benchmark: float = 0.05, random_state: int = 0):
         self.model = model
         self.cv = cv
         self.alpha = alpha
         self.n_estimators = n_estimators
+        self.benchmark = benchmark
         self.random_state = random_state
 
     def fit(self, Y: np.ndarray, T: np.ndarray, W: np.ndarray,
@@ -43,6 +55,8 @@ class ConfounderEffect(BaseEstimator):
         Y, T, W = (np.asarray(a, dtype=float) for a in (Y, T, W))
         if not (Y.shape[0] == T.shape[0] == W.shape[0]):
             raise ValueError(f"Y, T and W differ in length: {Y.shape[0]}, {T.shape[0]}, {W.shape[0]}")
+        if not 0 <= self.benchmark < 1:
+            raise ValueError(f"benchmark must be in [0, 1), got {self.benchmark}")
         if Y.shape[0] < 10 * self.cv or np.std(T) == 0:
             raise ValueError(f"a confounder effect needs varying T and at least {10 * self.cv} units, got "
                              f"{Y.shape[0]} units with sd(T) = {np.std(T):.3g}")
@@ -60,6 +74,7 @@ class ConfounderEffect(BaseEstimator):
         else:
             raise ValueError(f"unknown model {self.model!r} (choose linear_dml or causal_forest_dml)")
         self.ci_low_, self.ci_high_ = float(np.ravel(lo)[0]), float(np.ravel(hi)[0])
+        self.sensitivity_ = self._sensitivity(est, weighted=sample_weight is not None)
         self.t_ref_ = float(np.median(T))
         self.n_ = int(Y.shape[0])
         self.weighted_ = sample_weight is not None
@@ -67,14 +82,42 @@ class ConfounderEffect(BaseEstimator):
         self.label_variance_share_ = float(self.effect_**2 * np.var(T) / var_y) if var_y > 0 else 0.0
         return self
 
+    def _sensitivity(self, est, *, weighted: bool) -> dict[str, Any]:
+        """EconML's robustness values and the bounds at ``benchmark``, or why there are none.
+
+        ``robustness_value(null_hypothesis=0, interval_type="theta")``: the c_y = c_t (ρ = 1) whose bias bound
+        moves the point estimate to 0; ``interval_type="ci"``: the strength at which the 95% CI widened by the
+        bound first includes 0 (0 when the CI already does). EconML computes both from the unweighted
+        residual-on-residual θ = E[Ỹ·T̃]/E[T̃²] (also for the causal forest, whose average effect can differ
+        from it), so ``theta`` says which estimate they are about; with sample weights that θ is not the
+        weighted estimate, and nothing is reported rather than a number about another estimate."""
+        if weighted:
+            return {"supported": False, "reason": "not supported with sample weights (EconML 0.17 computes its "
+                    "sensitivity parameters from the unweighted residuals, so they describe another estimate)"}
+        a = SENSITIVITY_ALPHA
+        c = self.benchmark
+        theta_lo, theta_hi = est.sensitivity_interval(alpha=a, c_y=c, c_t=c, rho=1.0, interval_type="theta")
+        ci_lo, ci_hi = est.sensitivity_interval(alpha=a, c_y=c, c_t=c, rho=1.0, interval_type="ci")
+        theta, _ = est.sensitivity_interval(alpha=a, c_y=0.0, c_t=0.0, rho=1.0, interval_type="theta")  # no bias
+        return {"supported": True, "method": "econml omitted-variable-bias bounds (Chernozhukov et al. 2022)",
+                "theta": float(theta), "alpha": a, "null_hypothesis": 0.0,
+                "rv_estimate": float(est.robustness_value(null_hypothesis=0, alpha=a, interval_type="theta")),
+                "rv_ci": float(est.robustness_value(null_hypothesis=0, alpha=a, interval_type="ci")),
+                "benchmark": {"c_y": c, "c_t": c, "rho": 1.0, "theta_low": float(theta_lo),
+                              "theta_high": float(theta_hi), "ci_low": float(ci_lo), "ci_high": float(ci_hi)}}
+
     def adjust(self, target: np.ndarray, T: np.ndarray) -> np.ndarray:
         """target − θ̂·(T − T_ref): the target with the confounder's share removed."""
         return np.asarray(target, dtype=float) - self.effect_ * (np.asarray(T, dtype=float) - self.t_ref_)
 
-    def to_dict(self) -> dict[str, float | int | str]:
+    def to_dict(self) -> dict[str, Any]:
+        """The effect as saved in ``confounding.json``; ``rv_estimate`` / ``rv_ci`` are None where the
+        sensitivity analysis is not supported (``sensitivity["reason"]`` says why)."""
+        sens = self.sensitivity_
         return {"model": self.model, "weighted": self.weighted_, "effect": self.effect_, "ci_low": self.ci_low_,
                 "ci_high": self.ci_high_,
-                "t_ref": self.t_ref_, "n": self.n_, "label_variance_share": self.label_variance_share_}
+                "t_ref": self.t_ref_, "n": self.n_, "label_variance_share": self.label_variance_share_,
+                "rv_estimate": sens.get("rv_estimate"), "rv_ci": sens.get("rv_ci"), "sensitivity": sens}
 
 
 def confounder_controls(X, featurizer, *, numeric: list[str], treatment: str, n_components: int = 50,
@@ -110,3 +153,13 @@ def deconfound(target: np.ndarray, treatments: dict[str, np.ndarray], effects: l
     for e in effects:
         out -= e["effect"] * (np.asarray(treatments[e["treatment"]], dtype=float) - e["t_ref"])
     return out
+
+
+def saved_effects(doc: list | dict) -> list[dict]:
+    """The effect list of a parsed ``confounding.json``: the ``effects`` of the object fit writes, or the bare
+    list that runs fitted before the sensitivity analysis wrote."""
+    if isinstance(doc, list):
+        return doc
+    if isinstance(doc, dict) and isinstance(doc.get("effects"), list):
+        return doc["effects"]
+    raise ValueError("confounding.json holds neither a list of effects nor an object with an 'effects' list")

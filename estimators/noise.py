@@ -4,11 +4,14 @@ and the corrected targets. Numpy in, numpy out.
 Under class-conditional flips P(r=1 | x) = ρ10 + (1 − ρ01 − ρ10)·P(r*=1 | x), so wherever P(r*=1 | x) is 0 or
 1 ("anchor points") the noisy rate reveals a flip rate. A proxy model's extreme scores are noisy, so the
 anchors are high and low quantiles of its (out-of-fold) scores, not the raw max and min.
+
+Each estimate carries a confidence interval, and ``identify`` decides whether it is precise enough to correct
+targets with: a rate read off a handful of extreme scores is a guess, and dividing by 1 − ρ01 − ρ10 amplifies it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 from scipy import stats
@@ -16,7 +19,8 @@ from scipy import stats
 
 @dataclass(frozen=True)
 class FlipRates:
-    """Estimated flip rates, how they were estimated, and (from an audit) their standard errors."""
+    """Flip rates, how they were estimated, their confidence intervals (``level``; (low, high) per rate), the
+    audit's standard errors, and whether they are identified (``identify``) with the reason why or why not."""
 
     rho01: float
     rho10: float
@@ -24,6 +28,11 @@ class FlipRates:
     n: int
     se01: float | None = None
     se10: float | None = None
+    ci01: tuple[float, float] | None = None
+    ci10: tuple[float, float] | None = None
+    level: float | None = None
+    identified: bool = True
+    why: str = ""
 
     def __post_init__(self) -> None:
         check_flip_rates(self.rho01, self.rho10)
@@ -33,8 +42,27 @@ class FlipRates:
 
     @classmethod
     def from_dict(cls, d: dict) -> FlipRates:
-        """The rates from a dict that may carry more (``models/noise.json`` also holds the other estimates)."""
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        """The rates from a dict that may carry more (``models/noise.json`` also holds the other estimates). A
+        file written before rates carried intervals reads as it was used then: applied, with no interval."""
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        for ci in ("ci01", "ci10"):
+            if kw.get(ci) is not None:
+                kw[ci] = (float(kw[ci][0]), float(kw[ci][1]))
+        if "identified" not in d:
+            kw["why"] = "not assessed (written before flip rates carried intervals)"
+        return cls(**kw)
+
+    def interval_text(self) -> str:
+        """'rho01 = 0.080 (95% CI [0.010, 0.310]), rho10 = ...': the rates as a message names them."""
+        level = f"{self.level:.0%} " if self.level else ""
+
+        def one(name: str, rate: float, ci: tuple[float, float] | None) -> str:
+            return f"{name} = {rate:.3f}" + (f" ({level}CI [{ci[0]:.3f}, {ci[1]:.3f}])" if ci else " (no interval)")
+        return f"{one('rho01', self.rho01, self.ci01)}, {one('rho10', self.rho10, self.ci10)}"
+
+
+UNJUDGED = {"identified": False, "why": "not judged yet (estimators.noise.identify)"}
+"""What an estimate says about itself before ``identify`` has weighed its intervals."""
 
 
 def check_flip_rates(rho01: float, rho10: float) -> None:
@@ -47,23 +75,52 @@ def check_flip_rates(rho01: float, rho10: float) -> None:
                          "a noise correction would divide by a non-positive number")
 
 
-def anchor_flip_rates(scores: np.ndarray, quantile: float = 0.01) -> FlipRates:
+def anchor_flip_rates(scores: np.ndarray, quantile: float = 0.01, *, n_boot: int = 200, level: float = 0.95,
+                      seed: int = 0) -> FlipRates:
     """ρ̂01 = 1 − q_{1−quantile}(P̂(r=1|x)), ρ̂10 = q_{quantile}(P̂(r=1|x)) over ``scores``, a proxy model's
-    out-of-fold P̂(r=1 | x) on labelled units. Biased towards larger rates when no x is a true anchor."""
+    out-of-fold P̂(r=1 | x) on labelled units. Biased towards larger rates when no x is a true anchor.
+
+    The intervals are percentile intervals of ``n_boot`` bootstrap resamples of the units (seeded). They
+    condition on the fitted proxy: its scores are held fixed, so the proxy's own fitting error and the
+    estimator's bias (no true anchors) are not in them; they say how much the quantiles move with the units."""
     scores = np.asarray(scores, dtype=float)
     if scores.size == 0 or not np.all(np.isfinite(scores)):
         raise ValueError("anchor flip rates need finite proxy scores for at least one labelled unit")
     if not 0 < quantile < 0.5:
         raise ValueError(f"quantile must be in (0, 0.5), got {quantile}")
     hi, lo = np.quantile(scores, [1 - quantile, quantile])
+    boot_lo, boot_hi = bootstrap_quantiles(scores, (quantile, 1 - quantile), n_boot=n_boot, seed=seed)
     return FlipRates(rho01=float(np.clip(1 - hi, 0, 1)), rho10=float(np.clip(lo, 0, 1)),
-                     method=f"anchor_quantile_{quantile:g}", n=int(scores.size))
+                     method=f"anchor_quantile_{quantile:g}", n=int(scores.size),
+                     ci01=_percentile_interval(np.clip(1 - boot_hi, 0, 1), level),
+                     ci10=_percentile_interval(np.clip(boot_lo, 0, 1), level), level=level, **UNJUDGED)
 
 
-def audit_flip_rates(label: np.ndarray, gold: np.ndarray, min_per_class: int = 1) -> FlipRates:
+def bootstrap_quantiles(values: np.ndarray, quantiles: tuple[float, ...], *, n_boot: int = 200, seed: int = 0,
+                        max_cells: int = 2**21) -> np.ndarray:
+    """``quantiles`` of ``n_boot`` resamples (with replacement) of ``values``: shape (len(quantiles), n_boot).
+    Resamples are drawn ``max_cells`` values at a time, so memory stays bounded on a large fit sample."""
+    values = np.asarray(values, dtype=float)
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be at least 2, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    rows = max(1, max_cells // values.size)
+    out = [np.quantile(values[rng.integers(0, values.size, size=(min(rows, n_boot - start), values.size))],
+                       quantiles, axis=1)
+           for start in range(0, n_boot, rows)]
+    return np.concatenate(out, axis=1)
+
+
+def _percentile_interval(draws: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def audit_flip_rates(label: np.ndarray, gold: np.ndarray, min_per_class: int = 1, *,
+                     level: float = 0.95) -> FlipRates:
     """Flip rates counted on a gold-labelled audit subset: ρ̂01 = mean of 1 − r among r*=1, ρ̂10 = mean of r
-    among r*=0 (for binary labels, the shares of flipped ones), with Agresti-Coull standard errors. Gold labels
-    other than exactly 0 or 1 are not counted."""
+    among r*=0 (for binary labels, the shares of flipped ones), with Agresti-Coull standard errors and Wilson
+    intervals (``wilson_interval``). Gold labels other than exactly 0 or 1 are not counted."""
     label, gold = np.asarray(label, dtype=float), np.asarray(gold, dtype=float)
     pos, neg = gold == 1, gold == 0
     if min(pos.sum(), neg.sum()) < max(1, min_per_class):
@@ -71,8 +128,26 @@ def audit_flip_rates(label: np.ndarray, gold: np.ndarray, min_per_class: int = 1
                          f"label to estimate both flip rates; it has {int(pos.sum())} with r*=1 and "
                          f"{int(neg.sum())} with r*=0")
     r01, r10 = float(np.mean(1 - label[pos])), float(np.mean(label[neg]))
-    return FlipRates(rho01=r01, rho10=r10, method="audit", n=int(pos.sum() + neg.sum()),
-                     se01=_agresti_coull_se(r01, int(pos.sum())), se10=_agresti_coull_se(r10, int(neg.sum())))
+    n1, n0 = int(pos.sum()), int(neg.sum())
+    ci01, ci10 = (tuple(float(b) for b in wilson_interval(r * n, n, level)) for r, n in ((r01, n1), (r10, n0)))
+    return FlipRates(rho01=r01, rho10=r10, method="audit", n=n1 + n0,
+                     se01=_agresti_coull_se(r01, n1), se10=_agresti_coull_se(r10, n0),
+                     ci01=ci01, ci10=ci10, level=level, **UNJUDGED)
+
+
+def wilson_interval(successes: np.ndarray | float, n: np.ndarray | int, level: float = 0.95,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson's score interval for a binomial proportion (vectorised; ``successes`` may be fractional, e.g. a
+    sum of soft labels). Unlike the Wald interval p ± z·se it keeps its coverage near the nominal level for
+    small n and for rates near 0, which is where flip rates live, and it is never empty at 0 flips seen."""
+    k, n = np.asarray(successes, dtype=float), np.asarray(n, dtype=float)
+    if np.any(n <= 0) or np.any(k < 0) or np.any(k > n):
+        raise ValueError("a binomial interval needs n > 0 and 0 <= successes <= n")
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    p = k / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
 
 
 def _agresti_coull_se(rate: float, n: int) -> float:
@@ -80,6 +155,34 @@ def _agresti_coull_se(rate: float, n: int) -> float:
     plain binomial one it is not 0 when no flip was seen (30 clean audits do not prove a rate of 0)."""
     shrunk = (rate * n + 2) / (n + 4)
     return float(np.sqrt(shrunk * (1 - shrunk) / (n + 4)))
+
+
+def identify(rates: FlipRates, *, tail_units: float | None, min_tail_units: float, max_ci_width: float,
+             max_sum: float) -> FlipRates:
+    """``rates`` with ``identified`` and ``why`` set: identified when every criterion holds, namely at least
+    ``min_tail_units`` units in each anchor tail (``tail_units`` = quantile·n; None for an audit, where the
+    counts are in the intervals), each rate's interval at most ``max_ci_width`` wide, and the upper bound of
+    ρ01 + ρ10 (the sum of the intervals' upper ends, conservative) at most ``max_sum``, so that the correction's
+    divisor 1 − ρ01 − ρ10 is clearly positive. Rates without intervals are not identified."""
+    held: list[str] = []
+    failed: list[str] = []
+
+    def check(ok: bool, text: str) -> None:
+        (held if ok else failed).append(text)
+
+    if tail_units is not None:
+        check(tail_units >= min_tail_units, f"{tail_units:.1f} units in each anchor tail (at least "
+                                            f"{min_tail_units:g} needed)")
+    if rates.ci01 is None or rates.ci10 is None:
+        failed.append("no confidence interval")
+    else:
+        for name, (lo, hi) in (("rho01", rates.ci01), ("rho10", rates.ci10)):
+            check(hi - lo <= max_ci_width, f"{name} interval [{lo:.3f}, {hi:.3f}] is {hi - lo:.3f} wide "
+                                           f"(at most {max_ci_width:g})")
+        upper = rates.ci01[1] + rates.ci10[1]
+        check(upper <= max_sum, f"upper bound of rho01 + rho10 {upper:.3f} (at most {max_sum:g})")
+    why = "identified: " + "; ".join(held) if not failed else "not identified: " + "; ".join(failed)
+    return replace(rates, identified=not failed, why=why)
 
 
 def corrected_target(label: np.ndarray, rho01: float, rho10: float) -> np.ndarray:

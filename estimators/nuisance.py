@@ -39,6 +39,12 @@ def imputation_model(fc: FitConfig, passthrough: Sequence[int], model: str | Non
     return ImputationModel(model=model or fc.imputation_model, C=fc.C, passthrough=passthrough, random_state=fc.seed)
 
 
+def calibration_model(fc: FitConfig) -> ImputationModel:
+    """One unfitted calibrator of the clean reward (``estimators.calibration``; its fold copies are saved as
+    ``calibration.skops``): a logistic model over a few dense columns, fitted on soft gold labels."""
+    return ImputationModel(model="logistic", C=fc.C, random_state=fc.seed)
+
+
 def choices(annotation: object) -> tuple[object, ...]:
     """The values of a choice field (a ``Literal`` or ``bool``, optionally ``| None``); () for any other field."""
     if annotation is bool:
@@ -62,7 +68,16 @@ def option_grid(**fixed: object) -> Iterator[FitConfig]:
     fields = {name: choices(f.annotation) for name, f in FitConfig.model_fields.items() if name not in fixed}
     fields = {name: values for name, values in fields.items() if values}
     for combo in itertools.product(*fields.values()):
+        values = dict(zip(fields, combo, strict=True))
+        for (name, value), extra in COMPANIONS.items():
+            if values.get(name) == value:
+                values.update({k: v for k, v in extra.items() if k not in fixed})
         try:
-            yield FitConfig(**fixed, **dict(zip(fields, combo, strict=True)))
+            yield FitConfig(**fixed, **values)
         except ValidationError:
             continue
+
+
+COMPANIONS: dict[tuple[str, object], dict[str, object]] = {("noise", "fixed"): {"flip_rates": [0.2, 0.1]}}
+"""Keys a choice needs beside it to be a valid config, for ``option_grid`` (fit.noise = 'fixed' needs
+fit.flip_rates; any valid value will do: the grid is about which models get built)."""

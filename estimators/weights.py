@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.isotonic import IsotonicRegression
 
 
 def invalid_propensities(propensity: np.ndarray) -> np.ndarray:
@@ -107,3 +108,127 @@ def degenerate_weights(observed: np.ndarray, propensity: np.ndarray, *, min_ess_
         return (f"Kish ESS of the IPS weights is {ess:.1f}, {ess / n_obs:.2%} of the {n_obs} observed units, "
                 f"below the floor of {min_ess_share:g} of them: the propensities have almost no overlap")
     return None
+
+
+# --- Stabilised weights beyond clipping ------------------------------------------------------------------------
+
+MONOTONE_FLOOR = 1e-3
+"""Lower bound on the calibrated propensity q(p̂) of the monotone weights: a region of p̂ with no observed unit in
+the fit sample gets q = 0, and a unit observed there later would otherwise weigh infinitely (1 / 1e-3 at most)."""
+
+
+def monotone_map(observed: np.ndarray, propensity: np.ndarray, *,
+                 floor: float = MONOTONE_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+    """q(p̂): the isotonic (non-decreasing) least-squares regression of the observed flag o on p̂ over *all* units,
+    bounded below by ``floor``; returned as its thresholds (x, y), applied by :func:`monotone_weights`.
+
+    The weights o / q(p̂) are then non-increasing in p̂ and, by the pool-adjacent-violators balancing property,
+    those of each isotonic block sum to the block's size: a block with n_b units of which k_b are observed has
+    q = k_b / n_b, so its k_b observed units weigh n_b / k_b each (van der Laan, Lin, Carone & Luedtke 2024,
+    "Stabilized inverse probability weighting via isotonic calibration"; CJE's SIMCal is the same projection).
+    Calibrating 1/p̂ this way cannot make the weights worse ordered than p̂, and it removes the extreme weights
+    that a mis-calibrated tail of p̂ gives a handful of observed units.
+    """
+    _check(observed, propensity)
+    if not 0 < floor < 1:
+        raise ValueError(f"floor must be in (0, 1), got {floor}")
+    if not (observed == 1).any():
+        raise ValueError("no observed unit: the monotone weights are undefined")
+    iso = IsotonicRegression(increasing=True, y_min=floor, y_max=1.0, out_of_bounds="clip")
+    iso.fit(propensity.astype(float), (observed == 1).astype(float))
+    return np.asarray(iso.X_thresholds_, float), np.asarray(iso.y_thresholds_, float)
+
+
+def monotone_weights(observed: np.ndarray, propensity: np.ndarray, thresholds_x: np.ndarray,
+                     thresholds_y: np.ndarray) -> np.ndarray:
+    """w = o / q(p̂) with q from :func:`monotone_map`'s thresholds: linear between them and constant beyond, as
+    ``IsotonicRegression.predict`` with ``out_of_bounds="clip"`` does, so any unit (not only the fit sample's)
+    gets its weight from the saved map."""
+    _check(observed, propensity)
+    x, y = np.asarray(thresholds_x, float), np.asarray(thresholds_y, float)
+    if x.size == 0 or x.shape != y.shape or np.any(np.diff(x) < 0) or np.any(np.diff(y) < 0) or y[0] <= 0:
+        raise ValueError("the monotone map's thresholds must be non-empty, non-decreasing and positive")
+    return observed / np.interp(propensity, x, y)
+
+
+def weight_sums(weights: np.ndarray, observed: np.ndarray) -> tuple[float, float, int]:
+    """(Σw, Σw², n) over the observed units: what :func:`cap_variance` needs, summable across batches."""
+    w = weights[observed == 1]
+    return float(w.sum()), float((w**2).sum()), int(w.size)
+
+
+def cap_variance(weights: np.ndarray, observed: np.ndarray, *, max_variance: float,
+                 sums: tuple[float, float, int] | None = None) -> tuple[np.ndarray, float]:
+    """Self-normalise the weights to mean one over observed units, then blend them toward 1,
+    w ← 1 + λ(w − 1), with the largest λ ≤ 1 that keeps their variance over observed units ≤ ``max_variance``.
+
+    With mean-one weights Var = Σw²/(n m²) − 1 (m = Σw/n), and blending scales it by λ², so
+    λ = min(1, √(cap / Var)). The blend keeps mean one and the order of the weights (a monotone weight stays
+    monotone), and the Kish ESS share is then 1 / (1 + Var) ≥ 1 / (1 + cap). ``sums`` = (Σw, Σw², n) lets a
+    distributed caller pass the global sums instead of this batch's. Returns (weights, λ); unobserved units weigh 0.
+    """
+    if not max_variance > 0:
+        raise ValueError(f"max_variance must be > 0, got {max_variance}")
+    total, total_sq, n = weight_sums(weights, observed) if sums is None else sums
+    if n == 0 or total <= 0:
+        raise ValueError("no observed unit with positive weight: self-normalised weights are undefined")
+    mean = total / n
+    variance = max(0.0, total_sq / (n * mean**2) - 1.0)
+    lam = 1.0 if variance <= max_variance else float(np.sqrt(max_variance / variance))
+    w = weights / mean
+    return np.where(observed == 1, 1.0 + lam * (w - 1.0), 0.0), lam
+
+
+def dr_weights(weights: np.ndarray, *, variant: str = "standard", tau: float = np.inf,
+               lam: float = np.inf) -> np.ndarray:
+    """The weights a DR variant puts on each unit's residual (the pseudo-outcome is ε̂ + o·w'·(r − ε̂)).
+
+    * ``standard``: w' = w;
+    * ``switch``: w' = w where w ≤ τ, else 0, i.e. the imputation alone where the weight is extreme
+      (Switch-DR: Wang, Agarwal & Dudík 2017, "Optimal and adaptive off-policy evaluation in contextual bandits");
+    * ``shrink``: w' = λw / (w² + λ), at most √λ / 2 and ≈ w for w ≪ √λ (DR with optimistic shrinkage: Su,
+      Dimakopoulou, Krishnamurthy & Dudík 2020, "Doubly robust off-policy evaluation with shrinkage").
+    Both trade a bias bounded by the imputation's error on the heavy-weight units for much less variance.
+    """
+    if variant == "standard":
+        return weights
+    if variant == "switch":
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        return np.where(weights <= tau, weights, 0.0)
+    if variant == "shrink":
+        if not lam > 0:
+            raise ValueError(f"lambda must be > 0, got {lam}")
+        return weights if np.isinf(lam) else lam * weights / (weights**2 + lam)
+    raise ValueError(f"unknown DR variant {variant!r}: choose standard, switch or shrink")
+
+
+def hill_tail_index(weights: np.ndarray, *, k: int | None = None) -> float:
+    """Hill estimator of the tail index α of the positive weights: 1 / mean_{i≤k} log(w_(i) / w_(k+1)) over the k
+    largest (w_(1) ≥ w_(2) ≥ ...), k = ⌈√n⌉ by default (Hill 1975). A Pareto tail P(W > w) ∝ w^−α has α̂ → α; α ≤ 2
+    means the weights' variance is not finite, so ESS and standard errors are unreliable (CJE gates on it).
+
+    NaN with fewer than 3 positive weights; inf when the k + 1 largest are equal (no tail at all).
+    """
+    w = np.sort(weights[weights > 0])[::-1]
+    n = w.size
+    if n < 3:
+        return float("nan")
+    k = int(np.ceil(np.sqrt(n))) if k is None else int(k)
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} positive weights, got {k}")
+    mean_log = float(np.mean(np.log(w[:k] / w[k])))
+    return float("inf") if mean_log <= 0 else 1.0 / mean_log
+
+
+def policy_value(weights: np.ndarray, reward: np.ndarray) -> dict[str, float]:
+    """The value of the policy the weights point to (w = o·π_target / π_logging), as obp reports it:
+    IPS = mean over all logged units of w·r (unbiased when the logging propensities are right), and
+    SNIPS = Σ w·r / Σ w (bounded by the rewards' range; biased O(1/n), far less variable)."""
+    if weights.shape != reward.shape:
+        raise ValueError(f"weights and reward differ in shape: {weights.shape} vs {reward.shape}")
+    r = np.where(weights > 0, np.nan_to_num(reward), 0.0)   # an unobserved unit's null reward has weight 0
+    total = float(weights.sum())
+    return {"ips": float(np.sum(weights * r) / max(1, weights.size)),
+            "snips": float(np.sum(weights * r) / total) if total > 0 else float("nan"),
+            "n": int(weights.size), "weight_sum": total}

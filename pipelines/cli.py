@@ -99,6 +99,10 @@ def make_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics vs ground truth (simulator) for a finished run")
     ev.add_argument("run", type=Path)
     ev.add_argument("--truth", type=Path, default=None, help="truth.parquet (default: [input].truth)")
+    ev.add_argument("--placebo", action="store_true",
+                    help="also refit with each confounder and the observed flag shuffled within strata: the effects "
+                         "and the weighted-vs-naive difference should be 0 within noise (reported, not gated; "
+                         "needs no ground truth)")
     return parser
 
 
@@ -209,7 +213,7 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     if args.command == "evaluate":
         from pipelines import evaluate
 
-        evaluate.print_evaluation(evaluate.run(run, cfg, truth=args.truth))
+        evaluate.print_evaluation(evaluate.run(run, cfg, truth=args.truth, placebo=args.placebo))
         return 0
     with root_lock(run.root):
         cfg = load_config(run.config_path)               # read again under the lock: another run may have rewritten it

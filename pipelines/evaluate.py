@@ -4,8 +4,10 @@ What "truth" means for each figure:
 
 * propensity: the simulator's ``propensity_true`` and the realised observed flag;
 * mean label: the population mean of the label users *would* give if every unit were rated
-  (``label_noisy`` over all units). That is what selection correction (IPS, SNIPS, DR) targets; removing
-  label noise as well is the noise estimators' job, so the clean mean (``reward_true``) is reported beside it;
+  (``label_noisy`` over all units). That is what selection correction (IPS, SNIPS, DR) targets;
+* clean reward: the population mean of ``reward_true`` = E[r*], what the clean-reward targets
+  (``target_noise_corrected``) and the audit's estimates (PPI, calibrated DR) target: every mean's bias against
+  it, as a share of the naive bias;
 * reward model: predictions P(label=1|x) vs ``reward_true`` (MSE, MAE, R²), and pairwise accuracy within a
   prompt (share of response pairs with different true rewards that the model orders correctly).
 """
@@ -19,14 +21,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from estimators import weights as W
+from estimators.confounding import saved_effects
 from estimators.diagnostics import auc, expected_calibration_error, pairwise_accuracy, regression_metrics
 from estimators.features import RESPONSE_LENGTH
-from pipelines.fit import CONFOUNDING, NOISE
+from pipelines.fit import CONFOUNDING, NOISE, WEIGHTS
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
-from schemas.config import Config
+from schemas.config import Config, ScoreConfig
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
 from transforms.io import atomic_write_text, read_dataset
@@ -55,8 +59,82 @@ def mean_label_estimates(d: pl.DataFrame) -> dict[str, float]:
     return est
 
 
-def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any]:
+def clean_reward_estimates(d: pl.DataFrame, noise: dict[str, Any] | None) -> dict[str, Any]:
+    """Each estimate of the mean clean reward E[r*] (the simulator's ``reward_true`` over all units) and its bias
+    as a share of the naive bias: what a clean-reward target is for. The selection-only estimates (SNIPS of
+    the label, DR) are listed too: they target the mean *label*, so against E[r*] they keep the label's noise
+    and verbosity bias."""
+    o = d[un.OBSERVED].to_numpy() == 1
+    label = np.nan_to_num(d[un.LABEL].to_numpy().astype(float))
+    true = float(d[tr.REWARD_TRUE].mean())
+    est: dict[str, float] = {
+        "naive": float(label[o].mean()),
+        "snips": float(np.average(label[o], weights=d[pw.WEIGHT_SNIPS].to_numpy()[o])),
+        "dr": float(d[pw.TARGET_DR].mean()),
+        "noise_corrected": float(d[pw.TARGET_NOISE_CORRECTED].mean()),
+        "deconfounded": float(d[pw.TARGET_DECONFOUNDED].mean()),
+    }
+    for name, v in ((noise or {}).get("mean_reward") or {}).items():
+        est[name] = float(v["estimate"])                  # the fit stage's audit estimates: PPI, calibrated DR
+    naive_bias = est["naive"] - true
+    return {"true": true, "method": (noise or {}).get("method"), "estimates": est,
+            "bias": {k: v - true for k, v in est.items()},
+            "share_of_naive": {k: abs(v - true) / abs(naive_bias) if naive_bias else float("nan")
+                               for k, v in est.items()}}
+
+
+def stabilised_estimates(d: pl.DataFrame, score: ScoreConfig, clip: float) -> dict[str, Any]:
+    """The mean label with the stabilised weights (``weight_stabilized``, self-normalised, ``score.stabilize``)
+    beside clipping and SNIPS, and every DR variant (standard, Switch-DR at ``score.switch_tau``, shrinkage at
+    ``score.shrink_lambda``) rebuilt from the logging weights o / max(p̂, clip) and the imputation: bias against the
+    mean label (what selection correction targets) and against E[r*], each also as a share of the naive bias,
+    with the stabilised weights' ESS share, max and tail index."""
+    o = d[un.OBSERVED].to_numpy() == 1
+    label = np.nan_to_num(d[un.LABEL].to_numpy().astype(float))
+    p, imputed = d[pw.PROPENSITY].to_numpy(), d[pw.IMPUTED].to_numpy()
+    w_log = W.clipped(o.astype(float), p, clip)
+    w_stab, w_snips = d[pw.WEIGHT_STABILIZED].to_numpy(), d[pw.WEIGHT_SNIPS].to_numpy()
+    ips_clipped = label * d[pw.WEIGHT_CLIPPED].to_numpy()                # IPS with the clip: Σ w·r / n
+    est = {"naive": float(label[o].mean()), "clipped": float(ips_clipped.mean()),
+           "snips": float(np.average(label[o], weights=w_snips[o])),
+           "stabilized": float(np.average(label[o], weights=w_stab[o]))}
+
+    def ratio_se(w: np.ndarray, mean: float) -> float:        # a self-normalised mean's influence-function se
+        return float(np.sqrt(np.sum(w**2 * (label[o] - mean) ** 2)) / w.sum())
+
+    se = {"clipped": float(ips_clipped.std(ddof=1) / np.sqrt(label.size)),
+          "snips": ratio_se(w_snips[o], est["snips"]), "stabilized": ratio_se(w_stab[o], est["stabilized"])}
+    for variant in ("standard", "switch", "shrink"):
+        w = W.dr_weights(w_log, variant=variant, tau=score.switch_tau, lam=score.shrink_lambda)
+        dr = W.dr_pseudo_outcome(label, o.astype(float), w, imputed)
+        est[f"dr_{variant}"] = float(dr.mean())
+        se[f"dr_{variant}"] = float(dr.std(ddof=1) / np.sqrt(dr.size))
+    truths = {"label": float(d[tr.LABEL_NOISY].mean()), "reward": float(d[tr.REWARD_TRUE].mean())}
+    out: dict[str, Any] = {"stabilize": score.stabilize, "switch_tau": score.switch_tau,
+                           "shrink_lambda": score.shrink_lambda, "estimates": est, "se": se, "true": truths}
+    for ref, true in truths.items():
+        naive = est["naive"] - true
+        out[f"bias_{ref}"] = {k: v - true for k, v in est.items()}
+        out[f"share_of_naive_{ref}"] = {k: abs(v - true) / abs(naive) if naive else float("nan")
+                                        for k, v in est.items()}
+    tail = W.hill_tail_index(w_stab[o])
+    out["weights"] = {"ess_share": W.kish_ess(w_stab[o]) / max(1, int(o.sum())), "max": float(w_stab[o].max()),
+                      "tail_index": tail if np.isfinite(tail) else None,
+                      "switched": int(np.sum(o & (w_log > score.switch_tau)))}
+    return out
+
+
+def run(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: bool = False) -> dict[str, Any]:
+    """Metrics vs ground truth, plus the placebo check with ``placebo``. With ``placebo`` and no truth named
+    (no ``--truth``, no ``[input].truth``) only the placebo check runs: it needs none. A truth that is named
+    but missing or incomplete is an InputError either way."""
     truth_path = Path(truth) if truth else (Path(cfg.input.truth) if cfg.input.truth else None)
+    if placebo and truth_path is None:
+        from pipelines.placebo import placebo_check
+
+        result = {"placebo": placebo_check(run, cfg)}
+        atomic_write_text(run.path(rd.EVALUATION), json.dumps(result, indent=2) + "\n")
+        return result
     if truth_path is None or not truth_path.exists():
         raise InputError(f"{truth_path or '[input].truth'}: ground truth not found (pass --truth PATH)")
     truth_t = pl.read_parquet(truth_path)
@@ -88,6 +166,8 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
                                         "rho10": _rate(observed_d, tr.LABEL_CLEAN, 0, tr.LABEL_NOISY, 1)},
         },
         "mean_reward": _mean_reward(noise, d),
+        "clean_reward": clean_reward_estimates(d, noise),
+        "stabilised": stabilised_estimates(d, cfg.score, _fitted_clip(run)),
         "confounders": _confounders(run, d),
         "reward": {},
     }
@@ -107,6 +187,10 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None) -> dict[str, Any
         main = cfg.train.loss
         if main in result["reward"]:
             result["reward"] = {**result["reward"][main], "loss": main, "by_loss": result["reward"]}
+    if placebo:
+        from pipelines.placebo import placebo_check
+
+        result["placebo"] = placebo_check(run, cfg)
     atomic_write_text(run.path(rd.EVALUATION), json.dumps(result, indent=2) + "\n")
     return result
 
@@ -116,14 +200,20 @@ def _confounders(run: RunDir, d: pl.DataFrame) -> list[dict[str, Any]]:
     over the observed units, from truth.parquet), and whether the 95% CI covers it."""
     path = run.path(rd.MODELS) / CONFOUNDING
     out = []
-    for e in json.loads(path.read_text()) if path.exists() else []:
+    for e in saved_effects(json.loads(path.read_text())) if path.exists() else []:
         row = {k: e[k] for k in ("treatment", "model", "effect", "ci_low", "ci_high")}
+        row.update({k: e[k] for k in ("rv_estimate", "rv_ci") if k in e})      # absent in runs fitted before
         if e["treatment"] == RESPONSE_LENGTH and tr.LENGTH_EFFECT_TRUE in d.columns:
             true = float(d.filter(pl.col(un.OBSERVED) == 1)[tr.LENGTH_EFFECT_TRUE].mean())
             if np.isfinite(true):                          # NaN: real labels, the true effect is unknown
                 row.update(true=true, covered=e["ci_low"] <= true <= e["ci_high"])
         out.append(row)
     return out
+
+
+def _fitted_clip(run: RunDir) -> float:
+    """The propensity floor the score stage applied (``models/weights.json``)."""
+    return float(json.loads((run.path(rd.MODELS) / WEIGHTS).read_text())["clip"])
 
 
 def _estimated_flip_rates(run: RunDir) -> dict[str, Any] | None:
@@ -157,6 +247,9 @@ def _rate(d: pl.DataFrame, given: str, given_value: int, event: str, event_value
 
 
 def print_evaluation(result: dict[str, Any]) -> None:
+    if "propensity" not in result:                       # --placebo without ground truth
+        _print_placebo(result)
+        return
     p, m = result["propensity"], result["mean_label"]
     print(f"evaluation vs ground truth ({result['units']} units)")
     print(f"  propensity: AUC {p['auc']:.3f} (true propensity's AUC {p['auc_true']:.3f}), "
@@ -181,7 +274,19 @@ def print_evaluation(result: dict[str, Any]) -> None:
         print(f"  flip rates: simulated rho01 {fr['rho01']:.3f}, rho10 {fr['rho10']:.3f} (clean vs given label, "
               f"with verbosity and rater leaning: {cv['rho01']:.3f}, {cv['rho10']:.3f})"
               + (f"; estimated ({est['method']}) {est['rho01']:.3f}, {est['rho10']:.3f}" if est else ""))
+    cr = result.get("clean_reward")
+    if cr:
+        print(f"  mean clean reward E[r*] {cr['true']:.4f} (noise: {cr['method']}): " + "  ".join(
+            f"{k} {v:.4f} ({cr['share_of_naive'][k]:.0%} of naive bias)" for k, v in cr["estimates"].items()))
     mr = result.get("mean_reward")
     if mr:
         print(f"  mean true label {mr['true']:.4f}: " + ", ".join(
             f"{k} {v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in mr.items() if k != "true"))
+    _print_placebo(result)
+
+
+def _print_placebo(result: dict[str, Any]) -> None:
+    if "placebo" in result:
+        from pipelines.placebo import print_placebo
+
+        print_placebo(result["placebo"])

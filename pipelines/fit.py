@@ -15,15 +15,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from estimators import nuisance, persist
+from estimators import positivity as pos
 from estimators import weights as W
 from estimators.balance import balance_table
+from estimators.calibration import Calibration, calibrated_mean, check_audit, fit_calibration
 from estimators.confounding import ConfounderEffect, confounder_controls
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc, expected_calibration_error, summary
 from estimators.drift import profile, signal_counts
 from estimators.features import RESPONSE_LENGTH, input_columns, structured_columns, treatment_values
-from estimators.noise import FlipRates, anchor_flip_rates, audit_flip_rates, corrected_target, mean_ci, ppi_mean
+from estimators.noise import (
+    FlipRates,
+    anchor_flip_rates,
+    audit_flip_rates,
+    corrected_target,
+    identify,
+    mean_ci,
+    ppi_mean,
+)
 from estimators.propensity import logged_propensity
+from estimators.sensitivity import weighted_vs_naive_ratio
+from pipelines.logs import log
 from pipelines.manifest import describe_inputs
 from schemas import run_dir as rd
 from schemas import units as un
@@ -39,7 +51,11 @@ PROPENSITY = "propensity.skops"
 IMPUTATION = "imputation.skops"
 CONFOUNDING = "confounding.json"
 NOISE = "noise.json"
+CALIBRATION = "calibration.skops"
+"""The clean-reward calibrators (``estimators.calibration``), saved when fit.noise resolves to 'calibrate'."""
 WEIGHTS = "weights.json"
+POSITIVITY = "positivity.json"
+"""The overlap check of the fit sample (``positivity_check``): the strata that fail it, which score flags."""
 REFERENCE = "reference.json"
 """The fit sample's profile (``estimators.drift.profile``) and date range: what later days are compared with."""
 
@@ -61,56 +77,116 @@ def noise_model(scores: np.ndarray, label: np.ndarray, gold: np.ndarray, observe
                 fc: FitConfig) -> tuple[FlipRates, dict[str, Any]]:
     """Flip rates for the noise-corrected target, and what else the labels say about noise.
 
-    Anchors come from the noise proxy's out-of-fold P̂(r=1 | x) (``scores``) on the observed units; the audit from
-    observed units that also carry a gold label (under "auto", only when its standard errors are at most
-    ``fit.max_audit_se``). With gold labels on a uniformly random audit sample, the
-    mean true reward also gets a prediction-powered estimate (the noise-corrected imputation over all units,
-    rectified on the audited ones) beside the audit-only mean. Rates that cannot be corrected for, or an
-    audit asked for but too small, fail the stage (exit code 2).
+    Anchors come from the noise proxy's out-of-fold P̂(r=1 | x) (``scores``) on the observed units, with bootstrap
+    intervals; the audit from observed units that also carry a gold label, with Wilson intervals. Each estimate is
+    judged identified or not (``estimators.noise.identify``, thresholds from ``fit``). "auto" calibrates on an
+    audit big enough for it (rates 0 here: the calibration replaces them), else applies the anchor rates only if
+    they are identified, else no correction, saying why. An explicit "anchor" or "audit" is applied even when not
+    identified (flagged, with a warning: the train stage refuses such rates for the noise-aware losses unless
+    told otherwise); one that cannot be estimated at all is a ConfigError. With gold labels on a uniformly random
+    audit sample, the mean true reward also gets a prediction-powered estimate (the noise-corrected imputation
+    over all units, rectified on the audited ones) beside the audit-only mean.
     """
     audited = observed & np.isfinite(gold)
-    diag: dict[str, Any] = {"audited_units": int(np.isfinite(gold).sum()), "audited_observed": int(audited.sum())}
+    diag: dict[str, Any] = {"audited_units": int(np.isfinite(gold).sum()), "audited_observed": int(audited.sum()),
+                            "identification": {"min_anchor_units": fc.min_anchor_units,
+                                               "max_flip_ci_width": fc.max_flip_ci_width,
+                                               "max_flip_sum": fc.max_flip_sum}}
     estimates: dict[str, FlipRates | None] = {"anchor": None, "audit": None}
     errors: dict[str, str] = {}
-    wanted = {"auto": ("anchor", "audit"), "anchor": ("anchor",), "audit": ("audit",), "none": ()}[fc.noise]
+    wanted = () if fc.noise == "none" else ("anchor", "audit")      # both, whichever is used: the report compares
+    judged = {"min_tail_units": fc.min_anchor_units, "max_ci_width": fc.max_flip_ci_width,
+              "max_sum": fc.max_flip_sum}
     for name in wanted:
         try:
-            estimates[name] = (anchor_flip_rates(scores[observed], fc.anchor_quantile) if name == "anchor"
-                               else audit_flip_rates(label[audited], gold[audited], fc.min_audit))
+            if name == "anchor":
+                est = anchor_flip_rates(scores[observed], fc.anchor_quantile, seed=fc.seed)
+                estimates[name] = identify(est, tail_units=fc.anchor_quantile * est.n, **judged)
+            else:
+                estimates[name] = identify(audit_flip_rates(label[audited], gold[audited], fc.min_audit),
+                                           tail_units=None, **judged)
         except ValueError as e:
             errors[name] = str(e)
-    if wanted and not any(estimates[n] for n in wanted):     # under "auto", one usable estimate is enough
-        why = "; ".join(f"{k}: {v}" for k, v in errors.items())
-        if fc.noise != "auto":                               # the configured method cannot run on these units
-            raise ConfigError(f"fit.noise = {fc.noise!r} cannot be estimated on these units ({why}); choose "
-                              "another fit.noise ('auto' falls back to the other method)")
-        raise GateError(f"fit: flip rates ({fc.noise}): {why}")
+    if fc.noise in ("anchor", "audit") and estimates[fc.noise] is None:   # the configured method cannot run here
+        raise ConfigError(f"fit.noise = {fc.noise!r} cannot be estimated on these units ({errors[fc.noise]}); "
+                          "choose another fit.noise ('auto' falls back to no correction, saying why)")
     diag["estimates"] = {k: v.to_dict() if v else None for k, v in estimates.items()}
     diag["errors"] = errors
-    audit = estimates["audit"]
-    precise = audit is not None and max(audit.se01, audit.se10) <= fc.max_audit_se
-    if fc.noise == "auto" and audit is not None and not precise and estimates["anchor"] is not None:
-        audit = None                       # reported above, but too noisy to correct every target with
-    chosen = audit or estimates["anchor"] or FlipRates(0.0, 0.0, method="none", n=0)
+    chosen = _chosen_flip_rates(estimates, errors, gold, observed, fc)
+    if not chosen.identified:
+        log(f"fit: {chosen.why}" if chosen.method == "none" else
+            f"fit: applying {chosen.method} flip rates as fit.noise asks, but they are {chosen.why} "
+            f"({chosen.interval_text()})", level="warning", event="flip_rates_not_identified")
     gold_units = np.isfinite(gold)
     if gold_units.sum() >= 2 and (~gold_units).sum() >= 2:
-        reward = np.clip(corrected_target(scores, chosen.rho01, chosen.rho10), 0, 1)
+        # PPI is valid with any predictor; under calibration the audit's rates make a better one than none.
+        ppi_rates = (estimates["audit"] or chosen) if chosen.method == "calibrate" else chosen
+        reward = np.clip(corrected_target(scores, ppi_rates.rho01, ppi_rates.rho10), 0, 1)
         diag["mean_reward"] = {"ppi": ppi_mean(gold[gold_units], reward[gold_units], reward[~gold_units]),
                                "gold_only": mean_ci(gold[gold_units])}
     return chosen, diag
 
 
+def _chosen_flip_rates(estimates: dict[str, FlipRates | None], errors: dict[str, str], gold: np.ndarray,
+                       observed: np.ndarray, fc: FitConfig) -> FlipRates:
+    """The rates the targets use under ``fit.noise`` (see ``noise_model``)."""
+    if fc.noise == "fixed":
+        return FlipRates(*fc.flip_rates, method="fixed", n=0, why="given (fit.flip_rates)")
+    if fc.noise == "none":
+        return FlipRates(0.0, 0.0, method="none", n=0, why="fit.noise = 'none': labels assumed clean")
+    if fc.noise in ("anchor", "audit"):
+        return estimates[fc.noise]
+    audit_problem = None
+    try:
+        check_audit(gold, observed.astype(int), fc.min_audit)
+    except ValueError as e:
+        audit_problem = str(e)
+    if fc.noise == "calibrate" or audit_problem is None:
+        return FlipRates(0.0, 0.0, method="calibrate", n=int((observed & np.isfinite(gold)).sum()),
+                         why="calibrated on the audit: E[r* | label, x] replaces flip rates")
+    anchor = estimates["anchor"]
+    if anchor is not None and anchor.identified:
+        return anchor
+    failed = [f"anchor rates {anchor.why} ({anchor.interval_text()})" if anchor is not None
+              else f"anchor rates: {errors.get('anchor', 'not estimated')}",
+              f"no audit to calibrate on ({audit_problem})"]
+    return FlipRates(0.0, 0.0, method="none", n=0, identified=False,
+                     why="no noise correction: " + "; ".join(failed))
+
+
+def clean_reward_model(imputed: np.ndarray, structured: np.ndarray, label: np.ndarray, observed: np.ndarray,
+                       gold: np.ndarray, fold: np.ndarray, fc: FitConfig) -> tuple[Calibration, dict[str, Any]]:
+    """The audit's calibration of the clean reward (E[r* | label, x] for rated units, E[r* | x] for the others)
+    cross-fitted on the sample, and its population mean with a CI that includes the calibration's own
+    uncertainty. An audit too small to calibrate on is a ConfigError (exit 2): 'auto' only calibrates when it
+    is big enough."""
+    try:
+        check_audit(gold, observed, fc.min_audit)
+    except ValueError as e:
+        raise ConfigError(f"fit.noise = 'calibrate': {e} (fit.min_audit = {fc.min_audit}); choose another "
+                          "fit.noise") from e
+    make = lambda: nuisance.calibration_model(fc)  # noqa: E731
+    cal = fit_calibration(make, imputed, structured, label, observed, gold, fold)
+    try:
+        mean = calibrated_mean(make, cal, imputed, structured, label, observed, gold, seed=fc.seed)
+    except ValueError as e:
+        raise GateError(f"fit: clean-reward calibration: {e}") from e
+    return cal, mean
+
+
 def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.ndarray, weights: np.ndarray,
                        fc: FitConfig) -> list[dict[str, Any]]:
     """DML effect (95% CI) of each configured confounder on the label of the observed units of the sample;
-    with ``fit.confounder_weighting = "ipw"`` weighted by their clipped inverse propensities."""
+    with ``fit.confounder_weighting = "ipw"`` weighted by their clipped inverse propensities. Each carries
+    EconML's robustness values (``rv_estimate``, ``rv_ci``) and its bounds at ``fit.confounder_benchmark``."""
     effects = []
     for name in fc.confounders:
         controls = confounder_controls(X, featurizer, numeric=fc.numeric, treatment=name,
                                        n_components=fc.confounder_controls, random_state=fc.seed)
         t = treatment_values(frame, name)
         try:
-            est = ConfounderEffect(model=fc.confounder_model, random_state=fc.seed).fit(
+            est = ConfounderEffect(model=fc.confounder_model, benchmark=fc.confounder_benchmark,
+                                   random_state=fc.seed).fit(
                 label[observed], t[observed], controls[observed],
                 sample_weight=weights[observed] if fc.confounder_weighting == "ipw" else None)
         except ValueError as e:
@@ -118,6 +194,16 @@ def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.nda
         effects.append({"treatment": name, "scale": "log" if name == RESPONSE_LENGTH else "identity",
                         **est.to_dict()})
     return effects
+
+
+def selection_evalue(label: np.ndarray, observed: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
+    """The E-value of the selection correction: RR = weighted (clipped IPS, self-normalised) / naive mean label
+    of the sample's observed units, with its delta-method CI (``estimators.sensitivity``). A label rate of 0
+    has no ratio: then the reason is recorded instead (fit does not fail over a diagnostic)."""
+    try:
+        return {"supported": True, **weighted_vs_naive_ratio(label[observed], weights[observed])}
+    except ValueError as e:
+        return {"supported": False, "reason": str(e)}
 
 
 def choose_clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> dict[str, Any]:
@@ -136,7 +222,69 @@ def choose_clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> di
     return {"clip": clip, "method": "auto" if sc.clip == "auto" else "none" if sc.clip == "none" else "config",
             "min_ess_share": sc.min_ess_share if sc.clip == "auto" else None,
             "sample_ess_share": W.kish_ess(w) / max(1, int(observed.sum())),
-            "sample_clipped": int(np.sum((observed == 1) & (propensity < clip)))}
+            "sample_clipped": int(np.sum((observed == 1) & (propensity < clip))),
+            "stabilizer": stabilizer_map(observed, propensity, cfg)}
+
+
+def manifest_weighting(weighting: dict[str, Any]) -> dict[str, Any]:
+    """weights.json for the manifest: the monotone map's thresholds stay in the file (hundreds of numbers), the
+    figures about them are kept."""
+    stab = weighting.get("stabilizer")
+    if not stab:
+        return weighting
+    return {**weighting, "stabilizer": {k: v for k, v in stab.items() if not k.startswith("thresholds_")}
+            | {"thresholds": len(stab["thresholds_x"])}}
+
+
+def stabilizer_map(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> dict[str, Any] | None:
+    """For ``score.stabilize = "monotone"``: the isotonic map q(p̂) fitted on the sample's out-of-fold propensities
+    (its thresholds, which the score stage applies to every unit) and what the stabilised weights look like on the
+    sample (the score stage normalises and caps them again over all units). None for the other stabilisers."""
+    sc = cfg.score
+    if sc.stabilize != "monotone":
+        return None
+    if (observed == 1).all():
+        raise ConfigError("score.stabilize = 'monotone' calibrates the observed flag on p̂, but every unit of the fit "
+                          "sample is observed (click-through framing): there is no selection to calibrate; use "
+                          "'none' or 'snips'")
+    x, y = W.monotone_map(observed, propensity)
+    raw = W.monotone_weights(observed.astype(float), propensity, x, y)
+    w, lam = W.cap_variance(raw, observed, max_variance=sc.max_weight_variance)
+    n_obs = int((observed == 1).sum())
+    obs = w[observed == 1]
+    tail = W.hill_tail_index(obs)
+    return {"method": "monotone", "thresholds_x": x.tolist(), "thresholds_y": y.tolist(), "floor": W.MONOTONE_FLOOR,
+            "max_weight_variance": sc.max_weight_variance, "sample_lambda": lam,
+            "sample_variance": float(np.mean((obs - 1) ** 2)), "sample_ess_share": W.kish_ess(obs) / n_obs,
+            "sample_max": float(obs.max()), "sample_tail_index": tail if np.isfinite(tail) else None}
+
+
+def positivity_check(frame, observed: np.ndarray, propensity: np.ndarray, fc: FitConfig,
+                     ) -> tuple[dict[str, Any], np.ndarray]:
+    """Overlap per value of each ``fit.categorical`` column and in the propensity tail, on the sample's
+    (out-of-fold or logged) propensities (``estimators.positivity``), and which sample units lack it. Failed
+    strata are a warning under ``fit.positivity = "warn"`` and "exclude", and fail the stage (exit code 2) under
+    "fail"."""
+    strata = {c: frame[c].to_numpy() for c in fc.categorical}
+    table = pos.strata_table(strata, observed, propensity, floor=fc.positivity_floor,
+                             min_observed=fc.min_stratum_observed, max_tail_share=fc.positivity_max_tail_share)
+    violated = pos.violated_strata(table)
+    flagged = pos.violation_mask(strata, propensity, violated, floor=fc.positivity_floor)
+    out = {"mode": fc.positivity, "floor": fc.positivity_floor, "min_stratum_observed": fc.min_stratum_observed,
+           "max_tail_share": fc.positivity_max_tail_share, "strata_checked": len(table) - 1,
+           "violated": violated, "tail": table[-1], "sample_units_flagged": int(flagged.sum()),
+           "sample_observed_flagged": int((flagged & (observed == 1)).sum()), "strata": table}
+    if violated and fc.positivity == "fail":
+        raise GateError(f"fit: positivity: overlap fails in {pos.describe(violated)} (fit.positivity = 'fail'; "
+                        "'warn' keeps and flags these units, 'exclude' drops them from the weighted outputs)")
+    if fc.positivity == "exclude" and flagged.all():
+        raise GateError(f"fit: positivity: no unit of the sample has overlap ({pos.describe(violated)}), so "
+                        "fit.positivity = 'exclude' would leave nothing to weight")
+    if violated:
+        log(f"fit: overlap fails in {pos.describe(violated)}; fit.positivity = {fc.positivity!r}: their units are "
+            + ("flagged in overlap_violation" if fc.positivity == "warn" else "left out of the datasets by score"),
+            level="warning", stage="fit", event="positivity")
+    return out, flagged
 
 
 def reference_profile(sample: pa.Table, propensity: np.ndarray, observed: np.ndarray, label: np.ndarray, cfg: Config,
@@ -178,6 +326,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
             raise GateError(f"fit: {e}") from e
     else:
         p_oof, p_models = crossfit(nuisance.propensity_model(fc, structured), X, o, fold)
+    overlap, no_overlap = positivity_check(frame, o, p_oof, fc)   # before the other models: "fail" need not wait
     y = np.nan_to_num(label.astype(float))
     m_oof, m_models = crossfit(nuisance.imputation_model(fc, structured), X, y, fold, fit_mask=o == 1)
 
@@ -189,17 +338,28 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     flips, noise_diag = noise_model(proxy_oof, y, gold, obs, fc)
     weighting = {**choose_clip(o, p_oof, cfg), "propensity_column": fc.propensity_column}
     w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])
+    calibration = None
+    if flips.method == "calibrate":
+        calibration, calibrated = clean_reward_model(m_oof, X[:, structured].toarray(), y, o, gold, fold, fc)
+        noise_diag.setdefault("mean_reward", {})["calibrated"] = calibrated
     effects = confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
+    evalue = selection_evalue(y, obs, w_clip)
     balance = balance_table({c: treatment_values(frame, c) for c in fc.numeric}, o, w_clip)
     with atomic_dir(run.path(rd.MODELS)) as tmp:
         persist.save(featurizer, tmp / FEATURIZER)
         if p_models is not None:
             persist.save(p_models, tmp / PROPENSITY)
         persist.save(m_models, tmp / IMPUTATION)
+        if calibration is not None:
+            persist.save(calibration.models(), tmp / CALIBRATION)
         (tmp / NOISE).write_text(json.dumps({**flips.to_dict(), **noise_diag}, indent=2) + "\n")
         (tmp / WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
-        (tmp / CONFOUNDING).write_text(json.dumps(effects, indent=2) + "\n")
-        (tmp / REFERENCE).write_text(json.dumps(reference_profile(sample, p_oof, o, label, cfg), indent=2) + "\n")
+        (tmp / POSITIVITY).write_text(json.dumps(overlap, indent=2) + "\n")
+        (tmp / CONFOUNDING).write_text(json.dumps({"effects": effects, "selection_evalue": evalue}, indent=2) + "\n")
+        # The drift reference describes what score writes: under "exclude", the units with overlap only.
+        keep = ~no_overlap if fc.positivity == "exclude" else np.ones(len(o), bool)
+        reference = reference_profile(sample.filter(pa.array(keep)), p_oof[keep], o[keep], label[keep], cfg)
+        (tmp / REFERENCE).write_text(json.dumps(reference, indent=2) + "\n")
     return {
         "inputs": describe_inputs(parquet_files(run.path(rd.UNITS))),
         "outputs": [str(run.path(rd.MODELS))],
@@ -212,8 +372,10 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
             "imputation": {"auc": auc(m_oof[obs], np.round(y[obs])),
                            "mse": float(np.mean((m_oof[obs] - y[obs]) ** 2))},
             "flip_rates": {**flips.to_dict(), **noise_diag},
-            "weights": weighting,
+            "weights": manifest_weighting(weighting),
+            "positivity": {k: v for k, v in overlap.items() if k != "strata"},   # every stratum: models/positivity.json
             "confounders": effects,
+            "selection_evalue": evalue,
             "balance": balance,
         },
     }

@@ -172,7 +172,7 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     joined = (keyed | "CoGroupBuckets" >> beam.CoGroupByKey()
               | "JoinAndLabel" >> beam.ParDo(JoinAndLabel(
                   rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types, known_types=ing.known_types,
-                  gold=ing.gold, window=window,
+                  gold=ing.gold, window=window, aggregate=ing.aggregate, prior=ing.prior,
                   unobserved_label=ing.unobserved_label, key_env=key_env, units_schema=units_schema,
                   signal_files=signal_files,
               )).with_outputs(QUARANTINE, COUNTS, main="units"))
@@ -269,7 +269,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         "inputs": describe_inputs([*impression_files, *signal_files]),
         "outputs": [str(units_final), str(quarantine_final)],
         "counts": table_counts,
-        "diagnostics": {**_unit_diagnostics(units_final), "quarantine_reasons": _reasons(quarantine_final),
+        "diagnostics": {**_unit_diagnostics(units_final), "votes": votes_diagnostics(units_final, cfg),
+                        "quarantine_reasons": _reasons(quarantine_final),
                         "bad_fraction": bad, "gate": {"suite": suite.name, "expectations": len(suite.expectations),
                                                       "failed": 0},
                         "seconds": {"pipeline": round(pipeline_s, 3), "units_gate": round(gate_s, 3)}},
@@ -299,3 +300,19 @@ def _unit_diagnostics(directory: Path) -> dict[str, Any]:
     return {"units": n, "observed": observed, "observed_rate": observed / n if n else 0.0,
             "mean_label_observed": pc.mean(t[un.LABEL]).as_py(),
             "label_source": dict(sorted((r["values"], r["counts"]) for r in sources))}
+
+
+VOTE_BINS = ("0", "1", "2", "3", "4", "5+")
+"""The votes-per-unit bins of the ingest diagnostics (``votes.units_by_votes``)."""
+
+
+def votes_diagnostics(directory: Path, cfg: Config) -> dict[str, Any]:
+    """How many raters' votes each unit's label rests on: units by ``n_votes`` (0, 1, ..., 5+), the mean over
+    the voted units, and how the votes were combined (``ingest.aggregate``, ``ingest.prior``)."""
+    t = read_dataset(directory, [un.N_VOTES])
+    n = t[un.N_VOTES].to_numpy()
+    voted = n[n > 0]
+    return {"aggregate": cfg.ingest.aggregate, "prior": list(cfg.ingest.prior) if cfg.ingest.prior else None,
+            "units_by_votes": {b: int((n >= 5).sum() if b == "5+" else (n == int(b)).sum()) for b in VOTE_BINS},
+            "mean_votes_of_voted_units": float(voted.mean()) if voted.size else 0.0,
+            "units_with_several_votes": int((n >= 2).sum())}

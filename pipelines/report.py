@@ -125,6 +125,7 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
             ["table", "rows in", "ok", "quarantined", "duplicate", "other days (scheduled run)"]))
         reasons = st["ingest"].get("diagnostics", {}).get("quarantine_reasons", {})
         parts.append("<h2>Quarantine reasons</h2>" + _table(list(reasons.items()), ["table:reason", "rows"]))
+        parts.append(_votes_section(st["ingest"].get("diagnostics", {}).get("votes")))
     reused = st.get("fit", {}).get("reused_from")
     if reused:
         parts.append(f"<p>Models fitted earlier, reused from <code>{html.escape(str(reused))}</code>.</p>")
@@ -137,15 +138,10 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
     for key in ("overlap", "calibration"):
         if key in figures:
             parts.append(f'<img src="{figures[key]}" alt="{key}">')
+    parts.append(_positivity_section(st))
     if "fit" in ok and not reused:
         parts.append(_noise_section(st["fit"]["diagnostics"].get("flip_rates", {})))
-        effects = st["fit"]["diagnostics"].get("confounders", [])
-        if effects:
-            parts.append("<h2>Confounder effects</h2>" + _table(
-                [[e["treatment"], e.get("scale", ""), e["model"], e["effect"], e["ci_low"], e["ci_high"],
-                  e.get("label_variance_share", float("nan")), e["n"]] for e in effects],
-                ["confounder", "scale", "model", "effect", "95% CI low", "95% CI high", "label variance share",
-                 "units"]))
+        parts.append(_confounder_section(st["fit"]["diagnostics"]))
         if "confounders" in figures:
             parts.append(f'<img src="{figures["confounders"]}" alt="confounder effects">')
         balance = st["fit"]["diagnostics"].get("balance", [])
@@ -156,11 +152,7 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
         if "balance" in figures:
             parts.append(f'<img src="{figures["balance"]}" alt="balance">')
     if "score" in ok:
-        d = st["score"]["diagnostics"]
-        rows = [[name, d[name]["ess"], d[name]["ess_share"], d[name]["top1pct_share"], d[name]["max"]]
-                for name in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS)]
-        parts.append(f"<h2>Weights ({d['n_observed']} observed units, {d['clipped']} clipped)</h2>"
-                     + _table(rows, ["weight", "Kish ESS", "ESS / n", "top-1% share", "max"]))
+        parts.append(_weights_section(st["score"]["diagnostics"]))
     if "weights" in figures:
         parts.append(f'<img src="{figures["weights"]}" alt="weights">')
     drift = st.get("score", {}).get("diagnostics", {}).get("drift") if "score" in ok else None
@@ -203,22 +195,158 @@ def _funnel(st: dict[str, Any]) -> list[list[Any]]:
     if fit:
         rows.append(["units in the fit sample", fit.get("sample")])
     score = st.get("score", {}).get("counts", {})
+    if score.get("excluded_no_overlap"):
+        rows.append(["units left out (no overlap, fit.positivity = exclude)", score["excluded_no_overlap"]])
     if score:
         rows += [["pointwise rows", score.get("pointwise")], ["pairs", score.get("pairs")]]
     return rows
 
 
+def _votes_section(votes: dict[str, Any] | None) -> str:
+    """Units by the number of raters whose votes make their label, and how the votes were combined: a label
+    resting on one vote is as noisy as that rater."""
+    if not votes:
+        return ""
+    by = votes["units_by_votes"]
+    total = sum(by.values())
+    prior = votes.get("prior")
+    how = f"ingest.aggregate = {votes['aggregate']}" + (f", prior Beta({prior[0]:g}, {prior[1]:g})" if prior else "")
+    rows = [[k, v, v / total if total else 0.0] for k, v in by.items()]
+    return (f"<h2>Votes per unit</h2><p>{html.escape(how)}; {votes['units_with_several_votes']} units rated by "
+            f"two or more raters, {votes['mean_votes_of_voted_units']:.3g} votes per voted unit on average.</p>"
+            + _table(rows, ["raters' votes", "units", "share"]))
+
+
+def _confounder_section(diag: dict[str, Any]) -> str:
+    """The confounder effects with their robustness values and bounds at the benchmark strength, and the E-value
+    of the selection correction: how strong unmeasured confounding would have to be to explain each away."""
+    out = ""
+    effects = diag.get("confounders", [])
+    if effects:
+        def rv(e: dict[str, Any], key: str) -> Any:
+            sens = e.get("sensitivity")
+            if sens is None:
+                return "—"                                     # fitted before the sensitivity analysis
+            return e[key] if sens.get("supported") else "not supported"
+
+        out += "<h2>Confounder effects</h2>" + _table(
+            [[e["treatment"], e.get("scale", ""), e["model"], e["effect"], e["ci_low"], e["ci_high"],
+              rv(e, "rv_estimate"), rv(e, "rv_ci"), e.get("label_variance_share", float("nan")), e["n"]]
+             for e in effects],
+            ["confounder", "scale", "model", "effect", "95% CI low", "95% CI high", "RV(estimate→0)", "RV(CI→0)",
+             "label variance share", "units"])
+        out += ("<p>RV: the partial R² an unmeasured confounder would need with both the confounder-treatment and "
+                "the label (EconML, Chernozhukov et al. 2022) for the worst-case bias to move the estimate to 0, "
+                "or its 95% CI to include 0 (0: the CI includes 0 already).</p>")
+        bench = [e for e in effects if (e.get("sensitivity") or {}).get("supported")]
+        if bench:
+            out += "<h3>Sensitivity bounds at a benchmark confounder</h3>" + _table(
+                [[e["treatment"], e["sensitivity"]["benchmark"]["c_y"], e["sensitivity"]["theta"],
+                  e["sensitivity"]["benchmark"]["theta_low"], e["sensitivity"]["benchmark"]["theta_high"],
+                  e["sensitivity"]["benchmark"]["ci_low"], e["sensitivity"]["benchmark"]["ci_high"]] for e in bench],
+                ["confounder", "partial R² (c_y = c_t)", "θ (residual regression)", "bound low", "bound high",
+                 "95% CI low", "95% CI high"])
+        for e in effects:
+            reason = (e.get("sensitivity") or {}).get("reason")
+            if reason:
+                out += f"<p>{html.escape(e['treatment'])}: robustness values {html.escape(reason)}.</p>"
+    ev = diag.get("selection_evalue")
+    if ev:
+        out += "<h3>E-value of the selection correction</h3>"
+        if ev.get("supported"):
+            out += _table([["weighted / naive mean label", ev["weighted"], ev["naive"], ev["rr"], ev["ci_low"],
+                            ev["ci_high"], ev["e_value"], ev["e_value_ci"], ev["n"]]],
+                          ["contrast", "weighted", "naive", "RR", "95% CI low", "95% CI high", "E-value",
+                           "E-value (CI)", "observed units"])
+            out += ("<p>E-value (VanderWeele &amp; Ding 2017): the risk ratio an unmeasured confounder would need "
+                    "with both selection and the label to produce the weighted vs naive difference by itself; "
+                    f"CI by the {html.escape(ev['ci_method'])}.</p>")
+        else:
+            out += f"<p>Not computed: {html.escape(ev['reason'])}.</p>"
+    return out
+
+
+def _positivity_section(st: dict[str, Any]) -> str:
+    """A warning table of the strata where the fit stage found no overlap (none: nothing), and what became of
+    their units in the score stage: a DR target there is the imputation model's extrapolation."""
+    fit = st.get("fit", {})
+    check = fit.get("diagnostics", {}).get("positivity") if fit.get("status") == "ok" else None
+    if not check or not check.get("violated"):
+        return ""
+    rows = [[r["column"], r["value"], r["units"], r["observed"],
+             "—" if r["mean_propensity"] is None else r["mean_propensity"],
+             "—" if r["min_propensity"] is None else r["min_propensity"], r["share_below_floor"], r["why"]]
+            for r in check["violated"]]
+    score = st.get("score", {})
+    done = score.get("diagnostics", {}).get("positivity") if score.get("status") == "ok" else None
+    fate = ("" if not done else f" Score: {done['excluded']} units left out of the datasets." if done["excluded"]
+            else f" Score: {done['flagged']} units flagged in {pw.OVERLAP_VIOLATION}.")
+    return (f"<h2>Positivity: overlap fails</h2><p><strong>Warning:</strong> {len(rows)} strata of the fit sample "
+            f"have (almost) no observed units or propensities below {check['floor']:g}; weights there are "
+            f"unbounded and DR targets are extrapolation (fit.positivity = {html.escape(check['mode'])}).{fate}</p>"
+            + _table(rows, ["column", "value", "units", "observed", "mean p̂", "min p̂",
+                            f"share p̂ < {check['floor']:g}", "why"]))
+
+
+NOISE_ASSUMPTION = {
+    "calibrate": "calibrated on the audit: E[r* | label, x] and E[r* | x] learned on the audited units (the label's "
+                 "error may depend on x); flip rates are not applied",
+    "none": "no flip-rate correction",
+}
+"""What the clean-reward target of each fit.noise method rests on; any other method applies flip rates."""
+FLIP_ASSUMPTION = ("flip-rate correction: assumes class-conditional noise (a label's error depends on r* only, not "
+                   "on x: not on length, rater or model version)")
+
+
+def _weights_section(d: dict[str, Any]) -> str:
+    """ESS, concentration, max and Hill tail index of each weight column (α ≤ 2: the weights' variance is not
+    finite), the stabiliser beside clipping, and the value of the policy the weights evaluate."""
+    names = [n for n in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED) if n in d]
+
+    def tail(x: float | None) -> Any:
+        return "—" if x is None else x
+
+    rows = [[name + (f" ({d[name]['method']})" if "method" in d[name] else ""), d[name]["ess"], d[name]["ess_share"],
+             d[name]["top1pct_share"], d[name]["max"], tail(d[name].get("tail_index"))] for name in names]
+    html_ = (f"<h2>Weights ({d['n_observed']} observed units, {d['clipped']} clipped)</h2>"
+             + _table(rows, ["weight", "Kish ESS", "ESS / n", "top-1% share", "max", "tail index (Hill)"]))
+    v = d.get("policy_value")
+    if v:
+        html_ += (f"<p>Value of the {html.escape(str(v['policy']))} policy"
+                  + (f" (column {html.escape(str(v['column']))})" if v.get("column") else "")
+                  + f": IPS {v['ips']:.4g}, SNIPS {v['snips']:.4g} over {v['n']} logged units.</p>")
+    return html_
+
+
 def _noise_section(flips: dict[str, Any]) -> str:
-    """The flip rates the targets use, the estimates they were chosen from, and the audit's mean reward."""
+    """The flip rates the targets use and the estimates beside them, each with its interval and whether it is
+    identified (and why not), what the correction assumes, and the audit's mean reward."""
     if not flips:
         return ""
-    rows = [[f"used ({flips.get('method')})", flips.get("rho01"), flips.get("rho10"), flips.get("n")]]
+
+    def interval(e: dict[str, Any], ci: str) -> str:
+        bounds = e.get(ci)
+        return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "—"
+
+    def row(name: str, e: dict[str, Any]) -> list[Any]:
+        identified = {True: "yes", False: "no"}.get(e.get("identified"), "not assessed")
+        return [name, e["rho01"], interval(e, "ci01"), e["rho10"], interval(e, "ci10"), e["n"], identified,
+                e.get("why", "")]
+
+    method = flips.get("method")
+    rows = [row(f"used ({method})", flips)]
+    errors = flips.get("errors") or {}
     for name, e in (flips.get("estimates") or {}).items():
-        if e:
-            rows.append([name if e.get("se01") is None else f"{name} (se {e['se01']:.3f}, {e['se10']:.3f})",
-                         e["rho01"], e["rho10"], e["n"]])
-    out = "<h2>Label noise</h2>" + _table(rows, ["flip rates", "ρ01 = P(r=0 | r*=1)", "ρ10 = P(r=1 | r*=0)",
-                                                    "units"])
+        rows.append(row(name, e) if e else [name, "—", "—", "—", "—", "—", "not estimated", errors.get(name, "")])
+    level = next((e["level"] for e in [flips, *(flips.get("estimates") or {}).values()] if e and e.get("level")),
+                 0.95)
+    out = ("<h2>Label noise</h2>"
+           f"<p>Clean-reward target: {html.escape(NOISE_ASSUMPTION.get(method, FLIP_ASSUMPTION))}.</p>"
+           + _table(rows, ["flip rates", "ρ01 = P(r=0 | r*=1)", f"ρ01 {level:.0%} CI", "ρ10 = P(r=1 | r*=0)",
+                           f"ρ10 {level:.0%} CI", "units", "identified", "why"]))
+    if method in NOISE_ASSUMPTION and any((flips.get("estimates") or {}).values()):
+        out += ("<p>The flip-rate estimates are reported, not applied; applying them (fit.noise = 'anchor' or "
+                "'audit') would assume class-conditional noise.</p>")
     mr = flips.get("mean_reward")
     if mr:
         out += "<h3>Mean true label (audit)</h3>" + _table(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Sequence
@@ -18,13 +19,23 @@ from estimators import weights as W
 from estimators.diagnostics import summary
 from estimators.drift import breaches, compare, profile, signal_counts
 from estimators.propensity import logged_propensity
-from pipelines.fit import CONFOUNDING, FEATURIZER, IMPUTATION, NOISE, PROPENSITY, REFERENCE, WEIGHTS
+from pipelines.fit import (
+    CALIBRATION,
+    CONFOUNDING,
+    FEATURIZER,
+    IMPUTATION,
+    NOISE,
+    POSITIVITY,
+    PROPENSITY,
+    REFERENCE,
+    WEIGHTS,
+)
 from pipelines.manifest import dataset_sha256, describe_inputs
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import units as un
-from schemas.config import Config
+from schemas.config import Config, ScoreConfig
 from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
 from schemas.suites import pairwise_suite, pointwise_suite, suite_columns
@@ -41,19 +52,38 @@ from transforms.io import (
 )
 from transforms.join import KeyByBucket
 from transforms.read import ReadParts
-from transforms.write import WriteBucketParts
+from transforms.write import WriteBucketParts, WriteJson
 
 
 def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_paths: dict[str, str],
-          pointwise_schema, run_id: str, pointwise_dir: str, pairwise_dir: str, clip: float) -> None:
-    """units → scored units (+ global SNIPS normaliser) → pointwise; pointwise by prompt → pairs → pairwise."""
+          pointwise_schema, run_id: str, pointwise_dir: str, pairwise_dir: str, clip: float,
+          excluded_path: str | None = None, weighting: sc.Weighting | None = None) -> None:
+    """units → scored units (+ global SNIPS normaliser) → pointwise; pointwise by prompt → pairs → pairwise.
+    Under ``fit.positivity = "exclude"`` the units without overlap are dropped before any weight is normalised,
+    and their numbers (units, observed units) are written to ``excluded_path``."""
     scored = (p | "ReadUnits" >> ReadParts(list(unit_files))
               | "AddScores" >> beam.ParDo(sc.AddScores(model_paths, fit=cfg.fit, clip=clip,
-                                                       run_id=run_id)))
+                                                       run_id=run_id, weighting=weighting)))
+    if cfg.fit.positivity == "exclude":
+        _ = (scored | "CountNoOverlap" >> beam.MapTuple(lambda _, t: sc.overlap_counts(t))
+             | "SumNoOverlap" >> beam.CombineGlobally(sc.sum_tuples)
+             | "NoOverlapDoc" >> beam.Map(lambda c: {"units": int(c[0]), "observed": int(c[1])})
+             | "WriteNoOverlap" >> beam.ParDo(WriteJson(excluded_path)))
+        scored = scored | "ExcludeNoOverlap" >> beam.MapTuple(lambda part, t: (part, sc.drop_overlap_violations(t)))
     totals = (scored | "ObservedWeights" >> beam.MapTuple(lambda _, t: sc.observed_weight_sum(t))
               | "SumWeights" >> beam.CombineGlobally(sc.sum_tuples))
     pointwise = scored | "SNIPS" >> beam.MapTuple(
         lambda part, t, tot=None: (part, sc.add_snips(t, tot)), tot=beam.pvalue.AsSingleton(totals))
+    # weight_stabilized: the monotone weights are normalised and capped with the global (Σw, Σw², n)
+    stab = functools.partial(sc.add_stabilized, method=cfg.score.stabilize,
+                             max_variance=cfg.score.max_weight_variance)
+    if cfg.score.stabilize == "monotone":
+        sums = (scored | "StabilizedWeights" >> beam.MapTuple(lambda _, t: sc.stabilized_sums(t))
+                | "SumStabilized" >> beam.CombineGlobally(sc.sum_triples))
+        pointwise = pointwise | "Stabilize" >> beam.MapTuple(
+            lambda part, t, tot=None: (part, stab(t, tot)), tot=beam.pvalue.AsSingleton(sums))
+    else:
+        pointwise = pointwise | "Stabilize" >> beam.MapTuple(lambda part, t: (part, stab(t)))
     _ = (pointwise | "EncodeParts" >> beam.MapTuple(lambda part, t: (part, encode_table(t)))
          | "GroupParts" >> beam.GroupByKey()
          | "WritePointwise" >> beam.ParDo(WriteBucketParts(pointwise_dir, pointwise_schema, [un.IMPRESSION_ID],
@@ -88,9 +118,14 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         check_logged_propensity(unit_files, cfg.fit.propensity_column)
     else:
         model_paths["propensity"] = str(models / PROPENSITY)
+    if (models / NOISE).exists() and json.loads((models / NOISE).read_text()).get("method") == "calibrate":
+        model_paths["calibration"] = str(models / CALIBRATION)
+    if (models / POSITIVITY).exists():                 # models fitted before the overlap check: the floor only
+        model_paths["positivity"] = str(models / POSITIVITY)
     for path in model_paths.values():
         if not Path(path).exists():
             raise InputError(f"{path}: fitted model not found (run the fit stage first)")
+    wt = score_weighting(unit_files, weighting, cfg)
     schema = pw.pointwise_schema(pq.read_schema(unit_files[0]))
     # Both datasets are staged in one folder and replace datasets/ in one commit: a reader never sees a new
     # pointwise dataset beside an old pairwise one, and a killed run leaves the previous pair in place.
@@ -100,16 +135,22 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     tmp_pw, tmp_pr = tmp / final_pw.name, tmp / final_pr.name
     tmp_pw.mkdir()
     tmp_pr.mkdir()
+    excluded_path = tmp / "_no_overlap.json"               # removed before the commit: not part of datasets/
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, unit_files=unit_files, model_paths=model_paths, pointwise_schema=schema,
-                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr), clip=clip)
+                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr), clip=clip,
+                  excluded_path=str(excluded_path), weighting=wt)
         ensure_part(tmp_pw, schema, cfg.output)                 # empty datasets are still datasets
         ensure_part(tmp_pr, pr.PAIRWISE, cfg.output)
         n_units, n_points = count_rows(run.path(rd.UNITS)), count_rows(tmp_pw)
-        if n_units != n_points:
-            raise RuntimeError(f"score lost units: {n_units} in, {n_points} out")
-        diagnostics = weight_diagnostics(tmp_pw, clip)
+        overlap = overlap_diagnostics(tmp_pw, excluded_path, model_paths.get("positivity"), cfg)
+        excluded_path.unlink(missing_ok=True)
+        if n_units != n_points + overlap["excluded"]:
+            raise RuntimeError(f"score lost units: {n_units} in, {n_points} out, {overlap['excluded']} excluded "
+                               "for lack of overlap")
+        diagnostics = weight_diagnostics(tmp_pw, clip, cfg.score)
+        diagnostics["positivity"] = overlap
         ess_share = diagnostics[pw.WEIGHT_IPS]["ess_share"]
         floor = cfg.score.ips_min_ess_share
         if ess_share < floor:
@@ -124,7 +165,8 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         shutil.rmtree(tmp, ignore_errors=True)
     return {"inputs": describe_inputs(unit_files), "outputs": [str(final_pw), str(final_pr)],
             "content_sha256": content,
-            "counts": {"units": n_units, "pointwise": n_points, "pairs": count_rows(final_pr)},
+            "counts": {"units": n_units, "pointwise": n_points, "excluded_no_overlap": overlap["excluded"],
+                       "pairs": count_rows(final_pr)},
             "diagnostics": diagnostics}
 
 
@@ -141,6 +183,34 @@ def output_gates(pointwise_dir: Path, pairwise_dir: Path, min_margin: float) -> 
         failures = failed_expectations(read_dataset(path, suite_columns(suite)), suite)
         if failures:
             raise GateError(f"score: the {name} gate failed ({len(failures)} expectations): " + "; ".join(failures))
+
+
+def score_weighting(unit_files: Sequence[str], fitted: dict[str, Any], cfg: Config) -> sc.Weighting:
+    """The stabiliser's map from ``weights.json`` and the target policy's inputs, checked before scoring: a
+    monotone stabiliser needs a fit that saved its map; a uniform target counts each prompt's candidate responses
+    over every unit (a prompt-level figure no single batch has); a target column must exist and hold
+    probabilities."""
+    score = cfg.score
+    monotone = None
+    if score.stabilize == "monotone":
+        saved = fitted.get("stabilizer") or {}
+        if saved.get("method") != "monotone":
+            raise InputError("score.stabilize = 'monotone', but the models were fitted without the monotone map; "
+                             "re-run the fit stage")
+        monotone = (saved["thresholds_x"], saved["thresholds_y"])
+    candidates = None
+    if score.target_policy == "uniform":
+        candidates = sc.candidate_counts(ds.dataset(list(unit_files), format="parquet").to_table(
+            columns=[un.PROMPT_ID, un.RESPONSE_ID]))
+    elif score.target_policy == "column":
+        if score.target_column not in pq.read_schema(unit_files[0]).names:
+            raise InputError(f"{unit_files[0]}: score.target_column '{score.target_column}' is not in the units")
+        t = ds.dataset(list(unit_files), format="parquet").to_table(columns=[score.target_column])
+        try:
+            sc.target_probability(t, score)
+        except ValueError as e:
+            raise GateError(f"score: {e}") from e
+    return sc.Weighting(score=score, monotone=monotone, candidates=candidates)
 
 
 def check_logged_propensity(unit_files: Sequence[str], column: str) -> None:
@@ -176,15 +246,45 @@ def drift_check(pointwise_dir: Path, reference_path: Path, cfg: Config) -> dict[
             "day": {k: day[k] for k in ("units", "label_rate", "signal_mix")}}
 
 
-def weight_diagnostics(pointwise_dir: Path, clip: float) -> dict[str, Any]:
-    """ESS, clipping and concentration of the weights actually written (read back from the dataset)."""
-    t = read_dataset(pointwise_dir, [un.OBSERVED, pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS])
+def overlap_diagnostics(pointwise_dir: Path, excluded_path: Path, positivity_path: str | None, cfg: Config,
+                        ) -> dict[str, Any]:
+    """Units without overlap (``overlap_violation``): flagged in the written pointwise dataset, or, under
+    ``fit.positivity = "exclude"``, counted by the pipeline as they were left out; with the strata fit found."""
+    check = json.loads(Path(positivity_path).read_text()) if positivity_path else {}
+    out: dict[str, Any] = {"mode": cfg.fit.positivity, "floor": check.get("floor", cfg.fit.positivity_floor),
+                           "violated": [{k: r[k] for k in ("column", "value", "why")}
+                                        for r in check.get("violated", [])]}
+    if cfg.fit.positivity == "exclude":
+        counted = json.loads(excluded_path.read_text())
+        return {**out, "flagged": 0, "excluded": counted["units"], "excluded_observed": counted["observed"]}
+    t = read_dataset(pointwise_dir, [un.OBSERVED, pw.OVERLAP_VIOLATION])
+    flag = t[pw.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False).astype(bool)
+    return {**out, "flagged": int(flag.sum()),
+            "flagged_observed": int((flag & (t[un.OBSERVED].to_numpy() == 1)).sum()), "excluded": 0}
+
+
+def weight_diagnostics(pointwise_dir: Path, clip: float, score: ScoreConfig | None = None) -> dict[str, Any]:
+    """ESS, clipping, concentration and tail index of the weights actually written (read back from the
+    dataset), and the value of the policy the IPS weights evaluate (``score.target_policy``)."""
+    score = score or ScoreConfig()
+    t = read_dataset(pointwise_dir, [un.OBSERVED, un.LABEL, pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED,
+                                     pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED])
     o = t[un.OBSERVED].to_numpy() == 1
     p = t[pw.PROPENSITY].to_numpy()
     out: dict[str, Any] = {"n_observed": int(o.sum()), "clip": clip, "clipped": int(np.sum(o & (p < clip))),
                            "propensity": summary(p)}
-    for name in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS):
+    for name in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED):
         w = t[name].to_numpy()[o]
+        tail = W.hill_tail_index(w)
         out[name] = {"ess": W.kish_ess(w), "ess_share": W.kish_ess(w) / max(1, o.sum()),
-                     "top1pct_share": W.top_share(w), **summary(w)}
+                     "top1pct_share": W.top_share(w), "tail_index": tail if np.isfinite(tail) else None,
+                     **summary(w)}
+    ws = t[pw.WEIGHT_STABILIZED].to_numpy()[o]
+    out[pw.WEIGHT_STABILIZED].update(          # variance of the weights scaled to mean 1 (what the cap bounds)
+        method=score.stabilize, variance=float(np.var(ws / ws.mean())) if ws.size else None,
+        max_weight_variance=score.max_weight_variance if score.stabilize == "monotone" else None)
+    label = t[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
+    out["policy_value"] = {"policy": score.target_policy, "column": score.target_column,
+                           **W.policy_value(t[pw.WEIGHT_IPS].to_numpy(), label),
+                           "clipped": W.policy_value(t[pw.WEIGHT_CLIPPED].to_numpy(), label)}
     return out

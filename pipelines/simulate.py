@@ -11,6 +11,12 @@ The world it simulates, per impression x (a response to a prompt, shown to a use
   more thumbs-up than they deserve and "power" users, who rate most, are harsher than "casual" ones (the
   leanings average to zero over the population, so the population's label still follows reward_true);
 * noise: that label is flipped 1→0 with probability ρ01 and 0→1 with ρ10 (``label_noisy``);
+* several raters: with ``raters_per_impression`` = k > 1, k − 1 other users (drawn at random, distinct per
+  impression) also vote on every observed impression, each with their own segment's leaning and their own
+  uniform draw and flip (the same model, independent noise; not coupled with r*), and every signal then names
+  its rater in ``user_id``. The impression's user stays the first rater, whose label is ``label_noisy``; the
+  truth (``reward_true``, ``label_clean``, selection) does not change with k, and k = 1 writes exactly the
+  single-rater logs (no ``user_id`` column in the signals);
 * selection: feedback is given with ``propensity_true = p0 * alpha**(1 - reward_true) * exp(length_selection *
   z_len - 0.3 * position + segment effect)``. The CausalRM protocol writes α^(1−r*); we use the reward
   ``reward_true`` = E[r*|x] in its place, so that selection is ignorable given x (what any x-based
@@ -77,6 +83,7 @@ class Scenario:
     implicit_rate: float = 1.0
     gold_share: float = 0.02
     log_propensity: bool = False
+    raters_per_impression: int = 1
 
     def __post_init__(self) -> None:
         if self.n_impressions < self.responses_per_prompt:
@@ -89,6 +96,11 @@ class Scenario:
             raise ValueError(f"gold_share must be in [0, 1], got {self.gold_share}")
         if not 0 <= self.implicit_rate <= 1 / 0.35:      # the click probability 0.35 * rate must stay ≤ 1
             raise ValueError(f"implicit_rate must be in [0, {1 / 0.35:.2f}], got {self.implicit_rate}")
+        n_users = self.n_impressions // self.responses_per_prompt * self.responses_per_prompt \
+            // self.impressions_per_user
+        if not 1 <= self.raters_per_impression <= max(1, n_users):
+            raise ValueError(f"raters_per_impression must be in [1, number of users = {max(1, n_users)}], got "
+                             f"{self.raters_per_impression}")
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -96,6 +108,7 @@ SCENARIOS: dict[str, Scenario] = {
     "strong_selection": Scenario(alpha=0.1),
     "no_confounding": Scenario(length_selection=0.0, verbosity=0.0, rater_leaning=0.0),
     "clean": Scenario(rho01=0.0, rho10=0.0, dirty_share=0.0),
+    "three_raters": Scenario(raters_per_impression=3),
 }
 
 
@@ -173,6 +186,7 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
              - 0.3 * position + _SEGMENT_EFFECT[segment])
     propensity = np.clip(np.exp(log_p), 0.005, 0.95)
     observed = (rng.random(n) < propensity).astype(np.int8)
+    extra = _extra_raters(rng, s, user, segment_of_user, reward_true + s.verbosity * z_len, n_users)
 
     impression_id = np.array([f"i{j:09d}" for j in range(n)], dtype=object)
     impressions = pa.table({
@@ -197,44 +211,76 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
         tr.OBSERVED_TRUE: observed,
         tr.LENGTH_EFFECT_TRUE: length_effect,
     })
-    signals = _signals(rng, impression_id, ts, observed, label_noisy, reward_true, s.implicit_rate)
+    user_ids = np.array([f"u{j:07d}" for j in user], dtype=object) if extra else None
+    signals = _signals(rng, impression_id, ts, observed, label_noisy, reward_true, s.implicit_rate,
+                       users=user_ids, extra=extra)
     impressions, signals = _add_dirt(rng, impressions, signals, s.dirty_share)
     signals = pa.concat_tables([signals, _gold(rng, impression_id, ts, label_clean, s.gold_share, signals.schema)])
     return SimulatedLogs(impressions, signals, conform(truth, tr.TRUTH))
 
 
+def _extra_raters(rng: np.random.Generator, s: Scenario, user: np.ndarray, segment_of_user: np.ndarray,
+                  biased_reward: np.ndarray, n_users: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(user ids, given labels) of the raters after the impression's own user, one pair per extra rater: other
+    users, distinct within an impression, whose label is drawn like the first rater's (their segment's leaning,
+    then flips) with their own uniform draws. Empty for one rater per impression: then no draw is made."""
+    extra: list[tuple[np.ndarray, np.ndarray]] = []
+    offsets = [np.zeros(user.size, dtype=np.int64)]          # 0: the impression's user
+    for _ in range(s.raters_per_impression - 1):
+        off = rng.integers(1, n_users, size=user.size)
+        while (clash := np.any([off == o for o in offsets], axis=0)).any():
+            off[clash] = rng.integers(1, n_users, size=int(clash.sum()))
+        offsets.append(off)
+        rater = (user + off) % n_users
+        perceived = np.clip(biased_reward + s.rater_leaning * _SEGMENT_LEANING[segment_of_user[rater]], 0.001, 0.999)
+        biased, flip = rng.random(user.size) < perceived, rng.random(user.size)
+        extra.append((np.array([f"u{j:07d}" for j in rater], dtype=object),
+                      np.where(biased, flip >= s.rho01, flip < s.rho10).astype(np.int8)))
+    return extra
+
+
 def _signals(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray, observed: np.ndarray,
-             label: np.ndarray, reward: np.ndarray, implicit_rate: float = 1.0) -> pa.Table:
+             label: np.ndarray, reward: np.ndarray, implicit_rate: float = 1.0, *, users: np.ndarray | None = None,
+             extra: list[tuple[np.ndarray, np.ndarray]] = ()) -> pa.Table:
     """Signal events: the deciding thumbs on observed units, mind changes, and implicit signals (their
-    probabilities scaled by ``implicit_rate``, which changes the volume of events but not the labels)."""
+    probabilities scaled by ``implicit_rate``, which changes the volume of events but not the labels). With
+    ``users`` (the impressions' user ids), every signal names its rater in ``user_id``, and each of ``extra``'s
+    (user ids, labels) votes on the observed units as the impression's user does, mind changes included."""
     n = impression_id.size
     parts = []
 
-    def add(idx: np.ndarray, delay: np.ndarray, types: np.ndarray | str, value: np.ndarray | None = None) -> None:
+    def add(idx: np.ndarray, delay: np.ndarray, types: np.ndarray | str, value: np.ndarray | None = None,
+            who: np.ndarray | None = None) -> None:
         parts.append({
             sig.IMPRESSION_ID: impression_id[idx],
             sig.TS: ts[idx] + (delay * 1e6).astype("timedelta64[us]"),
             sig.TYPE: np.broadcast_to(np.asarray(types, dtype=object), (n,))[idx],
             sig.VALUE: np.full(idx.size, np.nan) if value is None else value[idx],
+            **({sig.RATER: (users if who is None else who)[idx]} if users is not None else {}),
         })
 
     def sometimes(p: np.ndarray | float, mean_delay_s: float) -> tuple[np.ndarray, np.ndarray]:
         idx = np.flatnonzero(rng.random(n) < p)
         return idx, 1.0 + rng.exponential(mean_delay_s, size=idx.size)
 
-    # The deciding vote; on 5% of the observed units an earlier, opposite vote that "latest wins" overrides.
+    def vote(given: np.ndarray, who: np.ndarray | None) -> None:
+        """The deciding vote; on 5% of the observed units an earlier, opposite one the rater changed."""
+        final_delay = 2.0 + rng.exponential(120.0, size=voted.size)
+        add(voted, final_delay, np.where(given == 1, "upvote", "downvote").astype(object), who=who)
+        changed = rng.random(voted.size) < 0.05
+        add(voted[changed], final_delay[changed] * rng.uniform(0.1, 0.9, size=changed.sum()),
+            np.where(given == 1, "downvote", "upvote").astype(object), who=who)
+
     voted = np.flatnonzero(observed == 1)
-    final_delay = 2.0 + rng.exponential(120.0, size=voted.size)
-    add(voted, final_delay, np.where(label == 1, "upvote", "downvote").astype(object))
-    changed = rng.random(voted.size) < 0.05
-    add(voted[changed], final_delay[changed] * rng.uniform(0.1, 0.9, size=changed.sum()),
-        np.where(label == 1, "downvote", "upvote").astype(object))
+    vote(label, None)
     k = implicit_rate
     add(*sometimes(k * 0.35, 30.0), "click")                        # implicit, no label
     add(*sometimes(k * (label == 1) * 0.25, 60.0), "copy")          # implicit, weak evidence of a good answer
     add(*sometimes(k * 0.15 * (1 - reward), 40.0), "regenerate")    # implicit, weak evidence of a poor one
     dwell_idx, dwell_delay = sometimes(k * 0.2, 5.0)
     add(dwell_idx, dwell_delay, "dwell", rng.exponential(30.0, size=n))
+    for who, given in extra:                                  # the other raters of the observed units
+        vote(given, who)
     cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
     m = len(cols[sig.TYPE])
     return pa.table({
@@ -243,6 +289,7 @@ def _signals(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray
         sig.TS: pa.array(cols[sig.TS], imp.TIMESTAMP),
         sig.TYPE: cols[sig.TYPE],
         sig.VALUE: pa.array(cols[sig.VALUE], pa.float64(), from_pandas=True),
+        **({sig.RATER: pa.array(cols[sig.RATER], pa.string())} if users is not None else {}),
     })
 
 
@@ -258,6 +305,7 @@ def _gold(rng: np.random.Generator, impression_id: np.ndarray, ts: np.ndarray, l
         sig.TS: pa.array(ts[idx] + delay, imp.TIMESTAMP),
         sig.TYPE: np.full(idx.size, "gold", dtype=object),
         sig.VALUE: pa.array(label_clean[idx].astype(float), pa.float64()),
+        **({sig.RATER: pa.nulls(idx.size, pa.string())} if sig.RATER in schema.names else {}),   # no user's vote
     }, schema=schema)
 
 
@@ -350,12 +398,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="default")
     parser.add_argument("--alpha", type=float, default=None, help="override the scenario's selection strength")
+    parser.add_argument("--raters", type=int, default=None,
+                        help="override the scenario's raters per observed impression (raters_per_impression)")
 
 
 def main(args: argparse.Namespace) -> dict[str, object]:
     scenario = SCENARIOS[args.scenario]
     overrides = {k: v for k, v in (("n_impressions", args.impressions), ("seed", args.seed),
-                                    ("alpha", args.alpha)) if v is not None}
+                                    ("alpha", args.alpha), ("raters_per_impression", args.raters))
+                 if v is not None}
     scenario = replace(scenario, **overrides)
     logs = simulate(scenario)
     paths = write(logs, args.out, scenario=scenario)

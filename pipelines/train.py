@@ -57,11 +57,12 @@ from estimators.reward_model import (
 )
 from pipelines.manifest import describe_inputs
 from schemas import pairwise as pr
+from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
 from schemas.config import Config
-from schemas.errors import InputError
+from schemas.errors import ConfigError, InputError
 from schemas.run_dir import RunDir
 from transforms.io import atomic_dir, count_rows, parquet_files
 
@@ -86,21 +87,53 @@ def checkpoint_root(run: RunDir) -> Path:
     return run.path(rd.CHECKPOINTS) / "train"
 
 
-def flip_rates(run: RunDir) -> tuple[float, float]:
-    """(ρ01, ρ10) that the fit stage chose, for the noise-aware losses."""
+def flip_rates(run: RunDir, *, allow_unidentified: bool = False) -> tuple[float, float]:
+    """(ρ01, ρ10) that the fit stage chose, for the noise-aware losses. Rates the fit stage marked as not
+    identified are a ConfigError naming their intervals, unless ``allow_unidentified``
+    (``train.allow_unidentified_noise``): a loss that corrects every label with them would learn their error."""
     path = run.path(rd.NOISE_MODEL)
     if not path.exists():
         raise InputError(f"{path}: flip rates not found (run the fit stage first)")
     rates = FlipRates.from_dict(json.loads(path.read_text()))
+    if not rates.identified:
+        what = (f"fit applied no flip-rate correction ({rates.why.removeprefix('no noise correction: ')}), so a "
+                "noise-aware loss would train as its plain counterpart" if rates.method == "none" else
+                f"the {rates.method} flip rates {rates.interval_text()} are {rates.why}")
+        if not allow_unidentified:
+            raise ConfigError(f"{path}: {what}; set train.allow_unidentified_noise = true to train the noise-aware "
+                              "losses anyway, or choose losses without a noise correction")
+        print(f"train: {what}; used as train.allow_unidentified_noise = true", file=sys.stderr, flush=True)
     return rates.rho01, rates.rho10
 
 
-def _stream(files: Sequence[Path], columns: Sequence[str]):
-    """Record batches of ``columns`` from Parquet ``files``, READ_ROWS at a time (nothing else in memory)."""
+CLEAN = "+clean"
+"""Suffix of a cache kind whose label and imputation are the audit-calibrated clean reward (CLEAN_COLUMNS)."""
+CLEAN_COLUMNS = {un.LABEL: pw.REWARD_CLEAN, pw.IMPUTED: pw.REWARD_CLEAN}
+"""Under fit.noise = 'calibrate', the noise-aware losses read the unit's calibrated clean reward in place of both
+the label and the imputation, with flip rates 0: causalrm_ips is then the IPS risk of E[r* | label, x] on the
+rated units, and causalrm_dr (label = imputation) the plain risk mean ℓ(s, reward_clean) over every unit, which is
+the population's clean risk when the calibrators are right (each stratum of the observed flag is calibrated on
+its own audited units). The noise-corrected BCE at rates ρ is the BCE at the corrected target
+(r − ρ10)/(1 − ρ01 − ρ10), so both routes train on a clean-reward target; the calibrated one lets the label's error
+depend on x."""
+
+
+def calibrated(run: RunDir) -> bool:
+    """Whether the fit stage calibrated the clean reward on an audit (models/noise.json method 'calibrate')."""
+    path = run.path(rd.NOISE_MODEL)
+    return path.exists() and json.loads(path.read_text()).get("method") == "calibrate"
+
+
+def _stream(files: Sequence[Path], columns: Sequence[str], rename: dict[str, str] | None = None):
+    """Record batches of ``columns`` from Parquet ``files``, READ_ROWS at a time (nothing else in memory);
+    ``rename`` reads a column from another one of the dataset (name → source column)."""
     dataset = ds.dataset([str(f) for f in files], format="parquet")
-    missing = [c for c in columns if c not in dataset.schema.names]
+    rename = rename or {}
+    missing = [rename.get(c, c) for c in columns if rename.get(c, c) not in dataset.schema.names]
     if missing:
         raise InputError(f"{files[0].parent}: column '{missing[0]}' missing from the dataset")
+    if rename:
+        return dataset.to_batches(columns={c: ds.field(rename.get(c, c)) for c in columns}, batch_size=READ_ROWS)
     return dataset.to_batches(columns=list(columns), batch_size=READ_ROWS)
 
 
@@ -123,7 +156,10 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
     ``resume``: continue each loss from its last checkpoint (a loss that had finished is not trained again).
     """
     losses = losses_to_train(cfg)
-    kinds = {loss: units_kind(loss) for loss in losses}
+    noise_rates = flip_rates(run, allow_unidentified=cfg.train.allow_unidentified_noise) \
+        if any(loss in NOISE_AWARE for loss in losses) else None          # refused before anything trains
+    clean = calibrated(run)
+    kinds = {loss: units_kind(loss) + (CLEAN if clean and loss in NOISE_AWARE else "") for loss in losses}
     point_files = parquet_files(run.path(rd.POINTWISE))
     if not point_files:
         raise InputError(f"{run.path(rd.POINTWISE)}: pointwise dataset has no Parquet files")
@@ -158,8 +194,10 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
                 args = list(dict.fromkeys(a for loss in mine for a in INPUTS[loss]))
                 columns = list(dict.fromkeys([*(c for loss in mine for c in required_columns(loss)), *numeric,
                                               split_column(cfg.train)]))
-                caches[kind] = write_pointwise_cache(_stream(point_files, columns), root / ".cache" / kind,
-                                                     args=args, observed_only=kind == "observed", cfg=cfg.train,
+                rename = CLEAN_COLUMNS if kind.endswith(CLEAN) else None
+                caches[kind] = write_pointwise_cache(_stream(point_files, columns, rename), root / ".cache" / kind,
+                                                     args=args, observed_only=kind.startswith("observed"),
+                                                     cfg=cfg.train,
                                                      dense=point_dense, progress=True)
             print(f"train: featurised {kind} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr,
                   flush=True)
@@ -174,7 +212,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
             print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})", file=sys.stderr,
                   flush=True)
             started = time.perf_counter()
-            rates = flip_rates(run) if loss in NOISE_AWARE else None
+            rates = noise_rates if loss in NOISE_AWARE else None
             checkpoint = Checkpoint(root / loss / CHECKPOINT_FILE, _fingerprint(loss, cfg, inputs, rates), resume)
             cache = cache_for(kinds[loss])
             if loss == "bt":

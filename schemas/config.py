@@ -10,12 +10,13 @@ import datetime as dt
 import glob
 import hashlib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from schemas.errors import ConfigError, InputError
 
@@ -45,8 +46,21 @@ class IngestConfig(_Section):
     )
     explicit: list[str] = Field(
         default_factory=lambda: ["upvote", "downvote", "edit"],
-        description="explicit types: the latest one wins; implicit labels count only when none exists",
+        description="explicit types (votes): each rater's latest one counts, and ingest.aggregate combines the "
+        "raters; implicit labels count only when a unit has no explicit vote",
     )
+    aggregate: Literal["latest", "mean", "majority"] = Field(
+        "mean", description="how the raters' votes on a unit make its label (a signal's rater is its user_id, "
+        "or the impression's user when absent or null; a rater's own mind changes are one vote, their latest). "
+        "'mean': the mean of the raters' labels, a soft label in [0, 1] (optionally shrunk by ingest.prior); the "
+        "default, because it keeps every rater's evidence and, with one rater per unit, equals 'latest', the "
+        "label logs with one rater always had. 'latest': the latest vote of any rater (order-dependent: most of "
+        "the evidence is dropped). 'majority': 1 or 0 by the majority of the raters (a soft label counts for the "
+        "side of 0.5 it is on, 0.5 itself abstains), 0.5 on a tie")
+    prior: tuple[float, float] | None = Field(
+        None, description="Beta(a, b) prior [a, b] (both > 0) shrinking the mean of a unit's n votes: label = "
+        "(sum of labels + a) / (n + a + b), so units with few votes move towards a / (a + b) ([1, 1] is Laplace's "
+        "rule); only with aggregate = 'mean'. None: the plain mean")
     observe: list[str] | None = Field(
         None, description="types whose presence makes a unit observed (default: the explicit ones)"
     )
@@ -88,12 +102,25 @@ class IngestConfig(_Section):
         if self.gold is not None and self.gold in {*self.labels, *self.other_types}:
             raise ValueError(f"ingest.gold type '{self.gold}' must not also be a label or other type")
         clash = sorted(set(self.other_types) & set(self.labels))
+        if "votes" in {*self.labels, *self.other_types, self.gold}:     # its count column would be n_votes
+            raise ValueError("ingest: a signal type may not be called 'votes' (its count column would clash with "
+                             "the units column n_votes); rename it")
+        if self.prior is not None and self.aggregate != "mean":
+            raise ValueError(f"ingest.prior shrinks a mean of votes: it needs ingest.aggregate = 'mean', not "
+                             f"{self.aggregate!r}")
         if clash:
             raise ValueError(f"ingest.other_types repeats label-bearing types: {clash}")
         for t, rule in self.labels.items():
             if isinstance(rule, float) and not 0 <= rule <= 1:
                 raise ValueError(f"ingest.labels.{t} must be in [0, 1], got {rule}")
         return self
+
+    @field_validator("prior")
+    @classmethod
+    def _prior_is_positive(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not all(math.isfinite(x) and x > 0 for x in v):
+            raise ValueError(f"ingest.prior must be [a, b] with both a > 0 and b > 0, got {list(v)}")
+        return v
 
     @property
     def observe_types(self) -> list[str]:
@@ -138,15 +165,33 @@ class FitConfig(_Section):
         "that a logit overshoots (the same fit as the imputation model's when both name one model)")
     calibration: Literal["isotonic", "sigmoid"] = "isotonic"
     C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic models")
-    noise: Literal["auto", "audit", "anchor", "none"] = Field(
-        "auto", description="flip rates: 'audit' counts them on observed units that also carry a gold label "
-        "(label_gold); 'anchor' estimates them from quantiles of the noise proxy's out-of-fold scores; "
-        "'auto' audits when the audit has min_audit units of each gold label and standard errors of at most "
-        "max_audit_se, else anchors; 'none' assumes clean labels (rho01 = rho10 = 0)")
-    min_audit: int = Field(30, ge=1, description="observed, audited units needed per gold label to audit")
-    max_audit_se: float = Field(0.03, gt=0, le=0.5, description="'auto' prefers the audit only when both of its "
-                                "rates have a standard error at most this (a small audit is noisier than anchors)")
+    noise: Literal["auto", "calibrate", "audit", "anchor", "fixed", "none"] = Field(
+        "auto", description="how the clean-reward target is built. 'calibrate': learn E[r* | label, x] on the "
+        "rated audited units and E[r* | x] on the unrated audited ones (label_gold), cross-fitted; the unit's "
+        "calibrated reward is the target (label error may depend on x). The flip-rate methods assume "
+        "class-conditional noise: 'audit' counts the rates on observed units that also carry a gold label; "
+        "'anchor' estimates them from quantiles of the noise proxy's out-of-fold scores; 'fixed' uses "
+        "fit.flip_rates as given. 'auto' calibrates when the audit has min_audit rated and min_audit unrated "
+        "audited units of each gold label, else applies anchor rates only when they are identified, else no "
+        "correction; 'none' assumes clean labels (rho01 = rho10 = 0)")
+    min_audit: int = Field(30, ge=1, description="audited units needed per gold label to audit or calibrate (for "
+                           "calibrate: among the rated and among the unrated units each)")
+    max_audit_se: float = Field(0.03, gt=0, le=0.5, description="no longer used ('auto' calibrates on an audit "
+                                "instead of applying its flip rates; audit rates are judged by max_flip_ci_width); "
+                                "still read so that older configs load")
     anchor_quantile: float = Field(0.01, gt=0, lt=0.5, description="quantile used as the anchor points")
+    min_anchor_units: int = Field(
+        20, ge=1, description="anchor flip rates are identified only with at least this many units in each "
+        "anchor tail (anchor_quantile x the observed units of the fit sample): a quantile of a few scores is a guess")
+    max_flip_ci_width: float = Field(
+        0.1, gt=0, le=1, description="flip rates are identified only when each one's 95% CI (anchors: bootstrap "
+        "over units, given the fitted proxy; audit: Wilson) is at most this wide")
+    max_flip_sum: float = Field(
+        0.8, gt=0, lt=1, description="flip rates are identified only when the upper bound of rho01 + rho10 (the "
+        "sum of the CIs' upper ends) is at most this: the correction divides by 1 - rho01 - rho10")
+    flip_rates: list[float] | None = Field(
+        None, validate_default=True, description="[rho01, rho10], the flip rates of noise = 'fixed' (e.g. from "
+        "an earlier audit): required then, refused otherwise; each in [0, 1), their sum < 1")
     confounders: list[str] = Field(
         default_factory=lambda: ["response_length"],
         description="numeric features whose effect on the label is estimated by DML and removed in "
@@ -157,9 +202,53 @@ class FitConfig(_Section):
         "fit (the population effect; removes collider bias when selection acts on quality and the confounder, "
         "but carries the propensity model's errors: see benchmarks/RESULTS.md)")
     confounder_controls: int = Field(50, ge=1, le=500, description="SVD components of the text used as controls")
+    confounder_benchmark: float = Field(
+        0.05, ge=0, lt=1, description="the strength of a hypothetical unmeasured confounder (partial R² with both "
+        "the treatment and the label, c_t = c_y) at which confounding.json reports each effect's sensitivity bounds "
+        "beside its robustness values")
     folds: int = Field(5, ge=2, le=20)
     max_rows: int = Field(200_000, ge=100)
+    positivity: Literal["warn", "exclude", "fail"] = Field(
+        "warn", description="what happens to units where overlap fails (a value of a fit.categorical column with "
+        "fewer than min_stratum_observed observed units, or most of its propensities below positivity_floor; "
+        "and every unit whose propensity is below positivity_floor), checked by fit on its sample: 'warn' keeps "
+        "them, flagged in the pointwise column overlap_violation, and logs a warning; 'exclude' drops them from "
+        "the pointwise and pairwise datasets (counted in the score stage's counts); 'fail' stops fit (exit 2) "
+        "naming the failed strata (a propensity tail is a failed stratum when it holds more than "
+        "positivity_max_tail_share of the sample)")
+    positivity_floor: float = Field(
+        0.01, gt=0, lt=0.5, description="propensity below which a unit has no practical overlap: its IPS weight "
+        "would exceed 1/floor (100 at 0.01) and its DR target is the imputation model's extrapolation")
+    min_stratum_observed: int = Field(
+        5, ge=1, description="a categorical stratum (one value of a fit.categorical column) with fewer observed "
+        "units than this, and some unobserved ones, fails overlap: its units' targets could not be checked "
+        "against a label")
+    positivity_max_tail_share: float = Field(
+        0.05, ge=0, le=1, description="the share of the fit sample with a propensity below positivity_floor above "
+        "which the tail itself is a failed stratum (fails fit under positivity = 'fail'); smaller tails are "
+        "flagged unit by unit only (isotonic calibration puts a few units at the model's clip)")
     seed: int = 0
+
+    @field_validator("flip_rates")
+    @classmethod
+    def _fixed_flip_rates(cls, v: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        noise = info.data.get("noise")
+        if noise is None:                                    # fit.noise itself failed: that error is the one shown
+            return v
+        if noise == "fixed" and v is None:
+            raise ValueError("fit.noise = 'fixed' needs fit.flip_rates = [rho01, rho10]")
+        if noise != "fixed" and v is not None:
+            raise ValueError(f"fit.flip_rates is used only by fit.noise = 'fixed' (fit.noise = {noise!r})")
+        if v is None:
+            return v
+        if len(v) != 2:
+            raise ValueError(f"fit.flip_rates must be two numbers [rho01, rho10], got {len(v)}")
+        if not all(0 <= r < 1 for r in v):
+            raise ValueError(f"fit.flip_rates must each be in [0, 1), got {v}")
+        if v[0] + v[1] >= 1:
+            raise ValueError(f"fit.flip_rates sum to {v[0] + v[1]:g} >= 1: the labels would carry no usable signal "
+                             "(the correction divides by 1 - rho01 - rho10)")
+        return v
 
     @model_validator(mode="after")
     def _confounders_are_numeric_features(self) -> FitConfig:
@@ -207,6 +296,39 @@ class ScoreConfig(_Section):
     pair_weight: Literal["product", "min"] = Field(
         "product", description="a pair's weight from its units' weights (then normalised to mean 1)")
     buckets: int = Field(8, ge=1, le=4096)
+    stabilize: Literal["none", "snips", "monotone"] = Field(
+        "none", description="what weight_stabilized holds: 'none' = weight_clipped; 'snips' = weight_snips; "
+        "'monotone' = isotonic-calibrated inverse propensities o / q(p̂) (q: increasing regression of observed on "
+        "p̂ in the fit sample), monotone in p̂, self-normalised to mean 1 over observed units and blended toward 1 "
+        "to meet max_weight_variance (van der Laan et al. 2024; CJE's SIMCal). 'monotone' needs some unobserved "
+        "units (not the click-through framing)")
+    max_weight_variance: float = Field(
+        4.0, gt=0, description="stabilize = 'monotone': the variance cap of the mean-one weights over observed "
+        "units (4 keeps a Kish ESS share of at least 1 / (1 + 4) = 20%)")
+    dr_variant: Literal["standard", "switch", "shrink"] = Field(
+        "standard", description="the residual weight of target_dr (and the DR targets built on it): 'standard' "
+        "weight_clipped; 'switch' (Switch-DR, Wang et al. 2017) the imputation alone where weight_clipped > "
+        "switch_tau; 'shrink' (optimistic shrinkage, Su et al. 2020) lambda w / (w^2 + lambda), lambda = "
+        "shrink_lambda")
+    switch_tau: float = Field(20.0, gt=0, description="dr_variant = 'switch': the largest weight whose residual "
+                              "is kept (20: units with p̂ below 5% are imputed only)")
+    shrink_lambda: float = Field(400.0, gt=0, description="dr_variant = 'shrink': lambda (a weight w stays about "
+                                 "w while w is well below sqrt(lambda) = 20; the shrunk weight is at most 10)")
+    target_policy: Literal["logging", "uniform", "column"] = Field(
+        "logging", description="the policy the weights evaluate (exposure logs, obp-style): 'logging' weights "
+        "o / p̂ as logged; 'uniform' multiplies them by pi_target = 1 / (distinct responses of the unit's prompt in "
+        "the data); 'column' by pi_target from target_column. The score stage reports the target policy's value "
+        "(IPS, SNIPS) in its diagnostics; target_dr keeps the logging weights (a unit's reward does not depend "
+        "on the policy)")
+    target_column: str | None = Field(None, description="target_policy = 'column': the units column holding "
+                                      "pi_target(response | prompt) in [0, 1]")
+
+    @model_validator(mode="after")
+    def _target_column_given(self) -> ScoreConfig:
+        if (self.target_policy == "column") != (self.target_column is not None):
+            raise ValueError("score.target_column must be given exactly when score.target_policy = 'column', got "
+                             f"target_policy = {self.target_policy!r}, target_column = {self.target_column!r}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -242,6 +364,9 @@ class TrainConfig(_Section):
         "none", description="'gold': after training, fit s' = a*s + b (a > 0, so rankings stay) on the units with "
         "an audited label (label_gold) by log-loss. Selection on the true label itself cannot be seen from x, so "
         "no weight from p(x) undoes it; a random audit can, and this puts P(r*=1|x) on its level. Every loss")
+    allow_unidentified_noise: bool = Field(
+        False, description="train the noise-aware losses (causalrm_*) with flip rates the fit stage marked as not "
+        "identified (models/noise.json); false: train fails (exit 2) naming their intervals")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 

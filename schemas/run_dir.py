@@ -58,6 +58,8 @@ IMPUTATION_MODEL = "models/imputation.skops"
 NOISE_MODEL = "models/noise.json"
 WEIGHTS_FILE = "models/weights.json"
 """The propensity floor the fit stage chose (``clip``): the only source of it after fit."""
+POSITIVITY_FILE = "models/positivity.json"
+"""The fit sample's overlap check: every categorical stratum and the propensity tail, and those that fail."""
 
 
 @dataclass(frozen=True)

@@ -43,15 +43,15 @@ def pointwise_suite() -> gx.ExpectationSuite:
     import great_expectations as gx
 
     E = gx.expectations
-    finite = [pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED,
-              pw.TARGET_DECONFOUNDED, pw.PROPENSITY]
+    finite = [pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED, pw.TARGET_DR,
+              pw.TARGET_NOISE_CORRECTED, pw.TARGET_DECONFOUNDED, pw.PROPENSITY]
     return gx.ExpectationSuite(name="pointwise", expectations=[
         E.ExpectColumnValuesToBeUnique(column=un.IMPRESSION_ID),
         E.ExpectColumnValuesToBeInSet(column=un.OBSERVED, value_set=[0, 1]),
         *(E.ExpectColumnValuesToNotBeNull(column=c) for c in finite),
         E.ExpectColumnValuesToBeBetween(column=pw.PROPENSITY, min_value=0, max_value=1, strict_min=True),
         *(E.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=_LARGEST)
-          for c in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS)),
+          for c in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED)),
         *(E.ExpectColumnValuesToBeBetween(column=c, min_value=-_LARGEST, max_value=_LARGEST)
           for c in (pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED, pw.TARGET_DECONFOUNDED)),
     ])

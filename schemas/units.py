@@ -21,6 +21,7 @@ OBSERVED = "observed"
 LABEL = "label"
 LABEL_SOURCE = "label_source"
 LABEL_GOLD = "label_gold"
+N_VOTES = "n_votes"
 COUNT_PREFIX = "n_"
 
 BASE_FIELDS = [
@@ -35,8 +36,15 @@ BASE_FIELDS = [
     pa.field(MODEL_VERSION, pa.string(), metadata={"doc": "the model that wrote the response"}),
     pa.field(POSITION, pa.int32(), metadata={"doc": "rank of the response on the page (0 = first)"}),
     pa.field(OBSERVED, pa.int8(), nullable=False, metadata={"doc": "1 when a label-bearing signal exists"}),
-    pa.field(LABEL, pa.float64(), metadata={"doc": "resolved label in [0, 1]; null when unobserved"}),
-    pa.field(LABEL_SOURCE, pa.string(), metadata={"doc": "signal type that set the label"}),
+    pa.field(LABEL, pa.float64(), metadata={"doc": "resolved label in [0, 1]; null when unobserved. With "
+                                            "ingest.aggregate = 'mean' the mean of the raters' votes (a soft "
+                                            "label), shrunk by ingest.prior when one is set"}),
+    pa.field(LABEL_SOURCE, pa.string(), metadata={"doc": "signal type that set the label; 'mean_of_votes' or "
+                                                  "'majority_of_votes' when two or more raters' votes were "
+                                                  "combined"}),
+    pa.field(N_VOTES, pa.int32(), nullable=False,
+             metadata={"doc": "number of raters whose explicit vote counted (each rater's latest one); 0 when "
+                       "the label is implicit or absent"}),
     pa.field(LABEL_GOLD, pa.float64(), metadata={"doc": "audited (gold) label in [0, 1] from the latest gold "
                                                  "signal; null when the unit was not audited"}),
 ]

@@ -139,12 +139,12 @@ def test_report_and_reward_model_files(finished_run):
     assert not (run / rd.CHECKPOINTS).exists() or not any((run / rd.CHECKPOINTS).iterdir())
 
 
-def test_flip_rates_by_anchors_and_by_the_gold_audit(finished_run):
+def test_flip_rates_are_estimated_and_the_audit_calibrates_the_clean_reward(finished_run):
     """Anchor points (1% quantiles of the boosted imputation model's out-of-fold scores) recover the simulated
     (ρ01, ρ10) = (0.2, 0.1) within three points; the audit (observed units with a gold label) recovers the
     rates of the given label against r* on observed units, which include the verbosity bias and the raters'
-    leanings, but is too small here to be preferred; the noise-corrected target uses the chosen estimate, and
-    PPI's CI covers the mean r*."""
+    leanings: not class-conditional flips. So "auto" calibrates the clean reward on the audit instead: the
+    clean target is the calibrated reward, its mean agrees with PPI's interval, and both CIs cover the mean r*."""
     run, logs = finished_run
     ev = json.loads((run / rd.EVALUATION).read_text())
     est, true = ev["flip_rates"]["estimated"], ev["flip_rates"]["true"]
@@ -154,16 +154,17 @@ def test_flip_rates_by_anchors_and_by_the_gold_audit(finished_run):
     obs = truth[tr.OBSERVED_TRUE] == 1
     given = {"rho01": (truth[tr.LABEL_NOISY][obs & (truth[tr.LABEL_CLEAN] == 1)] == 0).mean(),
              "rho10": (truth[tr.LABEL_NOISY][obs & (truth[tr.LABEL_CLEAN] == 0)] == 1).mean()}
-    assert audit is not None                                   # ~80 audited observed units at this size:
-    for k, se in (("rho01", "se01"), ("rho10", "se10")):      # measured and reported, too noisy to be used
+    assert audit is not None
+    for k, se in (("rho01", "se01"), ("rho10", "se10")):
         assert abs(audit[k] - given[k]) < 3 * audit[se], (audit, given)
-    assert est["method"] == "anchor_quantile_0.01" and max(audit["se01"], audit["se10"]) > 0.03
-    t = read_dataset(run / rd.POINTWISE, [pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED])
-    expected = (t[pw.TARGET_DR].to_numpy() - est["rho10"]) / (1 - est["rho01"] - est["rho10"])
-    assert t[pw.TARGET_NOISE_CORRECTED].to_numpy() == pytest.approx(expected)
+    assert est["method"] == "calibrate" and (est["rho01"], est["rho10"]) == (0.0, 0.0)
+    t = read_dataset(run / rd.POINTWISE, [pw.TARGET_NOISE_CORRECTED, pw.REWARD_CLEAN])
+    assert t[pw.TARGET_NOISE_CORRECTED].to_numpy() == pytest.approx(t[pw.REWARD_CLEAN].to_numpy())
     mr = ev["mean_reward"]
     assert mr["true"] == pytest.approx(truth[tr.LABEL_CLEAN].mean())
     assert mr["ppi"]["covered"] and mr["ppi"]["se"] < mr["gold_only"]["se"], mr
+    assert mr["calibrated"]["covered"], mr
+    assert mr["ppi"]["ci_low"] <= mr["calibrated"]["estimate"] <= mr["ppi"]["ci_high"], mr
 
 
 def test_length_effect_ci_covers_the_simulated_verbosity_bias(finished_run):

@@ -19,6 +19,7 @@ def _units(**overrides) -> pa.Table:
         "user_hash": ["h"] * n, "ts": [dt.datetime(2026, 11, 1, tzinfo=dt.UTC)] * n,
         "observed": pa.array([1, 0, 1], pa.int8()), "label": [1.0, None, 0.0], "label_source": ["upvote", None, "x"],
         "n_upvote": pa.array([1, 0, 0], pa.int32()), "n_click": pa.array([0, 2, 1], pa.int32()),
+        "n_votes": pa.array([1, 0, 0], pa.int32()),
     }
     cols.update(overrides)
     return conform(pa.table(cols), SCHEMA, fill_missing_nullable=True)
@@ -44,6 +45,7 @@ def test_each_violation_is_named():
 def _points(**overrides) -> pa.Table:
     cols = {"impression_id": ["a", "b", "c"], "observed": [1, 0, 1], pw.PROPENSITY: [0.5, 0.2, 1.0],
             pw.WEIGHT_IPS: [2.0, 0.0, 1.0], pw.WEIGHT_CLIPPED: [2.0, 0.0, 1.0], pw.WEIGHT_SNIPS: [1.3, 0.0, 0.7],
+            pw.WEIGHT_STABILIZED: [1.3, 0.0, 0.7],
             pw.TARGET_DR: [0.9, 0.4, -0.2], pw.TARGET_NOISE_CORRECTED: [1.1, 0.4, -0.5],
             pw.TARGET_DECONFOUNDED: [1.0, 0.3, -0.4]}
     cols.update(overrides)

@@ -13,7 +13,7 @@ from estimators.noise import (
 )
 from pipelines.fit import noise_model
 from schemas.config import FitConfig
-from schemas.errors import ConfigError, GateError
+from schemas.errors import ConfigError
 
 
 def _flip(rng, clean, rho01, rho10):
@@ -110,11 +110,11 @@ def _audited_world(n: int, n_gold: int, seed: int = 0):
     return 0.1 + 0.7 * q, label, gold, star
 
 
-@pytest.mark.parametrize("method, n_gold, expected", [("auto", 1500, "audit"), ("auto", 40, "anchor_quantile_0.01"),
-                                                     ("auto", 120, "anchor_quantile_0.01"),   # audit too noisy
-                                                     ("audit", 120, "audit"),
+@pytest.mark.parametrize("method, n_gold, expected", [("auto", 1500, "calibrate"), ("auto", 40, "anchor_quantile_0.01"),
+                                                     ("auto", 120, "calibrate"),   # 30+ audited units per gold label
+                                                     ("audit", 120, "audit"), ("audit", 1500, "audit"),
                                                      ("anchor", 1500, "anchor_quantile_0.01"), ("none", 1500, "none")])
-def test_fit_chooses_audit_when_large_enough_else_anchors(method, n_gold, expected):
+def test_fit_calibrates_on_an_audit_large_enough_else_anchors(method, n_gold, expected):
     scores, label, gold, star = _audited_world(6000, n_gold)
     fc = FitConfig(noise=method, min_audit=30)
     flips, diag = noise_model(scores, label, gold, np.ones(label.size, bool), fc)
@@ -132,13 +132,15 @@ def test_fit_chooses_audit_when_large_enough_else_anchors(method, n_gold, expect
         assert ppi["se"] < alone["se"]                 # the predictions carry information the audit lacks
 
 
-def test_auto_falls_back_to_the_audit_when_anchors_fail_and_fails_only_without_either():
+def test_auto_calibrates_when_anchors_fail_and_corrects_nothing_without_either():
     scores, label, gold, _ = _audited_world(6000, 2000)
     flat = np.full(scores.size, 0.55)                  # no anchors: rho01 + rho10 = 0.45 + 0.55 = 1
     flips, diag = noise_model(flat, label, gold, np.ones(label.size, bool), FitConfig(noise="auto"))
-    assert flips.method == "audit" and "anchor" in diag["errors"]
-    with pytest.raises(GateError, match="anchor: .*audit: "):
-        noise_model(flat, label, np.full(label.size, np.nan), np.ones(label.size, bool), FitConfig(noise="auto"))
+    assert flips.method == "calibrate" and "anchor" in diag["errors"]
+    flips, diag = noise_model(flat, label, np.full(label.size, np.nan), np.ones(label.size, bool),
+                              FitConfig(noise="auto"))
+    assert (flips.method, flips.rho01, flips.rho10, flips.identified) == ("none", 0.0, 0.0, False)
+    assert "anchor rates" in flips.why and "no audit" in flips.why and "anchor" in diag["errors"]
 
 
 def test_an_audit_that_is_asked_for_but_too_small_fails_the_stage():

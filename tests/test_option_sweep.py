@@ -31,6 +31,8 @@ and naive, which read no fit option but the weights; sizes stay tiny: see SMALL)
 SMALL = {"fit": {"categorical": ["model_version", "user_segment"], "folds": 2, "hash_features": 1024,
                  "confounder_controls": 5},
          "train": {"epochs": 1, "hash_features": 4096}}
+NEEDS = {("fit", "noise", "fixed"): {"flip_rates": [0.2, 0.1]}}
+"""Keys an option value needs beside it (without them the case is a ConfigError, which would not run it)."""
 
 
 def _literals(annotation: object) -> list[object]:
@@ -89,6 +91,7 @@ def test_every_option_value_runs_or_is_a_config_error(base, tmp_path, capsys, mo
     shutil.copytree(run, copy)
     sections = {k: dict(v) for k, v in SMALL.items()}
     sections.setdefault(section, {})[key] = value
+    sections[section].update(NEEDS.get((section, key, value), {}) if isinstance(value, str) else {})
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(config_text(data, **sections))
     monkeypatch.setenv(HASH_KEY_ENV, "test-key")

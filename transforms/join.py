@@ -9,6 +9,7 @@ elements: each bucket's sub-table is Arrow IPC bytes, or the path of an Arrow fi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import apache_beam as beam
 import numpy as np
@@ -73,18 +74,80 @@ def label_expr(rules: Mapping[str, LabelRule]) -> pl.Expr:
     return expr
 
 
-def resolve_labels(signals: pl.DataFrame, rules: Mapping[str, LabelRule], explicit: Sequence[str],
-                   observe: Sequence[str]) -> pl.DataFrame:
-    """One label per impression: the latest explicit signal wins; implicit ones count only without one.
+Aggregate = Literal["latest", "mean", "majority"]
+_RATER, _EXPLICIT = "_rater", "_explicit"
+MEAN_OF_VOTES, MAJORITY_OF_VOTES = "mean_of_votes", "majority_of_votes"
+"""``label_source`` of a unit whose label combines two or more raters' votes."""
 
-    Only types in ``observe`` make a unit observed. Returns ``impression_id, label, label_source``.
+
+def resolve_labels(signals: pl.DataFrame, rules: Mapping[str, LabelRule], explicit: Sequence[str],
+                   observe: Sequence[str], *, aggregate: Aggregate = "mean",
+                   prior: tuple[float, float] | None = None) -> pl.DataFrame:
+    """One label per impression from its raters' votes; implicit signals count only without any vote.
+
+    A vote is an explicit signal; its rater is the signal's ``user_id`` (null or absent: the impression's user,
+    see :func:`build_units`). Each rater's latest vote is theirs (a mind change replaces, it does not add), then
+    ``aggregate`` combines the raters' labels y_1..y_n:
+
+    * ``latest``: the latest vote of any rater (ties by event id), as when one vote was all there was;
+    * ``mean``: ȳ, or (Σ y_i + a) / (n + a + b) with a Beta(a, b) ``prior`` (the posterior mean of a
+      Bernoulli rate, which shrinks units with few votes towards a / (a + b));
+    * ``majority``: 1 if more raters are above 0.5 than below, 0 if fewer, 0.5 on a tie (0.5 itself abstains).
+
+    A unit without votes takes its latest implicit signal's label (no prior). Only types in ``observe`` make a
+    unit observed. Returns ``impression_id, label, label_source, n_votes`` (raters whose vote counted).
+
+    >>> import datetime as dt
+    >>> t = [dt.datetime(2026, 11, 1, 0, 0, s, tzinfo=dt.UTC) for s in range(4)]
+    >>> s = pl.DataFrame({"event_id": ["e0", "e1", "e2", "e3"], "impression_id": ["a"] * 4, "ts": t,
+    ...                   "type": ["downvote", "upvote", "upvote", "downvote"], "value": [None] * 4,
+    ...                   "user_id": ["u1", "u1", "u2", "u3"]})
+    >>> resolve_labels(s, {"upvote": 1.0, "downvote": 0.0}, ["upvote", "downvote"], ["upvote", "downvote"],
+    ...                aggregate="mean").rows()       # u1 changed their mind: votes 1, 1, 0
+    [('a', 0.6666666666666666, 'mean_of_votes', 3)]
     """
-    cand = signals.filter(pl.col(sig.TYPE).is_in(list(observe)))
-    return (cand.with_columns(label_expr(rules).alias(un.LABEL),
-                              pl.col(sig.TYPE).is_in(list(explicit)).alias("_explicit"))
-            .sort([imp.IMPRESSION_ID, "_explicit", sig.TS, sig.EVENT_ID])
-            .group_by(imp.IMPRESSION_ID, maintain_order=True)
-            .agg(pl.col(un.LABEL).last(), pl.col(sig.TYPE).last().alias(un.LABEL_SOURCE)))
+    if prior is not None and aggregate != "mean":
+        raise ValueError(f"a prior shrinks a mean of votes, not aggregate = {aggregate!r}")
+    rater = pl.col(sig.RATER) if sig.RATER in signals.columns else pl.lit(None, pl.String)
+    cand = (signals.filter(pl.col(sig.TYPE).is_in(list(observe)))
+            .with_columns(label_expr(rules).alias(un.LABEL), pl.col(sig.TYPE).is_in(list(explicit)).alias(_EXPLICIT),
+                          rater.alias(_RATER)))
+    order = [sig.TS, sig.EVENT_ID]
+    # Each rater's latest vote (null raters are one rater: the impression's user).
+    votes = (cand.filter(pl.col(_EXPLICIT)).sort([imp.IMPRESSION_ID, _RATER, *order], nulls_last=True)
+             .group_by([imp.IMPRESSION_ID, _RATER], maintain_order=True)
+             .agg(pl.col(un.LABEL).last(), pl.col(sig.TYPE).last(), *(pl.col(c).last() for c in order)))
+    latest = pl.col(un.LABEL).sort_by(order).last()
+    y, n = pl.col(un.LABEL), pl.len().cast(pl.Int32)
+    if aggregate == "latest":
+        label = latest
+    elif aggregate == "mean":
+        label = y.mean() if prior is None else (y.sum() + prior[0]) / (pl.len() + prior[0] + prior[1])
+    else:
+        ups, downs = (y > 0.5).sum(), (y < 0.5).sum()
+        label = pl.when(ups > downs).then(1.0).when(ups < downs).then(0.0).otherwise(0.5)
+    combined = {"mean": MEAN_OF_VOTES, "majority": MAJORITY_OF_VOTES}.get(aggregate)
+    last_type = pl.col(sig.TYPE).sort_by(order).last()
+    source = last_type if combined is None else pl.when(n > 1).then(pl.lit(combined)).otherwise(last_type)
+    voted = (votes.group_by(imp.IMPRESSION_ID, maintain_order=True)
+             .agg(label.cast(pl.Float64).alias(un.LABEL), source.alias(un.LABEL_SOURCE), n.alias(un.N_VOTES)))
+    implicit = (cand.filter(~pl.col(_EXPLICIT)).join(voted.select(imp.IMPRESSION_ID), on=imp.IMPRESSION_ID,
+                                                     how="anti")
+                .sort([imp.IMPRESSION_ID, *order])
+                .group_by(imp.IMPRESSION_ID, maintain_order=True)
+                .agg(pl.col(un.LABEL).last(), pl.col(sig.TYPE).last().alias(un.LABEL_SOURCE),
+                     pl.lit(0, pl.Int32).alias(un.N_VOTES)))
+    return pl.concat([voted, implicit], how="vertical_relaxed")
+
+
+def _with_raters(sigs: pl.DataFrame, imps: pl.DataFrame) -> pl.DataFrame:
+    """The signals with a rater on every row: their ``user_id``, or the impression's user where it is null or
+    absent (so that a null and the user's own id are one rater). Used only to resolve labels: never output."""
+    if sig.RATER not in sigs.columns or sigs.height == 0:
+        return sigs
+    users = imps.select(imp.IMPRESSION_ID, pl.col(imp.USER_ID).alias("_impression_user"))
+    return (sigs.join(users, on=imp.IMPRESSION_ID, how="left")
+            .with_columns(pl.coalesce(sig.RATER, "_impression_user").alias(sig.RATER)).drop("_impression_user"))
 
 
 def gold_labels(signals: pl.DataFrame, gold: str | None) -> pl.DataFrame:
@@ -98,20 +161,22 @@ def gold_labels(signals: pl.DataFrame, gold: str | None) -> pl.DataFrame:
 def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping[str, LabelRule],
                 explicit: Sequence[str], observe: Sequence[str], known_types: Sequence[str],
                 unobserved_label: float | None, hash_key: bytes | None, units_schema: pa.Schema,
-                gold: str | None = None) -> pa.Table:
-    """Deduplicated impressions + their valid signals → units: per-type counts, resolved label, observed flag,
-    gold label, pseudonymised user (the raw user id and provenance columns are dropped), sorted by impression
-    id."""
+                gold: str | None = None, aggregate: Aggregate = "mean",
+                prior: tuple[float, float] | None = None) -> pa.Table:
+    """Deduplicated impressions + their valid signals → units: per-type counts, resolved label (``aggregate``
+    and ``prior``: :func:`resolve_labels`), number of votes, observed flag, gold label, pseudonymised user (the
+    raw user id, the signals' rater ids and provenance columns are dropped), sorted by impression id."""
     if sigs is None:
         sigs = pl.DataFrame(schema={imp.IMPRESSION_ID: pl.String, sig.EVENT_ID: pl.String, sig.TYPE: pl.String,
                                     sig.TS: pl.Datetime("us", "UTC"), sig.VALUE: pl.Float64})
     per_type = sigs.group_by(imp.IMPRESSION_ID).agg(
         (pl.col(sig.TYPE) == t).sum().cast(pl.Int32).alias(un.count_column(t)) for t in known_types)
-    labels = resolve_labels(sigs, rules, explicit, observe)
+    labels = resolve_labels(_with_raters(sigs, imps), rules, explicit, observe, aggregate=aggregate, prior=prior)
     df = (imps.join(per_type, on=imp.IMPRESSION_ID, how="left")
           .join(labels, on=imp.IMPRESSION_ID, how="left")
           .join(gold_labels(sigs, gold), on=imp.IMPRESSION_ID, how="left")
-          .with_columns(pl.col(un.count_column(t)).fill_null(0) for t in known_types))
+          .with_columns(*(pl.col(un.count_column(t)).fill_null(0) for t in known_types),
+                        pl.col(un.N_VOTES).fill_null(0)))
     observed = pl.col(un.LABEL).is_not_null()
     if unobserved_label is not None:  # click-through framing: every impression is labelled
         df = df.with_columns(pl.col(un.LABEL_SOURCE).fill_null(pl.lit("unobserved_default")),
@@ -154,8 +219,10 @@ class JoinAndLabel(beam.DoFn):
     def __init__(self, *, rules: Mapping[str, LabelRule], explicit: Sequence[str], observe: Sequence[str],
                  known_types: Sequence[str], unobserved_label: float | None, key_env: str | None,
                  units_schema: pa.Schema, signal_files: Sequence[str], gold: str | None = None,
-                 window: DayWindow | None = None):
+                 window: DayWindow | None = None, aggregate: Aggregate = "mean",
+                 prior: tuple[float, float] | None = None):
         self._rules, self._explicit, self._observe = dict(rules), list(explicit), list(observe)
+        self._aggregate, self._prior = aggregate, prior
         self._known, self._unobserved_label = list(known_types), unobserved_label
         self._key_env, self._schema, self._signal_files = key_env, units_schema, list(signal_files)
         self._gold, self._window = gold, window
@@ -196,7 +263,8 @@ class JoinAndLabel(beam.DoFn):
             units = build_units(imps, sigs if sigs_raw is not None else None, rules=self._rules,
                                 explicit=self._explicit, observe=self._observe, known_types=self._known,
                                 unobserved_label=self._unobserved_label, hash_key=self._key,
-                                units_schema=self._schema, gold=self._gold)
+                                units_schema=self._schema, gold=self._gold, aggregate=self._aggregate,
+                                prior=self._prior)
             counts["signals.rows_ok"] = sum(pc.sum(units[un.count_column(t)]).as_py() for t in self._known)
             yield bucket, units
         elif sigs_raw is not None:

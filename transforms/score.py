@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,15 @@ import apache_beam as beam
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from estimators import persist
+from estimators import positivity as pos
 from estimators import weights as W
-from estimators.confounding import deconfound
+from estimators.calibration import apply_calibration
+from estimators.confounding import deconfound, saved_effects
 from estimators.crossfit import predict_by_fold
-from estimators.features import feature_frame, input_columns, treatment_values
+from estimators.features import feature_frame, input_columns, structured_columns, treatment_values
 from estimators.noise import FlipRates, corrected_target
 from estimators.propensity import logged_propensity
 from schemas import pairwise as pr
@@ -39,13 +42,17 @@ class Models:
     imputation: list
     flip_rates: FlipRates
     confounders: list[dict]
+    calibration: dict[str, list] | None = None      # the clean-reward calibrators (fit.noise = 'calibrate')
+    positivity: dict | None = None      # the fit stage's overlap check (models/positivity.json); None: fitted before it
 
     @classmethod
     def load(cls, paths: dict[str, str]) -> Models:
         flips = json.loads(Path(paths["noise"]).read_text())
         models = (persist.load(paths[k]) if k in paths else None for k in ("featurizer", "propensity", "imputation"))
         return cls(*models, flip_rates=FlipRates.from_dict(flips),
-                   confounders=json.loads(Path(paths["confounding"]).read_text()))
+                   confounders=saved_effects(json.loads(Path(paths["confounding"]).read_text())),
+                   calibration=persist.load(paths["calibration"]) if "calibration" in paths else None,
+                   positivity=json.loads(Path(paths["positivity"]).read_text()) if "positivity" in paths else None)
 
 
 def design(table: pa.Table, fit: FitConfig):
@@ -55,12 +62,59 @@ def design(table: pa.Table, fit: FitConfig):
                          text=fit.text, numeric=fit.numeric, categorical=fit.categorical)
 
 
-def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, run_id: str) -> pa.Table:
+@dataclass(frozen=True)
+class Weighting:
+    """What ``add_scores`` needs beyond the clip: the ``[score]`` stabiliser, DR variant and target policy, the fit
+    stage's monotone map (thresholds of q(p̂), ``weights.json``) and, for a uniform target, each prompt's number
+    of candidate responses (:func:`candidate_counts` over every unit, computed before scoring)."""
+
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    monotone: tuple[list[float], list[float]] | None = None
+    candidates: pa.Table | None = None
+
+
+CANDIDATES = "n_candidates"
+
+
+def candidate_counts(table: pa.Table) -> pa.Table:
+    """(prompt_id, n_candidates): the number of distinct responses logged for each prompt, the action set a
+    uniform target policy draws from."""
+    counts = table.select([un.PROMPT_ID, un.RESPONSE_ID]).group_by(un.PROMPT_ID).aggregate(
+        [(un.RESPONSE_ID, "count_distinct")])
+    return counts.rename_columns([un.PROMPT_ID, CANDIDATES])
+
+
+def target_probability(table: pa.Table, score: ScoreConfig, candidates: pa.Table | None = None) -> np.ndarray:
+    """π_target(response | prompt) of each unit: 1 for the logging policy (weights as logged), 1 / the prompt's
+    candidate count for a uniform target, or the ``score.target_column`` values (which must lie in [0, 1])."""
+    n = table.num_rows
+    if score.target_policy == "logging":
+        return np.ones(n)
+    if score.target_policy == "column":
+        pi = table[score.target_column].to_numpy(zero_copy_only=False).astype(float)
+        bad = ~np.isfinite(pi) | (pi < 0) | (pi > 1)
+        if bad.any():
+            raise ValueError(f"score.target_column '{score.target_column}': {int(bad.sum())} of {n} values are "
+                             f"missing or outside [0, 1] (e.g. {pi[bad][0]!r})")
+        return pi
+    if candidates is None:
+        raise ValueError("score.target_policy = 'uniform' needs the prompts' candidate counts")
+    idx = pc.index_in(table[un.PROMPT_ID], value_set=candidates[un.PROMPT_ID])
+    if idx.null_count:
+        raise ValueError(f"{idx.null_count} units' prompts are missing from the candidate counts")
+    return 1.0 / candidates[CANDIDATES].take(idx).to_numpy().astype(float)
+
+
+def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, run_id: str,
+               weighting: Weighting | None = None) -> pa.Table:
     """Units → units + propensity, IPS/clipped weights, imputation and DR pseudo-outcome, fold, run id.
 
     Each unit is scored by the fold model that did not see it (fold = salted hash of its id), so the scores
-    of the units in the fit sample are out-of-fold, as in :func:`estimators.crossfit.crossfit`.
+    of the units in the fit sample are out-of-fold, as in :func:`estimators.crossfit.crossfit`. The weight
+    columns carry π_target (``score.target_policy``); the DR targets keep the logging weights, since a unit's
+    reward does not depend on the policy. ``weight_stabilized`` holds its raw value here (see add_stabilized).
     """
+    wt = weighting or Weighting()
     n = table.num_rows
     fold = fold_of(table[un.IMPRESSION_ID], len(models.imputation))
     frame = design(table, fit)
@@ -73,23 +127,72 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
     o = table[un.OBSERVED].to_numpy().astype(float)
     label = table[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
     w_clip = W.clipped(o, p, clip)
-    rho01, rho10 = models.flip_rates.rho01, models.flip_rates.rho10
+    pi = target_probability(table, wt.score, wt.candidates)
+    stabilized = pi * (W.monotone_weights(o, p, *wt.monotone) if wt.score.stabilize == "monotone" else w_clip)
+    w_dr = W.dr_weights(w_clip, variant=wt.score.dr_variant, tau=wt.score.switch_tau, lam=wt.score.shrink_lambda)
     treatments = {e["treatment"]: treatment_values(frame, e["treatment"]) for e in models.confounders}
+    dr = W.dr_pseudo_outcome(label, o, w_dr, imputed)
+    clean = clean_targets(models, dr=dr, label=label, observed=o, imputed=imputed,
+                          structured=X[:, structured_columns(models.featurizer)].toarray(), fold=fold,
+                          treatments=treatments)
     cols = {
         pw.PROPENSITY: p,
-        pw.WEIGHT_IPS: W.ips(o, p),
-        pw.WEIGHT_CLIPPED: w_clip,
+        pw.WEIGHT_IPS: pi * W.ips(o, p),
+        pw.WEIGHT_CLIPPED: pi * w_clip,
         pw.WEIGHT_SNIPS: np.full(n, np.nan),          # needs the global normaliser: see add_snips
+        pw.WEIGHT_STABILIZED: stabilized,             # monotone: normalised globally, see add_stabilized
         pw.IMPUTED: imputed,
-        pw.TARGET_DR: (dr := W.dr_pseudo_outcome(label, o, w_clip, imputed)),
-        pw.TARGET_NOISE_CORRECTED: corrected_target(dr, rho01, rho10),
-        pw.TARGET_DECONFOUNDED: corrected_target(deconfound(dr, treatments, models.confounders), rho01, rho10),
+        pw.TARGET_DR: dr,
+        **clean,
+        pw.OVERLAP_VIOLATION: overlap_violation(models, frame, p, fit),
         pw.FOLD: fold,
         pw.RUN_ID: np.full(n, run_id, dtype=object),
     }
     for f in pw.SCORE_FIELDS:
         table = table.append_column(f, pa.array(cols[f.name], f.type))
     return table
+
+
+def clean_targets(models: Models, *, dr: np.ndarray, label: np.ndarray, observed: np.ndarray, imputed: np.ndarray,
+                  structured: np.ndarray, fold: np.ndarray, treatments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The clean-reward columns: with the audit's calibrators (``estimators.calibration``), the unit's clean
+    reward ĉ(r, x) (observed) or ĥ(x) (not), which is then also the target: each stratum of the observed flag is
+    calibrated on its own audited units, so no inverse-propensity weight is needed; with flip rates, the
+    class-conditional correction (r − ρ10)/(1 − ρ01 − ρ10) of the label, the imputation and the DR target (the
+    per-unit rewards clipped to [0, 1], the targets not: clipping would bias their mean).
+
+    Under calibration the deconfounded target is the calibrated one: the audit already maps the label's
+    confounder-driven part (e.g. verbosity bias) to r*, so removing the label's confounder effects again would
+    count them twice."""
+    if models.calibration is not None:
+        reward, imputed_clean = apply_calibration(models.calibration, imputed, structured, label, observed, fold)
+        return {pw.TARGET_NOISE_CORRECTED: reward, pw.TARGET_DECONFOUNDED: reward, pw.REWARD_CLEAN: reward,
+                pw.IMPUTED_CLEAN: imputed_clean}
+    rho01, rho10 = models.flip_rates.rho01, models.flip_rates.rho10
+    imputed_clean = np.clip(corrected_target(imputed, rho01, rho10), 0, 1)
+    rated = np.clip(corrected_target(np.nan_to_num(label), rho01, rho10), 0, 1)
+    return {pw.TARGET_NOISE_CORRECTED: corrected_target(dr, rho01, rho10),
+            pw.TARGET_DECONFOUNDED: corrected_target(deconfound(dr, treatments, models.confounders), rho01, rho10),
+            pw.REWARD_CLEAN: np.where(observed == 1, rated, imputed_clean), pw.IMPUTED_CLEAN: imputed_clean}
+
+
+def overlap_violation(models: Models, frame, propensity: np.ndarray, fit: FitConfig) -> np.ndarray:
+    """Units without overlap: p̂ below the floor the fit stage checked with, or a value of a categorical column in
+    a stratum that failed there (models fitted before the check: the configured floor only)."""
+    check = models.positivity or {"floor": fit.positivity_floor, "violated": []}
+    strata = {c: frame[c].to_numpy() for c in frame.columns if c in {r["column"] for r in check["violated"]}}
+    return pos.violation_mask(strata, propensity, check["violated"], floor=check["floor"])
+
+
+def overlap_counts(table: pa.Table) -> tuple[int, int]:
+    """(units, observed units) without overlap in one scored batch."""
+    flag = table[pw.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False).astype(bool)
+    return int(flag.sum()), int((flag & (table[un.OBSERVED].to_numpy() == 1)).sum())
+
+
+def drop_overlap_violations(table: pa.Table) -> pa.Table:
+    """The scored units with overlap (``fit.positivity = "exclude"``): the others leave every weighted output."""
+    return table.filter(pc.invert(table[pw.OVERLAP_VIOLATION]))
 
 
 def observed_weight_sum(table: pa.Table) -> tuple[float, int]:
@@ -111,6 +214,34 @@ def add_snips(table: pa.Table, totals: tuple[float, int]) -> pa.Table:
     o = table[un.OBSERVED].to_numpy()
     w = W.self_normalise(table[pw.WEIGHT_CLIPPED].to_numpy(), o, total=totals[0], n_observed=totals[1])
     i = table.schema.get_field_index(pw.WEIGHT_SNIPS)
+    return table.set_column(i, table.schema.field(i), pa.array(w, pa.float64()))
+
+
+def stabilized_sums(table: pa.Table) -> tuple[float, float, int]:
+    """(Σw, Σw², n) of the raw ``weight_stabilized`` over one batch's observed units."""
+    return W.weight_sums(table[pw.WEIGHT_STABILIZED].to_numpy(), table[un.OBSERVED].to_numpy())
+
+
+def sum_triples(values: Iterable[tuple[float, float, int]]) -> tuple[float, float, int]:
+    """Combiner for (Σw, Σw², n) triples; associative, so Beam may apply it to partial results."""
+    a, b, n = 0.0, 0.0, 0
+    for x, y, k in values:
+        a, b, n = a + x, b + y, n + k
+    return a, b, n
+
+
+def add_stabilized(table: pa.Table, sums: tuple[float, float, int] | None = None, *, method: str,
+                   max_variance: float) -> pa.Table:
+    """Finish ``weight_stabilized``: weight_clipped as it is ('none'), weight_snips ('snips'), or the raw monotone
+    weights self-normalised and blended toward 1 under the variance cap with the *global* sums ('monotone')."""
+    if method == "none":
+        return table
+    i = table.schema.get_field_index(pw.WEIGHT_STABILIZED)
+    if method == "snips":
+        w = table[pw.WEIGHT_SNIPS].to_numpy()
+    else:
+        w, _ = W.cap_variance(table[pw.WEIGHT_STABILIZED].to_numpy(), table[un.OBSERVED].to_numpy(),
+                              max_variance=max_variance, sums=sums)
     return table.set_column(i, table.schema.field(i), pa.array(w, pa.float64()))
 
 
@@ -164,8 +295,10 @@ def normalise_pairs(table: pa.Table, totals: tuple[float, int]) -> pa.Table:
 class AddScores(beam.DoFn):
     """(part, units table) → (part, scored table); models are loaded once per worker in ``setup``."""
 
-    def __init__(self, model_paths: dict[str, str], *, fit: FitConfig, clip: float, run_id: str):
+    def __init__(self, model_paths: dict[str, str], *, fit: FitConfig, clip: float, run_id: str,
+                 weighting: Weighting | None = None):
         self._paths, self._fit, self._clip, self._run_id = dict(model_paths), fit, clip, run_id
+        self._weighting = weighting
         self._models: Models | None = None
 
     def setup(self):
@@ -173,7 +306,8 @@ class AddScores(beam.DoFn):
 
     def process(self, element):
         part, table = element
-        yield part, add_scores(table, self._models, fit=self._fit, clip=self._clip, run_id=self._run_id)
+        yield part, add_scores(table, self._models, fit=self._fit, clip=self._clip, run_id=self._run_id,
+                               weighting=self._weighting)
 
 
 class BuildPairs(beam.DoFn):
