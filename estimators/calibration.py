@@ -54,7 +54,7 @@ class Calibration:
     given: list
     unrated: list
     reward_clean: np.ndarray      # ĉ(r, x) on observed units, ĥ(x) on the others
-    imputed_clean: np.ndarray     # ĥ(x) on every unit: E[r* | x] as for a unit nobody rated
+    imputed_clean: np.ndarray     # ĥ(x) on every unit: E[r* | x, o=0], as for a unit nobody rated
 
     def models(self) -> dict[str, list]:
         return {"given": self.given, "unrated": self.unrated}

@@ -182,6 +182,10 @@ def identify(rates: FlipRates, *, tail_units: float | None, min_tail_units: floa
         upper = rates.ci01[1] + rates.ci10[1]
         check(upper <= max_sum, f"upper bound of rho01 + rho10 {upper:.3f} (at most {max_sum:g})")
     why = "identified: " + "; ".join(held) if not failed else "not identified: " + "; ".join(failed)
+    if not failed and tail_units is not None:
+        # the bootstrap holds the fitted proxy fixed: neither its error nor the anchors' bias (no x need be a true
+        # anchor) is in the intervals, so "identified" is a statement about sampling noise only
+        why += " (intervals given the fitted proxy: its error and the anchors' bias are not in them)"
     return replace(rates, identified=not failed, why=why)
 
 
@@ -190,6 +194,25 @@ def corrected_target(label: np.ndarray, rho01: float, rho10: float) -> np.ndarra
     linear pseudo-outcome of r, such as the DR target)."""
     check_flip_rates(rho01, rho10)
     return (np.asarray(label, dtype=float) - rho10) / (1 - rho01 - rho10)
+
+
+def posterior_clean(label: np.ndarray, prior: np.ndarray, rho01: float, rho10: float) -> np.ndarray:
+    """P(r* = 1 | r, x) under class-conditional flips, by Bayes with π = P(r* = 1 | x) (``prior``):
+    (1 − ρ01)·π / [(1 − ρ01)·π + ρ10·(1 − π)] for r = 1 and ρ01·π / [ρ01·π + (1 − ρ10)·(1 − π)] for r = 0; a soft
+    label y mixes the two. Unlike the corrected label (r − ρ10)/(1 − ρ01 − ρ10), which is unbiased but lies outside
+    [0, 1] (so clipping it returns the label itself), this is the unit's clean reward given its label.
+
+    >>> posterior_clean(np.array([1.0, 0.0]), np.array([0.5, 0.5]), 0.2, 0.1).round(4).tolist()
+    [0.8889, 0.1818]
+    """
+    check_flip_rates(rho01, rho10)
+    y = np.nan_to_num(np.asarray(label, dtype=float))
+    pi = np.clip(np.asarray(prior, dtype=float), 0.0, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        up = (1 - rho01) * pi / ((1 - rho01) * pi + rho10 * (1 - pi))
+        down = rho01 * pi / (rho01 * pi + (1 - rho10) * (1 - pi))
+    up, down = np.where(np.isfinite(up), up, pi), np.where(np.isfinite(down), down, pi)    # 0/0: π stays
+    return y * up + (1 - y) * down
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> dict[str, float]:

@@ -39,15 +39,16 @@ def strata_table(strata: Mapping[str, Sequence[str] | np.ndarray], observed: np.
     """One row per (categorical column, value) and a last row for the tail p̂ < ``floor``.
 
     Each row: column, value, units, observed, mean and min p̂, share of p̂ below the floor, ``violated`` and
-    ``why`` (None when not violated). A stratum is violated when it has fewer than ``min_observed`` observed
-    units while some of its units are unobserved (nothing to extrapolate when all are observed), or when more
-    than half (:data:`MOST`) of its p̂ is below ``floor``. The tail is violated when it holds more than
-    ``max_tail_share`` of all units.
+    ``why`` (None when not violated). A stratum is violated when almost none of it is observed: fewer than
+    ``min_observed`` observed units *and* fewer than ``floor`` × its units (a small stratum observed at an ordinary
+    rate is rare, not without overlap; nothing to extrapolate when all are observed), or when more than half
+    (:data:`MOST`) of its p̂ is below ``floor``. The tail is violated when it holds more than ``max_tail_share`` of
+    all units.
 
-    >>> rows = strata_table({"v": ["a", "a", "b", "b"]}, np.array([1, 1, 0, 0]), np.array([.5, .5, .2, .2]),
-    ...                     floor=0.01, min_observed=1, max_tail_share=0.05)
+    >>> rows = strata_table({"v": ["a"] * 4 + ["b"] * 200 + ["c"] * 10}, np.r_[[1] * 4, [0] * 200, [1, 1] + [0] * 8],
+    ...                     np.r_[[.5] * 4, [.2] * 200, [.2] * 10], floor=0.01, min_observed=5, max_tail_share=0.05)
     >>> [(r["value"], r["violated"]) for r in rows]
-    [('a', False), ('b', True), ('< 0.01', False)]
+    [('a', False), ('b', True), ('c', False), ('< 0.01', False)]
     """
     o = np.asarray(observed).astype(int)
     p = np.asarray(propensity, dtype=float)
@@ -64,8 +65,9 @@ def strata_table(strata: Mapping[str, Sequence[str] | np.ndarray], observed: np.
         for k, value in enumerate(uniq):
             row = _stratum(column, str(value), inverse == k, o, p, floor)
             why = []
-            if row["observed"] < min_observed and row["observed"] < row["units"]:
-                why.append(f"{row['observed']} of {row['units']} units observed (fewer than {min_observed})")
+            if row["observed"] < min_observed and row["observed"] < floor * row["units"]:
+                why.append(f"{row['observed']} of {row['units']} units observed (fewer than {min_observed} and "
+                           f"than {floor:g} of its units)")
             if row["share_below_floor"] > MOST:
                 why.append(f"{row['share_below_floor']:.0%} of its p̂ below the floor {floor:g}")
             rows.append({**row, "violated": bool(why), "why": "; ".join(why) or None})

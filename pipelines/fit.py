@@ -341,6 +341,15 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     calibration = None
     if flips.method == "calibrate":
         calibration, calibrated = clean_reward_model(m_oof, X[:, structured].toarray(), y, o, gold, fold, fc)
+        ppi = noise_diag.get("mean_reward", {}).get("ppi")
+        if ppi is not None:              # the same audit's PPI interval is the reference the calibration must meet
+            calibrated["agrees_with_ppi"] = bool(calibrated["ci_low"] <= ppi["ci_high"]
+                                                 and ppi["ci_low"] <= calibrated["ci_high"])
+            if not calibrated["agrees_with_ppi"]:
+                log(f"fit: the calibrated mean clean reward {calibrated['estimate']:.4f} "
+                    f"[{calibrated['ci_low']:.4f}, {calibrated['ci_high']:.4f}] and PPI's {ppi['estimate']:.4f} "
+                    f"[{ppi['ci_low']:.4f}, {ppi['ci_high']:.4f}] do not overlap: the calibrators may be "
+                    "misspecified", level="warning", event="calibration_disagrees_with_ppi")
         noise_diag.setdefault("mean_reward", {})["calibrated"] = calibrated
     effects = confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
     evalue = selection_evalue(y, obs, w_clip)

@@ -30,7 +30,7 @@ from estimators.diagnostics import auc
 from estimators.features import structured_columns, treatment_values
 from estimators.propensity import logged_propensity
 from estimators.sensitivity import permute_within_strata, strata_codes, stratified_flag, weighted_minus_naive
-from pipelines.fit import CONFOUNDING, choose_clip, stratified_sample
+from pipelines.fit import CONFOUNDING, stratified_sample
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
@@ -65,7 +65,7 @@ def placebo_check(run: RunDir, cfg: Config) -> dict[str, Any]:
     if fc.confounder_weighting == "ipw" and fc.confounders:      # the confounder fit's weights, as fit builds them
         p = (logged_propensity(sample[fc.propensity_column].to_numpy(zero_copy_only=False), fc.propensity_column)
              if fc.propensity_column else crossfit(nuisance.propensity_model(fc, structured), X, o, fold)[0])
-        clip = saved_clip if saved_clip is not None else choose_clip(o, p, cfg)["clip"]
+        clip = saved_clip if saved_clip is not None else _clip(o, p, cfg)
         weights = W.clipped(o.astype(float), p, clip)
     effects = []
     for name in fc.confounders:
@@ -102,7 +102,7 @@ def _placebo_selection(X, y: np.ndarray, strata: np.ndarray, fold: np.ndarray, s
             raise ValueError(f"a placebo selection of {int(s.sum())} of {s.size} observed units is too small to fit "
                              f"a propensity on ({fc.folds} folds)")
         p = crossfit(nuisance.propensity_model(fc, structured), X, s, fold)[0]
-        clip = clip if clip is not None else choose_clip(s, p, cfg)["clip"]
+        clip = clip if clip is not None else _clip(s, p, cfg)
         w = W.clipped(s.astype(float), p, clip)
         sel = s == 1
         d = weighted_minus_naive(y[sel], w[sel])
@@ -110,6 +110,15 @@ def _placebo_selection(X, y: np.ndarray, strata: np.ndarray, fold: np.ndarray, s
         return {**out, "error": str(e)}
     return {**out, "n_selected": int(sel.sum()), "propensity_auc": auc(p, s), "clip": clip, **d,
             "zero_inside": d["ci_low"] <= 0 <= d["ci_high"]}
+
+
+def _clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> float:
+    """The propensity floor the fit stage would choose, without its gates (degenerate propensities, the monotone
+    map's needs): a placebo is reported, never a reason to stop."""
+    sc = cfg.score
+    if sc.clip == "auto":
+        return W.auto_clip(observed, propensity, sc.min_ess_share)
+    return 0.0 if sc.clip == "none" else float(sc.clip)
 
 
 def _saved_clip(run: RunDir) -> float | None:

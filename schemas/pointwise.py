@@ -34,18 +34,20 @@ SCORE_FIELDS = [
              metadata={"doc": "doubly robust pseudo-outcome imputed + w * (label - imputed), w = weight_clipped of "
                        "the logging policy, switched or shrunk by score.dr_variant"}),
     pa.field(TARGET_NOISE_CORRECTED, pa.float64(), nullable=False,
-             metadata={"doc": "the DR target of the clean reward r*: with an audit (fit.noise = calibrate), "
-                       "imputed_clean + weight_clipped * observed * (reward_clean - imputed_clean); with flip rates, "
-                       "(target_dr - rho10) / (1 - rho01 - rho10), which assumes class-conditional noise"}),
+             metadata={"doc": "the target of the clean reward r*: with an audit (fit.noise = calibrate), reward_clean "
+                       "(each observed stratum calibrated on its own audited units: no weights needed); with flip "
+                       "rates, (target_dr - rho10) / (1 - rho01 - rho10), which assumes class-conditional noise"}),
     pa.field(TARGET_DECONFOUNDED, pa.float64(), nullable=False,
              metadata={"doc": "target_dr minus the fitted confounder effects theta * (T - T_ref), then noise-corrected"
                        " like target_noise_corrected; under calibrate equal to target_noise_corrected (the audit "
                        "already maps the label's confounded part to r*)"}),
     pa.field(REWARD_CLEAN, pa.float64(), nullable=False,
-             metadata={"doc": "the unit's clean reward in [0, 1]: calibrate: E[r* | label, x] for observed units, "
-                       "E[r* | x] for the others; flip rates: the corrected label (observed) or imputation, clipped"}),
+             metadata={"doc": "the unit's clean reward in [0, 1]: calibrate: E[r* | label, x] for rated units, "
+                       "E[r* | x] for unrated ones (fitted on unrated audited units); flip rates: the posterior "
+                       "P(r* = 1 | label, x) for rated units, imputed_clean for the others"}),
     pa.field(IMPUTED_CLEAN, pa.float64(), nullable=False,
-             metadata={"doc": "E[r* | x] in [0, 1]: the audit's calibrator (calibrate) or the corrected imputation"}),
+             metadata={"doc": "E[r* | x] in [0, 1] as for a unit nobody rated: the audit's unrated calibrator "
+                       "(calibrate) or the corrected imputation (flip rates), clipped"}),
     pa.field(OVERLAP_VIOLATION, pa.bool_(), nullable=False,
              metadata={"doc": "the unit lacks overlap: its propensity is below fit.positivity_floor, or its value of a "
                        "fit.categorical column is a stratum the fit stage found failing (models/positivity.json); "

@@ -74,6 +74,7 @@ def test_score_builds_the_clean_target_from_the_calibrators(scored, audited_logs
     assert mean["ci_low"] <= true <= mean["ci_high"]
     ppi = json.loads(run.path(rd.NOISE_MODEL).read_text())["mean_reward"]["ppi"]
     assert ppi["ci_low"] <= mean["estimate"] <= ppi["ci_high"]            # agrees with PPI on the same audit
+    assert mean["agrees_with_ppi"] is True
     clean = evaluate.clean_reward_estimates(d, json.loads(run.path(rd.NOISE_MODEL).read_text()))
     assert clean["estimates"]["noise_corrected"] == pytest.approx(mean["estimate"])
     assert set(clean["share_of_naive"]) >= {"naive", "snips", "dr", "noise_corrected", "ppi", "calibrated"}

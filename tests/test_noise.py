@@ -147,3 +147,24 @@ def test_an_audit_that_is_asked_for_but_too_small_fails_the_stage():
     scores, label, gold, _ = _audited_world(3000, 20)
     with pytest.raises(ConfigError, match="at least 30"):          # fit.noise names a method these units cannot feed
         noise_model(scores, label, gold, np.ones(label.size, bool), FitConfig(noise="audit", min_audit=30))
+
+
+def test_posterior_clean_reward_is_bayes_under_class_conditional_flips():
+    """P(r* = 1 | r, x) from π = P(r* = 1 | x): the doctest's hand values, and its mean over the labels a unit
+    could get is π again (the posterior of a calibrated prior averages to the prior)."""
+    import doctest
+
+    from estimators import noise
+    from estimators.noise import posterior_clean
+
+    assert doctest.testmod(noise).failed == 0
+    pi = np.linspace(0.01, 0.99, 25)
+    rho01, rho10 = 0.2, 0.1
+    p_up = pi * (1 - rho01) + (1 - pi) * rho10                      # P(r = 1 | x)
+    mean = p_up * posterior_clean(np.ones_like(pi), pi, rho01, rho10) + \
+        (1 - p_up) * posterior_clean(np.zeros_like(pi), pi, rho01, rho10)
+    np.testing.assert_allclose(mean, pi)
+    soft = posterior_clean(np.full_like(pi, 0.3), pi, rho01, rho10)
+    np.testing.assert_allclose(soft, 0.3 * posterior_clean(np.ones_like(pi), pi, rho01, rho10)
+                               + 0.7 * posterior_clean(np.zeros_like(pi), pi, rho01, rho10))
+    assert posterior_clean(np.array([1.0]), np.array([0.0]), 0.0, 0.0)[0] == 0.0          # 0/0 keeps π

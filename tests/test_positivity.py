@@ -61,7 +61,12 @@ def test_no_observed_units_or_most_propensities_below_the_floor_fail_overlap():
     assert not rows[(TAIL_COLUMN, "< 0.01")]["violated"]      # 2 of 9 units, within max_tail_share = 0.5
     # Every unit of "c" is observed: fewer than min_observed, but nothing is extrapolated there.
     assert not _rows(min_observed=3)[("v", "c")]["violated"]
-    assert _rows(min_observed=3)[("v", "a")]["violated"]      # 2 observed of 4 < 3
+    # A small stratum observed at an ordinary rate is rare, not without overlap: 2 of 4 observed, fewer than 3,
+    # but not fewer than floor x its units.
+    assert not _rows(min_observed=3)[("v", "a")]["violated"]
+    big = strata_table({"v": np.array(["a"] * 1000)}, np.r_[[1] * 2, [0] * 998], np.full(1000, 0.3), floor=0.01,
+                       min_observed=5, max_tail_share=1.0)[0]
+    assert big["violated"] and big["why"] == "2 of 1000 units observed (fewer than 5 and than 0.01 of its units)"
     # The tail fails overlap as a whole once it holds more than max_tail_share of the units.
     tail = _rows(max_tail_share=0.2)[(TAIL_COLUMN, "< 0.01")]
     assert tail["violated"] and "2 units (22.2%)" in tail["why"]
@@ -79,7 +84,8 @@ def test_the_table_is_json_safe_and_names_the_violations():
     assert json.loads(json.dumps(rows)) == rows
     bad = violated_strata(rows)
     assert [(r["column"], r["value"]) for r in bad] == [("v", "b"), (TAIL_COLUMN, "< 0.01")]
-    assert describe(bad).startswith("v = 'b' (0 of 1 units observed (fewer than 1); 100% of its p̂ below")
+    assert describe(bad).startswith("v = 'b' (0 of 1 units observed (fewer than 1 and than 0.01 of its units); "
+                                    "100% of its p̂ below")
 
 
 def test_units_are_flagged_by_stratum_or_by_the_floor():
@@ -150,7 +156,7 @@ def test_fit_names_the_planted_empty_stratum(planted):
     units = read_dataset(run / rd.UNITS, ["model_version", un.OBSERVED])
     is_v3 = units["model_version"].to_numpy(zero_copy_only=False) == EMPTY
     assert v3["observed"] == 0 and v3["units"] == int(is_v3.sum()) > 500     # the sample is every unit here
-    assert v3["why"].startswith(f"0 of {v3['units']} units observed (fewer than 5)")
+    assert v3["why"].startswith(f"0 of {v3['units']} units observed (fewer than 5 and than 0.01 of its units)")
     assert not any(c == "model_version" and v != EMPTY for c, v in bad)     # v1 and v2 are rated
     saved = json.loads((run / rd.POSITIVITY_FILE).read_text())
     assert saved["violated"] == check["violated"] and saved["floor"] == 0.01

@@ -25,7 +25,7 @@ from estimators.calibration import apply_calibration
 from estimators.confounding import deconfound, saved_effects
 from estimators.crossfit import predict_by_fold
 from estimators.features import feature_frame, input_columns, structured_columns, treatment_values
-from estimators.noise import FlipRates, corrected_target
+from estimators.noise import FlipRates, corrected_target, posterior_clean
 from estimators.propensity import logged_propensity
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -158,8 +158,9 @@ def clean_targets(models: Models, *, dr: np.ndarray, label: np.ndarray, observed
     """The clean-reward columns: with the audit's calibrators (``estimators.calibration``), the unit's clean
     reward ĉ(r, x) (observed) or ĥ(x) (not), which is then also the target: each stratum of the observed flag is
     calibrated on its own audited units, so no inverse-propensity weight is needed; with flip rates, the
-    class-conditional correction (r − ρ10)/(1 − ρ01 − ρ10) of the label, the imputation and the DR target (the
-    per-unit rewards clipped to [0, 1], the targets not: clipping would bias their mean).
+    class-conditional correction (r − ρ10)/(1 − ρ01 − ρ10) of the DR target (unbiased, not clipped: clipping would
+    bias its mean), the corrected imputation clipped to [0, 1] as π = P(r* = 1 | x), and for rated units the
+    posterior P(r* = 1 | r, x) from π (``estimators.noise.posterior_clean``).
 
     Under calibration the deconfounded target is the calibrated one: the audit already maps the label's
     confounder-driven part (e.g. verbosity bias) to r*, so removing the label's confounder effects again would
@@ -170,7 +171,7 @@ def clean_targets(models: Models, *, dr: np.ndarray, label: np.ndarray, observed
                 pw.IMPUTED_CLEAN: imputed_clean}
     rho01, rho10 = models.flip_rates.rho01, models.flip_rates.rho10
     imputed_clean = np.clip(corrected_target(imputed, rho01, rho10), 0, 1)
-    rated = np.clip(corrected_target(np.nan_to_num(label), rho01, rho10), 0, 1)
+    rated = posterior_clean(label, imputed_clean, rho01, rho10)
     return {pw.TARGET_NOISE_CORRECTED: corrected_target(dr, rho01, rho10),
             pw.TARGET_DECONFOUNDED: corrected_target(deconfound(dr, treatments, models.confounders), rho01, rho10),
             pw.REWARD_CLEAN: np.where(observed == 1, rated, imputed_clean), pw.IMPUTED_CLEAN: imputed_clean}
