@@ -12,6 +12,7 @@ Unobserved units carry NaN labels (and may carry NaN or junk weights): every fun
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -124,27 +125,44 @@ def bradley_terry(chosen: Tensor, rejected: Tensor, weight: Tensor, margin: Tens
     return (weight.to(chosen.dtype) * F.softplus(-diff)).mean()
 
 
-LOSSES: dict[str, LossFn] = {"naive": naive, "ips": ips, "snips": snips, "dr": dr, "causalrm_ips": causalrm_ips,
-                             "causalrm_dr": causalrm_dr}
+@dataclass(frozen=True)
+class LossSpec:
+    """One reward-model loss, declared once: its risk function, the tensors it reads besides the scores (argument
+    names, not column names), and how the trainer feeds it. The tables below are views of ``REGISTRY``."""
 
-INPUTS: dict[str, tuple[str, ...]] = {
-    "naive": ("label", "observed"),
-    "ips": ("label", "observed", "weight"),
-    "snips": ("label", "observed", "weight"),
-    "dr": ("label", "observed", "weight", "imputed"),
-    "causalrm_ips": ("label", "observed", "weight"),
-    "causalrm_dr": ("label", "observed", "weight", "imputed"),
+    fn: LossFn
+    inputs: tuple[str, ...]
+    noise_aware: bool = False
+    """Also takes the fitted flip rates ``rho01`` and ``rho10`` (floats, from ``models/noise.json``)."""
+    observed_only: bool = False
+    """Unobserved units contribute exactly 0, so the trainer may feed it observed units only: for ``naive`` and
+    ``snips`` the value is unchanged; for ``ips`` and ``causalrm_ips`` it is multiplied by N/N_obs, a constant that
+    leaves the minimiser unchanged (``dr`` needs every unit: its imputation term covers the unobserved ones)."""
+    pairwise: bool = False
+    """Scores a pair (chosen, rejected) from the pairwise dataset rather than one unit."""
+
+
+REGISTRY: dict[str, LossSpec] = {
+    "naive": LossSpec(naive, ("label", "observed"), observed_only=True),
+    "ips": LossSpec(ips, ("label", "observed", "weight"), observed_only=True),
+    "snips": LossSpec(snips, ("label", "observed", "weight"), observed_only=True),
+    "dr": LossSpec(dr, ("label", "observed", "weight", "imputed")),
+    "causalrm_ips": LossSpec(causalrm_ips, ("label", "observed", "weight"), noise_aware=True, observed_only=True),
+    "causalrm_dr": LossSpec(causalrm_dr, ("label", "observed", "weight", "imputed"), noise_aware=True),
+    "bt": LossSpec(bradley_terry, ("weight", "margin"), pairwise=True),
 }
-"""The tensors each loss reads besides the logits (argument names, not column names)."""
+"""Every loss ``train.loss`` / ``train.baselines`` can name (``tests/test_losses.py`` keeps the two lists equal)."""
 
-NOISE_AWARE = frozenset({"causalrm_ips", "causalrm_dr"})
-"""Losses that also take the fitted flip rates ``rho01`` and ``rho10`` (floats, from ``models/noise.json``)."""
-
-OBSERVED_ONLY = frozenset({"naive", "ips", "snips", "causalrm_ips"})
-"""Losses to which unobserved units contribute exactly 0, so the trainer may feed them observed units only.
-For ``naive`` and ``snips`` the value is unchanged; for ``ips`` and ``causalrm_ips`` it is multiplied by
-N/N_obs, a constant that leaves the minimiser unchanged (``dr`` needs every unit: its imputation term covers
-the unobserved ones)."""
+LOSSES: dict[str, LossFn] = {name: spec.fn for name, spec in REGISTRY.items() if not spec.pairwise}
+"""The pointwise losses by name."""
+INPUTS: dict[str, tuple[str, ...]] = {name: spec.inputs for name, spec in REGISTRY.items() if not spec.pairwise}
+"""The tensors each pointwise loss reads besides the logits (argument names, not column names)."""
+NOISE_AWARE = frozenset(name for name, spec in REGISTRY.items() if spec.noise_aware)
+"""Losses that also take the fitted flip rates (``LossSpec.noise_aware``)."""
+OBSERVED_ONLY = frozenset(name for name, spec in REGISTRY.items() if spec.observed_only)
+"""Losses the trainer may feed observed units only (``LossSpec.observed_only``)."""
+PAIRWISE = frozenset(name for name, spec in REGISTRY.items() if spec.pairwise)
+"""Losses trained on the pairwise dataset."""
 
 
 def batch_loss(name: str, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:

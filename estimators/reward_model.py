@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from estimators.features import RESPONSE_LENGTH
-from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, OBSERVED_ONLY, batch_loss, bradley_terry
+from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, OBSERVED_ONLY, PAIRWISE, batch_loss, bradley_terry
 from estimators.reward_data import TRAIN, VAL, Batch, Chunk, DeviceBatch, FeatureCache, StreamingBatches, stream
 from estimators.reward_features import FEATURES, DenseSpec, features, fit_dense_spec
 from schemas import impressions as imp
@@ -235,7 +235,7 @@ def split_column(cfg: TrainConfig) -> str:
 
 def units_kind(loss: str) -> str:
     """Which rows a pointwise loss trains on: ``observed`` (losses.OBSERVED_ONLY) or ``all``; ``pairs`` for bt."""
-    if loss == "bt":
+    if loss in PAIRWISE:
         return "pairs"
     required_columns(loss)
     return "observed" if loss in OBSERVED_ONLY else "all"

@@ -200,3 +200,19 @@ def test_bradley_terry_hand_computed_with_weights_and_margin():
 def test_flip_rates_that_cannot_be_corrected_are_refused():
     with pytest.raises(ValueError, match="no usable signal"):
         L.noise_corrected_bce(torch.zeros(2), torch.ones(2), 0.6, 0.5)
+
+
+def test_the_registry_declares_every_configurable_loss_once():
+    """train.loss / train.baselines name exactly the registry's losses, and the lookup tables are its views."""
+    from typing import get_args
+
+    from schemas.config import TrainConfig
+
+    assert set(get_args(TrainConfig.model_fields["loss"].annotation)) == set(L.REGISTRY)
+    assert set(L.LOSSES) | L.PAIRWISE == set(L.REGISTRY) and not set(L.LOSSES) & L.PAIRWISE
+    for name, spec in L.REGISTRY.items():
+        assert (name in L.NOISE_AWARE) == spec.noise_aware and (name in L.OBSERVED_ONLY) == spec.observed_only
+        if not spec.pairwise:
+            assert L.LOSSES[name] is spec.fn and L.INPUTS[name] == spec.inputs
+    assert L.REGISTRY["bt"].fn is L.bradley_terry
+    assert sorted(L.PAIRWISE) == ["bt"]
