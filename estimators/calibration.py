@@ -127,7 +127,7 @@ def calibrated_mean(make_model: Callable[[], object], cal: Calibration, imputed:
         try:
             g.fit(Zg[rated], gold[rated])
             u.fit(Zu[unrated], gold[unrated])
-        except ValueError:                                # a resample without one of the classes: skip it
+        except ValueError:                 # a resample with no rated or no unrated audited unit: skip it
             continue
         means.append(np.where(observed, g.predict(Zg), u.predict(Zu)).mean())
     if len(means) < max(10, n_boot // 2):

@@ -9,6 +9,8 @@ import os
 # slower (fit on 2,000 units: 22 s with the default, 2.7 s with one thread, on a loaded 2-core machine).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path
 
@@ -61,3 +63,12 @@ def sim_small(tmp_path_factory) -> Path:
 def hash_key(monkeypatch) -> str:
     monkeypatch.setenv(HASH_KEY_ENV, "test-key")
     return "test-key"
+
+
+@contextmanager
+def module_hash_key() -> Iterator[None]:
+    """The test HMAC key in the environment while a module-scoped fixture runs stages (``monkeypatch`` and the
+    ``hash_key`` fixture are function-scoped)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(HASH_KEY_ENV, "k")
+        yield

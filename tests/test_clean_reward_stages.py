@@ -17,7 +17,7 @@ from schemas import truth as tr
 from schemas.config import parse_config
 from schemas.errors import ConfigError
 from schemas.run_dir import RunDir
-from tests.conftest import HASH_KEY_ENV, config_text
+from tests.conftest import config_text, module_hash_key
 from transforms.io import read_dataset
 
 
@@ -36,14 +36,10 @@ def scored(audited_logs: Path, tmp_path_factory):
                        train={"loss": "causalrm_dr", "baselines": ["dr"], "epochs": 4})
     cfg = parse_config(text)
     run = RunDir(tmp_path_factory.mktemp("calibrate") / "run")
-    mp = pytest.MonkeyPatch()
-    mp.setenv(HASH_KEY_ENV, "k")
-    try:
+    with module_hash_key():
         ingest.run(run, cfg)
         fitted = fit.run(run, cfg)
         score.run(run, cfg)
-    finally:
-        mp.undo()
     return run, cfg, fitted
 
 

@@ -23,7 +23,7 @@ from estimators.sensitivity import (
 from pipelines.cli import main
 from pipelines.report import render
 from schemas import run_dir as rd
-from tests.conftest import config_text
+from tests.conftest import config_text, module_hash_key
 
 
 def _planted(r: float, n: int, seed: int = 0, theta: float = 0.0):
@@ -161,12 +161,8 @@ def fitted_run(sim_small: Path, tmp_path_factory):
     text = "\n".join(line for line in config_text(sim_small, fit={"confounder_controls": 5}).splitlines()
                      if not line.startswith("truth ="))
     (root / "cfg.toml").write_text(text + "\n")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OBSFEED_TEST_HASH_KEY", "k")
-    try:
+    with module_hash_key():
         assert main(["run", str(root / "cfg.toml"), str(root / "run"), "--stages", "ingest,fit"]) == 0
-    finally:
-        mp.undo()
     return root / "run"
 
 

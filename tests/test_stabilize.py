@@ -19,7 +19,7 @@ from schemas import units as un
 from schemas.config import parse_config
 from schemas.errors import ConfigError, InputError
 from schemas.run_dir import RunDir
-from tests.conftest import HASH_KEY_ENV, config_text
+from tests.conftest import config_text, module_hash_key
 from transforms.io import read_dataset
 from transforms.score import add_stabilized, stabilized_sums, sum_triples
 
@@ -137,15 +137,11 @@ def monotone_run(sim_small: Path, tmp_path_factory):
                                          "max_weight_variance": 1.5})
     cfg = parse_config(text)
     run = RunDir(tmp_path_factory.mktemp("stabilize") / "run")
-    mp = pytest.MonkeyPatch()
-    mp.setenv(HASH_KEY_ENV, "k")
-    try:
+    with module_hash_key():
         ingest.run(run, cfg)
         fitted = fit.run(run, cfg)["diagnostics"]["weights"]
         scored = score.run(run, cfg)["diagnostics"]
         evaluated = evaluate.run(run, cfg)
-    finally:
-        mp.undo()
     return run, cfg, fitted, scored, evaluated
 
 

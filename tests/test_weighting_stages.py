@@ -18,7 +18,7 @@ from schemas import run_dir as rd
 from schemas.config import parse_config
 from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
-from tests.conftest import HASH_KEY_ENV, config_text
+from tests.conftest import config_text, module_hash_key
 from transforms.io import partitions, read_dataset
 
 
@@ -28,13 +28,9 @@ def fitted(sim_small: Path, tmp_path_factory):
     text = config_text(sim_small, score={"clip": "auto", "min_ess_share": 0.5})
     cfg = parse_config(text)
     run = RunDir(root / "run")
-    mp = pytest.MonkeyPatch()
-    mp.setenv(HASH_KEY_ENV, "k")
-    try:
+    with module_hash_key():
         ingest.run(run, cfg)
         diagnostics = fit.run(run, cfg)["diagnostics"]
-    finally:
-        mp.undo()
     return run, text, diagnostics
 
 
