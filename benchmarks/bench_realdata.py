@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from benchmarks.bench_estimators import CACHE
 from benchmarks.bench_trainer import mean_sd
 from estimators.diagnostics import expected_calibration_error, ndcg_at_k
-from estimators.reward_model import fit_reward_model, score
+from estimators.reward.model import score
+from estimators.reward.trainer import fit_reward_model
 from pipelines.cli import main as cli
 from pipelines.import_coat import LOGGED_PROPENSITY, import_coat
 from pipelines.import_hh_rlhf import HHSettings, import_hh_rlhf

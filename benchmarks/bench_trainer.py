@@ -27,8 +27,11 @@ import torch
 from benchmarks.bench_estimators import CACHE
 from benchmarks.bench_estimators import CONFIG as ESTIMATORS_CONFIG
 from estimators.losses import batch_loss
-from estimators.reward_data import TRAIN, InMemoryBatches, StreamingBatches, stream
-from estimators.reward_model import POINT, RewardModel, _logits, _small_op_threads, write_pointwise_cache
+from estimators.reward.cache import POINT, write_pointwise_cache
+from estimators.reward.data import TRAIN, InMemoryBatches, StreamingBatches, stream
+from estimators.reward.hashed import HashedRewardModel
+from estimators.reward.model import logits, new_encoder
+from estimators.reward.trainer import small_op_threads
 from pipelines.cli import main as cli
 from pipelines.simulate import SCENARIOS, simulate, write
 from pipelines.train import METRICS_FILE, model_dir
@@ -40,7 +43,7 @@ LOSSES = ("naive", "ips", "snips", "dr", "causalrm_ips", "causalrm_dr", "bt")
 
 # --- throughput ---------------------------------------------------------------------------------------------------
 
-def _epochs(model: RewardModel, batches, device: torch.device, epochs: int, lr: float) -> tuple[float, int]:
+def _epochs(model: torch.nn.Module, batches, device: torch.device, epochs: int, lr: float) -> tuple[float, int]:
     """Seconds and samples of ``epochs`` passes of ips training over ``batches(epoch)``."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
     seen = 0
@@ -49,7 +52,7 @@ def _epochs(model: RewardModel, batches, device: torch.device, epochs: int, lr: 
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         for batch in batches(epoch):
-            value = batch_loss("ips", _logits(model, batch.features[POINT], device), batch.columns)
+            value = batch_loss("ips", logits(model, batch.features[POINT]), batch.columns)
             optimiser.zero_grad(set_to_none=True)
             value.backward()
             optimiser.step()
@@ -70,7 +73,7 @@ def bench_throughput(n: int, *, epochs: int = 2, rounds: int = 3) -> dict[str, A
         cfg = TrainConfig(hash_features=2**18)
         started = time.perf_counter()
         cache = write_pointwise_cache(table, Path(tmp) / "cache", args=("label", "observed", "weight"),
-                                      observed_only=True, cfg=cfg)
+                                      observed_only=True, cfg=cfg, encoder=new_encoder(cfg))
         featurize_s = time.perf_counter() - started
         devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
         for device_name in devices:
@@ -87,8 +90,8 @@ def bench_throughput(n: int, *, epochs: int = 2, rounds: int = 3) -> dict[str, A
                             streaming = StreamingBatches(cache, TRAIN, batch_size=batch_size)
                             batches = lambda e, s=streaming, d=device: stream(s, e, d)  # noqa: E731
                         torch.manual_seed(0)
-                        model = RewardModel(hash_features=cfg.hash_features).to(device)
-                        with _small_op_threads(device):
+                        model = HashedRewardModel(hash_features=cfg.hash_features).to(device)
+                        with small_op_threads(model, device):
                             seconds, seen = _epochs(model, batches, device, epochs, lr=0.05)
                         speeds[name].append(seen / seconds)
                 for name, values in speeds.items():

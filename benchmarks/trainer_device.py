@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from estimators.reward_model import fit_reward_model, predict_reward
+from estimators.reward.model import predict_reward
+from estimators.reward.trainer import fit_reward_model
 from pipelines.simulate import SCENARIOS, simulate
 from schemas.config import TrainConfig
 

@@ -11,6 +11,7 @@ import datetime as dt
 import importlib
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -112,6 +113,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="train: continue from the last epoch checkpoint of a failed attempt (same inputs and "
                              "settings only)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="train: N data-parallel processes on this machine (launches torchrun: one per GPU, or "
+                             "gloo processes on CPU); an optimiser step then takes N x train.batch_size rows")
 
 
 def _schedule_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +158,53 @@ def _with_train_flags(cfg: Config, args: argparse.Namespace) -> tuple[Config, di
     return cfg, ({"train": {"resume": True}} if args.resume else {})
 
 
-def dispatch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+def _distributed_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``obsfeed train RUN --nproc N``: this same command under ``torchrun`` with N local processes, after checking
+    that the machine has N devices (GPUs for CUDA, cores for gloo)."""
+    import subprocess
+
+    import torch
+
+    n = args.nproc
+    run = RunDir(args.run)
+    if not run.config_path.exists():
+        raise ConfigError(f"{run.config_path}: not found (is {run.root} a run directory made by `obsfeed run`?)")
+    device = args.device or load_config(run.config_path).train.device
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    have = torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
+    if n > have:
+        raise ConfigError(f"--nproc {n}: this machine has {have} {'CUDA devices' if cuda else 'CPU cores'}")
+    rest, skip = [], False
+    for token in argv:                                  # the same arguments, less --nproc
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            rest.append(token)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "pipelines.cli", *rest]
+    return subprocess.run(command, check=False).returncode
+
+
+def _train_rank(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    """A torchrun rank other than 0: train its share and write nothing; rank 0 holds the lock and the manifest."""
+    from pipelines import train
+
+    run = RunDir(args.run)
+    cfg, options = _with_train_flags(load_config(run.config_path), args)
+    train.run(run, cfg, beam_args, **options.get("train", {}))
+    return 0
+
+
+def dispatch(args: argparse.Namespace, beam_args: Sequence[str], argv: Sequence[str] = ()) -> int:
+    if args.command == "train" and args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc {args.nproc}: need at least 1")
+        if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return _distributed_train(args, argv)
+    if args.command == "train" and int(os.environ.get("RANK", "0")) != 0:
+        return _train_rank(args, beam_args)
     if args.command == "import":
         for k, v in importlib.import_module(f"pipelines.{IMPORTERS[args.source]}").main(args).items():
             print(f"{k:>24}: {v}")
@@ -255,13 +305,14 @@ def _scheduled(args: argparse.Namespace, cfg: Config, days: list[dt.date] | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, beam_args = parser.parse_known_args(argv)
     quiet_libraries(verbose=getattr(args, "verbose", False))
     if args.command in ("simulate", "evaluate", "runs", "import") and beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     with log_format(getattr(args, "log_format", "text")):
         try:
-            return dispatch(args, beam_args)
+            return dispatch(args, beam_args, argv)
         except ObsfeedUserError as e:
             return _fail(args.command, str(e), 2, error=type(e).__name__)
         except (KeyboardInterrupt, SystemExit):

@@ -173,7 +173,7 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: bool = 
     }
     reward_dir = run.path(rd.REWARD_MODEL)
     if reward_dir.exists():
-        from estimators.reward_model import predict_reward
+        from estimators.reward.model import predict_reward
         from pipelines.train import load_models
 
         r_true = d[tr.REWARD_TRUE].to_numpy()

@@ -166,12 +166,13 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
                       ["mean observed label", ref["label_rate"], drift["day"]["label_rate"]]],
                      ["", "fit window", "this run"]))
     if reward:
-        rows = [[loss, m.get("best_epoch"), m.get("best_val_loss", m.get("val_loss")), m.get("n_train"),
-                 m.get("val_r2_vs_truth", "—"), f"{m['samples_per_s']:,.0f}" if m.get("samples_per_s") else "—",
-                 m.get("device")]
+        rows = [[loss, m.get("backbone", "hashed"), m.get("best_epoch"), m.get("best_val_loss", m.get("val_loss")),
+                 m.get("n_train"), _truncated(m.get("truncated")), m.get("val_r2_vs_truth", "—"),
+                 f"{m['samples_per_s']:,.0f}" if m.get("samples_per_s") else "—", m.get("device")]
                 for loss, m in reward.items()]
-        parts.append("<h2>Reward models</h2>" + _table(rows, ["loss", "best epoch", "val loss", "train rows",
-                                                              "val R² vs truth", "samples/s", "device"]))
+        parts.append("<h2>Reward models</h2>" + _table(rows, [
+            "loss", "backbone", "best epoch", "val loss", "train rows", "truncated to max_length (prompt / response)",
+            "val R² vs truth", "samples/s", "device"]))
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
              "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
@@ -200,6 +201,13 @@ def _funnel(st: dict[str, Any]) -> list[list[Any]]:
     if score:
         rows += [["pointwise rows", score.get("pointwise")], ["pairs", score.get("pairs")]]
     return rows
+
+
+def _truncated(counts: dict[str, int] | None) -> str:
+    """Rows whose prompt / response lost tokens to train.max_length (kept, not dropped); — for hashed n-grams."""
+    if not counts:
+        return "—"
+    return f"{counts.get('prompt_truncated', 0):,} / {counts.get('response_truncated', 0):,}"
 
 
 def _votes_section(votes: dict[str, Any] | None) -> str:

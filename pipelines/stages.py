@@ -57,6 +57,8 @@ def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Seque
     for path in remove_dead_scratch(run.root):
         log(f"removed {path.name}, left by a killed run", event="scratch_removed")
     results = {}
+    if "train" in stages:                                  # a bad backbone fails before ingest, not after fit
+        importlib.import_module("pipelines.train").preflight(cfg)
     wants_pairs = "train" in stages and "score" in stages and any(
         loss in PAIR_LOSSES for loss in (cfg.train.loss, *cfg.train.baselines))
     for name in stages:

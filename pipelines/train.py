@@ -2,8 +2,11 @@
 
 Layout written, atomically as one directory::
 
-    RUN/reward_model/{model.pt, config.json, metrics.json}                 cfg.train.loss
+    RUN/reward_model/{model.pt, config.json, metrics.json}                 cfg.train.loss (hashed backbone)
     RUN/reward_model/baselines/<loss>/{model.pt, config.json, metrics.json} each other loss in cfg.train.baselines
+
+With a transformer backbone each model folder is a Hugging Face folder (config.json, model.safetensors, the
+tokenizer's files) with ``obsfeed.json`` and ``metrics.json`` beside it.
 
 Data: the datasets are streamed in record batches and featurised once per kind of rows (observed units, all
 units, pairs) into a feature cache under ``RUN/checkpoints/train/``; each epoch streams the cache back.
@@ -12,6 +15,8 @@ Checkpoints: every model's state after every epoch goes to ``RUN/checkpoints/tra
 are the same (a fingerprint is checked). The folder is removed once the stage has committed its output.
 Truth: when ``[input].truth`` exists (the simulator's), metrics.json also scores the model on the validation
 prompts against ``reward_true``.
+Processes: under ``torchrun`` (``obsfeed train RUN --nproc N`` launches it), every rank trains its slice of each
+batch (``estimators.reward.distributed``); rank 0 alone writes caches, checkpoints and the output.
 """
 
 from __future__ import annotations
@@ -34,27 +39,30 @@ from estimators.diagnostics import pairwise_accuracy, regression_metrics
 from estimators.features import RESPONSE_LENGTH
 from estimators.losses import INPUTS, NOISE_AWARE
 from estimators.noise import FlipRates
-from estimators.reward_data import FeatureCache
-from estimators.reward_model import (
-    CONFIG_FILE,
+from estimators.reward import distributed as ddp
+from estimators.reward.cache import (
     PAIR_COLUMNS,
-    Checkpoint,
-    RewardModel,
-    calibrate_on_gold,
     check_pair_features,
     dense_spec,
-    fit_pairwise_reward_model,
-    fit_reward_model,
-    load_reward_model,
-    predict_reward,
     required_columns,
-    save_reward_model,
     split_column,
     units_kind,
     validation_mask,
     write_pair_cache,
     write_pointwise_cache,
 )
+from estimators.reward.calibrate import calibrate_on_gold
+from estimators.reward.data import FeatureCache
+from estimators.reward.model import (
+    RewardModel,
+    is_transformer,
+    load_reward_model,
+    model_record,
+    new_encoder,
+    predict_reward,
+    save_reward_model,
+)
+from estimators.reward.trainer import Checkpoint, fit_reward_model, resolve_device
 from pipelines.manifest import describe_inputs
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -141,20 +149,37 @@ def _fingerprint(loss: str, cfg: Config, inputs: list[dict[str, Any]], rates: tu
     """What a checkpoint was trained on: the loss, the train settings (not the device), the flip rates and the
     input files' hashes."""
     settings = cfg.train.model_dump(exclude={"loss", "baselines", "device"})
-    embedding = None
-    if cfg.train.embedding_model and Path(cfg.train.embedding_model).exists():
-        stat = Path(cfg.train.embedding_model).stat()        # a replaced model file must not resume silently
-        embedding = [stat.st_size, stat.st_mtime_ns]
+    files = {}
+    for key in ("embedding_model", "backbone"):              # a replaced model file must not resume silently
+        path = Path(getattr(cfg.train, key) or "")
+        if getattr(cfg.train, key) and path.exists():
+            stats = [f.stat() for f in sorted(path.glob("*"))] if path.is_dir() else [path.stat()]
+            files[key] = [[st.st_size, st.st_mtime_ns] for st in stats]
     payload = {"loss": loss, "train": settings, "flip_rates": rates, "inputs": [i["sha256"] for i in inputs],
-               "embedding_file": embedding}
+               "embedding_file": files.get("embedding_model"), "backbone_files": files.get("backbone")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def preflight(cfg: Config) -> None:
+    """The train settings that can be checked without data (a transformer backbone's folder, tokenizer, lengths,
+    LoRA's peft): a ConfigError before any stage of the run spends time."""
+    if is_transformer(cfg.train):
+        new_encoder(cfg.train)
 
 
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool = False) -> dict[str, Any]:
     """Train every loss of ``losses_to_train(cfg)`` and write RUN/reward_model; ``beam_args`` are unused here.
 
     ``resume``: continue each loss from its last checkpoint (a loss that had finished is not trained again).
+    Under torchrun, every rank calls this; rank 0 returns the stage's result, the others ``{}``.
     """
+    try:
+        return _train_all(run, cfg, resume=resume)
+    finally:
+        ddp.close()
+
+
+def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
     losses = losses_to_train(cfg)
     noise_rates = flip_rates(run, allow_unidentified=cfg.train.allow_unidentified_noise) \
         if any(loss in NOISE_AWARE for loss in losses) else None          # refused before anything trains
@@ -173,53 +198,70 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
     if "pairs" in kinds.values():
         check_pair_features(cfg.train.numeric)             # before any loss trains, not after
     inputs = describe_inputs([*point_files, *pair_files])
+    ddp.init(resolve_device(cfg.train.device).type)
+    encoder = new_encoder(cfg.train) if is_transformer(cfg.train) else None   # a bad backbone folder: exit 2 now
     root = checkpoint_root(run)
-    if not resume:
-        shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(root / ".cache", ignore_errors=True)
+    if ddp.is_main():
+        if not resume:
+            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root / ".cache", ignore_errors=True)
     caches: dict[str, FeatureCache] = {}
     numeric = [c for c in cfg.train.numeric if c != RESPONSE_LENGTH]
-    point_dense = dense_spec(_stream(point_files, [un.RESPONSE, *numeric]), cfg.train)
 
     def cache_for(kind: str) -> FeatureCache:
-        """Featurise once per kind of rows, with the columns every loss of that kind needs."""
-        if kind not in caches:
+        """Encode once per kind of rows, with the columns every loss of that kind needs (rank 0 writes, the other
+        ranks wait and read it)."""
+        if kind in caches:
+            return caches[kind]
+        directory = root / ".cache" / kind
+        if ddp.is_main():
             started = time.perf_counter()
             if kind == "pairs":
-                dense = dense_spec(_stream(pair_files, [pr.CHOSEN, pr.REJECTED]), cfg.train, pairs=True)
-                caches[kind] = write_pair_cache(_stream(pair_files, PAIR_COLUMNS), root / ".cache" / kind,
-                                                cfg=cfg.train, dense=dense)
+                dense = None if encoder else dense_spec(_stream(pair_files, [pr.CHOSEN, pr.REJECTED]), cfg.train,
+                                                        pairs=True)
+                caches[kind] = write_pair_cache(_stream(pair_files, PAIR_COLUMNS), directory, cfg=cfg.train,
+                                                encoder=encoder or new_encoder(cfg.train, dense))
             else:
                 mine = [loss for loss, k in kinds.items() if k == kind]
                 args = list(dict.fromkeys(a for loss in mine for a in INPUTS[loss]))
                 columns = list(dict.fromkeys([*(c for loss in mine for c in required_columns(loss)), *numeric,
                                               split_column(cfg.train)]))
                 rename = CLEAN_COLUMNS if kind.endswith(CLEAN) else None
-                caches[kind] = write_pointwise_cache(_stream(point_files, columns, rename), root / ".cache" / kind,
-                                                     args=args, observed_only=kind.startswith("observed"),
-                                                     cfg=cfg.train,
-                                                     dense=point_dense, progress=True)
-            print(f"train: featurised {kind} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr,
-                  flush=True)
+                caches[kind] = write_pointwise_cache(_stream(point_files, columns, rename), directory, args=args,
+                                                     observed_only=kind.startswith("observed"), cfg=cfg.train,
+                                                     encoder=encoder or new_encoder(cfg.train, point_dense()),
+                                                     progress=True)
+            print(f"train: encoded {kind} rows in {time.perf_counter() - started:.1f}s"
+                  f"{_truncation_note(caches[kind])}", file=sys.stderr, flush=True)
+        ddp.barrier()
+        caches.setdefault(kind, FeatureCache(directory))
         return caches[kind]
+
+    dense_cache: list = []
+
+    def point_dense():
+        if not dense_cache:
+            dense_cache.append(dense_spec(_stream(point_files, [un.RESPONSE, *numeric]), cfg.train))
+        return dense_cache[0]
 
     gold: pl.DataFrame | None = None                       # the audited units, read once if calibrate = gold
     train_cfg = cfg.train.model_dump(exclude={"loss", "baselines"})
     diagnostics: dict[str, Any] = {}
     models: dict[str, tuple[RewardModel, dict[str, Any], Path]] = {}
-    with atomic_dir(run.path(rd.REWARD_MODEL)) as tmp:
+    output = atomic_dir(run.path(rd.REWARD_MODEL)) if ddp.is_main() else contextlib.nullcontext(None)
+    with output as tmp:
         for i, loss in enumerate(losses):
-            print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})", file=sys.stderr,
-                  flush=True)
+            if ddp.is_main():
+                print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})",
+                      file=sys.stderr, flush=True)
             started = time.perf_counter()
             rates = noise_rates if loss in NOISE_AWARE else None
             checkpoint = Checkpoint(root / loss / CHECKPOINT_FILE, _fingerprint(loss, cfg, inputs, rates), resume)
             cache = cache_for(kinds[loss])
-            if loss == "bt":
-                model, metrics = fit_pairwise_reward_model(cache, cfg=cfg.train, checkpoint=checkpoint)
-            else:
-                model, metrics = fit_reward_model(cache, loss=loss, cfg=cfg.train, flip_rates=rates,
-                                                  checkpoint=checkpoint)
+            model, metrics = fit_reward_model(cache, loss=loss, cfg=cfg.train, flip_rates=rates,
+                                              checkpoint=checkpoint)
+            if not ddp.is_main():                          # rank 0 calibrates, scores and writes
+                continue
             if cfg.train.calibrate == "gold":
                 if gold is None:
                     gold = _gold_units(point_files, numeric)
@@ -231,15 +273,21 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
             diagnostics[loss] = {"val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"],
                                  "epochs_run": metrics["epochs_run"], "n_train": metrics["n_train"],
                                  "n_val": metrics["n_val"], "samples_per_s": metrics["samples_per_s"],
-                                 "device": metrics["device"], "wall_s": time.perf_counter() - started}
+                                 "device": metrics["device"], "wall_s": time.perf_counter() - started,
+                                 "backbone": metrics["backbone"].get("source", "hashed"),
+                                 **({"truncated": metrics["truncated"]} if is_transformer(cfg.train) else {})}
             if "calibration" in metrics:
                 diagnostics[loss]["calibration"] = metrics["calibration"]
-        truth = _truth_metrics({loss: m for loss, (m, _, _) in models.items()}, cfg, point_files)
-        for loss, (_, metrics, target) in models.items():
-            metrics["truth"] = truth.get(loss)
-            if metrics["truth"]:
-                diagnostics[loss]["val_r2_vs_truth"] = metrics["truth"]["r2"]
-            (target / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        if ddp.is_main():
+            truth = _truth_metrics({loss: m for loss, (m, _, _) in models.items()}, cfg, point_files)
+            for loss, (_, metrics, target) in models.items():
+                metrics["truth"] = truth.get(loss)
+                if metrics["truth"]:
+                    diagnostics[loss]["val_r2_vs_truth"] = metrics["truth"]["r2"]
+                (target / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    ddp.barrier()
+    if not ddp.is_main():
+        return {}
     shutil.rmtree(root, ignore_errors=True)                # committed: nothing left to resume
     with contextlib.suppress(OSError):
         root.parent.rmdir()                                # RUN/checkpoints, if no other stage keeps state there
@@ -247,6 +295,15 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool
     return {"inputs": inputs, "outputs": [str(run.path(rd.REWARD_MODEL))],
             "counts": {"rows": counts["rows_read"], "observed": counts["observed"]} if counts else {},
             "diagnostics": diagnostics}
+
+
+def _truncation_note(cache: FeatureCache) -> str:
+    counts = cache.meta.get("counts", {})
+    cut = {k: counts[k] for k in ("prompt_truncated", "response_truncated") if counts.get(k)}
+    if not cut:
+        return ""
+    return " (kept whole but truncated to train.max_length: " + ", ".join(
+        f"{v:,} {k.split('_')[0]}s" for k, v in cut.items()) + ")"
 
 
 def _gold_units(point_files: Sequence[Path], numeric: Sequence[str]) -> pl.DataFrame:
@@ -266,7 +323,7 @@ def _gold_units(point_files: Sequence[Path], numeric: Sequence[str]) -> pl.DataF
 def _calibrate(model: RewardModel, gold: pl.DataFrame, loss: str) -> dict[str, float]:
     fitted = calibrate_on_gold(model, gold[un.PROMPT].to_list(), gold[un.RESPONSE].to_list(),
                                gold[un.LABEL_GOLD].to_numpy(),
-                               columns={c: gold[c].to_numpy() for c in model.dense.needs})
+                               columns={c: gold[c].to_numpy() for c in _dense_needs(model)})
     print(f"train: {loss} calibrated on {fitted['n_gold']:,} audited units: s' = {fitted['scale']:.3f}*s "
           f"{fitted['shift']:+.3f} (log-loss {fitted['val_loss_before']:.4f} -> {fitted['val_loss_after']:.4f})",
           file=sys.stderr, flush=True)
@@ -284,7 +341,7 @@ def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Seq
     truth_path = Path(cfg.input.truth) if cfg.input.truth else None
     if truth_path is None or not truth_path.is_file() or not models:
         return {}
-    numeric = list(dict.fromkeys(c for m in models.values() for c in m.dense.needs))
+    numeric = list(dict.fromkeys(c for m in models.values() for c in _dense_needs(m)))
     held: list[pl.DataFrame] = []
     for batch in _stream(point_files, [un.IMPRESSION_ID, un.PROMPT_ID, un.PROMPT, un.RESPONSE, *numeric]):
         frame = pl.from_arrow(batch)
@@ -313,10 +370,19 @@ def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Seq
     return out
 
 
+def _dense_needs(model: RewardModel) -> list[str]:
+    """The numeric columns a hashed model's dense block reads (none for a transformer)."""
+    dense = getattr(model, "dense", None)
+    return dense.needs if dense is not None else []
+
+
+def model_dirs(run: RunDir) -> list[Path]:
+    """The saved model folders: the main model first, then each baseline."""
+    root = run.path(rd.REWARD_MODEL)
+    model_record(root)                                     # no model at all: say so
+    return [root, *sorted(p for p in (root / BASELINES).glob("*") if p.is_dir() and p.name != "__pycache__")]
+
+
 def load_models(run: RunDir) -> dict[str, RewardModel]:
     """Loss name → trained model (on cpu), the main model first, then each baseline."""
-    root = run.path(rd.REWARD_MODEL)
-    if not (root / CONFIG_FILE).is_file():
-        raise InputError(f"{root}: no reward model (has the train stage run?)")
-    dirs = [root, *sorted(p for p in (root / BASELINES).glob("*") if (p / CONFIG_FILE).is_file())]
-    return {json.loads((d / CONFIG_FILE).read_text())["loss"]: load_reward_model(d) for d in dirs}
+    return {model_record(d)["loss"]: load_reward_model(d) for d in model_dirs(run)}

@@ -72,3 +72,20 @@ def module_hash_key() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(HASH_KEY_ENV, "k")
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT reward-model folder (tests/backbones.py), built once per session. transformers is imported
+    here, not at the top, so sessions that never ask for a backbone do not pay its import."""
+    from tests.backbones import tiny_encoder
+
+    return tiny_encoder(tmp_path_factory.mktemp("tiny_encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama causal-LM folder (tests/backbones.py), built once per session."""
+    from tests.backbones import tiny_decoder
+
+    return tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"))

@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from estimators.reward_data import (
+from estimators.reward.data import (
     TRAIN,
     VAL,
     Chunk,

@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from estimators.reward_features import CLIP, DenseSpec, features, fit_dense_spec
-from estimators.reward_model import fit_reward_model, load_reward_model, save_reward_model, score
+from estimators.reward.features import CLIP, DenseSpec, features, fit_dense_spec
+from estimators.reward.model import load_reward_model, save_reward_model, score
+from estimators.reward.trainer import fit_reward_model
 from estimators.text_embedding import WordVectors, load_encoder
 from schemas import impressions as imp
 from schemas import pointwise as pw

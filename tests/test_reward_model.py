@@ -11,22 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from estimators.reward_data import StreamingBatches
-from estimators.reward_model import (
-    CALIBRATION_SCALE,
-    CONFIG_FILE,
-    MODEL_FILE,
-    Checkpoint,
-    calibrate_logits,
-    calibrate_on_gold,
-    fit_pairwise_reward_model,
-    fit_reward_model,
-    load_reward_model,
-    predict_reward,
-    save_reward_model,
-    score,
-    validation_mask,
-)
+from estimators.reward.cache import validation_mask, write_pointwise_cache
+from estimators.reward.calibrate import CALIBRATION_SCALE, calibrate_logits, calibrate_on_gold
+from estimators.reward.data import StreamingBatches
+from estimators.reward.hashed import CONFIG_FILE, MODEL_FILE
+from estimators.reward.model import load_reward_model, new_encoder, predict_reward, save_reward_model, score
+from estimators.reward.trainer import Checkpoint, fit_pairwise_reward_model, fit_reward_model
 from pipelines import train
 from schemas import impressions as imp
 from schemas import pairwise as pr
@@ -384,12 +374,11 @@ def test_train_stage_with_dense_features(toy, tmp_path: Path):
 
 def test_a_chunk_without_rated_units_and_a_record_batch_input(toy, tmp_path: Path):
     """An input batch whose units are all unrated (a file's short last batch) is skipped, not a crash."""
-    from estimators.reward_model import write_pointwise_cache
-
     table, _ = toy
     unrated = table.filter(pc.equal(table[un.OBSERVED], 0)).slice(0, 5).to_batches()[0]
     batches = [*table.to_batches(max_chunksize=1000), unrated]
-    cache = write_pointwise_cache(iter(batches), tmp_path / "c", args=("weight",), observed_only=True, cfg=CFG)
+    cache = write_pointwise_cache(iter(batches), tmp_path / "c", args=("weight",), observed_only=True, cfg=CFG,
+                                  encoder=new_encoder(CFG))
     observed = int(table[un.OBSERVED].to_numpy().sum())
     assert cache.rows("train") + cache.rows("val") == observed and cache.meta["counts"]["rows_read"] == 2405
     model, metrics = fit_reward_model(table.to_batches()[0], loss="naive", cfg=CFG, progress=False)
@@ -417,12 +406,11 @@ def test_factorisation_machine_learns_user_item_interactions(tmp_path: Path):
 
 def test_validation_split_by_unit_for_id_data(toy, tmp_path: Path):
     """val_by = unit holds out units, not prompts: every prompt keeps units on the training side."""
-    from estimators.reward_model import write_pointwise_cache
-
     table, _ = toy
     table = table.append_column(un.IMPRESSION_ID, pa.array([f"i{k}" for k in range(table.num_rows)]))
     cfg = CFG.model_copy(update={"val_by": "unit", "val_fraction": 0.3})
-    cache = write_pointwise_cache(table, tmp_path / "c", args=("weight",), observed_only=False, cfg=cfg)
+    cache = write_pointwise_cache(table, tmp_path / "c", args=("weight",), observed_only=False, cfg=cfg,
+                                  encoder=new_encoder(cfg))
     assert cache.rows("val") == validation_mask(table[un.IMPRESSION_ID].to_pylist(), 0.3).sum()
     with pytest.raises(InputError, match="impression_id"):
         fit_reward_model(toy[0], loss="naive", cfg=cfg, progress=False)
