@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -140,12 +141,16 @@ class LossSpec:
     leaves the minimiser unchanged (``dr`` needs every unit: its imputation term covers the unobserved ones)."""
     pairwise: bool = False
     """Scores a pair (chosen, rejected) from the pairwise dataset rather than one unit."""
+    denominator: str = "rows"
+    """What the risk averages over in a batch: ``rows`` (a mean over rows), ``observed`` (Σ o: naive) or
+    ``observed_weight`` (Σ o·w: snips). The trainer weights each micro-batch of a step by its share of this mass,
+    so that accumulated or data-parallel micro-batches give the gradient of the whole batch's risk."""
 
 
 REGISTRY: dict[str, LossSpec] = {
-    "naive": LossSpec(naive, ("label", "observed"), observed_only=True),
+    "naive": LossSpec(naive, ("label", "observed"), observed_only=True, denominator="observed"),
     "ips": LossSpec(ips, ("label", "observed", "weight"), observed_only=True),
-    "snips": LossSpec(snips, ("label", "observed", "weight"), observed_only=True),
+    "snips": LossSpec(snips, ("label", "observed", "weight"), observed_only=True, denominator="observed_weight"),
     "dr": LossSpec(dr, ("label", "observed", "weight", "imputed")),
     "causalrm_ips": LossSpec(causalrm_ips, ("label", "observed", "weight"), noise_aware=True, observed_only=True),
     "causalrm_dr": LossSpec(causalrm_dr, ("label", "observed", "weight", "imputed"), noise_aware=True),
@@ -163,6 +168,17 @@ OBSERVED_ONLY = frozenset(name for name, spec in REGISTRY.items() if spec.observ
 """Losses the trainer may feed observed units only (``LossSpec.observed_only``)."""
 PAIRWISE = frozenset(name for name, spec in REGISTRY.items() if spec.pairwise)
 """Losses trained on the pairwise dataset."""
+
+
+def denominator_mass(name: str, columns: Mapping[str, np.ndarray]) -> float:
+    """The mass a batch's risk for loss ``name`` averages over (``LossSpec.denominator``), from its numpy columns."""
+    kind = REGISTRY[name].denominator
+    if kind == "rows":
+        return float(len(next(iter(columns.values()))))
+    o = np.asarray(columns["observed"]) != 0
+    if kind == "observed":
+        return float(o.sum())
+    return float(np.nan_to_num(np.asarray(columns["weight"], dtype=np.float64)[o], nan=0.0).sum())
 
 
 def batch_loss(name: str, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:

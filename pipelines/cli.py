@@ -165,15 +165,19 @@ def _distributed_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     import torch
 
+    from pipelines import train
+
     n = args.nproc
     run = RunDir(args.run)
     if not run.config_path.exists():
         raise ConfigError(f"{run.config_path}: not found (is {run.root} a run directory made by `obsfeed run`?)")
-    device = args.device or load_config(run.config_path).train.device
+    cfg, _ = _with_train_flags(load_config(run.config_path), args)
+    device = cfg.train.device
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    have = torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
+    have = torch.cuda.device_count() if cuda else len(os.sched_getaffinity(0))
     if n > have:
         raise ConfigError(f"--nproc {n}: this machine has {have} {'CUDA devices' if cuda else 'CPU cores'}")
+    train.preflight(cfg, run)                           # bad settings: one line and exit 2 here, not N tracebacks
     rest, skip = [], False
     for token in argv:                                  # the same arguments, less --nproc
         if skip:

@@ -173,14 +173,15 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: bool = 
     }
     reward_dir = run.path(rd.REWARD_MODEL)
     if reward_dir.exists():
-        from estimators.reward.model import predict_reward
+        from estimators.reward.model import numeric_inputs, predict_reward
         from pipelines.train import load_models
 
         r_true = d[tr.REWARD_TRUE].to_numpy()
         prompts, responses = d[un.PROMPT].to_list(), d[un.RESPONSE].to_list()
         group = d[un.PROMPT_ID].to_numpy()
         for loss, model in load_models(run).items():
-            pred = predict_reward(model, prompts, responses, columns={c: d[c].to_numpy() for c in model.dense.needs})
+            numeric = {c: d[c].to_numpy() for c in numeric_inputs(model)}
+            pred = predict_reward(model, prompts, responses, columns=numeric)
             result["reward"][loss] = {**regression_metrics(pred, r_true),
                                       "pairwise_accuracy": pairwise_accuracy(group, pred, r_true),
                                       "mean_prediction": float(pred.mean()), "mean_true": float(r_true.mean())}

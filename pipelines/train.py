@@ -59,6 +59,7 @@ from estimators.reward.model import (
     load_reward_model,
     model_record,
     new_encoder,
+    numeric_inputs,
     predict_reward,
     save_reward_model,
 )
@@ -95,7 +96,7 @@ def checkpoint_root(run: RunDir) -> Path:
     return run.path(rd.CHECKPOINTS) / "train"
 
 
-def flip_rates(run: RunDir, *, allow_unidentified: bool = False) -> tuple[float, float]:
+def flip_rates(run: RunDir, *, allow_unidentified: bool = False, quiet: bool = False) -> tuple[float, float]:
     """(ρ01, ρ10) that the fit stage chose, for the noise-aware losses. Rates the fit stage marked as not
     identified are a ConfigError naming their intervals, unless ``allow_unidentified``
     (``train.allow_unidentified_noise``): a loss that corrects every label with them would learn their error."""
@@ -110,7 +111,8 @@ def flip_rates(run: RunDir, *, allow_unidentified: bool = False) -> tuple[float,
         if not allow_unidentified:
             raise ConfigError(f"{path}: {what}; set train.allow_unidentified_noise = true to train the noise-aware "
                               "losses anyway, or choose losses without a noise correction")
-        print(f"train: {what}; used as train.allow_unidentified_noise = true", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"train: {what}; used as train.allow_unidentified_noise = true", file=sys.stderr, flush=True)
     return rates.rho01, rates.rho10
 
 
@@ -156,15 +158,19 @@ def _fingerprint(loss: str, cfg: Config, inputs: list[dict[str, Any]], rates: tu
             stats = [f.stat() for f in sorted(path.glob("*"))] if path.is_dir() else [path.stat()]
             files[key] = [[st.st_size, st.st_mtime_ns] for st in stats]
     payload = {"loss": loss, "train": settings, "flip_rates": rates, "inputs": [i["sha256"] for i in inputs],
+               "processes": ddp.world_size(),              # the global batch, and so the schedule, depends on it
                "embedding_file": files.get("embedding_model"), "backbone_files": files.get("backbone")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, run: RunDir | None = None) -> None:
     """The train settings that can be checked without data (a transformer backbone's folder, tokenizer, lengths,
-    LoRA's peft): a ConfigError before any stage of the run spends time."""
+    LoRA's peft, a head for calibration): a ConfigError before any stage of the run spends time. With ``run``,
+    also the fit stage's flip rates that the noise-aware losses would need."""
     if is_transformer(cfg.train):
         new_encoder(cfg.train)
+    if run is not None and any(loss in NOISE_AWARE for loss in losses_to_train(cfg)):
+        flip_rates(run, allow_unidentified=cfg.train.allow_unidentified_noise, quiet=True)
 
 
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool = False) -> dict[str, Any]:
@@ -269,7 +275,8 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
             target = model_dir(tmp, loss, main=i == 0)
             save_reward_model(model, {"loss": loss, "role": "main" if i == 0 else "baseline", "train": train_cfg},
                               target)
-            models[loss] = (model, metrics, target)
+            models[loss] = (model.to("cpu"), metrics, target)   # the device is the next loss's
+            del model
             diagnostics[loss] = {"val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"],
                                  "epochs_run": metrics["epochs_run"], "n_train": metrics["n_train"],
                                  "n_val": metrics["n_val"], "samples_per_s": metrics["samples_per_s"],
@@ -323,7 +330,7 @@ def _gold_units(point_files: Sequence[Path], numeric: Sequence[str]) -> pl.DataF
 def _calibrate(model: RewardModel, gold: pl.DataFrame, loss: str) -> dict[str, float]:
     fitted = calibrate_on_gold(model, gold[un.PROMPT].to_list(), gold[un.RESPONSE].to_list(),
                                gold[un.LABEL_GOLD].to_numpy(),
-                               columns={c: gold[c].to_numpy() for c in _dense_needs(model)})
+                               columns={c: gold[c].to_numpy() for c in numeric_inputs(model)})
     print(f"train: {loss} calibrated on {fitted['n_gold']:,} audited units: s' = {fitted['scale']:.3f}*s "
           f"{fitted['shift']:+.3f} (log-loss {fitted['val_loss_before']:.4f} -> {fitted['val_loss_after']:.4f})",
           file=sys.stderr, flush=True)
@@ -341,7 +348,7 @@ def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Seq
     truth_path = Path(cfg.input.truth) if cfg.input.truth else None
     if truth_path is None or not truth_path.is_file() or not models:
         return {}
-    numeric = list(dict.fromkeys(c for m in models.values() for c in _dense_needs(m)))
+    numeric = list(dict.fromkeys(c for m in models.values() for c in numeric_inputs(m)))
     held: list[pl.DataFrame] = []
     for batch in _stream(point_files, [un.IMPRESSION_ID, un.PROMPT_ID, un.PROMPT, un.RESPONSE, *numeric]):
         frame = pl.from_arrow(batch)
@@ -368,12 +375,6 @@ def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Seq
                      "pairwise_accuracy": pairwise_accuracy(group, pred, r_true),
                      "mean_prediction": float(np.mean(pred)), "mean_true": float(np.mean(r_true))}
     return out
-
-
-def _dense_needs(model: RewardModel) -> list[str]:
-    """The numeric columns a hashed model's dense block reads (none for a transformer)."""
-    dense = getattr(model, "dense", None)
-    return dense.needs if dense is not None else []
 
 
 def model_dirs(run: RunDir) -> list[Path]:

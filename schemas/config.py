@@ -366,7 +366,9 @@ class TrainConfig(_Section):
     hidden: int = Field(0, ge=0, description="0 = linear reward model over hashed n-grams")
     factors: int = Field(0, ge=0, description="k > 0 adds factorisation-machine pairwise interactions with k "
                          "factors; over user and item id tokens, matrix factorisation with biases")
-    epochs: int = Field(30, ge=1, description="at most: early stopping on the validation loss usually ends sooner")
+    epochs: int | None = Field(None, ge=1, description="at most: early stopping on the validation loss usually ends "
+                               "sooner; None: 30 for the hashed backbone, 3 for a transformer (the learning-rate "
+                               "schedule spans these epochs)")
     batch_size: int = Field(256, ge=1, description="rows per process per micro-batch; an optimiser step takes "
                             "batch_size x grad_accumulation x processes rows")
     grad_accumulation: int = Field(1, ge=1, description="micro-batches whose gradients add up to one step")
@@ -377,8 +379,8 @@ class TrainConfig(_Section):
         "epochs (linear, cosine); auto: constant for the hashed backbone, linear for a transformer")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="share of the steps with a linear warmup "
                                        "from 0; None: 0 for the hashed backbone, 0.1 for a transformer")
-    max_grad_norm: float | None = Field(None, gt=0, description="clip the gradient's norm to this; None: no "
-                                        "clipping for the hashed backbone, 1.0 for a transformer")
+    max_grad_norm: float | None = Field(None, ge=0, description="clip the gradient's norm to this (0: no "
+                                        "clipping); None: 0 for the hashed backbone, 1.0 for a transformer")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA (where the card supports it), fp32 on CPU")
     weight_decay: float = Field(1e-6, ge=0)
@@ -405,6 +407,12 @@ class TrainConfig(_Section):
             if used:
                 raise ValueError(f"train.{used[0]} is a setting of the hashed backbone; a transformer backbone reads "
                                  "the (prompt, response) text only")
+        else:
+            used = [k for k in ("lora_rank", "trainable_layers", "gradient_checkpointing")
+                    if getattr(self, k) not in (0, None, False)]
+            if used:
+                raise ValueError(f"train.{used[0]} is a setting of a transformer backbone; train.backbone is "
+                                 "'hashed'")
         if self.lora_rank and self.trainable_layers is not None:
             raise ValueError("train.lora_rank and train.trainable_layers: choose one (LoRA already freezes the "
                              "backbone)")

@@ -157,6 +157,53 @@ def _assert_same_model(a, b, table: pa.Table) -> None:
                                atol=2e-4)
 
 
+@pytest.mark.parametrize("loss", ["ips", "naive", "snips", "dr", "bt"])
+def test_micro_batches_add_up_to_the_whole_batchs_gradient(loss, tmp_path: Path):
+    """Accumulated micro-batches (uneven: 4, 4, 4, 3 rows) weighted by their share of the risk's mass give the
+    gradient of the whole batch's risk: for means over rows, and for naive (Σ o) and snips (Σ o·w), which are not."""
+    from estimators.reward.cache import write_pointwise_cache
+    from estimators.reward.model import new_encoder, new_model
+    from estimators.reward.trainer import _micro_batches
+
+    cfg = TrainConfig(hash_features=256, batch_size=4, grad_accumulation=4, device="cpu", hidden=4)
+    if loss == "bt":
+        cache = build_cache(pairs(60), tmp_path / "c", loss=loss, cfg=cfg)
+    else:                                                  # every unit, rated or not: naive's mass is Σ o
+        cache = write_pointwise_cache(units(80)[0], tmp_path / "c", args=("weight", "imputed"), observed_only=False,
+                                      cfg=cfg, encoder=new_encoder(cfg))
+    model = new_model(cfg, cache)
+    objective = _Objective(loss, None, 0)
+    host = next(StreamingBatches(cache, TRAIN, batch_size=15, shuffle=False).epoch(0))
+    objective(model, DeviceBatch.from_batch(host)).backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    parts = _micro_batches(host, loss, cfg, 0, pin=False)
+    assert [part.size for part, _ in parts] == [4, 4, 4, 3]
+    for part, share in parts:
+        (objective(model, part) * share).backward()
+    for a, p in zip(whole, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
+
+
+def test_pairwise_training_leaves_the_output_bias_alone():
+    """s(chosen) − s(rejected) cancels the bias: its gradient is rounding noise, which AdamW would amplify."""
+    model, _ = fit_reward_model(pairs(80), loss="bt", progress=False,
+                                cfg=TrainConfig(hash_features=256, epochs=4, device="cpu"))
+    assert float(model.bias) == 0.0
+
+
+def test_lora_initialisation_follows_train_seed(tiny_encoder_dir):
+    pytest.importorskip("peft")
+    table, _ = units(80)
+    cfg = cfg_for(tiny_encoder_dir, lora_rank=2, epochs=1)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)                    # the caller's RNG must not decide the adapters
+        runs.append(fit_reward_model(table, loss="naive", cfg=cfg, progress=False)[0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values(),
+                                                  strict=True))
+
+
 def test_learning_rate_warms_up_then_decays():
     factors = [lr_factor(s, total=10, warmup=2, schedule="linear") for s in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] == pytest.approx(0.125) and factors == sorted(
@@ -188,15 +235,19 @@ def test_trainable_layers_freeze_the_rest_and_lora_merges_into_a_plain_folder(ti
     _assert_plain_transformers_scores_as_obsfeed(tmp_path / "lora", lora, table)
 
 
-def _assert_plain_transformers_scores_as_obsfeed(folder: Path, model, table: pa.Table) -> None:
-    """No obsfeed import: AutoTokenizer(prompt, response) → AutoModelForSequenceClassification → σ(logit)."""
+def _assert_plain_transformers_scores_as_obsfeed(folder: Path, model, table: pa.Table,
+                                                 max_length: int | None = None) -> None:
+    """No obsfeed import: AutoTokenizer(prompt, response) → AutoModelForSequenceClassification → σ(logit); with
+    ``max_length``, truncated as the README says (the prompt only, from the left)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     prompts, responses = table[imp.PROMPT].to_pylist()[:20], table[imp.RESPONSE].to_pylist()[:20]
     tok = AutoTokenizer.from_pretrained(folder)
+    tok.truncation_side = "left"
+    cut = {"truncation": "only_first", "max_length": max_length} if max_length else {}
     plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     with torch.no_grad():
-        logits = plain(**tok(prompts, responses, padding=True, return_tensors="pt")).logits.squeeze(-1)
+        logits = plain(**tok(prompts, responses, padding=True, return_tensors="pt", **cut)).logits.squeeze(-1)
     np.testing.assert_allclose(torch.sigmoid(logits).numpy(), predict_reward(model, prompts, responses), atol=1e-6)
     np.testing.assert_allclose(score(folder, prompts, responses), predict_reward(model, prompts, responses),
                                atol=1e-6)
@@ -265,8 +316,7 @@ def test_train_stage_writes_hugging_face_folders_with_truncation_counts(tiny_enc
     assert metrics["truncated"]["prompt_truncated"] > 0 and metrics["backbone"]["backbone"] == "transformer"
     models = train.load_models(run)
     assert list(models) == ["ips", "naive"]
-    prompts, responses = table[imp.PROMPT].to_pylist(), table[imp.RESPONSE].to_pylist()
-    assert np.array_equal(score(root, prompts, responses), predict_reward(models["ips"], prompts, responses))
+    _assert_plain_transformers_scores_as_obsfeed(root, models["ips"], table, max_length=12)
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -276,9 +326,12 @@ def test_train_stage_writes_hugging_face_folders_with_truncation_counts(tiny_enc
     ({"lora_rank": 4, "_no_peft": True}, "needs peft"),
     ({"trainable_layers": 5}, "train.trainable_layers = 5: the backbone has 2 layers"),
     ({"_nproc": 512}, "--nproc 512: this machine has"),
+    ({"backbone": "no/such/folder", "_nproc": 2}, "train.backbone = .*no such folder"),   # before torchrun starts
+    ({"backbone": "NO_TOKENIZER"}, "no tokenizer files"),
+    ({"backbone": "DECODER", "calibrate": "gold"}, "reward head of 'llama' has no bias"),
 ])
 def test_bad_settings_exit_2_with_one_line_before_training(setting, message, tiny_encoder_dir, tmp_path: Path,
-                                                           capsys, monkeypatch):
+                                                           capsys, monkeypatch, request):
     from tests.backbones import not_a_model
 
     settings = {"backbone": str(tiny_encoder_dir), "max_length": 24, "device": "cpu", "loss": "naive",
@@ -286,6 +339,15 @@ def test_bad_settings_exit_2_with_one_line_before_training(setting, message, tin
     extra = {k: v for k, v in setting.items() if not k.startswith("_")}
     if extra.get("backbone") == "NOT_A_MODEL":
         extra["backbone"] = str(not_a_model(tmp_path / "vit"))
+    if extra.get("backbone") == "NO_TOKENIZER":
+        import shutil
+
+        folder = shutil.copytree(tiny_encoder_dir, tmp_path / "bare")
+        for f in folder.glob("tokenizer*"):
+            f.unlink()
+        extra["backbone"] = str(folder)
+    if extra.get("backbone") == "DECODER":
+        extra["backbone"] = str(request.getfixturevalue("tiny_decoder_dir"))
     if setting.get("_no_peft"):
         monkeypatch.setitem(sys.modules, "peft", None)        # import peft → ImportError
     run = _stage_run(tmp_path / "run", units(40)[0], **{**settings, **extra})

@@ -42,6 +42,8 @@ OBSFEED_FILE = "obsfeed.json"
 """obsfeed's record beside a Hugging Face folder (loss, settings, calibration): transformers ignores it."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
 
 
 @dataclass
@@ -73,17 +75,42 @@ def check_backbone_folder(path: Path | str) -> Path:
                           "sequence-classification class in transformers, so it cannot be a reward model")
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise ConfigError(f"train.backbone = {str(path)!r}: no weights ({' or '.join(WEIGHT_FILES[::2])})")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"train.backbone = {str(path)!r}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                          "without them transformers builds an empty vocabulary and every word is unknown")
     return folder
 
 
-def check_settings(folder: Path, *, max_length: int, lora_rank: int, trainable_layers: int | None) -> None:
+def position_limit(config: Any, tokenizer: Any | None = None) -> int | None:
+    """The longest input the model takes: its position table, less RoBERTa's offset (its positions start after
+    the pad id), and the tokenizer's own limit when it sets one."""
+    limit = getattr(config, "max_position_embeddings", None)
+    kind = config.model_type or ""
+    if limit is not None and ("roberta" in kind or kind == "camembert"):
+        limit -= int(config.pad_token_id or 0) + 1
+    declared = getattr(tokenizer, "model_max_length", None)
+    if declared is not None and declared < 1_000_000:       # transformers' "no limit" is a huge integer
+        limit = min(limit, declared) if limit is not None else declared
+    return limit
+
+
+def check_settings(folder: Path, *, max_length: int, lora_rank: int, trainable_layers: int | None,
+                   calibrate: str = "none", tokenizer: Any | None = None) -> None:
     """The settings that need the model's config, checked before any data is read or model built."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = position_limit(config, tokenizer)
     if limit is not None and max_length > limit:
-        raise ConfigError(f"train.max_length = {max_length}: the backbone has {limit} positions")
+        raise ConfigError(f"train.max_length = {max_length}: the backbone takes at most {limit} tokens")
+    if calibrate == "gold":
+        config.num_labels = 1
+        with torch.device("meta"), quiet_transformers():    # the architecture only: no memory, no weights read
+            skeleton = AutoModelForSequenceClassification.from_config(config)
+        if head(skeleton).bias is None:
+            raise ConfigError(f"train.calibrate = 'gold': the reward head of {config.model_type!r} has no bias, so "
+                              "the calibrated shift cannot be saved in a folder transformers loads; use "
+                              "train.calibrate = 'none' (rankings are the same)")
     layers = getattr(config, "num_hidden_layers", None)
     if trainable_layers is not None and layers is not None and trainable_layers > layers:
         raise ConfigError(f"train.trainable_layers = {trainable_layers}: the backbone has {layers} layers")
@@ -209,28 +236,43 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ConfigError(f"train.trainable_layers: cannot find the model's {n} transformer layers")
 
 
+def _called_after(model: nn.Module, stack: nn.ModuleList) -> list[nn.Module]:
+    """The leaf modules a forward pass first calls after the last block of ``stack`` (pooler, final norm, head):
+    found by running one tiny input, since registration order does not say it (DeBERTa registers its relative
+    position embeddings, read by every layer, after the layers)."""
+    order: list[nn.Module] = []
+    leaves = [m for m in model.modules() if not list(m.children())]
+    last = list(stack)[-1]
+    hooks = [m.register_forward_hook(lambda m, *_: order.append(m)) for m in [*leaves, last]]
+    vocab = int(getattr(model.config, "vocab_size", 8) or 8)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[min(i, vocab - 1) for i in (1, 2, 3, 4)]]),
+                  attention_mask=torch.ones(1, 4, dtype=torch.long))
+    finally:
+        for h in hooks:
+            h.remove()
+    end = max(i for i, m in enumerate(order) if m is last)
+    inside = {id(m) for block in stack for m in block.modules()}
+    first_seen: dict[int, int] = {}
+    for i, m in enumerate(order):
+        first_seen.setdefault(id(m), i)
+    return [m for m in leaves if first_seen.get(id(m), -1) > end and id(m) not in inside]
+
+
 def freeze_lower_layers(model: nn.Module, trainable_layers: int) -> int:
-    """Train only the top ``trainable_layers`` blocks, the head, and what sits between them (pooler, final norm):
+    """Train only the top ``trainable_layers`` blocks, the head, and what runs between them (pooler, final norm):
     the embeddings and lower blocks stay as pretrained, which makes CPU fine-tuning affordable. Returns the
     number of trainable parameters."""
-    name, stack = layer_stack(model)
+    _, stack = layer_stack(model)
     if trainable_layers > len(stack):
         raise ConfigError(f"train.trainable_layers = {trainable_layers}: the backbone has {len(stack)} layers")
+    after = _called_after(model, stack)
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in list(stack)[len(stack) - trainable_layers:]:
-        for p in block.parameters():
+    for module in [*list(stack)[len(stack) - trainable_layers:], *after, head(model)]:
+        for p in module.parameters():
             p.requires_grad_(True)
-    after_stack = False
-    for module_name, module in model.named_modules():  # modules registered after the stack: pooler, norm, head
-        if module_name == name:
-            after_stack = True
-            continue
-        if after_stack and not module_name.startswith(name + ".") and not list(module.children()):
-            for p in module.parameters(recurse=False):
-                p.requires_grad_(True)
-    for p in head(model).parameters():
-        p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -281,8 +323,9 @@ class TransformerRewardModel(nn.Module):
         return self.pair_tokenizer.encode(prompts, responses)
 
     def config(self) -> dict[str, Any]:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return {"backbone": self.backbone_kind, "source": self.source, "max_length": self.max_length,
-                "architecture": type(self.plain_model()).__name__}
+                "architecture": type(base).__name__}
 
     def plain_model(self) -> nn.Module:
         """The transformers model, with LoRA adapters merged in if it has them (a copy then: training may go on)."""
@@ -292,8 +335,14 @@ class TransformerRewardModel(nn.Module):
 
     def save(self, directory: Path, record: Mapping[str, Any]) -> None:
         """A Hugging Face folder (config, safetensors, tokenizer) with the calibration folded into the head, and
-        ``obsfeed.json`` beside it."""
-        model = copy.deepcopy(self.plain_model()).to("cpu").float()
+        ``obsfeed.json`` beside it. The copy is made on cpu: a second copy of a large model on its GPU could not
+        fit."""
+        device = next(self.parameters()).device
+        self.to("cpu")
+        try:
+            model = copy.deepcopy(self.plain_model()).float()
+        finally:
+            self.to(device)
         scale, shift = float(self.scale), float(self.shift)
         if scale != 1.0 or shift != 0.0:
             layer = head(model)
@@ -326,13 +375,15 @@ def load_transformer(path: Path | str, *, max_length: int, seed: int = 0, lora_r
     if lora_rank and trainable_layers is not None:
         raise ConfigError("train.lora_rank and train.trainable_layers: choose one (LoRA already freezes the backbone)")
     with torch.random.fork_rng(devices=[]), quiet_transformers():
-        torch.manual_seed(seed)                               # a new head's init is the run's seed, not the clock
+        torch.manual_seed(seed)                      # a new head's (and LoRA's) init is the run's seed, not the clock
         model = AutoModelForSequenceClassification.from_pretrained(
             folder, num_labels=1, local_files_only=True, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
+        if lora_rank:
+            model = add_lora(model, lora_rank, lora_alpha)
     model.config.pad_token_id = tokenizer.pad_token_id
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = position_limit(model.config, tokenizer)
     if limit is not None and max_length > limit:
-        raise ConfigError(f"train.max_length = {max_length}: the backbone has {limit} positions")
+        raise ConfigError(f"train.max_length = {max_length}: the backbone takes at most {limit} tokens")
     if gradient_checkpointing:
         model.config.use_cache = False                       # a decoder's key/value cache: no use in training
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -340,8 +391,6 @@ def load_transformer(path: Path | str, *, max_length: int, seed: int = 0, lora_r
         n = freeze_lower_layers(model, trainable_layers)
         log.info("backbone %s: top %d layers and the head trainable (%s parameters)", folder.name,
                  trainable_layers, f"{n:,}")
-    if lora_rank:
-        model = add_lora(model, lora_rank, lora_alpha)
     return TransformerRewardModel(model, tokenizer, source=str(folder), max_length=max_length)
 
 

@@ -41,8 +41,10 @@ def new_encoder(cfg: TrainConfig, dense: DenseSpec | None = None) -> HashedEncod
     from estimators.reward.backbones import _load_tokenizer, check_backbone_folder, check_settings
 
     folder = check_backbone_folder(cfg.backbone)
-    check_settings(folder, max_length=cfg.max_length, lora_rank=cfg.lora_rank, trainable_layers=cfg.trainable_layers)
-    return PairTokenizer(_load_tokenizer(folder), cfg.max_length)
+    tokenizer = _load_tokenizer(folder)
+    check_settings(folder, max_length=cfg.max_length, lora_rank=cfg.lora_rank, trainable_layers=cfg.trainable_layers,
+                   calibrate=cfg.calibrate, tokenizer=tokenizer)
+    return PairTokenizer(tokenizer, cfg.max_length)
 
 
 def new_model(cfg: TrainConfig, cache: FeatureCache) -> RewardModel:
@@ -59,6 +61,13 @@ def new_model(cfg: TrainConfig, cache: FeatureCache) -> RewardModel:
         torch.manual_seed(cfg.seed)
         return HashedRewardModel(hash_features=cfg.hash_features, ngram_max=cfg.ngram_max, hidden=cfg.hidden,
                                  dense=DenseSpec.from_dict(cache.meta.get("dense")), factors=cfg.factors)
+
+
+def numeric_inputs(model: RewardModel) -> list[str]:
+    """The numeric data columns a model reads besides the text: a hashed model's dense block; none for a
+    transformer."""
+    dense = getattr(model, "dense", None)
+    return dense.needs if dense is not None else []
 
 
 def logits(model: nn.Module, block: DeviceBlock) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from estimators.losses import INPUTS, NOISE_AWARE, PAIRWISE, REGISTRY, batch_loss, bradley_terry
+from estimators.losses import INPUTS, NOISE_AWARE, PAIRWISE, REGISTRY, batch_loss, bradley_terry, denominator_mass
 from estimators.reward import distributed as ddp
 from estimators.reward.cache import (
     CHOSEN,
@@ -57,16 +57,18 @@ from estimators.reward.model import RewardModel, is_transformer, logits, new_enc
 from schemas.config import TrainConfig
 from schemas.errors import ConfigError, InputError
 
-AUTO = {"hashed": {"lr": 0.05, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": None},
-        "transformer": {"lr": 5e-5, "lr_schedule": "linear", "warmup_ratio": 0.1, "max_grad_norm": 1.0}}
+AUTO = {"hashed": {"lr": 0.05, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0, "epochs": 30},
+        "transformer": {"lr": 5e-5, "lr_schedule": "linear", "warmup_ratio": 0.1, "max_grad_norm": 1.0, "epochs": 3}}
 """What ``None`` / ``auto`` mean for each backbone: a linear bag of n-grams wants a large constant rate; a
 pretrained transformer the usual fine-tuning recipe (Devlin et al. 2019; transformers' Trainer defaults)."""
 
 
 def optimisation(cfg: TrainConfig) -> dict[str, Any]:
-    """The learning rate, schedule, warmup share and clipping norm for ``cfg``, ``auto`` resolved."""
+    """The epochs, learning rate, schedule, warmup share and clipping norm (0: none) for ``cfg``, ``auto``/None
+    resolved for its backbone."""
     auto = AUTO["transformer" if is_transformer(cfg) else "hashed"]
-    return {"lr": cfg.lr if cfg.lr is not None else auto["lr"],
+    return {"epochs": cfg.epochs if cfg.epochs is not None else auto["epochs"],
+            "lr": cfg.lr if cfg.lr is not None else auto["lr"],
             "lr_schedule": cfg.lr_schedule if cfg.lr_schedule != "auto" else auto["lr_schedule"],
             "warmup_ratio": cfg.warmup_ratio if cfg.warmup_ratio is not None else auto["warmup_ratio"],
             "max_grad_norm": cfg.max_grad_norm if cfg.max_grad_norm is not None else auto["max_grad_norm"]}
@@ -101,7 +103,8 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
         return None
     if cfg.precision == "bf16":
         return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native else None              # emulated bf16 (pre-Ampere) is slower than fp32
 
 
 @contextmanager
@@ -222,23 +225,45 @@ def score_split(model: nn.Module, objective: _Objective, cache: FeatureCache, sp
             {c: torch.cat([o[1][c] for o in ordered]) for c in columns})
 
 
-def _micro_batches(host: Batch, cfg: TrainConfig, pad_id: int, pin: bool) -> list[tuple[DeviceBatch, float]]:
-    """This rank's micro-batches of one global batch, each with its share of the step's rows × processes (the
-    factor that makes the processes' averaged gradient the batch's mean gradient). The batch is cut into
-    ``grad_accumulation`` chunks and each chunk into one slice per rank; a rank whose slice of the last, short
-    batch is empty runs one row at share 0, so that every rank takes part in every gradient exchange."""
+def _micro_batches(host: Batch, loss: str, cfg: TrainConfig, pad_id: int, pin: bool,
+                   ) -> list[tuple[DeviceBatch, float]]:
+    """This rank's micro-batches of one global batch, each with its share of the step's risk mass × processes:
+    the factor that makes the processes' averaged, accumulated gradient the gradient of the whole batch's risk
+    (the mass is rows for a mean over rows, Σ o for naive, Σ o·w for snips: ``LossSpec.denominator``). The batch is
+    cut into ``grad_accumulation`` chunks and each chunk into one slice per rank; a rank whose slice of the last,
+    short batch is empty runs one row at share 0, so that every rank takes part in every gradient exchange."""
     n, world, rank = len(host), ddp.world_size(), ddp.rank()
+    total = denominator_mass(loss, host.columns)
     per_chunk = cfg.batch_size * world
     out = []
     for a in range(cfg.grad_accumulation):
         start = min(a * per_chunk + rank * cfg.batch_size, n)
         stop = min(start + cfg.batch_size, n, (a + 1) * per_chunk)
         if stop > start:
-            out.append((DeviceBatch.from_batch(host.rows(start, stop), pin=pin, pad_id=pad_id),
-                        (stop - start) * world / n))
+            part = host.rows(start, stop)
+            share = world * denominator_mass(loss, part.columns) / total if total > 0 else 0.0
+            out.append((DeviceBatch.from_batch(part, pin=pin, pad_id=pad_id), share))
         elif a == 0 or world > 1:
             out.append((DeviceBatch.from_batch(host.rows(0, 1), pin=pin, pad_id=pad_id), 0.0))
     return out
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train and every buffer, copied to cpu: all a best state or a checkpoint needs, since
+    frozen weights stay as loaded (a full copy of a LoRA or top-layers model would be mostly frozen weights)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in frozen}
+
+
+def freeze_pair_bias(model: nn.Module) -> None:
+    """A pairwise loss sees s(chosen) − s(rejected): the output bias cancels, its gradient is rounding noise, and
+    AdamW would turn that noise into steps of ±lr. It stays at its initial value."""
+    if isinstance(model, HashedRewardModel):
+        model.bias.requires_grad_(False)
+        return
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.out_features == 1 and m.bias is not None:
+            m.bias.requires_grad_(False)
 
 
 def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCache, device: torch.device, *,
@@ -248,11 +273,12 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
     returns (per-epoch history, best epoch, the optimisation settings used)."""
     world = ddp.world_size()
     settings = optimisation(cfg)
+    epochs = settings["epochs"]
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=cfg.weight_decay)
     step_rows = cfg.batch_size * cfg.grad_accumulation * world
     steps_per_epoch = math.ceil(cache.rows(TRAIN) / step_rows)
-    total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * epochs
     warmup = math.ceil(settings["warmup_ratio"] * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(
         s, total=total, warmup=warmup, schedule=settings["lr_schedule"]))
@@ -266,7 +292,7 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
     best_loss, best_epoch, best_state, done = float("inf"), 0, {}, False
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(saved["model"], strict=False)
         optimiser.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         history, best_loss, best_epoch = saved["history"], saved["best_loss"], saved["best_epoch"]
@@ -275,7 +301,7 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
             print(f"  [{name}] resumed after epoch {len(history)}{' (finished)' if done else ''}", file=sys.stderr,
                   flush=True)
     show = progress and ddp.is_main()
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
+    for epoch in range(len(history) + 1, epochs + 1):
         if done:
             break
         torch.manual_seed(hash((cfg.seed, epoch, ddp.rank())) % 2**63)   # dropout: the same after a resume
@@ -283,7 +309,8 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
         t0, running, seen, tokens = time.perf_counter(), 0.0, 0, 0
         with tqdm(total=source.num_rows, desc=f"  [{name}] epoch {epoch}", unit=" samples", unit_scale=True,
                   leave=False, disable=not (show and sys.stderr.isatty()), file=sys.stderr) as bar:
-            for parts in prefetch(_micro_batches(b, cfg, cache.pad_id, pin) for b in source.epoch(epoch)):
+            for parts in prefetch(_micro_batches(b, objective.loss, cfg, cache.pad_id, pin)
+                                  for b in source.epoch(epoch)):
                 for i, (host, share) in enumerate(parts):
                     batch = host.to(device)
                     sync = nullcontext() if world == 1 or i == len(parts) - 1 else net.no_sync()
@@ -295,7 +322,7 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
                         running += float(value.detach()) * batch.size
                         seen += batch.size
                         tokens += _tokens(batch)
-                if settings["max_grad_norm"] is not None:
+                if settings["max_grad_norm"]:
                     nn.utils.clip_grad_norm_(params, settings["max_grad_norm"])
                 optimiser.step()
                 scheduler.step()
@@ -308,24 +335,24 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
         history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss,
                         "seconds": seconds, "samples": seen, "samples_per_s": seen / max(seconds, 1e-9),
                         "tokens_per_s": tokens / max(seconds, 1e-9), "lr": scheduler.get_last_lr()[0]})
-        improved = val_loss < best_loss
+        improved = ddp.broadcast(val_loss < best_loss)     # rank 0 decides, so no rank can stop alone
         if improved:
             best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = trainable_state(model)
         if show:
             rate = f"{history[-1]['samples_per_s']:,.0f} samples/s"
             if tokens:
                 rate += f", {history[-1]['tokens_per_s']:,.0f} tokens/s"
-            print(f"  [{name}] epoch {epoch}/{cfg.epochs}: train {history[-1]['train_loss']:.4f}  "
+            print(f"  [{name}] epoch {epoch}/{epochs}: train {history[-1]['train_loss']:.4f}  "
                   f"val {val_loss:.4f}{' *' if improved else '  '}  {rate}", file=sys.stderr, flush=True)
-        done = epoch - best_epoch >= cfg.patience or epoch == cfg.epochs
+        done = epoch - best_epoch >= cfg.patience or epoch == epochs
         if checkpoint is not None:
-            checkpoint.save({"model": model.state_dict(), "optimizer": optimiser.state_dict(),
+            checkpoint.save({"model": trainable_state(model), "optimizer": optimiser.state_dict(),
                              "scheduler": scheduler.state_dict(), "history": history, "best_loss": best_loss,
                              "best_epoch": best_epoch, "best_state": best_state, "done": done})
     if not best_state:                                     # every validation loss was NaN: say so, do not save it
         raise FloatingPointError(f"reward model [{name}]: validation loss was never finite: {history}")
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)
     model.eval()
     return history, best_epoch, {**settings, "warmup_steps": warmup, "total_steps": total, "step_rows": step_rows,
                                  "processes": world, "autocast": str(dtype).removeprefix("torch.") if dtype else None}
@@ -390,6 +417,8 @@ def fit_reward_model(data: Data | FeatureCache, *, loss: str, cfg: TrainConfig, 
     ddp.init(device.type)
     started = time.perf_counter()
     model = new_model(cfg, cache).to(device)
+    if loss in PAIRWISE:
+        freeze_pair_bias(model)
     objective = _Objective(loss, flip_rates, cache.pad_id)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if progress and ddp.is_main():
@@ -411,7 +440,7 @@ def fit_reward_model(data: Data | FeatureCache, *, loss: str, cfg: TrainConfig, 
     return model, {
         "loss": loss, "flip_rates": list(flip_rates) if loss in NOISE_AWARE else None, "backbone": model.config(),
         "best_epoch": best_epoch, "best_val_loss": history[best_epoch - 1]["val_loss"], "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs, "history": history,
+        "stopped_early": len(history) < settings["epochs"], "history": history,
         "samples_per_s": sum(h["samples"] for h in history) / max(trained_s, 1e-9),
         "tokens_per_s": sum(h["tokens_per_s"] * h["seconds"] for h in history) / max(trained_s, 1e-9),
         "units": kind, "n_rows": counts["rows_read"], "n_train": cache.rows(TRAIN), "n_val": cache.rows(VAL),
