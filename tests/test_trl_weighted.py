@@ -1,7 +1,7 @@
 """WeightedRewardTrainer: TRL's RewardTrainer with the inverse-propensity weighted Bradley–Terry loss.
 
 Everything is checked against hand computations from the model's own rewards and from the plain tokenizer, on a tiny
-random BERT (tests/backbones.py), so the tests need no download and run on CPU.
+random BERT and Llama (tests/backbones.py), so the tests need no download and run on CPU.
 """
 
 from __future__ import annotations
@@ -191,15 +191,44 @@ def test_weighted_eval_accuracy_and_loss_are_the_hand_formulas(trained, tiny_enc
     assert metrics["eval_loss"] == pytest.approx(expected_loss, abs=1e-5)  # eval weights have mean 1 too
 
 
-def test_decoder_pairs_are_one_sequence_with_eos(tiny_decoder_dir, raw, tmp_path):
+def test_decoder_pairs_are_the_tokenizers_pair_without_eos(tiny_decoder_dir, raw, tmp_path):
     trainer = WeightedRewardTrainer(model=str(tiny_decoder_dir), args=_config(tmp_path), train_dataset=raw)
     tok = AutoTokenizer.from_pretrained(tiny_decoder_dir)
     assert "chosen_token_type_ids" not in trainer.train_dataset.column_names
     p, c, _ = SHORT[0]
-    assert trainer.train_dataset[0]["chosen_ids"] == tok(p)["input_ids"] + tok(c)["input_ids"] + [tok.eos_token_id]
+    row = trainer.train_dataset[0]["chosen_ids"]
+    assert row == tok(p, c)["input_ids"] == tok(p)["input_ids"] + tok(c)["input_ids"]  # no template, no EOS added
+    assert tok.eos_token_id not in row
     long_reply = trainer.train_dataset[len(SHORT) + 3]["chosen_ids"]
-    assert len(long_reply) == MAX_LENGTH and long_reply[-1] == tok.eos_token_id  # cut, but still ends in EOS
+    assert long_reply == tok(" ".join(LONG_REPLY.split()[:MAX_LENGTH]))["input_ids"]  # the reply's start, no prompt
     assert len(trainer.train_dataset) == len(raw)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_encoder_dir", "tiny_decoder_dir"])
+def test_untruncated_pairs_are_what_plain_transformers_encodes(backbone, raw, tmp_path, request):
+    """max_length=None: every pair, the long ones too, is ``tokenizer(prompt, response)`` exactly, as in obsfeed
+    train, so a user scoring with plain transformers feeds the model what it was trained on."""
+    folder = request.getfixturevalue(backbone)
+    trainer = WeightedRewardTrainer(model=str(folder), args=_config(tmp_path, max_length=None), train_dataset=raw)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert max(len(ids) for ids in trainer.train_dataset["chosen_ids"]) > MAX_LENGTH  # the long pairs are whole
+    for row, p, c, r in zip(trainer.train_dataset, raw["prompt"], raw["chosen"], raw["rejected"], strict=True):
+        assert row["chosen_ids"] == tok(p, c)["input_ids"]
+        assert row["rejected_ids"] == tok(p, r)["input_ids"]
+
+
+def test_no_prompt_column_is_the_empty_prompt(tiny_encoder_dir, raw, tmp_path):
+    trainer = WeightedRewardTrainer(model=str(tiny_encoder_dir), args=_config(tmp_path),
+                                    train_dataset=raw.remove_columns("prompt"))
+    tok = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    _, c, r = SHORT[0]
+    assert trainer.train_dataset[0]["chosen_ids"] == tok("", c)["input_ids"]
+    assert trainer.train_dataset[0]["rejected_token_type_ids"] == tok("", r)["token_type_ids"]
+
+
+def test_max_length_without_room_for_a_response_raises(tiny_encoder_dir, raw, tmp_path):
+    with pytest.raises(ValueError, match="max_length=3.*leaving no room"):  # BERT adds 3 special tokens to a pair
+        WeightedRewardTrainer(model=str(tiny_encoder_dir), args=_config(tmp_path, max_length=3), train_dataset=raw)
 
 
 @pytest.mark.parametrize(("weights", "match"), [

@@ -12,15 +12,19 @@ neither — so this subclass keeps TRL's model loading, PEFT, accelerate and log
 * No pair is dropped. ``RewardTrainer._prepare_dataset`` silently *filters out* pairs whose chosen or rejected
   sequence is longer than ``max_length`` (default 1024); under inverse-propensity weights that is a hidden,
   length-dependent selection. Here a too-long sequence is truncated instead: the prompt is cut from the left (the
-  words nearest the response stay), and only if the response alone does not fit is the response cut from the right
-  (keeping a trailing EOS). ``max_length=None`` turns truncation off. Pre-tokenised datasets (``chosen_ids`` /
-  ``rejected_ids``) cannot be cut at the prompt, so a too-long pair there raises instead of being dropped.
+  words nearest the response stay), and only if the response alone does not fit is the response cut from the right.
+  ``max_length=None`` turns truncation off. Pre-tokenised datasets (``chosen_ids`` / ``rejected_ids``) cannot be cut
+  at the prompt, so a too-long pair there raises instead of being dropped.
 * Tokenisation: TRL joins ``prompt + chosen`` as strings (no separator, so with a whitespace pre-tokeniser the last
   prompt word and the first response word fuse) and appends ``eos_token`` as text (which fails outright for a
-  tokenizer without one, e.g. BERT's). Here prompt and response are tokenised separately and joined by the
-  tokenizer's own post-processor: a tokenizer with a ``sep_token`` (an encoder: BERT, RoBERTa, MiniLM) gets its pair
-  template, ``[CLS] prompt [SEP] response [SEP]`` with token_type_ids where the model takes them; one without (a
-  decoder) gets ``prompt response</s>`` as one sequence, as TRL builds it.
+  tokenizer without one, e.g. BERT's). Here each side goes through ``estimators.reward.backbones.PairTokenizer``, the
+  tokeniser of ``obsfeed train``, so both trainers read a pair the same way: prompt and response are tokenised
+  separately and joined by the tokenizer's own pair template, ``tokenizer(prompt, response)`` — for an encoder
+  ``[CLS] prompt [SEP] response [SEP]`` with token_type_ids where the model takes them, for a decoder whatever its
+  template adds (often nothing: ``prompt response``), with no EOS appended. Untruncated ids therefore equal
+  ``tokenizer(prompt, response)["input_ids"]`` and plain transformers scores a pair as the model was trained on it.
+  A dataset without a ``prompt`` column, or a null prompt, is the empty prompt, as in ``obsfeed train``:
+  ``tokenizer("", response)``, which for an encoder is ``[CLS] [SEP] response [SEP]``, not ``tokenizer(response)``.
 * The collator carries ``weight`` (and token_type_ids) into the batch, and ``weight`` is kept among the signature
   columns: TRL's collator keeps only ``chosen_ids``, ``rejected_ids`` and ``margin``, and ``Trainer`` drops every
   other column when ``remove_unused_columns`` is on (the default).
@@ -32,7 +36,9 @@ Nothing in obsfeed imports this module at import time; TRL is an optional depend
 
 from __future__ import annotations
 
+import itertools
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +46,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from estimators.reward.backbones import PairTokenizer
+from schemas.errors import ConfigError
+
 try:
     from datasets import Dataset, IterableDataset
-    from tokenizers import Encoding, Tokenizer
     from trl import RewardConfig, RewardTrainer
     from trl.data_utils import is_conversational
     from trl.trainer.reward_trainer import DataCollatorForPreference
@@ -58,6 +66,7 @@ PROMPT, CHOSEN, REJECTED, WEIGHT, MARGIN = "prompt", "chosen", "rejected", "weig
 CHOSEN_IDS, REJECTED_IDS = "chosen_ids", "rejected_ids"
 CHOSEN_TYPE_IDS, REJECTED_TYPE_IDS = "chosen_token_type_ids", "rejected_token_type_ids"
 _TRUNC_FLAGS = ("_prompt_cut", "_response_cut")
+_NO_LIMIT = sys.maxsize  # the PairTokenizer budget for max_length=None
 
 __all__ = ["RewardConfig", "WeightedPreferenceCollator", "WeightedRewardTrainer", "normalise_weights"]
 
@@ -95,77 +104,42 @@ def _divide_weight(batch: dict[str, list], scale: float) -> dict[str, np.ndarray
 
 
 class _PairEncoder:
-    """Tokenises (prompt, response) for ``datasets.map``, truncating instead of dropping (see the module docstring).
-
-    Works on a copy of the tokenizer's Rust backend so that truncation/padding state set by transformers calls does
-    not leak in, and so that ``Encoding.truncate`` can cut the prompt from the left.
-    """
+    """Tokenises (prompt, response) for ``datasets.map`` with obsfeed's ``PairTokenizer`` (see the module docstring),
+    so that a reward model trained here reads a pair exactly as one trained by ``obsfeed train`` does."""
 
     def __init__(self, processing_class: Any, max_length: int | None) -> None:
-        backend = getattr(processing_class, "backend_tokenizer", None)
-        if backend is None:
+        if getattr(processing_class, "backend_tokenizer", None) is None:
             raise TypeError(f"WeightedRewardTrainer needs a fast (tokenizers-backed) tokenizer, got "
                             f"{type(processing_class).__name__}")
-        self.backend = Tokenizer.from_str(backend.to_str())
-        self.backend.no_truncation()
-        self.backend.no_padding()
-        self.pair = processing_class.sep_token is not None
-        self.type_ids = "token_type_ids" in processing_class.model_input_names
-        eos = processing_class.eos_token
-        self.eos = None if self.pair or eos is None else self.backend.encode(eos, add_special_tokens=False)
-        n_eos = 0 if self.eos is None else len(self.eos.ids)
-        self.max_length = max_length
-        self.budget = None if max_length is None else max_length - self.backend.num_special_tokens_to_add(self.pair)
-        if self.budget is not None and self.budget <= n_eos:
-            raise ValueError(f"max_length={max_length} leaves no room for a response after the special tokens")
-
-    def _one(self, prompt: Encoding | None, response: Encoding) -> tuple[list[int], list[int], bool, bool]:
-        n_eos = 0 if self.eos is None else len(self.eos.ids)
-        n_prompt = 0 if prompt is None else len(prompt.ids)
-        prompt_cut = response_cut = False
-        if self.budget is not None and n_prompt + len(response.ids) + n_eos > self.budget:
-            keep = self.budget - len(response.ids) - n_eos
-            if keep < 0:  # the response alone does not fit: drop the prompt, keep the response's start
-                response.truncate(self.budget - n_eos, direction="right")
-                response_cut, keep = True, 0
-            if prompt is not None:
-                prompt.truncate(keep, direction="left")
-                prompt_cut = True
-        if self.eos is not None:
-            response = Encoding.merge([response, self.eos])
-        if self.pair and prompt is not None:
-            enc = self.backend.post_process(prompt, response, add_special_tokens=True)
-        else:
-            single = response if prompt is None else Encoding.merge([prompt, response])
-            enc = self.backend.post_process(single, None, add_special_tokens=True)
-        return enc.ids, enc.type_ids, prompt_cut, response_cut
+        try:  # max_length=None: a budget no text reaches, so nothing is ever cut
+            self.pairs = PairTokenizer(processing_class, _NO_LIMIT if max_length is None else max_length)
+        except ConfigError:  # PairTokenizer words it for obsfeed's config (train.max_length); here it is RewardConfig's
+            n = processing_class.num_special_tokens_to_add(pair=True)
+            raise ValueError(f"max_length={max_length}: the tokenizer adds {n} special tokens to a pair, leaving no "
+                             "room for the response") from None
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        for col in (CHOSEN, REJECTED, PROMPT):
-            if col in batch and not all(isinstance(t, str) for t in batch[col]):
+        for col in (CHOSEN, REJECTED):
+            if not all(isinstance(t, str) for t in batch[col]):
                 raise ValueError(f"column {col!r} must hold plain strings (conversational rows: apply the chat "
                                  "template first)")
         n = len(batch[CHOSEN])
-        out: dict[str, list] = {k: [] for k in (CHOSEN_IDS, REJECTED_IDS, CHOSEN_TYPE_IDS, REJECTED_TYPE_IDS,
-                                                *_TRUNC_FLAGS)}
-        prompts = batch.get(PROMPT)
-        for side, ids_col, type_col in ((CHOSEN, CHOSEN_IDS, CHOSEN_TYPE_IDS), (REJECTED, REJECTED_IDS,
-                                                                               REJECTED_TYPE_IDS)):
-            responses = self.backend.encode_batch(batch[side], add_special_tokens=False)
-            prompt_encs = (self.backend.encode_batch(prompts, add_special_tokens=False) if prompts is not None
-                           else [None] * n)
-            for i in range(n):
-                ids, type_ids, p_cut, r_cut = self._one(prompt_encs[i], responses[i])
-                out[ids_col].append(ids)
-                out[type_col].append(type_ids)
-                if side == CHOSEN:
-                    out["_prompt_cut"].append(p_cut)
-                    out["_response_cut"].append(r_cut)
-                else:
-                    out["_prompt_cut"][i] |= p_cut
-                    out["_response_cut"][i] |= r_cut
-        if not self.type_ids:
-            del out[CHOSEN_TYPE_IDS], out[REJECTED_TYPE_IDS]
+        prompts = batch.get(PROMPT, [None] * n)  # no prompt column, or a null prompt: the empty prompt
+        if not all(t is None or isinstance(t, str) for t in prompts):
+            raise ValueError(f"column {PROMPT!r} must hold plain strings (conversational rows: apply the chat "
+                             "template first)")
+        out: dict[str, list] = {}
+        prompt_cut = response_cut = np.zeros(n, dtype=bool)
+        for side, ids_col, type_col in ((CHOSEN, CHOSEN_IDS, CHOSEN_TYPE_IDS),
+                                        (REJECTED, REJECTED_IDS, REJECTED_TYPE_IDS)):
+            tokens = self.pairs.encode(prompts, batch[side])
+            bounds = tokens.offsets.tolist()
+            out[ids_col] = [tokens.ids[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+            if tokens.types is not None:
+                out[type_col] = [tokens.types[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+            prompt_cut = prompt_cut | tokens.prompt_truncated
+            response_cut = response_cut | tokens.response_truncated
+        out["_prompt_cut"], out["_response_cut"] = prompt_cut.tolist(), response_cut.tolist()
         return out
 
 
