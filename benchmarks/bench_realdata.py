@@ -13,34 +13,46 @@ reward model then scores the held-out pairs' responses. An oracle, the same mode
 every training unit's true label r*, is the ceiling. Metrics on the test pairs: pairwise accuracy (chosen scored
 above rejected), and pointwise MSE (Brier) and ECE of P(r* = 1) against r* over both responses of each pair,
 for each model as trained and as calibrated on the audit (configs/hh_rlhf.toml: ``train.calibrate = "gold"``).
+
+HH-RLHF with a transformer (``TRANSFORMER_SEEDS``, when the ``obsfeed[minilm]`` package is installed): on the same
+runs (logs, fit and score stages, test pairs), the train stage again with naive and causalrm_dr fine-tuning
+MiniLM-L6 (``TRANSFORMER_TRAIN``) on a seeded random ``TRANSFORMER_SHARE`` of the training prompts (a copy of the
+run whose pointwise dataset keeps only those prompts' units), and the oracle on the same units' true labels. The
+sizes are chosen for time alone (the block within 25 minutes on 2 CPU cores), never on the test pairs.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from benchmarks.bench_estimators import CACHE
-from benchmarks.bench_trainer import mean_sd
+from benchmarks.bench_trainer import mean_sd, minilm_folder
 from estimators.diagnostics import expected_calibration_error, ndcg_at_k
-from estimators.reward.model import score
+from estimators.reward.model import load_reward_model, model_record, predict_logits, score
 from estimators.reward.trainer import fit_reward_model
 from pipelines.cli import main as cli
 from pipelines.import_coat import LOGGED_PROPENSITY, import_coat
 from pipelines.import_hh_rlhf import HHSettings, import_hh_rlhf
-from pipelines.train import load_models
+from pipelines.train import METRICS_FILE, load_models, model_dirs
+from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
-from schemas.config import load_config
+from schemas.config import TrainConfig, load_config
 from schemas.run_dir import RunDir
+from transforms.io import parquet_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -64,6 +76,11 @@ def _pair_metrics(model, test) -> dict[str, float]:
     prompts = test.column("prompt").to_pylist()
     s_c = score(model, prompts, test.column("chosen").to_pylist())
     s_r = score(model, prompts, test.column("rejected").to_pylist())
+    return _metrics_of(s_c, s_r)
+
+
+def _metrics_of(s_c: np.ndarray, s_r: np.ndarray) -> dict[str, float]:
+    """The pair metrics of P(r* = 1) predicted for the chosen (r* = 1) and rejected (r* = 0) responses."""
     pred, truth = np.concatenate([s_c, s_r]), np.concatenate([np.ones(s_c.size), np.zeros(s_r.size)])
     return {"pair_accuracy": float(np.mean((s_c > s_r) + 0.5 * (s_c == s_r))),
             "mse": float(np.mean((pred - truth) ** 2)), "ece": expected_calibration_error(pred, truth),
@@ -72,16 +89,24 @@ def _pair_metrics(model, test) -> dict[str, float]:
 
 def _oracle(data: Path, cfg) -> Any:
     """The same model and settings, trained with the naive loss on every training unit's true label."""
+    return _fit_oracle(data, cfg)[0]
+
+
+def _fit_oracle(data: Path, cfg, prompts: set[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The oracle and its training metrics, on the units of ``prompts`` only when given."""
     units = (pl.read_parquet(data / "impressions" / "part-00000.parquet")
              .join(pl.read_parquet(data / "truth.parquet"), on=un.IMPRESSION_ID))
+    if prompts is not None:
+        units = units.filter(pl.col(un.PROMPT_ID).is_in(sorted(prompts)))
     table = units.select(un.PROMPT_ID, un.PROMPT, un.RESPONSE,
                          pl.lit(1, dtype=pl.Int8).alias(un.OBSERVED),
                          pl.col(tr.LABEL_CLEAN).cast(pl.Float64).alias(un.LABEL)).to_arrow()
-    model, _ = fit_reward_model(table, loss="naive", cfg=cfg.train, progress=False)
-    return model
+    return fit_reward_model(table, loss="naive", cfg=cfg.train, progress=False)
 
 
-def hh_seed(seed: int, work: Path) -> dict[str, Any]:
+def hh_seed(seed: int, work: Path, transformer: Path | None = None) -> dict[str, Any]:
+    """The hashed block's metrics for ``seed``; with ``transformer`` (a backbone folder) also the transformer
+    block's on the same run, under ``"transformer"``."""
     data = CACHE / f"hh-rlhf-seed{seed}"
     counts = import_hh_rlhf(SHARED_DATA / "hh-rlhf", data, HHSettings(seed=seed))
     cfg_path = work / "hh.toml"
@@ -97,7 +122,94 @@ def hh_seed(seed: int, work: Path) -> dict[str, Any]:
     models = load_models(RunDir(run))
     result = {loss: pair_metrics(models[loss], test) for loss in HH_LOSSES}
     result["oracle"] = pair_metrics(_oracle(data, load_config(cfg_path)), test)
+    if transformer is not None:
+        result["transformer"] = transformer_seed(seed, RunDir(run), data, test, transformer, work)
     return result
+
+
+TRANSFORMER_SEEDS = (0, 1, 2)
+"""The hashed block's first three seeds (fixed in advance, not picked)."""
+TRANSFORMER_LOSSES = ("naive", "causalrm_dr")
+TRANSFORMER_TRAIN = {"max_length": 128, "trainable_layers": 2, "epochs": 1, "batch_size": 16}
+"""Sized for time on 2 CPU cores (one seed measured first), not on the test pairs: pairs cut to 128 tokens
+(prompts lose their start), the top 2 of MiniLM-L6's 6 layers and the head trained, one epoch; learning rate,
+schedule, warmup and clipping are the trainer's transformer defaults (5e-5, linear, 10%, 1.0)."""
+TRANSFORMER_SHARE = 0.25
+"""Share of each seed's training prompts (all their units, rated or not) the transformer block trains on."""
+
+
+def subsample_run(run: RunDir, target: Path, share: float, seed: int) -> set[str]:
+    """A copy of ``run`` (its hashed reward models left out) whose pointwise dataset keeps only the units of a
+    seeded random ``share`` of its prompts; returns those prompts. The fit stage's outputs stay as fitted on the
+    whole logs: only the train stage sees fewer units."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(run.root, target, ignore=shutil.ignore_patterns(rd.REWARD_MODEL, rd.LOCK, rd.SUCCESS))
+    files = parquet_files(target / rd.POINTWISE)
+    prompts = sorted(set().union(*(pq.read_table(f, columns=[un.PROMPT_ID]).column(0).to_pylist() for f in files)))
+    rng = np.random.default_rng([seed, 18])
+    keep = sorted(prompts[i] for i in rng.choice(len(prompts), size=round(share * len(prompts)), replace=False))
+    for f in files:
+        table = pq.read_table(f)
+        ids = table.column(un.PROMPT_ID).cast(pa.string())
+        pq.write_table(table.filter(pc.is_in(ids, pa.array(keep, type=pa.string()))), f)
+    return set(keep)
+
+
+def transformer_config(run: RunDir, folder: Path, seed: int) -> None:
+    """Rewrite ``run``'s frozen config so that its train stage fine-tunes ``folder`` with ``TRANSFORMER_TRAIN``
+    for ``TRANSFORMER_LOSSES`` (still calibrated on the audit, ``train.calibrate = "gold"``)."""
+    cfg = load_config(run.config_path)
+    train = TrainConfig.model_validate({**cfg.train.model_dump(), **TRANSFORMER_TRAIN, "backbone": str(folder),
+                                        "loss": TRANSFORMER_LOSSES[1], "baselines": list(TRANSFORMER_LOSSES[:1]),
+                                        "seed": seed})
+    run.config_path.write_text(cfg.model_copy(update={"train": train}).to_toml())
+
+
+def transformer_seed(seed: int, run: RunDir, data: Path, test, folder: Path, work: Path) -> dict[str, Any]:
+    """Naive and causalrm_dr through the train stage on a subsample of ``run``, and the oracle, all fine-tuned
+    from ``folder``; their metrics on the test pairs, the training throughput and the block's wall time."""
+    started = time.perf_counter()
+    sub = RunDir(work / "run-transformer")
+    prompts = subsample_run(run, sub.root, TRANSFORMER_SHARE, seed)
+    transformer_config(sub, folder, seed)
+    if cli(["train", str(sub.root)]) != 0:
+        raise RuntimeError(f"hh-rlhf seed {seed}: the transformer train stage failed")
+    result: dict[str, Any] = {}
+    for directory in model_dirs(sub):
+        record, metrics = model_record(directory), json.loads((directory / METRICS_FILE).read_text())
+        model = load_reward_model(directory)
+        result[record["loss"]] = {**saved_pair_metrics(model, record["calibration"], test),
+                                  **_throughput(metrics)}
+    oracle, metrics = _fit_oracle(data, load_config(sub.config_path), prompts)
+    result["oracle"] = {**saved_pair_metrics(oracle, {"scale": 1.0, "shift": 0.0}, test), **_throughput(metrics)}
+    shutil.rmtree(sub.root, ignore_errors=True)
+    result["prompts"], result["wall_s"] = len(prompts), time.perf_counter() - started
+    print(f"  seed {seed}, MiniLM-L6 on {len(prompts):,} prompts: " + ", ".join(
+        f"{k} {result[k]['pair_accuracy']:.3f}" for k in (*TRANSFORMER_LOSSES, "oracle")) + " pair accuracy",
+        flush=True)
+    return result
+
+
+def _throughput(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"n_train": metrics["n_train"], "samples_per_s": metrics["samples_per_s"],
+            "tokens_per_s": metrics["tokens_per_s"], "truncated": metrics["truncated"],
+            "epochs_run": metrics["epochs_run"]}
+
+
+def saved_pair_metrics(model, calibration: dict[str, float], test) -> dict[str, float]:
+    """``pair_metrics`` for a model whose audit calibration s' = a·s + b is already in its output (a saved
+    transformer folds it into its head): ``raw_*`` with it undone, from one scoring pass."""
+    prompts = test.column("prompt").to_pylist()
+    s_c = predict_logits(model, prompts, test.column("chosen").to_pylist())
+    s_r = predict_logits(model, prompts, test.column("rejected").to_pylist())
+    a, b = calibration["scale"], calibration["shift"]
+
+    def p(s: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-s))
+
+    out = _metrics_of(p(s_c), p(s_r))
+    raw = _metrics_of(p((s_c - b) / a), p((s_r - b) / a))
+    return {**out, "raw_mse": raw["mse"], "raw_ece": raw["ece"], "calibration_scale": a, "calibration_shift": b}
 
 
 def quiet_work_dir(name: str) -> Path:
@@ -111,14 +223,25 @@ def quiet_work_dir(name: str) -> Path:
     return work
 
 
-def bench_hh(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[str, Any]:
+def bench_hh(seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+             transformer_seeds: tuple[int, ...] = TRANSFORMER_SEEDS) -> dict[str, Any]:
+    """The hashed block over ``seeds``; the transformer block on the runs of ``transformer_seeds`` (a subset of
+    ``seeds``), under ``"transformer"`` (None when MiniLM is not installed or no seed is asked for)."""
     work = quiet_work_dir("hh-work")
-    per_seed = [hh_seed(seed, work) for seed in seeds]
+    folder = minilm_folder() if transformer_seeds else None
+    if transformer_seeds and folder is None:
+        print("  transformer block skipped: MiniLM-L6 is not installed (pip install -c constraints.txt -e "
+              "'.[minilm]'); the hashed block runs alone", flush=True)
+    per_seed = [hh_seed(seed, work, folder if seed in transformer_seeds else None) for seed in seeds]
     shutil.rmtree(work, ignore_errors=True)
     summary = mean_sd(per_seed, (*HH_LOSSES, "oracle"), ("pair_accuracy", "raw_mse", "mse", "raw_ece", "ece"))
+    transformer = [s.pop("transformer") for s in per_seed if "transformer" in s]
     return {"seeds": list(seeds), "per_seed": per_seed, "summary": summary,
             "mse_diffs": {name: paired_ci([s["causalrm_dr"][a] - s["naive"][b] for s in per_seed])
-                          for name, (a, b) in MSE_DIFFS.items()}}
+                          for name, (a, b) in MSE_DIFFS.items()},
+            "transformer": {"seeds": [s for s in seeds if s in transformer_seeds], "per_seed": transformer,
+                            "wall_s": sum(t["wall_s"] for t in transformer), "share": TRANSFORMER_SHARE,
+                            **TRANSFORMER_TRAIN} if transformer else None}
 
 
 MSE_DIFFS = {"causalrm_dr − naive, both as trained": ("raw_mse", "raw_mse"),
@@ -145,6 +268,50 @@ def hh_table(result: dict[str, Any]) -> list[str]:
     lines += ["", "Seed-paired MSE differences (95% CI):", ""]
     lines += [f"- {name}: {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
               for name, d in result["mse_diffs"].items()]
+    return lines
+
+
+BACKBONE_MODELS = ("naive", "causalrm_dr", "oracle")
+BACKBONE_METRICS = {"pair accuracy": ("pair_accuracy", 3), "MSE vs r*, as trained": ("raw_mse", 4),
+                    "MSE vs r*, calibrated on the audit": ("mse", 4)}
+"""The backbone comparison's columns: label → (metric key, decimals); each with its seed-paired CI vs naive."""
+
+
+def backbone_rows(name: str, per_seed: list[dict[str, Any]], seeds: list[int], trained_on: str) -> list[str]:
+    """One backbone's rows of ``backbone_table``: mean ± sd over the seeds, and model − naive per seed with its
+    Student-t 95% CI."""
+    rows = []
+    for model in BACKBONE_MODELS:
+        label = "oracle (all true labels)" if model == "oracle" else model
+        cells = []
+        for key, digits in BACKBONE_METRICS.values():
+            values = [s[model][key] for s in per_seed]
+            cell = f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+            if model != "naive":
+                d = paired_ci([s[model][key] - s["naive"][key] for s in per_seed])
+                cell += f" ({d['mean']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}])"
+            cells.append(cell)
+        rows.append(f"| {name} | {trained_on} | {', '.join(map(str, seeds))} | {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def backbone_table(result: dict[str, Any]) -> list[str]:
+    """The hashed and the transformer backbone side by side on HH-RLHF; each metric's seed-paired difference
+    from naive (the same backbone's, same seeds) with its 95% CI in brackets. The oracle is not calibrated."""
+    t = result["transformer"]
+    head = " | ".join(f"{label} (− naive [95% CI])" for label in BACKBONE_METRICS)
+    lines = [f"| backbone | trained on | seeds | model | {head} |", "|---|---|---|---|---|---|---|"]
+    lines += backbone_rows("hashed n-grams (configs/hh_rlhf.toml)", result["per_seed"], result["seeds"],
+                           "every training unit")
+    lines += backbone_rows(f"MiniLM-L6, top {t['trainable_layers']} layers, max_length {t['max_length']}, "
+                           f"{t['epochs']} epoch", t["per_seed"], t["seeds"],
+                           f"{t['share']:.0%} of the training prompts")
+    tp = [t["per_seed"][i][m] for i in range(len(t["per_seed"])) for m in BACKBONE_MODELS]
+    lines += ["", f"MiniLM-L6 training: {np.mean([x['samples_per_s'] for x in tp]):.1f} samples/s, "
+              f"{np.mean([x['tokens_per_s'] for x in tp]):,.0f} tokens/s (mean over its {len(tp)} fits); "
+              f"training units per seed (naive, causalrm_dr, oracle): " + "; ".join(
+                  ", ".join(f"{s[m]['n_train']:,}" for m in BACKBONE_MODELS) for s in t["per_seed"])
+              + f"; block wall time {t['wall_s'] / 60:.1f} min."]
     return lines
 
 

