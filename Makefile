@@ -22,8 +22,10 @@ demo: $(STAMP)
 	$(BIN)/obsfeed run configs/demo.toml runs/demo
 	$(BIN)/obsfeed evaluate runs/demo
 
+# Tests in TEST_WORKERS processes (pytest-xdist; CI has 2 cores): each test is independent, on its own tmp paths.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
