@@ -46,7 +46,7 @@ from estimators.reward.trainer import fit_reward_model
 from pipelines.cli import main as cli
 from pipelines.import_coat import LOGGED_PROPENSITY, import_coat
 from pipelines.import_hh_rlhf import HHSettings, import_hh_rlhf
-from pipelines.train import METRICS_FILE, load_models, model_dirs
+from pipelines.train import load_models, model_dirs
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
@@ -176,7 +176,7 @@ def transformer_seed(seed: int, run: RunDir, data: Path, test, folder: Path, wor
         raise RuntimeError(f"hh-rlhf seed {seed}: the transformer train stage failed")
     result: dict[str, Any] = {}
     for directory in model_dirs(sub):
-        record, metrics = model_record(directory), json.loads((directory / METRICS_FILE).read_text())
+        record, metrics = model_record(directory), json.loads((directory / rd.REWARD_METRICS).read_text())
         model = load_reward_model(directory)
         result[record["loss"]] = {**saved_pair_metrics(model, record["calibration"], test),
                                   **_throughput(metrics)}

@@ -36,7 +36,7 @@ from estimators.reward.model import logits, new_encoder, new_model
 from estimators.reward.trainer import optimisation, small_op_threads
 from pipelines.cli import main as cli
 from pipelines.simulate import SCENARIOS, simulate, write
-from pipelines.train import METRICS_FILE, model_dir
+from pipelines.train import model_dir
 from schemas import run_dir as rd
 from schemas.config import TrainConfig
 
@@ -224,7 +224,7 @@ def bench_losses(n: int, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
         root = run / rd.REWARD_MODEL
         result = {}
         for loss in LOSSES:
-            metrics = json.loads((model_dir(root, loss, main=loss == "causalrm_dr") / METRICS_FILE).read_text())
+            metrics = json.loads((model_dir(root, loss, main=loss == "causalrm_dr") / rd.REWARD_METRICS).read_text())
             result[loss] = {**metrics["truth"], "samples_per_s": metrics["samples_per_s"],
                             "epochs_run": metrics["epochs_run"]}
         per_seed.append(result)

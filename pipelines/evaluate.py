@@ -25,7 +25,6 @@ from estimators import weights as W
 from estimators.confounding import saved_effects
 from estimators.diagnostics import auc, expected_calibration_error, pairwise_accuracy, regression_metrics
 from estimators.features import RESPONSE_LENGTH
-from pipelines.fit import CONFOUNDING, NOISE, WEIGHTS
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import truth as tr
@@ -199,7 +198,7 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: bool = 
 def _confounders(run: RunDir, d: pl.DataFrame) -> list[dict[str, Any]]:
     """The fitted confounder effects beside the simulated one (response length: the average verbosity effect
     over the observed units, from truth.parquet), and whether the 95% CI covers it."""
-    path = run.path(rd.MODELS) / CONFOUNDING
+    path = run.path(rd.MODELS) / rd.CONFOUNDING
     out = []
     for e in saved_effects(json.loads(path.read_text())) if path.exists() else []:
         row = {k: e[k] for k in ("treatment", "model", "effect", "ci_low", "ci_high")}
@@ -214,12 +213,12 @@ def _confounders(run: RunDir, d: pl.DataFrame) -> list[dict[str, Any]]:
 
 def _fitted_clip(run: RunDir) -> float:
     """The propensity floor the score stage applied (``models/weights.json``)."""
-    return float(json.loads((run.path(rd.MODELS) / WEIGHTS).read_text())["clip"])
+    return float(json.loads((run.path(rd.MODELS) / rd.WEIGHTS).read_text())["clip"])
 
 
 def _estimated_flip_rates(run: RunDir) -> dict[str, Any] | None:
     """The flip rates the fit stage estimated (None for a run fitted before they were)."""
-    path = run.path(rd.MODELS) / NOISE
+    path = run.path(rd.MODELS) / rd.NOISE
     return json.loads(path.read_text()) if path.exists() else None
 
 

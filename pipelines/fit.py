@@ -46,19 +46,6 @@ from schemas.run_dir import RunDir
 from transforms.io import atomic_dir, parquet_files, read_dataset
 from transforms.score import design
 
-FEATURIZER = "featurizer.skops"
-PROPENSITY = "propensity.skops"
-IMPUTATION = "imputation.skops"
-CONFOUNDING = "confounding.json"
-NOISE = "noise.json"
-CALIBRATION = "calibration.skops"
-"""The clean-reward calibrators (``estimators.calibration``), saved when fit.noise resolves to 'calibrate'."""
-WEIGHTS = "weights.json"
-POSITIVITY = "positivity.json"
-"""The overlap check of the fit sample (``positivity_check``): the strata that fail it, which score flags."""
-REFERENCE = "reference.json"
-"""The fit sample's profile (``estimators.drift.profile``) and date range: what later days are compared with."""
-
 
 def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> np.ndarray:
     """Indices of at most ``max_rows`` units, the same share of each observed stratum, chosen by id hash."""
@@ -355,20 +342,20 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
     evalue = selection_evalue(y, obs, w_clip)
     balance = balance_table({c: treatment_values(frame, c) for c in fc.numeric}, o, w_clip)
     with atomic_dir(run.path(rd.MODELS)) as tmp:
-        persist.save(featurizer, tmp / FEATURIZER)
+        persist.save(featurizer, tmp / rd.FEATURIZER)
         if p_models is not None:
-            persist.save(p_models, tmp / PROPENSITY)
-        persist.save(m_models, tmp / IMPUTATION)
+            persist.save(p_models, tmp / rd.PROPENSITY)
+        persist.save(m_models, tmp / rd.IMPUTATION)
         if calibration is not None:
-            persist.save(calibration.models(), tmp / CALIBRATION)
-        (tmp / NOISE).write_text(json.dumps({**flips.to_dict(), **noise_diag}, indent=2) + "\n")
-        (tmp / WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
-        (tmp / POSITIVITY).write_text(json.dumps(overlap, indent=2) + "\n")
-        (tmp / CONFOUNDING).write_text(json.dumps({"effects": effects, "selection_evalue": evalue}, indent=2) + "\n")
+            persist.save(calibration.models(), tmp / rd.CALIBRATION)
+        (tmp / rd.NOISE).write_text(json.dumps({**flips.to_dict(), **noise_diag}, indent=2) + "\n")
+        (tmp / rd.WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
+        (tmp / rd.POSITIVITY).write_text(json.dumps(overlap, indent=2) + "\n")
+        (tmp / rd.CONFOUNDING).write_text(json.dumps({"effects": effects, "selection_evalue": evalue}, indent=2) + "\n")
         # The drift reference describes what score writes: under "exclude", the units with overlap only.
         keep = ~no_overlap if fc.positivity == "exclude" else np.ones(len(o), bool)
         reference = reference_profile(sample.filter(pa.array(keep)), p_oof[keep], o[keep], label[keep], cfg)
-        (tmp / REFERENCE).write_text(json.dumps(reference, indent=2) + "\n")
+        (tmp / rd.REFERENCE).write_text(json.dumps(reference, indent=2) + "\n")
     return {
         "inputs": describe_inputs(parquet_files(run.path(rd.UNITS))),
         "outputs": [str(run.path(rd.MODELS))],

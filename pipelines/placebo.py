@@ -30,7 +30,7 @@ from estimators.diagnostics import auc
 from estimators.features import structured_columns, treatment_values
 from estimators.propensity import logged_propensity
 from estimators.sensitivity import permute_within_strata, strata_codes, stratified_flag, weighted_minus_naive
-from pipelines.fit import CONFOUNDING, stratified_sample
+from pipelines.fit import stratified_sample
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
@@ -128,7 +128,7 @@ def _saved_clip(run: RunDir) -> float | None:
 
 
 def _saved_effects(run: RunDir) -> list[dict[str, Any]]:
-    path = run.path(rd.MODELS) / CONFOUNDING
+    path = run.path(rd.MODELS) / rd.CONFOUNDING
     return saved_effects(json.loads(path.read_text())) if path.exists() else []
 
 

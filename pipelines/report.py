@@ -366,7 +366,7 @@ def _noise_section(flips: dict[str, Any]) -> str:
 def _reward_metrics(run: RunDir) -> dict[str, Any]:
     out = {}
     root = run.path(rd.REWARD_MODEL)
-    for path in sorted([root / "metrics.json", *root.glob("baselines/*/metrics.json")]):
+    for path in sorted([root / rd.REWARD_METRICS, *root.glob(f"{rd.BASELINES}/*/{rd.REWARD_METRICS}")]):
         if path.exists():
             m = json.loads(path.read_text())
             out[m.get("loss", path.parent.name)] = m
@@ -393,6 +393,6 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         if fit.get("balance"):
             figures["balance"] = "balance.png"
             plot_balance(fit["balance"], tmp / figures["balance"])
-        (tmp / "index.html").write_text(render(read_manifest(run), figures, _reward_metrics(run)))
-    return {"outputs": [str(run.path(rd.REPORT) / "index.html")], "counts": {"figures": len(figures)},
+        (tmp / rd.REPORT_PAGE).write_text(render(read_manifest(run), figures, _reward_metrics(run)))
+    return {"outputs": [str(run.path(rd.REPORT) / rd.REPORT_PAGE)], "counts": {"figures": len(figures)},
             "diagnostics": {}}

@@ -38,7 +38,7 @@ from schemas.run_dir import RunDir
 from transforms.io import commit_dir, parquet_files, recover_dir
 from transforms.window import DayWindow
 
-MODELS_MARKER = "weights.json"
+MODELS_MARKER = rd.WEIGHTS
 """A file every fitted ``models/`` folder has: how a ``--models-from`` path is recognised."""
 
 

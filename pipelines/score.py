@@ -19,17 +19,6 @@ from estimators import weights as W
 from estimators.diagnostics import summary
 from estimators.drift import breaches, compare, profile, signal_counts
 from estimators.propensity import logged_propensity
-from pipelines.fit import (
-    CALIBRATION,
-    CONFOUNDING,
-    FEATURIZER,
-    IMPUTATION,
-    NOISE,
-    POSITIVITY,
-    PROPENSITY,
-    REFERENCE,
-    WEIGHTS,
-)
 from pipelines.manifest import dataset_sha256, describe_inputs
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -105,23 +94,23 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_pat
 def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     unit_files = [str(f) for f in parquet_files(run.path(rd.UNITS))]
     models = run.path(rd.MODELS)
-    if not (models / WEIGHTS).exists():
-        raise InputError(f"{models / WEIGHTS}: fitted model not found (run the fit stage first)")
-    weighting = json.loads((models / WEIGHTS).read_text())
+    if not (models / rd.WEIGHTS).exists():
+        raise InputError(f"{models / rd.WEIGHTS}: fitted model not found (run the fit stage first)")
+    weighting = json.loads((models / rd.WEIGHTS).read_text())
     clip = float(weighting["clip"])
-    model_paths = {"featurizer": str(models / FEATURIZER), "imputation": str(models / IMPUTATION),
-                   "noise": str(models / NOISE), "confounding": str(models / CONFOUNDING)}
+    model_paths = {"featurizer": str(models / rd.FEATURIZER), "imputation": str(models / rd.IMPUTATION),
+                   "noise": str(models / rd.NOISE), "confounding": str(models / rd.CONFOUNDING)}
     if weighting.get("propensity_column") != cfg.fit.propensity_column:
         raise InputError(f"{models}: fitted with propensity_column = {weighting.get('propensity_column')!r}, but the "
                          f"config says {cfg.fit.propensity_column!r}; re-run the fit stage")
     if cfg.fit.propensity_column:
         check_logged_propensity(unit_files, cfg.fit.propensity_column)
     else:
-        model_paths["propensity"] = str(models / PROPENSITY)
-    if (models / NOISE).exists() and json.loads((models / NOISE).read_text()).get("method") == "calibrate":
-        model_paths["calibration"] = str(models / CALIBRATION)
-    if (models / POSITIVITY).exists():                 # models fitted before the overlap check: the floor only
-        model_paths["positivity"] = str(models / POSITIVITY)
+        model_paths["propensity"] = str(models / rd.PROPENSITY)
+    if (models / rd.NOISE).exists() and json.loads((models / rd.NOISE).read_text()).get("method") == "calibrate":
+        model_paths["calibration"] = str(models / rd.CALIBRATION)
+    if (models / rd.POSITIVITY).exists():                 # models fitted before the overlap check: the floor only
+        model_paths["positivity"] = str(models / rd.POSITIVITY)
     for path in model_paths.values():
         if not Path(path).exists():
             raise InputError(f"{path}: fitted model not found (run the fit stage first)")
@@ -158,7 +147,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                             f"observed units, below score.ips_min_ess_share = {floor:g}; the previous datasets are "
                             "left in place")
         output_gates(tmp_pw, tmp_pr, cfg.score.min_margin)
-        diagnostics["drift"] = drift_check(tmp_pw, models / REFERENCE, cfg)
+        diagnostics["drift"] = drift_check(tmp_pw, models / rd.REFERENCE, cfg)
         content = {rd.POINTWISE: dataset_sha256(tmp_pw), rd.PAIRWISE: dataset_sha256(tmp_pr)}
         commit_dir(tmp, final)
     finally:

@@ -47,7 +47,7 @@ def run_summary_lines(run: RunDir) -> list[str]:
                          f"best epoch {d.get('best_epoch')}")
     lines.append("outputs: " + ", ".join(str(run.path(n)) for n in (rd.UNITS, rd.QUARANTINE, rd.POINTWISE,
                                                                       rd.PAIRWISE, rd.REWARD_MODEL)))
-    lines.append(f"report: {run.path(rd.REPORT) / 'index.html'}")
+    lines.append(f"report: {run.path(rd.REPORT) / rd.REPORT_PAGE}")
     lines.append(f"complete: {'yes' if run.path(rd.SUCCESS).exists() else 'no (_SUCCESS missing)'}")
     return lines
 

@@ -75,9 +75,6 @@ from schemas.errors import ConfigError, InputError
 from schemas.run_dir import RunDir
 from transforms.io import atomic_dir, count_rows, parquet_files
 
-BASELINES = "baselines"
-METRICS_FILE = "metrics.json"
-CHECKPOINT_FILE = "checkpoint.pt"
 READ_ROWS = 16_384
 """Rows per record batch read from the datasets: memory is bounded by this and the loader's buffer."""
 
@@ -89,7 +86,7 @@ def losses_to_train(cfg: Config) -> list[str]:
 
 def model_dir(root: Path, loss: str, *, main: bool) -> Path:
     """Where the model for ``loss`` lives under ``root`` (RUN/reward_model or its staging copy)."""
-    return root if main else root / BASELINES / loss
+    return root if main else root / rd.BASELINES / loss
 
 
 def checkpoint_root(run: RunDir) -> Path:
@@ -262,7 +259,7 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
                       file=sys.stderr, flush=True)
             started = time.perf_counter()
             rates = noise_rates if loss in NOISE_AWARE else None
-            checkpoint = Checkpoint(root / loss / CHECKPOINT_FILE, _fingerprint(loss, cfg, inputs, rates), resume)
+            checkpoint = Checkpoint(root / loss / rd.TRAIN_CHECKPOINT, _fingerprint(loss, cfg, inputs, rates), resume)
             cache = cache_for(kinds[loss])
             model, metrics = fit_reward_model(cache, loss=loss, cfg=cfg.train, flip_rates=rates,
                                               checkpoint=checkpoint)
@@ -291,7 +288,7 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
                 metrics["truth"] = truth.get(loss)
                 if metrics["truth"]:
                     diagnostics[loss]["val_r2_vs_truth"] = metrics["truth"]["r2"]
-                (target / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+                (target / rd.REWARD_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     ddp.barrier()
     if not ddp.is_main():
         return {}
@@ -381,7 +378,7 @@ def model_dirs(run: RunDir) -> list[Path]:
     """The saved model folders: the main model first, then each baseline."""
     root = run.path(rd.REWARD_MODEL)
     model_record(root)                                     # no model at all: say so
-    return [root, *sorted(p for p in (root / BASELINES).glob("*") if p.is_dir() and p.name != "__pycache__")]
+    return [root, *sorted(p for p in (root / rd.BASELINES).glob("*") if p.is_dir() and p.name != "__pycache__")]
 
 
 def load_models(run: RunDir) -> dict[str, RewardModel]:

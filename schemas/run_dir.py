@@ -53,13 +53,32 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 """What each stage writes (committed only after its gates pass: a failed stage leaves them as they were)."""
 
-PROPENSITY_MODEL = "models/propensity.skops"
-IMPUTATION_MODEL = "models/imputation.skops"
-NOISE_MODEL = "models/noise.json"
-WEIGHTS_FILE = "models/weights.json"
+# Inside MODELS: what the fit stage writes and score, train, report and evaluate read.
+FEATURIZER = "featurizer.skops"
+PROPENSITY = "propensity.skops"
+IMPUTATION = "imputation.skops"
+CONFOUNDING = "confounding.json"
+NOISE = "noise.json"
+CALIBRATION = "calibration.skops"
+"""The clean-reward calibrators (``estimators.calibration``), saved when fit.noise resolves to 'calibrate'."""
+WEIGHTS = "weights.json"
+POSITIVITY = "positivity.json"
+"""The overlap check of the fit sample (``positivity_check``): the strata that fail it, which score flags."""
+REFERENCE = "reference.json"
+"""The fit sample's profile (``estimators.drift.profile``) and date range: what later days are compared with."""
+NOISE_MODEL = f"{MODELS}/{NOISE}"
+WEIGHTS_FILE = f"{MODELS}/{WEIGHTS}"
 """The propensity floor the fit stage chose (``clip``): the only source of it after fit."""
-POSITIVITY_FILE = "models/positivity.json"
+POSITIVITY_FILE = f"{MODELS}/{POSITIVITY}"
 """The fit sample's overlap check: every categorical stratum and the propensity tail, and those that fail."""
+
+# Inside REWARD_MODEL: the main model's folder, each baseline's under BASELINES/<loss>/, each with its metrics.
+BASELINES = "baselines"
+REWARD_METRICS = "metrics.json"
+TRAIN_CHECKPOINT = "checkpoint.pt"
+"""A loss's training state after its last epoch, under CHECKPOINTS/train/<loss>/."""
+REPORT_PAGE = "index.html"
+"""The report inside REPORT."""
 
 
 @dataclass(frozen=True)

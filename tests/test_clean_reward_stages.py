@@ -47,7 +47,7 @@ def test_fit_saves_the_calibrators_and_a_clean_mean_with_its_interval(scored):
     run, _, fitted = scored
     noise = json.loads(run.path(rd.NOISE_MODEL).read_text())
     assert noise["method"] == "calibrate" and (noise["rho01"], noise["rho10"]) == (0.0, 0.0)
-    assert (run.path(rd.MODELS) / fit.CALIBRATION).exists()
+    assert (run.path(rd.MODELS) / rd.CALIBRATION).exists()
     mean = noise["mean_reward"]["calibrated"]
     assert mean["ci_low"] < mean["estimate"] < mean["ci_high"] and mean["se_calibration"] > 0
     assert fitted["diagnostics"]["flip_rates"]["mean_reward"]["calibrated"] == mean

@@ -17,7 +17,6 @@ from estimators import positivity
 from estimators.positivity import TAIL_COLUMN, describe, strata_table, violated_strata, violation_mask
 from pipelines import fit, report, score
 from pipelines.cli import main
-from pipelines.fit import POSITIVITY
 from pipelines.manifest import read_manifest
 from pipelines.simulate import SCENARIOS, simulate, write
 from schemas import pairwise as pr
@@ -161,7 +160,7 @@ def test_fit_names_the_planted_empty_stratum(planted):
     saved = json.loads((run / rd.POSITIVITY_FILE).read_text())
     assert saved["violated"] == check["violated"] and saved["floor"] == 0.01
     assert {(r["column"], r["value"]) for r in saved["strata"]} >= {("model_version", v) for v in ("v1", "v2", "v3")}
-    assert f"{rd.MODELS}/{POSITIVITY}" == rd.POSITIVITY_FILE
+    assert f"{rd.MODELS}/{rd.POSITIVITY}" == rd.POSITIVITY_FILE
 
 
 def test_warn_keeps_and_flags_the_units_of_the_empty_stratum(planted):

@@ -170,8 +170,8 @@ def test_train_stage_writes_main_and_baselines(toy, tmp_path: Path):
     assert result["counts"] == {"rows": table.num_rows, "observed": int(table[un.OBSERVED].to_numpy().sum())}
     assert list(result["diagnostics"]) == ["ips", "naive", "dr"]                # main first, ips not twice
     root = run.path(rd.REWARD_MODEL)
-    assert sorted(p.name for p in (root / train.BASELINES).iterdir()) == ["dr", "naive"]
-    metrics = json.loads((root / train.METRICS_FILE).read_text())
+    assert sorted(p.name for p in (root / rd.BASELINES).iterdir()) == ["dr", "naive"]
+    metrics = json.loads((root / rd.REWARD_METRICS).read_text())
     assert metrics["loss"] == "ips" and metrics["best_val_loss"] == result["diagnostics"]["ips"]["val_loss"]
     assert len(metrics["history"]) == metrics["epochs_run"] and metrics["device"] == "cpu"
     models = train.load_models(run)
@@ -209,7 +209,7 @@ def test_train_stage_reads_the_fitted_flip_rates(toy, tmp_path: Path):
     run.path(rd.NOISE_MODEL).write_text(json.dumps({"rho01": 0.2, "rho10": 0.1, "method": "audit", "n": 500,
                                                     "estimates": {}}))
     train.run(run, cfg)
-    metrics = json.loads((run.path(rd.REWARD_MODEL) / train.METRICS_FILE).read_text())
+    metrics = json.loads((run.path(rd.REWARD_MODEL) / rd.REWARD_METRICS).read_text())
     assert metrics["loss"] == "causalrm_dr" and metrics["flip_rates"] == [0.2, 0.1]
 
 
@@ -324,7 +324,7 @@ def test_train_metrics_against_the_truth_when_the_config_names_it(toy, tmp_path:
     run, cfg = _stage_run(tmp_path, table, loss="ips", baselines=[], epochs=6)
     cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"truth": str(truth)})})
     result = train.run(run, cfg)
-    metrics = json.loads((run.path(rd.REWARD_MODEL) / train.METRICS_FILE).read_text())["truth"]
+    metrics = json.loads((run.path(rd.REWARD_MODEL) / rd.REWARD_METRICS).read_text())["truth"]
     val = validation_mask(table[imp.PROMPT_ID].to_pylist(), CFG.val_fraction)
     assert metrics["split"] == "validation" and metrics["units"] == val.sum() == metrics["units"]
     assert metrics["r2"] > 0.8 and metrics["pairwise_accuracy"] > 0.95
@@ -350,7 +350,7 @@ def test_cli_train_flags(toy, tmp_path: Path, capsys):
         assert main(["train", str(run.root), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
     assert main(["train", str(run.root), "--device", "cpu", "--resume"]) == 0
-    metrics = json.loads((run.path(rd.REWARD_MODEL) / train.METRICS_FILE).read_text())
+    metrics = json.loads((run.path(rd.REWARD_MODEL) / rd.REWARD_METRICS).read_text())
     assert metrics["device"] == "cpu"
     manifest = json.loads(run.path(rd.MANIFEST).read_text())
     cuda = load_config(run.config_path).model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})

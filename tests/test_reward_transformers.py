@@ -309,10 +309,10 @@ def test_train_stage_writes_hugging_face_folders_with_truncation_counts(tiny_enc
     run = _stage_run(tmp_path / "run", table, **settings)
     assert main(["train", str(run.root)]) == 0
     root = run.path(rd.REWARD_MODEL)
-    for folder in (root, root / train.BASELINES / "naive"):
-        assert {"config.json", "model.safetensors", OBSFEED_FILE, train.METRICS_FILE} <= {p.name for p in
+    for folder in (root, root / rd.BASELINES / "naive"):
+        assert {"config.json", "model.safetensors", OBSFEED_FILE, rd.REWARD_METRICS} <= {p.name for p in
                                                                                           folder.iterdir()}
-    metrics = json.loads((root / train.METRICS_FILE).read_text())
+    metrics = json.loads((root / rd.REWARD_METRICS).read_text())
     assert metrics["truncated"]["prompt_truncated"] > 0 and metrics["backbone"]["backbone"] == "transformer"
     models = train.load_models(run)
     assert list(models) == ["ips", "naive"]
@@ -376,7 +376,7 @@ def test_two_gloo_processes_train_what_one_process_trains(tiny_encoder_dir, tmp_
     assert "x 2 processes" in done.stderr
     a, b = (load_reward_model(r.path(rd.REWARD_MODEL)) for r in (one, two))
     _assert_same_model(a, b, table)
-    metrics = [json.loads((r.path(rd.REWARD_MODEL) / train.METRICS_FILE).read_text()) for r in (one, two)]
+    metrics = [json.loads((r.path(rd.REWARD_MODEL) / rd.REWARD_METRICS).read_text()) for r in (one, two)]
     assert metrics[1]["optimisation"]["processes"] == 2 and metrics[1]["optimisation"]["step_rows"] == 8
     assert metrics[0]["best_val_loss"] == pytest.approx(metrics[1]["best_val_loss"], rel=1e-4)
     assert not list(two.path(rd.REWARD_MODEL).parent.glob(".reward_model*")), "no second or partial output"

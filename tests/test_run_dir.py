@@ -268,3 +268,23 @@ def test_the_cli_is_quiet_unless_verbose(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"obsfeed fit: {tmp_path / rd.CONFIG}: not found (is {tmp_path} a run directory made by `obsfeed run`?)"]
+
+
+def test_every_run_directory_file_name_is_spelled_only_in_schemas_run_dir():
+    """A stage that spells a run-directory file itself ("weights.json") can drift from the one that reads it: every
+    such name (a value of schemas/run_dir.py with a dot or a slash) appears as a string in no other module."""
+    import ast
+
+    from schemas import run_dir
+
+    names = {v for k, v in vars(run_dir).items() if k.isupper() and isinstance(v, str) and ("." in v or "/" in v)}
+    root = Path(run_dir.__file__).resolve().parents[1]
+    found = []
+    for folder in ("pipelines", "transforms", "estimators", "schemas"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path.name == "run_dir.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert not found, found

@@ -147,7 +147,7 @@ def monotone_run(sim_small: Path, tmp_path_factory):
 
 def test_a_monotone_switch_run_writes_monotone_mean_one_weights(monotone_run):
     run, cfg, fitted, scored, evaluated = monotone_run
-    saved = json.loads((run.path(rd.MODELS) / fit.WEIGHTS).read_text())["stabilizer"]
+    saved = json.loads((run.path(rd.MODELS) / rd.WEIGHTS).read_text())["stabilizer"]
     assert saved["method"] == "monotone" and len(saved["thresholds_x"]) == len(saved["thresholds_y"]) >= 2
     assert fitted["stabilizer"]["thresholds"] == len(saved["thresholds_x"])     # the manifest: figures, no arrays
     assert fitted["stabilizer"]["sample_variance"] <= 1.5 * (1 + 1e-9)

@@ -89,7 +89,7 @@ def test_a_logged_propensity_column_replaces_the_propensity_model(logged_logs: P
     ingest.run(run, cfg)
     diagnostics = fit.run(run, cfg)["diagnostics"]
     assert diagnostics["propensity"]["source"] == "column logged_p"
-    assert not (run.path(rd.MODELS) / fit.PROPENSITY).exists()
+    assert not (run.path(rd.MODELS) / rd.PROPENSITY).exists()
     score.run(run, cfg)
     t = read_dataset(run.path(rd.POINTWISE), ["logged_p", pw.PROPENSITY])
     np.testing.assert_array_equal(t["logged_p"].to_numpy(), t[pw.PROPENSITY].to_numpy())
