@@ -22,6 +22,7 @@ batch (``estimators.reward.distributed``); rank 0 alone writes caches, checkpoin
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import shutil
@@ -240,12 +241,10 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
         caches.setdefault(kind, FeatureCache(directory))
         return caches[kind]
 
-    dense_cache: list = []
-
+    @functools.cache
     def point_dense():
-        if not dense_cache:
-            dense_cache.append(dense_spec(_stream(point_files, [un.RESPONSE, *numeric]), cfg.train))
-        return dense_cache[0]
+        """The pointwise dense block's standardisation: one pass over the dataset, only if a hashed cache needs it."""
+        return dense_spec(_stream(point_files, [un.RESPONSE, *numeric]), cfg.train)
 
     gold: pl.DataFrame | None = None                       # the audited units, read once if calibrate = gold
     train_cfg = cfg.train.model_dump(exclude={"loss", "baselines"})

@@ -65,6 +65,16 @@ def _word_level(vocab: dict[str, int], unk: str) -> Tokenizer:
     return tok
 
 
+def _save(path: Path, model_class: type, config: object, tokenizer: PreTrainedTokenizerFast, seed: int) -> Path:
+    """The model, initialised from ``seed`` without touching the caller's RNG, and the tokenizer, saved in ``path``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.save_pretrained(path)  # safetensors: the only format transformers 5 writes
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_encoder(path: Path, *, seed: int = 0) -> Path:
     """A 2-layer BERT reward model (``num_labels=1``) and a word-level BERT-style tokenizer saved into ``path``.
 
@@ -91,12 +101,7 @@ def tiny_encoder(path: Path, *, seed: int = 0) -> Path:
         vocab_size=len(vocab), **_WIDTH, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         classifier_dropout=0.0, num_labels=1, pad_token_id=vocab["[PAD]"], initializer_range=_INIT_RANGE,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertForSequenceClassification(config)
-    model.save_pretrained(path)  # safetensors: the only format transformers 5 writes
-    fast.save_pretrained(path)
-    return path
+    return _save(path, BertForSequenceClassification, config, fast, seed)
 
 
 def tiny_decoder(path: Path, *, seed: int = 0) -> Path:
@@ -125,12 +130,7 @@ def tiny_decoder(path: Path, *, seed: int = 0) -> Path:
         attention_dropout=0.0, tie_word_embeddings=True, pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"],
         bos_token_id=None, initializer_range=_INIT_RANGE,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(path)  # safetensors: the only format transformers 5 writes
-    fast.save_pretrained(path)
-    return path
+    return _save(path, LlamaForCausalLM, config, fast, seed)
 
 
 def not_a_model(path: Path) -> Path:

@@ -89,3 +89,28 @@ def tiny_decoder_dir(tmp_path_factory) -> Path:
     from tests.backbones import tiny_decoder
 
     return tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"))
+
+
+@pytest.fixture
+def crash_then_resume(monkeypatch):
+    """``fit(checkpoint) -> (model, metrics)`` run once until a crash in epoch ``epoch`` (the epochs before it
+    checkpointed), then again with ``resume=True``: what a resumed run ends with. Returns a function of
+    (fit, path, epoch=3)."""
+    from estimators.reward.data import StreamingBatches
+    from estimators.reward.trainer import Checkpoint
+
+    def run(fit, path: Path, epoch: int = 3):
+        real_epoch = StreamingBatches.epoch
+
+        def killed(self, e=0):
+            if e == epoch and self.shuffle:
+                raise RuntimeError("killed")
+            return real_epoch(self, e)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(StreamingBatches, "epoch", killed)
+            with pytest.raises(RuntimeError, match="killed"):
+                fit(Checkpoint(path, "fp"))
+        return fit(Checkpoint(path, "fp", resume=True))
+
+    return run

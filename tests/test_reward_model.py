@@ -13,7 +13,6 @@ from sklearn.metrics import roc_auc_score
 
 from estimators.reward.cache import validation_mask, write_pointwise_cache
 from estimators.reward.calibrate import CALIBRATION_SCALE, calibrate_logits, calibrate_on_gold
-from estimators.reward.data import StreamingBatches
 from estimators.reward.hashed import CONFIG_FILE, MODEL_FILE
 from estimators.reward.model import load_reward_model, new_encoder, predict_reward, save_reward_model, score
 from estimators.reward.trainer import Checkpoint, fit_pairwise_reward_model, fit_reward_model
@@ -264,25 +263,20 @@ def _stage_run(tmp_path: Path, table: pa.Table, **train_settings) -> tuple[RunDi
     return run, cfg
 
 
-def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(toy, tmp_path: Path, monkeypatch):
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(toy, tmp_path: Path, crash_then_resume):
     table, _ = toy
     cfg = CFG.model_copy(update={"epochs": 5, "patience": 5})
     whole, whole_metrics = fit_reward_model(table, loss="ips", cfg=cfg, progress=False)
     path = tmp_path / "ckpt" / "checkpoint.pt"
-    real_epoch = StreamingBatches.epoch
+    saved: list[int] = []
 
-    def killed_in_epoch_3(self, epoch=0):
-        if epoch == 3 and self.shuffle:
-            raise RuntimeError("killed")
-        return real_epoch(self, epoch)
+    def fit(checkpoint):
+        if checkpoint.resume:                               # what the crashed attempt left
+            saved.append(len(torch.load(path, weights_only=True)["history"]))
+        return fit_reward_model(table, loss="ips", cfg=cfg, progress=False, checkpoint=checkpoint)
 
-    monkeypatch.setattr(StreamingBatches, "epoch", killed_in_epoch_3)
-    with pytest.raises(RuntimeError, match="killed"):
-        fit_reward_model(table, loss="ips", cfg=cfg, progress=False, checkpoint=Checkpoint(path, "fp"))
-    monkeypatch.undo()
-    assert len(torch.load(path, weights_only=True)["history"]) == 2          # epochs 1 and 2 were saved
-    resumed, metrics = fit_reward_model(table, loss="ips", cfg=cfg, progress=False,
-                                        checkpoint=Checkpoint(path, "fp", resume=True))
+    resumed, metrics = crash_then_resume(fit, path)
+    assert saved == [2]                                     # epochs 1 and 2 were saved
     assert [h["val_loss"] for h in metrics["history"]] == [h["val_loss"] for h in whole_metrics["history"]]
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(),
                                                   strict=True))

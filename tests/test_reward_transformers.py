@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from estimators.losses import bradley_terry
-from estimators.reward.backbones import OBSFEED_FILE, PairTokenizer, _load_tokenizer
+from estimators.reward.backbones import OBSFEED_FILE, PairTokenizer, load_tokenizer
 from estimators.reward.cache import CHOSEN, REJECTED
 from estimators.reward.data import TRAIN, DeviceBatch, StreamingBatches
 from estimators.reward.model import load_reward_model, predict_reward, save_reward_model, score
-from estimators.reward.trainer import Checkpoint, _Objective, build_cache, fit_reward_model, lr_factor
+from estimators.reward.trainer import _Objective, build_cache, fit_reward_model, lr_factor
 from pipelines import train
 from pipelines.cli import main
 from pipelines.stages import freeze_config
@@ -111,7 +111,7 @@ def test_weighted_bradley_terry_is_the_formula_on_the_models_own_scores(tiny_enc
 
 
 def test_long_prompt_is_cut_from_the_left_and_the_row_kept_and_counted(tiny_encoder_dir):
-    tok = _load_tokenizer(tiny_encoder_dir)
+    tok = load_tokenizer(tiny_encoder_dir)
     encode = PairTokenizer(tok, max_length=12)                # [CLS] p [SEP] r [SEP]: 9 tokens of text
     prompt = "one two three four five first last next other same"
     short = encode.encode(["hello there"], ["a good answer"])
@@ -270,24 +270,13 @@ def test_saved_folder_is_a_plain_hugging_face_model(backbone, request, tmp_path:
         assert load_reward_model(tmp_path / "calibrated").scale.item() == 1.0     # it is in the weights now
 
 
-def test_resume_is_bit_identical(tiny_encoder_dir, tmp_path: Path, monkeypatch):
+def test_resume_is_bit_identical(tiny_encoder_dir, tmp_path: Path, crash_then_resume):
     table, _ = units(160)
     cfg = cfg_for(tiny_encoder_dir, epochs=4, patience=4)
     whole, whole_metrics = fit_reward_model(table, loss="ips", cfg=cfg, progress=False)
-    path = tmp_path / "ckpt" / "checkpoint.pt"
-    real_epoch = StreamingBatches.epoch
-
-    def killed_in_epoch_3(self, epoch=0):
-        if epoch == 3 and self.shuffle:
-            raise RuntimeError("killed")
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(StreamingBatches, "epoch", killed_in_epoch_3)
-    with pytest.raises(RuntimeError, match="killed"):
-        fit_reward_model(table, loss="ips", cfg=cfg, progress=False, checkpoint=Checkpoint(path, "fp"))
-    monkeypatch.undo()
-    resumed, metrics = fit_reward_model(table, loss="ips", cfg=cfg, progress=False,
-                                        checkpoint=Checkpoint(path, "fp", resume=True))
+    resumed, metrics = crash_then_resume(
+        lambda checkpoint: fit_reward_model(table, loss="ips", cfg=cfg, progress=False, checkpoint=checkpoint),
+        tmp_path / "ckpt" / "checkpoint.pt")
     assert [h["val_loss"] for h in metrics["history"]] == [h["val_loss"] for h in whole_metrics["history"]]
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(),
                                                   strict=True))

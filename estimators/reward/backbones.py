@@ -182,7 +182,7 @@ class PairTokenizer:
         return Tokens(tokens.ids, tokens.offsets, tokens.types, cut_prompt, cut_response)
 
 
-def _load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -371,7 +371,7 @@ def load_transformer(path: Path | str, *, max_length: int, seed: int = 0, lora_r
     from transformers import AutoModelForSequenceClassification
 
     folder = check_backbone_folder(path)
-    tokenizer = _load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
     if lora_rank and trainable_layers is not None:
         raise ConfigError("train.lora_rank and train.trainable_layers: choose one (LoRA already freezes the backbone)")
     with torch.random.fork_rng(devices=[]), quiet_transformers():

@@ -23,6 +23,7 @@ No Beam, and no torch except in ``DeviceBatch``: numpy, scipy.sparse and pyarrow
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import threading
@@ -85,9 +86,10 @@ class Ragged:
     def from_lists(cls, ids: list[list[int]], types: list[list[int]] | None = None) -> Ragged:
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in ids], out=offsets[1:])
-        flat = np.fromiter((t for row in ids for t in row), dtype=np.int32, count=int(offsets[-1]))
-        flat_types = None if types is None else np.fromiter((t for row in types for t in row), dtype=np.int8,
-                                                             count=int(offsets[-1]))
+        n = int(offsets[-1])
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=n)
+        flat_types = None if types is None else np.fromiter(itertools.chain.from_iterable(types), dtype=np.int8,
+                                                             count=n)
         return cls(flat, offsets, flat_types)
 
     def take(self, rows: np.ndarray) -> Ragged:

@@ -83,8 +83,8 @@ class HashedRewardModel(nn.Module):
     def encode(self, prompts: Sequence[str | None], responses: Sequence[str | None],
                columns: Mapping[str, Any] | None = None) -> sp.csr_matrix:
         """This model's input rows for raw texts (and the numeric columns its dense block reads)."""
-        return features(prompts, responses, hash_features=self.hash_features, ngram_max=self.ngram_max,
-                        dense=self.dense, columns=columns)
+        return HashedEncoder(hash_features=self.hash_features, ngram_max=self.ngram_max,
+                             dense=self.dense).encode(prompts, responses, columns)
 
     def save(self, directory: Path, record: Mapping[str, Any]) -> None:
         """``model.pt`` (state_dict only: loadable with ``weights_only=True``) and ``config.json`` = ``record`` (the

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from estimators.reward.backbones import HASHED, OBSFEED_FILE, PairTokenizer, load_saved_transformer, load_transformer
+from estimators.reward.cache import POINT
 from estimators.reward.data import Batch, DeviceBatch, DeviceBlock, FeatureCache
 from estimators.reward.features import DenseSpec
 from estimators.reward.hashed import CONFIG_FILE, HashedEncoder, HashedRewardModel
@@ -38,10 +39,10 @@ def new_encoder(cfg: TrainConfig, dense: DenseSpec | None = None) -> HashedEncod
     only the tokenizer, and checking the folder, before any data is read)."""
     if not is_transformer(cfg):
         return HashedEncoder(hash_features=cfg.hash_features, ngram_max=cfg.ngram_max, dense=dense)
-    from estimators.reward.backbones import _load_tokenizer, check_backbone_folder, check_settings
+    from estimators.reward.backbones import check_backbone_folder, check_settings, load_tokenizer
 
     folder = check_backbone_folder(cfg.backbone)
-    tokenizer = _load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
     check_settings(folder, max_length=cfg.max_length, lora_rank=cfg.lora_rank, trainable_layers=cfg.trainable_layers,
                    calibrate=cfg.calibrate, tokenizer=tokenizer)
     return PairTokenizer(tokenizer, cfg.max_length)
@@ -95,8 +96,8 @@ def predict_logits(model: RewardModel, prompts: Sequence[str | None], responses:
             part = slice(start, start + batch_size)
             block = model.encode(list(prompts[part]), list(responses[part]),
                                  {c: np.asarray(v, dtype=np.float64)[part] for c, v in (columns or {}).items()})
-            batch = DeviceBatch.from_batch(Batch({"x": block}, {}), pad_id=model.pad_id).to(device)
-            out.append(logits(model, batch.features["x"]).cpu().numpy())
+            batch = DeviceBatch.from_batch(Batch({POINT: block}, {}), pad_id=model.pad_id).to(device)
+            out.append(logits(model, batch.features[POINT]).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 

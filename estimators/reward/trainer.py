@@ -174,7 +174,8 @@ def check_truncation(cache: FeatureCache, cfg: TrainConfig) -> None:
 
 
 def _tokens(batch: DeviceBatch) -> int:
-    """Real (unpadded) tokens in a batch of token blocks; 0 for sparse blocks."""
+    """Real (unpadded) tokens in a batch of token blocks; 0 for sparse blocks. Counted on the host copy, so that a
+    GPU step does not wait for it."""
     return sum(int(b["attention_mask"].sum()) for b in batch.features.values() if isinstance(b, dict))
 
 
@@ -321,7 +322,7 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
                     if share:
                         running += float(value.detach()) * batch.size
                         seen += batch.size
-                        tokens += _tokens(batch)
+                        tokens += _tokens(host)
                 if settings["max_grad_norm"]:
                     nn.utils.clip_grad_norm_(params, settings["max_grad_norm"])
                 optimiser.step()
