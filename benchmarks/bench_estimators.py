@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import evaluate
-from pipelines.cli import main as cli
-from pipelines.simulate import LOGGED_PROPENSITY, SCENARIOS, Scenario, simulate, write
+from pipelines.orchestration.cli import main as cli
+from pipelines.sources.simulator import LOGGED_PROPENSITY, SCENARIOS, Scenario, simulate, write
 from schemas.config import load_config
 from schemas.run_dir import RunDir
 

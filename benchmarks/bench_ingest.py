@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipelines.simulate import SCENARIOS, simulate, write
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas import impressions as imp
 from schemas import signals as sig
 from schemas import units as un
@@ -130,7 +130,7 @@ def bench_ingest(n: int, repeats: int = 2) -> dict[str, float]:
     shutil.rmtree(work, ignore_errors=True)
     beam_code = (f"from benchmarks.bench_ingest import bench_config;from pipelines import ingest;"
                  f"from schemas.run_dir import RunDir;import logging;logging.disable(logging.WARNING);"
-                 f"from pipelines.cli import DEFAULT_BEAM_ARGS;"
+                 f"from pipelines.orchestration.cli import DEFAULT_BEAM_ARGS;"
                  f"r=ingest.run(RunDir('{work}/beam'), bench_config(__import__('pathlib').Path('{data}')),"
                  f"DEFAULT_BEAM_ARGS);print(__import__('json').dumps(r['diagnostics']['seconds']))")
     polars_code = (f"from benchmarks.bench_ingest import bench_config, polars_ingest;import pathlib;"

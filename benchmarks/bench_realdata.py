@@ -43,16 +43,16 @@ from benchmarks.bench_trainer import mean_sd, minilm_folder
 from estimators.diagnostics import expected_calibration_error, ndcg_at_k
 from estimators.reward.model import load_reward_model, model_record, predict_logits, score
 from estimators.reward.trainer import fit_reward_model
-from pipelines.cli import main as cli
-from pipelines.import_coat import LOGGED_PROPENSITY, import_coat
-from pipelines.import_hh_rlhf import HHSettings, import_hh_rlhf
+from pipelines.orchestration.cli import main as cli
+from pipelines.sources.coat import LOGGED_PROPENSITY, import_coat
+from pipelines.sources.hh_rlhf import HHSettings, import_hh_rlhf
 from pipelines.train import load_models, model_dirs
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
 from schemas.config import TrainConfig, load_config
 from schemas.run_dir import RunDir
-from transforms.io import parquet_files
+from schemas.storage import parquet_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

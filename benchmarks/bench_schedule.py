@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from benchmarks.bench_estimators import CACHE
 from benchmarks.bench_realdata import quiet_work_dir
-from pipelines.catalogue import read_catalogue
-from pipelines.cli import main as cli
-from pipelines.simulate import Scenario, simulate, spread_over_days
+from pipelines.orchestration.catalogue import read_catalogue
+from pipelines.orchestration.cli import main as cli
+from pipelines.sources.simulator import Scenario, simulate, spread_over_days
 from schemas import impressions as imp
 from schemas import run_dir as rd
 from schemas import units as un

@@ -34,8 +34,8 @@ from estimators.reward.data import TRAIN, VAL, InMemoryBatches, StreamingBatches
 from estimators.reward.hashed import HashedRewardModel
 from estimators.reward.model import logits, new_encoder, new_model
 from estimators.reward.trainer import optimisation, small_op_threads
-from pipelines.cli import main as cli
-from pipelines.simulate import SCENARIOS, simulate, write
+from pipelines.orchestration.cli import main as cli
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from pipelines.train import model_dir
 from schemas import run_dir as rd
 from schemas.config import TrainConfig

@@ -21,8 +21,8 @@ import numpy as np
 from benchmarks.bench_estimators import CACHE
 from benchmarks.bench_estimators import CONFIG as ESTIMATORS_CONFIG
 from pipelines import evaluate
-from pipelines.cli import main as cli
-from pipelines.simulate import SCENARIOS, simulate, write
+from pipelines.orchestration.cli import main as cli
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas.config import load_config
 from schemas.run_dir import RunDir
 
@@ -70,7 +70,7 @@ def bench_votes(n: int = 20_000, seeds: tuple[int, ...] = (0, 1, 2), raters: int
 
 
 def _observed(run: RunDir) -> int:
-    from pipelines.manifest import read_manifest
+    from schemas.manifest import read_manifest
 
     return int(read_manifest(run)["stages"]["ingest"]["diagnostics"]["observed"])
 

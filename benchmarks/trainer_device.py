@@ -22,7 +22,7 @@ import torch
 
 from estimators.reward.model import predict_reward
 from estimators.reward.trainer import fit_reward_model
-from pipelines.simulate import SCENARIOS, simulate
+from pipelines.sources.simulator import SCENARIOS, simulate
 from schemas.config import TrainConfig
 
 

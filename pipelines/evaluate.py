@@ -32,7 +32,7 @@ from schemas import units as un
 from schemas.config import Config, ScoreConfig
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
-from transforms.io import atomic_write_text, read_dataset
+from schemas.storage import atomic_write_text, read_dataset
 
 
 def mean_label_estimates(d: pl.DataFrame) -> dict[str, float]:

@@ -35,15 +35,15 @@ from estimators.noise import (
 )
 from estimators.propensity import logged_propensity
 from estimators.sensitivity import weighted_vs_naive_ratio
-from pipelines.logs import log
-from pipelines.manifest import describe_inputs
+from pipelines.orchestration.logs import log
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config, FitConfig
 from schemas.errors import ConfigError, GateError, InputError
 from schemas.hashing import fold_of, sample_rank
+from schemas.manifest import describe_inputs
 from schemas.run_dir import RunDir
-from transforms.io import atomic_dir, parquet_files, read_dataset
+from schemas.storage import atomic_dir, parquet_files, read_dataset
 from transforms.score import design
 
 

@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.manifest import describe_inputs
 from schemas import impressions as imp
 from schemas import pointwise as pw
 from schemas import quarantine as qr
@@ -28,10 +27,11 @@ from schemas import signals as sig
 from schemas import units as un
 from schemas.config import Config, expand_inputs
 from schemas.errors import GateError, InputError
+from schemas.manifest import describe_inputs
 from schemas.run_dir import RunDir
+from schemas.storage import commit_dir, count_rows, ensure_part, read_dataset, scratch_dir, staging_dir
 from schemas.suites import suite_columns, units_suite
 from transforms.gates import failed_expectations, raw_id_leaks, raw_user_fields
-from transforms.io import commit_dir, count_rows, ensure_part, read_dataset, scratch_dir, staging_dir
 from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
 from transforms.privacy import key_from_env
 from transforms.read import COUNTS, FILE_INDEX, NESTED, ROW_NUMBER, ReadRaw, peek_schema

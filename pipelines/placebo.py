@@ -36,7 +36,7 @@ from schemas import units as un
 from schemas.config import Config
 from schemas.hashing import fold_of
 from schemas.run_dir import RunDir
-from transforms.io import read_dataset
+from schemas.storage import read_dataset
 from transforms.score import design
 
 

@@ -16,13 +16,13 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API needs no GUI backend and no global pyplot state
 
 from estimators.diagnostics import reliability
-from pipelines.manifest import read_manifest
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
+from schemas.manifest import read_manifest
 from schemas.run_dir import RunDir
-from transforms.io import atomic_dir, read_dataset
+from schemas.storage import atomic_dir, read_dataset
 
 
 def plot_overlap(p: np.ndarray, o: np.ndarray, path: Path) -> None:

@@ -19,28 +19,28 @@ from estimators import weights as W
 from estimators.diagnostics import summary
 from estimators.drift import breaches, compare, profile, signal_counts
 from estimators.propensity import logged_propensity
-from pipelines.manifest import dataset_sha256, describe_inputs
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config, ScoreConfig
 from schemas.errors import GateError, InputError
+from schemas.manifest import dataset_sha256, describe_inputs
 from schemas.run_dir import RunDir
-from schemas.suites import pairwise_suite, pointwise_suite, suite_columns
-from transforms import score as sc
-from transforms.gates import failed_expectations, raw_id_leaks
-from transforms.io import (
+from schemas.storage import (
     commit_dir,
     count_rows,
-    encode_table,
     ensure_part,
     parquet_files,
     read_dataset,
     staging_dir,
 )
+from schemas.suites import pairwise_suite, pointwise_suite, suite_columns
+from transforms import score as sc
+from transforms.gates import failed_expectations, raw_id_leaks
 from transforms.join import KeyByBucket
 from transforms.read import ReadParts
+from transforms.shuffle import encode_table
 from transforms.write import WriteBucketParts, WriteJson
 
 

@@ -65,7 +65,6 @@ from estimators.reward.model import (
     save_reward_model,
 )
 from estimators.reward.trainer import Checkpoint, fit_reward_model, resolve_device
-from pipelines.manifest import describe_inputs
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
@@ -73,8 +72,9 @@ from schemas import truth as tr
 from schemas import units as un
 from schemas.config import Config
 from schemas.errors import ConfigError, InputError
+from schemas.manifest import describe_inputs
 from schemas.run_dir import RunDir
-from transforms.io import atomic_dir, count_rows, parquet_files
+from schemas.storage import atomic_dir, count_rows, parquet_files
 
 READ_ROWS = 16_384
 """Rows per record batch read from the datasets: memory is bounded by this and the loader's buffer."""

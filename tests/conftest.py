@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest  # noqa: E402
 
-from pipelines.simulate import SCENARIOS, simulate, write  # noqa: E402
+from pipelines.sources.simulator import SCENARIOS, simulate, write  # noqa: E402
 
 HASH_KEY_ENV = "OBSFEED_TEST_HASH_KEY"
 

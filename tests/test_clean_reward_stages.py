@@ -10,15 +10,15 @@ import polars as pl
 import pytest
 
 from pipelines import evaluate, fit, ingest, score, train
-from pipelines.simulate import SCENARIOS, simulate, write
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas.config import parse_config
 from schemas.errors import ConfigError
 from schemas.run_dir import RunDir
+from schemas.storage import read_dataset
 from tests.conftest import config_text, module_hash_key
-from transforms.io import read_dataset
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import beam_args_with_defaults, main
+from pipelines.orchestration.cli import beam_args_with_defaults, main
 from schemas import run_dir as rd
 from tests.conftest import config_text
 

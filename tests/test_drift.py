@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from estimators.drift import PSI_FLOOR, bin_shares, breaches, compare, profile, psi, quantile_edges, total_variation
-from pipelines.lock import lock_path, root_lock, unlock
+from pipelines.orchestration.lock import lock_path, root_lock, unlock
 from schemas.errors import LockError
 
 

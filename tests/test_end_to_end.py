@@ -17,18 +17,18 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
-from pipelines.manifest import dataset_sha256
-from pipelines.simulate import SCENARIOS, simulate, write
-from pipelines.summary import run_status
+from pipelines.orchestration.cli import main
+from pipelines.orchestration.summary import run_status
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
 from schemas.config import load_config
+from schemas.manifest import dataset_sha256
 from schemas.run_dir import RunDir
-from transforms.io import read_dataset
+from schemas.storage import read_dataset
 
 pytestmark = pytest.mark.e2e
 
@@ -217,7 +217,7 @@ def test_a_run_killed_during_score_leaves_the_previous_datasets_and_no_success(f
     shared run, so it comes after the tests that read the first run's manifest.)"""
     run, _ = finished_run
     before = {d: dataset_sha256(run / d) for d in (rd.POINTWISE, rd.PAIRWISE)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "score", str(run)],
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.orchestration.cli", "score", str(run)],
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     staged = run / f".{rd.DATASETS}.tmp-*"

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
-from pipelines.simulate import SCENARIOS, simulate
+from pipelines.orchestration.cli import main
+from pipelines.sources.simulator import SCENARIOS, simulate
 from schemas import run_dir as rd
 from tests.conftest import HASH_KEY_ENV, config_text
 

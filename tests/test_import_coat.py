@@ -8,8 +8,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
-from pipelines.import_coat import CROSSES, LOGGED_PROPENSITY, coat_logs, read_coat
+from pipelines.orchestration.cli import main
+from pipelines.sources.coat import CROSSES, LOGGED_PROPENSITY, coat_logs, read_coat
 from schemas import run_dir as rd
 
 SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "coat"

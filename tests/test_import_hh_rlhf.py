@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
-from pipelines.import_hh_rlhf import HHSettings, import_hh_rlhf, read_pairs, semi_synthetic, split_dialogue
+from pipelines.orchestration.cli import main
+from pipelines.sources.hh_rlhf import HHSettings, import_hh_rlhf, read_pairs, semi_synthetic, split_dialogue
 from schemas import run_dir as rd
 from schemas import truth as tr
 

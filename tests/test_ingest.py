@@ -14,8 +14,8 @@ from schemas import units as un
 from schemas.config import load_config
 from schemas.errors import ConfigError, GateError, InputError
 from schemas.run_dir import RunDir
+from schemas.storage import read_dataset
 from tests.conftest import HASH_KEY_ENV
-from transforms.io import read_dataset
 
 T0 = "2026-11-01T10:00:00Z"
 

@@ -25,8 +25,8 @@ from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import load_config
 from schemas.run_dir import RunDir
+from schemas.storage import read_dataset
 from tests.conftest import HASH_KEY_ENV
-from transforms.io import read_dataset
 
 COLUMNS = ["impression_id", "ts", "user_id", "prompt_id", "response_id", "response", "position"]
 IMPRESSION_KINDS = {  # kind -> reason it is quarantined with (None: it is valid)

@@ -7,7 +7,6 @@ import pytest
 
 from schemas import units as un
 from schemas.errors import ConfigError
-from transforms.io import decode_table, encode_table
 from transforms.join import (
     JoinAndLabel,
     KeyByBucket,
@@ -17,6 +16,7 @@ from transforms.join import (
 )
 from transforms.privacy import key_from_env, pseudonymise
 from transforms.read import FILE_INDEX, ROW_NUMBER
+from transforms.shuffle import decode_table, encode_table
 
 RULES = {"upvote": 1.0, "downvote": 0.0, "edit": "1 - value", "copy": 1.0, "regenerate": 0.0}
 EXPLICIT = ["upvote", "downvote", "edit"]

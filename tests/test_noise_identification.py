@@ -19,9 +19,9 @@ from estimators.noise import (
     wilson_interval,
 )
 from pipelines import train
-from pipelines.cli import main
 from pipelines.fit import noise_model
-from pipelines.simulate import SCENARIOS, simulate, write
+from pipelines.orchestration.cli import main
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas import run_dir as rd
 from schemas.config import FitConfig, parse_config
 from schemas.errors import ConfigError

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipelines.cli import main
-from pipelines.simulate import SCENARIOS, simulate, write
+from pipelines.orchestration.cli import main
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas.config import Config
 from tests.conftest import HASH_KEY_ENV, config_text
 

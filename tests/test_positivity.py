@@ -16,9 +16,8 @@ import pytest
 from estimators import positivity
 from estimators.positivity import TAIL_COLUMN, describe, strata_table, violated_strata, violation_mask
 from pipelines import fit, report, score
-from pipelines.cli import main
-from pipelines.manifest import read_manifest
-from pipelines.simulate import SCENARIOS, simulate, write
+from pipelines.orchestration.cli import main
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import run_dir as rd
@@ -26,9 +25,10 @@ from schemas import signals as sig
 from schemas import units as un
 from schemas.config import parse_config
 from schemas.errors import ConfigError
+from schemas.manifest import read_manifest
 from schemas.run_dir import RunDir
+from schemas.storage import read_dataset
 from tests.conftest import HASH_KEY_ENV, config_text
-from transforms.io import read_dataset
 
 # --- the pure function, on hand cases -------------------------------------------------------------------------
 

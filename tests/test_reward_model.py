@@ -335,7 +335,7 @@ def test_score_function_on_new_data(toy, tmp_path: Path):
 
 
 def test_cli_train_flags(toy, tmp_path: Path, capsys):
-    from pipelines.cli import main
+    from pipelines.orchestration.cli import main
 
     table, _ = toy
     run, cfg = _stage_run(tmp_path, table, loss="naive", baselines=[], epochs=2)

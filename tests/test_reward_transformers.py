@@ -21,8 +21,8 @@ from estimators.reward.data import TRAIN, DeviceBatch, StreamingBatches
 from estimators.reward.model import load_reward_model, predict_reward, save_reward_model, score
 from estimators.reward.trainer import _Objective, build_cache, fit_reward_model, lr_factor
 from pipelines import train
-from pipelines.cli import main
-from pipelines.stages import freeze_config
+from pipelines.orchestration.cli import main
+from pipelines.orchestration.registry import freeze_config
 from schemas import impressions as imp
 from schemas import pairwise as pr
 from schemas import pointwise as pw
@@ -359,7 +359,7 @@ def test_two_gloo_processes_train_what_one_process_trains(tiny_encoder_dir, tmp_
     two = _stage_run(tmp_path / "two", table, batch_size=4, **settings)
     assert main(["train", str(one.root)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", str(two.root), "--nproc", "2"],
+    done = subprocess.run([sys.executable, "-m", "pipelines.orchestration.cli", "train", str(two.root), "--nproc", "2"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 processes" in done.stderr

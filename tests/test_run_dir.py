@@ -19,14 +19,14 @@ import polars as pl
 import pytest
 
 from pipelines import fit
-from pipelines.cli import main
-from pipelines.manifest import tree_sha256
-from pipelines.simulate import SCENARIOS, simulate, write
-from pipelines.stages import STAGES
+from pipelines.orchestration.cli import main
+from pipelines.orchestration.registry import STAGES
+from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas import run_dir as rd
 from schemas.config import parse_config
+from schemas.manifest import tree_sha256
+from schemas.storage import left_by_dead_writer, remove_dead_scratch, staging_dir, writer_tag
 from tests.conftest import HASH_KEY_ENV, config_text
-from transforms.io import left_by_dead_writer, remove_dead_scratch, staging_dir, writer_tag
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +63,7 @@ def _env() -> dict[str, str]:
 
 
 def _obsfeed(*args: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], env=_env(),
+    return subprocess.Popen([sys.executable, "-m", "pipelines.orchestration.cli", *map(str, args)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -74,7 +74,7 @@ def complete(tmp_path_factory) -> tuple[Path, Path, Path]:
     data, other = _logs(tmp / "data", 1500, 11), _logs(tmp / "other", 1500, 12)
     cfg = _config(tmp, data)
     run = tmp / "run"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(cfg), str(run)], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "pipelines.orchestration.cli", "run", str(cfg), str(run)], env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (run / rd.SUCCESS).exists()
@@ -263,7 +263,7 @@ def test_the_ess_floor_message_is_in_the_unit_the_user_wrote():
 
 
 def test_the_cli_is_quiet_unless_verbose(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "fit", str(tmp_path)], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "pipelines.orchestration.cli", "fit", str(tmp_path)], env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

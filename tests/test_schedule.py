@@ -20,15 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.catalogue import read_catalogue
-from pipelines.cli import main
-from pipelines.manifest import stale_stages
-from pipelines.simulate import Scenario, simulate, spread_over_days, write_signals
-from pipelines.stages import STAGES as ALL_STAGES
+from pipelines.orchestration.catalogue import read_catalogue
+from pipelines.orchestration.cli import main
+from pipelines.orchestration.registry import STAGES as ALL_STAGES
+from pipelines.sources.simulator import Scenario, simulate, spread_over_days, write_signals
 from schemas import impressions as imp
 from schemas import run_dir as rd
 from schemas import signals as sig
 from schemas import units as un
+from schemas.manifest import stale_stages
 
 pytestmark = pytest.mark.e2e
 
@@ -212,7 +212,7 @@ def test_union_of_days_equals_one_run_over_everything_but_the_late_window(five_d
 
 def _obsfeed(*args: object, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pipelines.orchestration.cli", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 

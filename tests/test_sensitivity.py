@@ -20,7 +20,7 @@ from estimators.sensitivity import (
     weighted_minus_naive,
     weighted_vs_naive_ratio,
 )
-from pipelines.cli import main
+from pipelines.orchestration.cli import main
 from pipelines.report import render
 from schemas import run_dir as rd
 from tests.conftest import config_text, module_hash_key

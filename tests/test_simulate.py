@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from pipelines.simulate import LOGGED_PROPENSITY, SCENARIOS, Scenario, simulate, write
+from pipelines.sources.simulator import LOGGED_PROPENSITY, SCENARIOS, Scenario, simulate, write
 from schemas import truth as tr
 
 

@@ -11,7 +11,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from estimators import weights as W
 from pipelines import evaluate, fit, ingest, score
-from pipelines.cli import main
+from pipelines.orchestration.cli import main
 from pipelines.report import render
 from schemas import pointwise as pw
 from schemas import run_dir as rd
@@ -19,8 +19,8 @@ from schemas import units as un
 from schemas.config import parse_config
 from schemas.errors import ConfigError, InputError
 from schemas.run_dir import RunDir
+from schemas.storage import read_dataset
 from tests.conftest import config_text, module_hash_key
-from transforms.io import read_dataset
 from transforms.score import add_stabilized, stabilized_sums, sum_triples
 
 # Hand case: PAV pools the violating pair (0.2, 0.3) -> blocks {0.1}, {0.2, 0.3}, {0.4, 0.5, 0.6}

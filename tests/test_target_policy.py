@@ -18,8 +18,8 @@ from schemas import units as un
 from schemas.config import ScoreConfig, parse_config
 from schemas.errors import ConfigError, GateError
 from schemas.run_dir import RunDir
+from schemas.storage import read_dataset
 from tests.conftest import config_text
-from transforms.io import read_dataset
 from transforms.score import candidate_counts, target_probability
 
 # A bandit log: prompt, response shown, logging propensity π0, reward (click), and a target policy's π_target.

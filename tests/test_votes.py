@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, naive
-from pipelines.cli import main
 from pipelines.ingest import votes_diagnostics
-from pipelines.simulate import _SEGMENT_LEANING, _SEGMENTS, SCENARIOS, SEGMENT, Scenario, simulate, write
+from pipelines.orchestration.cli import main
+from pipelines.sources.simulator import _SEGMENT_LEANING, _SEGMENTS, SCENARIOS, SEGMENT, Scenario, simulate, write
 from schemas import pairwise as pr
 from schemas import pointwise as pw
 from schemas import quarantine as qr

@@ -18,8 +18,8 @@ from schemas import run_dir as rd
 from schemas.config import parse_config
 from schemas.errors import GateError, InputError
 from schemas.run_dir import RunDir
+from schemas.storage import partitions, read_dataset
 from tests.conftest import config_text, module_hash_key
-from transforms.io import partitions, read_dataset
 
 
 @pytest.fixture(scope="module")

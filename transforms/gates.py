@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas import quarantine as qr
+from schemas.storage import read_dataset
 from schemas.suites import RAW_ID_KEY, RAW_USER_COLUMNS
-from transforms.io import read_dataset
 
 if TYPE_CHECKING:
     import great_expectations as gx

@@ -23,9 +23,9 @@ from schemas import signals as sig
 from schemas import units as un
 from schemas.conform import conform
 from schemas.hashing import bucket_of
-from transforms.io import decode_table, encode_table, spill_table
 from transforms.privacy import key_from_env, pseudonymise
 from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
+from transforms.shuffle import decode_table, encode_table, spill_table
 from transforms.validate import CONTEXT, QUARANTINE, quarantine_rows
 from transforms.window import OTHER_DAY, DayWindow
 
@@ -38,7 +38,7 @@ class KeyByBucket(beam.DoFn):
 
     With ``key=None`` (quarantine rows) the rows are spread by where they came from. The sub-table travels as
     Arrow IPC bytes through the runner's shuffle, or, with ``spill_dir``, is written to a file there and only
-    its path is shuffled (:func:`transforms.io.spill_table`); the consumer reads either with ``decode_table``.
+    its path is shuffled (:func:`transforms.shuffle.spill_table`); the consumer reads either with ``decode_table``.
     """
 
     def __init__(self, buckets: int, key: str | None, spill_dir: str | None = None):

@@ -32,7 +32,7 @@ from schemas import pointwise as pw
 from schemas import units as un
 from schemas.config import FitConfig, ScoreConfig
 from schemas.hashing import fold_of
-from transforms.io import decode_table
+from transforms.shuffle import decode_table
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import apache_beam as beam
 import pyarrow as pa
 
 from schemas.config import OutputConfig
-from transforms.io import decode_table, part_name, partitions, write_part
+from schemas.storage import part_name, partitions, write_part
+from transforms.shuffle import decode_table
 
 
 class WriteBucketParts(beam.DoFn):

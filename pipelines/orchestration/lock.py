@@ -26,7 +26,7 @@ from typing import Any
 
 from schemas import run_dir as rd
 from schemas.errors import LockError
-from transforms.io import process_alive
+from schemas.storage import process_alive
 
 _HELD: dict[Path, str] = {}
 """Locks this process holds (path → start time): a lock with our pid that is not here is a dead process's."""

@@ -2,24 +2,101 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import json
+import os
+import platform
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.logs import log
-from pipelines.manifest import read_manifest, record_stage, stale_stages
+from pipelines.orchestration.logs import log
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
 from schemas.errors import InputError
+from schemas.manifest import lineage, read_manifest, stale_stages, write_manifest
 from schemas.run_dir import RunDir
-from transforms.io import atomic_write_text, read_dataset, remove_dead_scratch
+from schemas.storage import atomic_write_text, read_dataset, remove_dead_scratch
+
+PACKAGES = ("obsfeed", "apache-beam", "pyarrow", "polars", "pandas", "scikit-learn", "econml", "torch", "skops",
+            "great-expectations", "numpy", "scipy", "matplotlib")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and its waited-for children, in MiB (Linux: ru_maxrss in KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 / 1024
+    return round(max(own, kids) * scale, 1)
+
+
+def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], dict[str, Any]],
+                 consumes: Sequence[str] | None = None, settings: str | None = None) -> dict[str, Any]:
+    """Run ``work`` and record its result under ``stages.<stage>``, with status, timing, memory, versions and
+    lineage: the content hashes of the run-directory inputs it consumed (``consumes``, by default
+    ``STAGE_INPUTS[stage]``) and of the outputs it produced, and the digest of the settings it ran with.
+
+    A failed stage is recorded as failed (then the error propagates), so a run is never left looking complete;
+    its outputs were not committed, so the hashes of what it produced last time are kept.
+    """
+    manifest = read_manifest(run)
+    before = (manifest.get("stages", {}).get(stage) or {}).get("lineage") or {}
+    consumed = lineage(run, rd.STAGE_INPUTS.get(stage, ()) if consumes is None else consumes)
+    manifest.update({"run_id": run.run_id, "config_hash": config_hash, "versions": versions(),
+                     "git_commit": git_commit()})
+    started = time.perf_counter()
+    entry: dict[str, Any] = {"started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    # Recorded as running first: a process killed mid-stage (no `finally` runs) then leaves "running" with a pid
+    # that is gone, which `obsfeed runs` reports as killed, instead of the previous run's "ok".
+    entry["lineage"] = {"consumed": None, "produced": before.get("produced")}
+    manifest.setdefault("stages", {})[stage] = {**entry, "status": "running", "pid": os.getpid(),
+                                                "host": platform.node()}
+    write_manifest(run, manifest)
+    try:
+        entry.update(work())
+        entry["status"] = "ok"
+        entry["lineage"] = {"consumed": consumed, "produced": lineage(run, rd.STAGE_OUTPUTS.get(stage, ())),
+                            "settings": settings}
+    except BaseException as e:
+        entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        entry["wall_s"] = round(time.perf_counter() - started, 3)
+        entry["peak_rss_mb"] = peak_rss_mb()
+        manifest = read_manifest(run) | {k: v for k, v in manifest.items() if k != "stages"}
+        manifest.setdefault("stages", {})[stage] = entry
+        write_manifest(run, manifest)
+    return entry
+
 
 STAGES = ("ingest", "fit", "score", "train", "report")
 

@@ -7,8 +7,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from pipelines.manifest import read_manifest, stale_stages
 from schemas import run_dir as rd
+from schemas.manifest import read_manifest, stale_stages
 from schemas.run_dir import RunDir
 
 
@@ -80,7 +80,7 @@ def _settings(run: RunDir) -> dict[str, str] | None:
         cfg = load_config(run.config_path)
     except (ConfigError, OSError):
         return None
-    from pipelines.stages import STAGES
+    from pipelines.orchestration.registry import STAGES
 
     return {s: cfg.stage_digest(s) for s in STAGES}
 
@@ -91,7 +91,7 @@ def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
     ``incomplete (<stages done>)``."""
     if run.path(rd.SUCCESS).exists():
         return "complete"
-    from pipelines.stages import STAGES
+    from pipelines.orchestration.registry import STAGES
 
     recorded = manifest.get("stages", {})
     stages = {name: recorded[name] for name in (*STAGES, *sorted(set(recorded) - set(STAGES))) if name in recorded}

@@ -1,4 +1,6 @@
-"""Parquet I/O shared by the stages: atomic directory commits, deterministic part files, footer counts."""
+"""How run-directory files are written and read: atomic directory commits, deterministic Parquet part files,
+footer counts, and the clean-up of what killed writers left. No Beam here: every stage (and the Beam sinks in
+``transforms/write.py``) writes through these."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from schemas.config import OutputConfig
 from schemas.errors import InputError
@@ -22,41 +23,6 @@ from schemas.run_dir import DATE_PARTITION
 
 DICTIONARY_COLUMNS = ("impression_id", "prompt_id", "response_id", "user_hash", "chosen_id", "rejected_id",
                       "model_version", "label_source", "table", "reason", "source_file")
-
-
-def encode_table(table: pa.Table) -> bytes:
-    """An Arrow table as Arrow IPC stream bytes: how tables travel through a shuffle.
-
-    Beam would otherwise pickle the table, which is ~3x slower and, for a slice, serialises the whole parent
-    buffer; bytes also pass through every runner's shuffle untouched (Dataflow, Flink, Spark alike).
-    """
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def spill_table(table: pa.Table, directory: str, bucket: int) -> str:
-    """Write ``table`` as an Arrow IPC file under ``directory`` and return its path: the file-backed shuffle.
-
-    Each call writes a new file (a retried bundle's files are simply never read), through Beam's FileSystems,
-    so ``directory`` may be local or any filesystem Beam knows (gs://, hdfs://, ...).
-    """
-    path = FileSystems.join(directory, f"b{bucket:05d}-{uuid.uuid4().hex}.arrow")
-    with FileSystems.create(path) as f:
-        f.write(encode_table(table))
-    return path
-
-
-def decode_table(data: bytes | str | pa.Table) -> pa.Table:
-    """A shuffled table back: IPC bytes (see :func:`encode_table`), the path of a spilled file (see
-    :func:`spill_table`), or a table, which passes through unchanged."""
-    if isinstance(data, pa.Table):
-        return data
-    if isinstance(data, str):
-        with FileSystems.open(data) as f:
-            data = f.read()
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
 def part_name(index: int) -> str:

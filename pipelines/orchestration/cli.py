@@ -18,15 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.lock import root_lock
-from pipelines.logs import json_mode, log, log_format
-from pipelines.stages import STAGES, freeze_config, run_stages
+from pipelines.orchestration.lock import root_lock
+from pipelines.orchestration.logs import json_mode, log, log_format
+from pipelines.orchestration.registry import STAGES, freeze_config, run_stages
 from schemas import run_dir as rd
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, ObsfeedUserError
 from schemas.run_dir import RunDir
 
-IMPORTERS = {"coat": "import_coat", "hh-rlhf": "import_hh_rlhf"}
+IMPORTERS = {"coat": "pipelines.sources.coat", "hh-rlhf": "pipelines.sources.hh_rlhf"}
 """``obsfeed import SOURCE``: the module in ``pipelines`` with ``add_arguments(parser)`` and ``main(args)``."""
 DEFAULT_BEAM_ARGS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
 """Beam's local FnApiRunner, in-process. Not ``multi_processing``: with 2 workers, Beam 2.77's parallel bundle
@@ -52,7 +52,7 @@ def _parse_stages(text: str) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from pipelines import simulate
+    from pipelines.sources import simulator as simulate
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
@@ -94,7 +94,7 @@ def make_parser() -> argparse.ArgumentParser:
     im = sub.add_parser("import", help="turn a public dataset into the input contract (plus its ground truth)")
     sources = im.add_subparsers(dest="source", required=True)
     for name, module in IMPORTERS.items():
-        importlib.import_module(f"pipelines.{module}").add_arguments(sources.add_parser(name))
+        importlib.import_module(module).add_arguments(sources.add_parser(name))
     rs = sub.add_parser("runs", help="list the runs under a folder with their status and headline figures")
     rs.add_argument("root", type=Path)
     ev = sub.add_parser("evaluate", help="metrics vs ground truth (simulator) for a finished run")
@@ -140,7 +140,7 @@ def _date(text: str) -> dt.date:
 
 def _days(args: argparse.Namespace) -> list[dt.date] | None:
     """The days a scheduled command names (--date, or --from with --to), or None for a plain run."""
-    from pipelines.schedule import days_between
+    from pipelines.orchestration.schedule import days_between
 
     if args.date and (args.from_date or args.to_date):
         raise ConfigError("--date and --from/--to: give one or the other")
@@ -187,7 +187,7 @@ def _distributed_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         elif not token.startswith("--nproc="):
             rest.append(token)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "pipelines.cli", *rest]
+               "-m", "pipelines.orchestration.cli", *rest]
     return subprocess.run(command, check=False).returncode
 
 
@@ -210,30 +210,30 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str], argv: Sequence[
     if args.command == "train" and int(os.environ.get("RANK", "0")) != 0:
         return _train_rank(args, beam_args)
     if args.command == "import":
-        for k, v in importlib.import_module(f"pipelines.{IMPORTERS[args.source]}").main(args).items():
+        for k, v in importlib.import_module(IMPORTERS[args.source]).main(args).items():
             print(f"{k:>24}: {v}")
         return 0
     if args.command == "simulate":
-        from pipelines import simulate
+        from pipelines.sources import simulator as simulate
 
         for k, v in simulate.main(args).items():
             print(f"{k:>14}: {v}")
         return 0
     if args.command == "runs":
-        from pipelines.summary import runs_table
+        from pipelines.orchestration.summary import runs_table
 
         if not args.root.is_dir():
             raise ConfigError(f"{args.root}: not a folder")
         if (args.root / rd.CATALOGUE).exists():                  # a scheduled root: its days
-            from pipelines.catalogue import read_catalogue
-            from pipelines.summary import catalogue_lines
+            from pipelines.orchestration.catalogue import read_catalogue
+            from pipelines.orchestration.summary import catalogue_lines
 
             print("\n".join(catalogue_lines(read_catalogue(args.root))))
             return 0
         print("\n".join(runs_table(args.root)))
         return 0
     if args.command == "unlock":
-        from pipelines.lock import unlock
+        from pipelines.orchestration.lock import unlock
 
         print(unlock(args.root, force=args.force))
         return 0
@@ -247,14 +247,14 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str], argv: Sequence[
         with root_lock(run.root):                    # one writer per run directory, config included
             freeze_config(run, cfg)
             run_stages(run, cfg, stages, beam_args_with_defaults(beam_args), options)
-        from pipelines.summary import print_run_summary
+        from pipelines.orchestration.summary import print_run_summary
 
         print_run_summary(run)
         return 0
     if args.command == "fit" and args.config and not (args.from_date or args.to_date):
         raise ConfigError("fit --config goes with --from/--to (a plain fit uses RUN/config.toml)")
     if args.command == "fit" and (args.from_date or args.to_date):
-        from pipelines.schedule import fit_window
+        from pipelines.orchestration.schedule import fit_window
 
         if not (args.from_date and args.to_date):
             raise ConfigError("--from and --to go together")
@@ -281,7 +281,7 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str], argv: Sequence[
 def _scheduled(args: argparse.Namespace, cfg: Config, days: list[dt.date] | None, options: dict[str, Any],
                beam_args: Sequence[str]) -> int:
     """``obsfeed run --date / --from --to [--dry-run] [--models-from]``: days into a scheduled root."""
-    from pipelines import schedule
+    from pipelines.orchestration import schedule
     stages = _parse_stages(args.stages)
     if days is None:
         raise ConfigError("--dry-run, --models-from and --force are for scheduled runs: add --date or --from/--to")
@@ -297,7 +297,7 @@ def _scheduled(args: argparse.Namespace, cfg: Config, days: list[dt.date] | None
         return 0
     rows = schedule.run_days(cfg, args.run, days, stages=stages, beam_args=beam_args_with_defaults(beam_args),
                              options=options, force=args.force, models_from=args.models_from)
-    from pipelines.summary import catalogue_lines
+    from pipelines.orchestration.summary import catalogue_lines
 
     if json_mode():
         for row in rows:
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def quiet_libraries(*, verbose: bool) -> None:
     """Third-party log records and Python warnings on stderr only with ``--verbose``: obsfeed's own lines
-    (``pipelines.logs``) say what a user needs, and a library's notice is not the user's business."""
+    (``pipelines.orchestration.logs``) say what a user needs, and a library's notice is not the user's business."""
     root = logging.getLogger()
     logging.captureWarnings(True)                 # warnings.warn → the "py.warnings" logger, shown only if verbose
     if not any(type(h) is logging.StreamHandler for h in root.handlers):

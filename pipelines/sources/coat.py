@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.simulate import write_signals
+from pipelines.sources.simulator import write_signals
 from schemas import impressions as imp
 from schemas import signals as sig
 from schemas.conform import conform

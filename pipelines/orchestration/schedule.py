@@ -8,7 +8,7 @@
 
 A day is computed in ``ROOT/.work/D`` (ingest reads the day's impressions and their signals up to
 ``ingest.late_window`` days later: ``transforms.window``), then published: each partition of the day replaces
-the previous one by renames (``transforms.io.commit_dir``: a reader sees the old day or the new one, never a
+the previous one by renames (``schemas.storage.commit_dir``: a reader sees the old day or the new one, never a
 half-written one), the run directory goes to ``days/D``, and the catalogue row turns ``ok`` last. A day that
 failed or was killed is ``failed`` or ``running`` in the catalogue and is simply run again; a backfill skips
 the days already ``ok`` unless forced.
@@ -25,17 +25,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.catalogue import day_row, read_catalogue, upsert
-from pipelines.lock import holder_alive, read_lock, root_lock
-from pipelines.logs import log
-from pipelines.manifest import describe_inputs, read_manifest, record_stage, write_manifest
-from pipelines.stages import freeze_config, run_stages
+from pipelines.orchestration.catalogue import day_row, read_catalogue, upsert
+from pipelines.orchestration.lock import holder_alive, read_lock, root_lock
+from pipelines.orchestration.logs import log
+from pipelines.orchestration.registry import freeze_config, record_stage, run_stages
 from schemas import catalogue as cat
 from schemas import run_dir as rd
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, InputError
+from schemas.manifest import describe_inputs, read_manifest, write_manifest
 from schemas.run_dir import RunDir
-from transforms.io import commit_dir, parquet_files, recover_dir
+from schemas.storage import commit_dir, parquet_files, recover_dir
 from transforms.window import DayWindow
 
 MODELS_MARKER = rd.WEIGHTS
