@@ -81,7 +81,7 @@ def run_case(case: Case, work: Path) -> dict[str, Any]:
     shutil.rmtree(run, ignore_errors=True)
     if cli(["run", str(cfg_path), str(run), "--stages", "ingest,fit,score"]) != 0:
         raise RuntimeError(f"{case.name}: the pipeline failed")
-    ev = evaluate.run(RunDir(run), load_config(cfg_path))
+    ev = evaluate.execute(RunDir(run), load_config(cfg_path))
     p, m, fr, mr = ev["propensity"], ev["mean_label"], ev["flip_rates"], ev["mean_reward"]
     (length,) = [c for c in ev["confounders"] if c["treatment"] == "response_length"]
     naive = abs(m["bias"]["naive"])

@@ -61,13 +61,13 @@ def polars_ingest(cfg: Config, out: Path) -> int:
             reasons = pl.select(pl.coalesce(reasons, checks(df))).to_series()
         return df.filter(reasons.is_null())
 
-    imps = load(cfg.input.impressions, imp.IMPRESSIONS)
-    sigs = load(cfg.input.signals, sig.SIGNALS, lambda df: signal_checks(df, ing.known_types, value_types))
+    imps = load(cfg.input.impressions, imp.SCHEMA)
+    sigs = load(cfg.input.signals, sig.SCHEMA, lambda df: signal_checks(df, ing.known_types, value_types))
     imps = dedup(imps, imp.IMPRESSION_ID)
     sigs = dedup(sigs, sig.EVENT_ID).join(imps.select(imp.IMPRESSION_ID, pl.col(imp.TS).alias("_its")),
                                           on=imp.IMPRESSION_ID, how="inner")
     sigs = sigs.filter(pl.col(sig.TS) >= pl.col("_its")).drop("_its")
-    extra = [f for f in imps.to_arrow().schema if f.name not in imp.IMPRESSIONS.names
+    extra = [f for f in imps.to_arrow().schema if f.name not in imp.SCHEMA.names
              and not f.name.startswith("_")]
     units = build_units(imps, sigs, rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types,
                         known_types=ing.known_types, unobserved_label=ing.unobserved_label, hash_key=None,
@@ -131,7 +131,7 @@ def bench_ingest(n: int, repeats: int = 2) -> dict[str, float]:
     beam_code = (f"from benchmarks.bench_ingest import bench_config;from pipelines import ingest;"
                  f"from schemas.run_dir import RunDir;import logging;logging.disable(logging.WARNING);"
                  f"from pipelines.orchestration.cli import DEFAULT_BEAM_ARGS;"
-                 f"r=ingest.run(RunDir('{work}/beam'), bench_config(__import__('pathlib').Path('{data}')),"
+                 f"r=ingest.execute(RunDir('{work}/beam'), bench_config(__import__('pathlib').Path('{data}')),"
                  f"DEFAULT_BEAM_ARGS);print(__import__('json').dumps(r['diagnostics']['seconds']))")
     polars_code = (f"from benchmarks.bench_ingest import bench_config, polars_ingest;import pathlib;"
                    f"polars_ingest(bench_config(pathlib.Path('{data}')), pathlib.Path('{work}/polars'))")

@@ -61,7 +61,7 @@ def bench_votes(n: int = 20_000, seeds: tuple[int, ...] = (0, 1, 2), raters: int
             shutil.rmtree(run, ignore_errors=True)
             if cli(["run", str(cfg_path), str(run), "--stages", "ingest,fit,score,train"]) != 0:
                 raise RuntimeError(f"seed {seed}, aggregate {aggregate}: the pipeline failed")
-            ev = evaluate.run(RunDir(run), load_config(cfg_path))
+            ev = evaluate.execute(RunDir(run), load_config(cfg_path))
             result[aggregate] = {loss: ev["reward"]["by_loss"][loss]["r2"] for loss in LOSSES}
             result["units"], result["observed"] = ev["units"], _observed(RunDir(run))
         per_seed.append(result)

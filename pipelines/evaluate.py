@@ -25,7 +25,7 @@ from estimators import weights as W
 from estimators.confounding import saved_effects
 from estimators.diagnostics import auc, expected_calibration_error, pairwise_accuracy, regression_metrics
 from estimators.features import RESPONSE_LENGTH
-from schemas import pointwise as pw
+from schemas import pointwise
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
@@ -43,15 +43,15 @@ def mean_label_estimates(d: pl.DataFrame) -> dict[str, float]:
     est = {
         "true": float(d[tr.LABEL_NOISY].mean()),
         "naive": float(label[obs].mean()),
-        "ips": float(np.sum(label * d[pw.WEIGHT_IPS].to_numpy()) / n),
-        "snips": float(np.average(label[obs], weights=d[pw.WEIGHT_SNIPS].to_numpy()[obs])),
-        "dr": float(d[pw.TARGET_DR].mean()),
+        "ips": float(np.sum(label * d[pointwise.WEIGHT_IPS].to_numpy()) / n),
+        "snips": float(np.average(label[obs], weights=d[pointwise.WEIGHT_SNIPS].to_numpy()[obs])),
+        "dr": float(d[pointwise.TARGET_DR].mean()),
         "true_clean_reward": float(d[tr.REWARD_TRUE].mean()),
     }
     est["bias"] = {k: est[k] - est["true"] for k in ("naive", "ips", "snips", "dr")}
     # Standard errors given the fitted nuisances (influence functions): is a bias within noise?
-    w = d[pw.WEIGHT_SNIPS].to_numpy()[obs]
-    dr = d[pw.TARGET_DR].to_numpy()
+    w = d[pointwise.WEIGHT_SNIPS].to_numpy()[obs]
+    dr = d[pointwise.TARGET_DR].to_numpy()
     est["se"] = {"naive": float(label[obs].std(ddof=1) / np.sqrt(obs.sum())),
                  "snips": float(np.sqrt(np.sum(w**2 * (label[obs] - est["snips"]) ** 2)) / w.sum()),
                  "dr": float(dr.std(ddof=1) / np.sqrt(n))}
@@ -68,10 +68,10 @@ def clean_reward_estimates(d: pl.DataFrame, noise: dict[str, Any] | None) -> dic
     true = float(d[tr.REWARD_TRUE].mean())
     est: dict[str, float] = {
         "naive": float(label[o].mean()),
-        "snips": float(np.average(label[o], weights=d[pw.WEIGHT_SNIPS].to_numpy()[o])),
-        "dr": float(d[pw.TARGET_DR].mean()),
-        "noise_corrected": float(d[pw.TARGET_NOISE_CORRECTED].mean()),
-        "deconfounded": float(d[pw.TARGET_DECONFOUNDED].mean()),
+        "snips": float(np.average(label[o], weights=d[pointwise.WEIGHT_SNIPS].to_numpy()[o])),
+        "dr": float(d[pointwise.TARGET_DR].mean()),
+        "noise_corrected": float(d[pointwise.TARGET_NOISE_CORRECTED].mean()),
+        "deconfounded": float(d[pointwise.TARGET_DECONFOUNDED].mean()),
     }
     for name, v in ((noise or {}).get("mean_reward") or {}).items():
         est[name] = float(v["estimate"])                  # the fit stage's audit estimates: PPI, calibrated DR
@@ -90,10 +90,10 @@ def stabilised_estimates(d: pl.DataFrame, score: ScoreConfig, clip: float) -> di
     with the stabilised weights' ESS share, max and tail index."""
     o = d[un.OBSERVED].to_numpy() == 1
     label = np.nan_to_num(d[un.LABEL].to_numpy().astype(float))
-    p, imputed = d[pw.PROPENSITY].to_numpy(), d[pw.IMPUTED].to_numpy()
+    p, imputed = d[pointwise.PROPENSITY].to_numpy(), d[pointwise.IMPUTED].to_numpy()
     w_log = W.clipped(o.astype(float), p, clip)
-    w_stab, w_snips = d[pw.WEIGHT_STABILIZED].to_numpy(), d[pw.WEIGHT_SNIPS].to_numpy()
-    ips_clipped = label * d[pw.WEIGHT_CLIPPED].to_numpy()                # IPS with the clip: Σ w·r / n
+    w_stab, w_snips = d[pointwise.WEIGHT_STABILIZED].to_numpy(), d[pointwise.WEIGHT_SNIPS].to_numpy()
+    ips_clipped = label * d[pointwise.WEIGHT_CLIPPED].to_numpy()                # IPS with the clip: Σ w·r / n
     est = {"naive": float(label[o].mean()), "clipped": float(ips_clipped.mean()),
            "snips": float(np.average(label[o], weights=w_snips[o])),
            "stabilized": float(np.average(label[o], weights=w_stab[o]))}
@@ -123,7 +123,7 @@ def stabilised_estimates(d: pl.DataFrame, score: ScoreConfig, clip: float) -> di
     return out
 
 
-def run(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: bool = False) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: bool = False) -> dict[str, Any]:
     """Metrics vs ground truth, plus the placebo check with ``placebo``. With ``placebo`` and no truth named
     (no ``--truth``, no ``[input].truth``) only the placebo check runs: it needs none. A truth that is named
     but missing or incomplete is an InputError either way."""
@@ -146,7 +146,7 @@ def run(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: bool = 
         raise InputError(f"{truth_path}: {points.height - d.height} units have no ground truth")
     o = d[un.OBSERVED].to_numpy()
     observed_d = d.filter(pl.col(un.OBSERVED) == 1)
-    p_hat, p_true = d[pw.PROPENSITY].to_numpy(), d[tr.PROPENSITY_TRUE].to_numpy()
+    p_hat, p_true = d[pointwise.PROPENSITY].to_numpy(), d[tr.PROPENSITY_TRUE].to_numpy()
     result: dict[str, Any] = {
         "units": d.height,
         "propensity": {

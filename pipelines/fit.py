@@ -282,7 +282,7 @@ def reference_profile(sample: pa.Table, propensity: np.ndarray, observed: np.nda
             **profile(propensity, observed, label, signal_counts(sample, cfg.ingest.known_types))}
 
 
-def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     fc = cfg.fit
     units = read_dataset(run.path(rd.UNITS))
     missing = [c for c in input_columns(text=fc.text, numeric=fc.numeric, categorical=fc.categorical)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas import impressions as imp
-from schemas import pointwise as pw
+from schemas import pointwise
 from schemas import quarantine as qr
 from schemas import run_dir as rd
 from schemas import signals as sig
@@ -35,7 +35,7 @@ from transforms.gates import failed_expectations, raw_id_leaks, raw_user_fields
 from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
 from transforms.privacy import key_from_env
 from transforms.read import COUNTS, FILE_INDEX, NESTED, ROW_NUMBER, ReadRaw, peek_schema
-from transforms.validate import CONTEXT, QUARANTINE, Validate, merge_counts
+from transforms.validate import CONTEXT, QUARANTINED, Validate, merge_counts
 from transforms.window import OTHER_DAY, DayWindow
 from transforms.write import WriteBucketParts, WriteJson
 
@@ -85,7 +85,7 @@ def extra_fields(schemas: dict[str, pa.Schema], known_types: Sequence[str] = ())
     A column named like one obsfeed writes itself (``user_hash``, ``n_upvote``, ``weight_ips``, ...) is refused
     up front: it would be silently replaced, or clash in the output schema; so is a user id nested in a column.
     """
-    declared = set(imp.IMPRESSIONS.names)
+    declared = set(imp.SCHEMA.names)
     types: dict[str, set[pa.DataType]] = {}
     for schema in schemas.values():
         for f in schema:
@@ -100,7 +100,7 @@ def extra_fields(schemas: dict[str, pa.Schema], known_types: Sequence[str] = ())
                 types.setdefault(f.name, set()).add(t)
             else:
                 types.setdefault(f.name, set())
-    reserved = set(pw.pointwise_schema(un.units_schema(known_types)).names) | set(INTERNAL_COLUMNS)
+    reserved = set(pointwise.pointwise_schema(un.units_schema(known_types)).names) | set(INTERNAL_COLUMNS)
     clash = sorted(set(types) & reserved)
     if clash:
         raise InputError(f"{next(iter(schemas))}: impression column{'s' if len(clash) > 1 else ''} {', '.join(clash)} "
@@ -144,15 +144,15 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     spill = {"events": f"{scratch_dir}/events", "impressions": f"{scratch_dir}/impressions",
              "signals": f"{scratch_dir}/signals", "context": f"{scratch_dir}/context"} if ing.shuffle == "files" else {}
     imps = p | "ReadImpressions" >> ReadRaw(list(impression_files), "impressions",
-                                            string_columns=_string_columns(imp.IMPRESSIONS),
+                                            string_columns=_string_columns(imp.SCHEMA),
                                             user_column=imp.USER_ID, key_env=key_env)
-    sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals", string_columns=_string_columns(sig.SIGNALS),
+    sigs = p | "ReadSignals" >> ReadRaw(list(signal_files), "signals", string_columns=_string_columns(sig.SCHEMA),
                                         user_column=imp.USER_ID, key_env=key_env)   # a user id logged there too
     extra = pa.schema([f for f in units_schema if f.name not in un.units_schema(ing.known_types).names])
-    v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.IMPRESSIONS, impression_files,
+    v_imps = imps.batches | "ValidateImpressions" >> Validate("impressions", imp.SCHEMA, impression_files,
                                                               window=window, ts_unit=ing.ts_unit, extra=extra,
                                                               key_env=key_env)
-    v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SIGNALS, signal_files, ing.known_types,
+    v_sigs = sigs.batches | "ValidateSignals" >> Validate("signals", sig.SCHEMA, signal_files, ing.known_types,
                                                           ing.value_types, window=window, ts_unit=ing.ts_unit,
                                                           key_env=key_env)
     unique_sigs = (v_sigs.ok
@@ -175,16 +175,16 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
                   gold=ing.gold, window=window, aggregate=ing.aggregate, prior=ing.prior,
                   unobserved_label=ing.unobserved_label, key_env=key_env, units_schema=units_schema,
                   signal_files=signal_files,
-              )).with_outputs(QUARANTINE, COUNTS, main="units"))
+              )).with_outputs(QUARANTINED, COUNTS, main="units"))
     _ = (joined.units
          | "AsGroups" >> beam.MapTuple(lambda k, t: (k, [t]))
          | "WriteUnits" >> beam.ParDo(WriteBucketParts(units_dir, units_schema, [un.IMPRESSION_ID], cfg.output)))
-    _ = ((imps[QUARANTINE], sigs[QUARANTINE], v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINE])
+    _ = ((imps[QUARANTINED], sigs[QUARANTINED], v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINED])
          | "FlattenQuarantine" >> beam.Flatten()
          | "BucketQuarantine" >> beam.ParDo(KeyByBucket(buckets, None))
          | "GroupQuarantine" >> beam.GroupByKey()
          | "WriteQuarantine" >> beam.ParDo(WriteBucketParts(
-             quarantine_dir, qr.QUARANTINE, [qr.TABLE, qr.SOURCE_FILE, qr.ROW_NUMBER], cfg.output)))
+             quarantine_dir, qr.SCHEMA, [qr.TABLE, qr.SOURCE_FILE, qr.ROW_NUMBER], cfg.output)))
     _ = ((imps[COUNTS], sigs[COUNTS], v_imps.counts, v_sigs.counts, unique_sigs[COUNTS], joined[COUNTS])
          | "FlattenCounts" >> beam.Flatten()
          | "MergeCounts" >> beam.CombineGlobally(merge_counts)
@@ -214,12 +214,12 @@ def reconcile(counts: dict[str, int], units_rows: int, quarantined: dict[str, in
     return out
 
 
-def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Run the ingest graph with the caller's Beam options and commit ``units/`` and ``quarantine/``."""
     impression_files, signal_files = input_files(cfg)
     impression_schemas = file_schemas(impression_files)
-    check_columns(impression_files, imp.IMPRESSIONS, impression_schemas)
-    check_columns(signal_files, sig.SIGNALS)
+    check_columns(impression_files, imp.SCHEMA, impression_schemas)
+    check_columns(signal_files, sig.SCHEMA)
     env = key_env(cfg)
     schema = un.units_schema(cfg.ingest.known_types, extra_fields(impression_schemas, cfg.ingest.known_types))
     units_final, quarantine_final = run.path(rd.UNITS), run.path(rd.QUARANTINE)
@@ -231,7 +231,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
             build(p, cfg, impression_files=impression_files, signal_files=signal_files, units_schema=schema,
                   key_env=env, units_dir=str(units_tmp), quarantine_dir=str(quarantine_tmp),
                   counts_path=str(scratch / "counts.json"), scratch_dir=str(scratch / "shuffle"))
-        ensure_part(quarantine_tmp, qr.QUARANTINE, cfg.output)       # an empty quarantine is still a dataset
+        ensure_part(quarantine_tmp, qr.SCHEMA, cfg.output)       # an empty quarantine is still a dataset
         counts = json.loads((scratch / "counts.json").read_text())
         quarantined = _quarantine_by_table(quarantine_tmp)
         table_counts = reconcile(counts, count_rows(units_tmp), quarantined)

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API needs no GUI backend and no global pyplot state
 
 from estimators.diagnostics import reliability
-from schemas import pointwise as pw
+from schemas import pointwise
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
@@ -288,7 +288,7 @@ def _positivity_section(st: dict[str, Any]) -> str:
     score = st.get("score", {})
     done = score.get("diagnostics", {}).get("positivity") if score.get("status") == "ok" else None
     fate = ("" if not done else f" Score: {done['excluded']} units left out of the datasets." if done["excluded"]
-            else f" Score: {done['flagged']} units flagged in {pw.OVERLAP_VIOLATION}.")
+            else f" Score: {done['flagged']} units flagged in {pointwise.OVERLAP_VIOLATION}.")
     return (f"<h2>Positivity: overlap fails</h2><p><strong>Warning:</strong> {len(rows)} strata of the fit sample "
             f"have (almost) no observed units or propensities below {check['floor']:g}; weights there are "
             f"unbounded and DR targets are extrapolation (fit.positivity = {html.escape(check['mode'])}).{fate}</p>"
@@ -309,7 +309,11 @@ FLIP_ASSUMPTION = ("flip-rate correction: assumes class-conditional noise (a lab
 def _weights_section(d: dict[str, Any]) -> str:
     """ESS, concentration, max and Hill tail index of each weight column (α ≤ 2: the weights' variance is not
     finite), the stabiliser beside clipping, and the value of the policy the weights evaluate."""
-    names = [n for n in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED) if n in d]
+    names = [
+        n
+        for n in (pointwise.WEIGHT_IPS, pointwise.WEIGHT_CLIPPED, pointwise.WEIGHT_SNIPS, pointwise.WEIGHT_STABILIZED)
+        if n in d
+    ]
 
     def tail(x: float | None) -> Any:
         return "—" if x is None else x
@@ -373,17 +377,19 @@ def _reward_metrics(run: RunDir) -> dict[str, Any]:
     return out
 
 
-def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
-    t = read_dataset(run.path(rd.POINTWISE), [un.OBSERVED, pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED])
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+    t = read_dataset(
+        run.path(rd.POINTWISE), [un.OBSERVED, pointwise.PROPENSITY, pointwise.WEIGHT_IPS, pointwise.WEIGHT_CLIPPED]
+    )
     o = t[un.OBSERVED].to_numpy()
-    p = t[pw.PROPENSITY].to_numpy()
+    p = t[pointwise.PROPENSITY].to_numpy()
     obs = o == 1
     figures = {"overlap": "overlap.png", "calibration": "calibration.png", "weights": "weights.png"}
     with atomic_dir(run.path(rd.REPORT)) as tmp:
         plot_overlap(p, o, tmp / figures["overlap"])
         plot_calibration(p, o, tmp / figures["calibration"])
         clip = float(json.loads(run.path(rd.WEIGHTS_FILE).read_text())["clip"])   # the floor fit chose
-        plot_weights(t[pw.WEIGHT_IPS].to_numpy()[obs], t[pw.WEIGHT_CLIPPED].to_numpy()[obs], clip,
+        plot_weights(t[pointwise.WEIGHT_IPS].to_numpy()[obs], t[pointwise.WEIGHT_CLIPPED].to_numpy()[obs], clip,
                      tmp / figures["weights"])
         fit_entry = read_manifest(run).get("stages", {}).get("fit", {})
         fit = fit_entry.get("diagnostics", {}) if fit_entry.get("status") == "ok" else {}

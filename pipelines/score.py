@@ -19,8 +19,7 @@ from estimators import weights as W
 from estimators.diagnostics import summary
 from estimators.drift import breaches, compare, profile, signal_counts
 from estimators.propensity import logged_propensity
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config, ScoreConfig
@@ -83,15 +82,26 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_pat
                  | "BuildPairs" >> beam.ParDo(sc.BuildPairs(cfg.score, run_id)))
     pair_totals = (raw_pairs | "PairWeights" >> beam.MapTuple(lambda _, t: sc.pair_weight_sum(t))
                    | "SumPairWeights" >> beam.CombineGlobally(sc.sum_tuples))
-    _ = (raw_pairs
-         | "NormalisePairs" >> beam.MapTuple(lambda b, t, tot=None: (b, [sc.normalise_pairs(t, tot)]),
-                                             tot=beam.pvalue.AsSingleton(pair_totals))
-         | "WritePairwise" >> beam.ParDo(WriteBucketParts(pairwise_dir, pr.PAIRWISE,
-                                                          [pr.PROMPT_ID, pr.CHOSEN_ID, pr.REJECTED_ID], cfg.output,
-                                                          partitioned=True)))
+    _ = (
+        raw_pairs
+        | "NormalisePairs"
+        >> beam.MapTuple(
+            lambda b, t, tot=None: (b, [sc.normalise_pairs(t, tot)]), tot=beam.pvalue.AsSingleton(pair_totals)
+        )
+        | "WritePairwise"
+        >> beam.ParDo(
+            WriteBucketParts(
+                pairwise_dir,
+                pairwise.SCHEMA,
+                [pairwise.PROMPT_ID, pairwise.CHOSEN_ID, pairwise.REJECTED_ID],
+                cfg.output,
+                partitioned=True,
+            )
+        )
+    )
 
 
-def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     unit_files = [str(f) for f in parquet_files(run.path(rd.UNITS))]
     models = run.path(rd.MODELS)
     if not (models / rd.WEIGHTS).exists():
@@ -115,7 +125,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
         if not Path(path).exists():
             raise InputError(f"{path}: fitted model not found (run the fit stage first)")
     wt = score_weighting(unit_files, weighting, cfg)
-    schema = pw.pointwise_schema(pq.read_schema(unit_files[0]))
+    schema = pointwise.pointwise_schema(pq.read_schema(unit_files[0]))
     # Both datasets are staged in one folder and replace datasets/ in one commit: a reader never sees a new
     # pointwise dataset beside an old pairwise one, and a killed run leaves the previous pair in place.
     final = run.path(rd.DATASETS)
@@ -131,7 +141,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                   run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr), clip=clip,
                   excluded_path=str(excluded_path), weighting=wt)
         ensure_part(tmp_pw, schema, cfg.output)                 # empty datasets are still datasets
-        ensure_part(tmp_pr, pr.PAIRWISE, cfg.output)
+        ensure_part(tmp_pr, pairwise.SCHEMA, cfg.output)
         n_units, n_points = count_rows(run.path(rd.UNITS)), count_rows(tmp_pw)
         overlap = overlap_diagnostics(tmp_pw, excluded_path, model_paths.get("positivity"), cfg)
         excluded_path.unlink(missing_ok=True)
@@ -140,7 +150,7 @@ def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, An
                                "for lack of overlap")
         diagnostics = weight_diagnostics(tmp_pw, clip, cfg.score)
         diagnostics["positivity"] = overlap
-        ess_share = diagnostics[pw.WEIGHT_IPS]["ess_share"]
+        ess_share = diagnostics[pointwise.WEIGHT_IPS]["ess_share"]
         floor = cfg.score.ips_min_ess_share
         if ess_share < floor:
             raise GateError(f"score: degenerate weights: the Kish ESS of the IPS weights is {ess_share:.4g} of the "
@@ -218,9 +228,9 @@ def drift_check(pointwise_dir: Path, reference_path: Path, cfg: Config) -> dict[
     if not reference_path.exists():
         return None
     reference = json.loads(reference_path.read_text())
-    t = read_dataset(pointwise_dir, [pw.PROPENSITY, un.OBSERVED, un.LABEL,
+    t = read_dataset(pointwise_dir, [pointwise.PROPENSITY, un.OBSERVED, un.LABEL,
                                      *(un.count_column(k) for k in cfg.ingest.known_types)])
-    day = profile(t[pw.PROPENSITY].to_numpy(), t[un.OBSERVED].to_numpy(),
+    day = profile(t[pointwise.PROPENSITY].to_numpy(), t[un.OBSERVED].to_numpy(),
                   t[un.LABEL].to_numpy(zero_copy_only=False).astype(float),
                   signal_counts(t, cfg.ingest.known_types), edges=reference["propensity_edges"])
     values = compare(reference, day)
@@ -246,8 +256,8 @@ def overlap_diagnostics(pointwise_dir: Path, excluded_path: Path, positivity_pat
     if cfg.fit.positivity == "exclude":
         counted = json.loads(excluded_path.read_text())
         return {**out, "flagged": 0, "excluded": counted["units"], "excluded_observed": counted["observed"]}
-    t = read_dataset(pointwise_dir, [un.OBSERVED, pw.OVERLAP_VIOLATION])
-    flag = t[pw.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False).astype(bool)
+    t = read_dataset(pointwise_dir, [un.OBSERVED, pointwise.OVERLAP_VIOLATION])
+    flag = t[pointwise.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False).astype(bool)
     return {**out, "flagged": int(flag.sum()),
             "flagged_observed": int((flag & (t[un.OBSERVED].to_numpy() == 1)).sum()), "excluded": 0}
 
@@ -256,24 +266,34 @@ def weight_diagnostics(pointwise_dir: Path, clip: float, score: ScoreConfig | No
     """ESS, clipping, concentration and tail index of the weights actually written (read back from the
     dataset), and the value of the policy the IPS weights evaluate (``score.target_policy``)."""
     score = score or ScoreConfig()
-    t = read_dataset(pointwise_dir, [un.OBSERVED, un.LABEL, pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED,
-                                     pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED])
+    t = read_dataset(
+        pointwise_dir,
+        [
+            un.OBSERVED,
+            un.LABEL,
+            pointwise.PROPENSITY,
+            pointwise.WEIGHT_IPS,
+            pointwise.WEIGHT_CLIPPED,
+            pointwise.WEIGHT_SNIPS,
+            pointwise.WEIGHT_STABILIZED,
+        ],
+    )
     o = t[un.OBSERVED].to_numpy() == 1
-    p = t[pw.PROPENSITY].to_numpy()
+    p = t[pointwise.PROPENSITY].to_numpy()
     out: dict[str, Any] = {"n_observed": int(o.sum()), "clip": clip, "clipped": int(np.sum(o & (p < clip))),
                            "propensity": summary(p)}
-    for name in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED):
+    for name in (pointwise.WEIGHT_IPS, pointwise.WEIGHT_CLIPPED, pointwise.WEIGHT_SNIPS, pointwise.WEIGHT_STABILIZED):
         w = t[name].to_numpy()[o]
         tail = W.hill_tail_index(w)
         out[name] = {"ess": W.kish_ess(w), "ess_share": W.kish_ess(w) / max(1, o.sum()),
                      "top1pct_share": W.top_share(w), "tail_index": tail if np.isfinite(tail) else None,
                      **summary(w)}
-    ws = t[pw.WEIGHT_STABILIZED].to_numpy()[o]
-    out[pw.WEIGHT_STABILIZED].update(          # variance of the weights scaled to mean 1 (what the cap bounds)
+    ws = t[pointwise.WEIGHT_STABILIZED].to_numpy()[o]
+    out[pointwise.WEIGHT_STABILIZED].update(          # variance of the weights scaled to mean 1 (what the cap bounds)
         method=score.stabilize, variance=float(np.var(ws / ws.mean())) if ws.size else None,
         max_weight_variance=score.max_weight_variance if score.stabilize == "monotone" else None)
     label = t[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
     out["policy_value"] = {"policy": score.target_policy, "column": score.target_column,
-                           **W.policy_value(t[pw.WEIGHT_IPS].to_numpy(), label),
-                           "clipped": W.policy_value(t[pw.WEIGHT_CLIPPED].to_numpy(), label)}
+                           **W.policy_value(t[pointwise.WEIGHT_IPS].to_numpy(), label),
+                           "clipped": W.policy_value(t[pointwise.WEIGHT_CLIPPED].to_numpy(), label)}
     return out

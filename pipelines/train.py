@@ -65,8 +65,7 @@ from estimators.reward.model import (
     save_reward_model,
 )
 from estimators.reward.trainer import Checkpoint, fit_reward_model, resolve_device
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
@@ -116,7 +115,7 @@ def flip_rates(run: RunDir, *, allow_unidentified: bool = False, quiet: bool = F
 
 CLEAN = "+clean"
 """Suffix of a cache kind whose label and imputation are the audit-calibrated clean reward (CLEAN_COLUMNS)."""
-CLEAN_COLUMNS = {un.LABEL: pw.REWARD_CLEAN, pw.IMPUTED: pw.REWARD_CLEAN}
+CLEAN_COLUMNS = {un.LABEL: pointwise.REWARD_CLEAN, pointwise.IMPUTED: pointwise.REWARD_CLEAN}
 """Under fit.noise = 'calibrate', the noise-aware losses read the unit's calibrated clean reward in place of both
 the label and the imputation, with flip rates 0: causalrm_ips is then the IPS risk of E[r* | label, x] on the
 rated units, and causalrm_dr (label = imputation) the plain risk mean ℓ(s, reward_clean) over every unit, which is
@@ -171,7 +170,7 @@ def preflight(cfg: Config, run: RunDir | None = None) -> None:
         flip_rates(run, allow_unidentified=cfg.train.allow_unidentified_noise, quiet=True)
 
 
-def run(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool = False) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool = False) -> dict[str, Any]:
     """Train every loss of ``losses_to_train(cfg)`` and write RUN/reward_model; ``beam_args`` are unused here.
 
     ``resume``: continue each loss from its last checkpoint (a loss that had finished is not trained again).
@@ -221,8 +220,11 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
         if ddp.is_main():
             started = time.perf_counter()
             if kind == "pairs":
-                dense = None if encoder else dense_spec(_stream(pair_files, [pr.CHOSEN, pr.REJECTED]), cfg.train,
-                                                        pairs=True)
+                dense = (
+                    None
+                    if encoder
+                    else dense_spec(_stream(pair_files, [pairwise.CHOSEN, pairwise.REJECTED]), cfg.train, pairs=True)
+                )
                 caches[kind] = write_pair_cache(_stream(pair_files, PAIR_COLUMNS), directory, cfg=cfg.train,
                                                 encoder=encoder or new_encoder(cfg.train, dense))
             else:

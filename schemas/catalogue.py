@@ -8,7 +8,7 @@ STATUS = "status"
 
 RUNNING, OK, FAILED = "running", "ok", "failed"
 
-CATALOGUE = pa.schema(
+SCHEMA = pa.schema(
     [
         pa.field(DATE, pa.date32(), nullable=False, metadata={"doc": "the logical day (UTC)"}),
         pa.field(STATUS, pa.string(), nullable=False, metadata={"doc": "running | ok | failed"}),

@@ -14,7 +14,7 @@ POSITION = "position"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
-IMPRESSIONS = pa.schema(
+SCHEMA = pa.schema(
     [
         pa.field(IMPRESSION_ID, pa.string(), nullable=False),
         pa.field(TS, TIMESTAMP, nullable=False),
@@ -30,4 +30,4 @@ IMPRESSIONS = pa.schema(
 )
 """Declared columns; any other column is kept and may be named in the config as a feature."""
 
-REQUIRED = [f.name for f in IMPRESSIONS if not f.nullable]
+REQUIRED = [f.name for f in SCHEMA if not f.nullable]

@@ -17,7 +17,7 @@ MARGIN = "margin"
 WEIGHT = "weight"
 RUN_ID = "run_id"
 
-PAIRWISE = pa.schema(
+SCHEMA = pa.schema(
     [
         pa.field(PROMPT_ID, pa.string(), nullable=False, metadata={"doc": "the prompt both responses answer"}),
         pa.field(TS, TIMESTAMP, nullable=False,

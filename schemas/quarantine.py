@@ -8,7 +8,7 @@ ROW_NUMBER = "row_number"
 REASON = "reason"
 RECORD = "record"
 
-QUARANTINE = pa.schema(
+SCHEMA = pa.schema(
     [
         pa.field(TABLE, pa.string(), nullable=False, metadata={"doc": "impressions or signals"}),
         pa.field(SOURCE_FILE, pa.string(), nullable=False),

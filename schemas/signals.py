@@ -14,7 +14,7 @@ person shown a response can rate it. Votes are aggregated per rater (``ingest.ag
 inside the join and, like the impressions' user id, never reaches an output (quarantine rows carry its
 pseudonym)."""
 
-SIGNALS = pa.schema(
+SCHEMA = pa.schema(
     [
         pa.field(EVENT_ID, pa.string(), nullable=False),
         pa.field(IMPRESSION_ID, pa.string(), nullable=False),
@@ -26,4 +26,4 @@ SIGNALS = pa.schema(
     metadata={"obsfeed.table": "signals", "obsfeed.schema_version": "1"},
 )
 
-REQUIRED = [f.name for f in SIGNALS if not f.nullable]
+REQUIRED = [f.name for f in SCHEMA if not f.nullable]

@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import units as un
 
 if TYPE_CHECKING:
@@ -43,18 +42,38 @@ def pointwise_suite() -> gx.ExpectationSuite:
     import great_expectations as gx
 
     E = gx.expectations
-    finite = [pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED, pw.TARGET_DR,
-              pw.TARGET_NOISE_CORRECTED, pw.TARGET_DECONFOUNDED, pw.PROPENSITY]
-    return gx.ExpectationSuite(name="pointwise", expectations=[
-        E.ExpectColumnValuesToBeUnique(column=un.IMPRESSION_ID),
-        E.ExpectColumnValuesToBeInSet(column=un.OBSERVED, value_set=[0, 1]),
-        *(E.ExpectColumnValuesToNotBeNull(column=c) for c in finite),
-        E.ExpectColumnValuesToBeBetween(column=pw.PROPENSITY, min_value=0, max_value=1, strict_min=True),
-        *(E.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=_LARGEST)
-          for c in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS, pw.WEIGHT_STABILIZED)),
-        *(E.ExpectColumnValuesToBeBetween(column=c, min_value=-_LARGEST, max_value=_LARGEST)
-          for c in (pw.TARGET_DR, pw.TARGET_NOISE_CORRECTED, pw.TARGET_DECONFOUNDED)),
-    ])
+    finite = [
+        pointwise.WEIGHT_IPS,
+        pointwise.WEIGHT_CLIPPED,
+        pointwise.WEIGHT_SNIPS,
+        pointwise.WEIGHT_STABILIZED,
+        pointwise.TARGET_DR,
+        pointwise.TARGET_NOISE_CORRECTED,
+        pointwise.TARGET_DECONFOUNDED,
+        pointwise.PROPENSITY,
+    ]
+    return gx.ExpectationSuite(
+        name="pointwise",
+        expectations=[
+            E.ExpectColumnValuesToBeUnique(column=un.IMPRESSION_ID),
+            E.ExpectColumnValuesToBeInSet(column=un.OBSERVED, value_set=[0, 1]),
+            *(E.ExpectColumnValuesToNotBeNull(column=c) for c in finite),
+            E.ExpectColumnValuesToBeBetween(column=pointwise.PROPENSITY, min_value=0, max_value=1, strict_min=True),
+            *(
+                E.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=_LARGEST)
+                for c in (
+                    pointwise.WEIGHT_IPS,
+                    pointwise.WEIGHT_CLIPPED,
+                    pointwise.WEIGHT_SNIPS,
+                    pointwise.WEIGHT_STABILIZED,
+                )
+            ),
+            *(
+                E.ExpectColumnValuesToBeBetween(column=c, min_value=-_LARGEST, max_value=_LARGEST)
+                for c in (pointwise.TARGET_DR, pointwise.TARGET_NOISE_CORRECTED, pointwise.TARGET_DECONFOUNDED)
+            ),
+        ],
+    )
 
 
 def pairwise_suite(min_margin: float) -> gx.ExpectationSuite:
@@ -64,13 +83,13 @@ def pairwise_suite(min_margin: float) -> gx.ExpectationSuite:
 
     E = gx.expectations
     return gx.ExpectationSuite(name="pairwise", expectations=[
-        E.ExpectSelectColumnValuesToBeUniqueWithinRecord(column_list=[pr.CHOSEN_ID, pr.REJECTED_ID]),
-        E.ExpectColumnPairValuesAToBeGreaterThanB(column_A=pr.CHOSEN_TARGET, column_B=pr.REJECTED_TARGET),
-        E.ExpectColumnValuesToBeBetween(column=pr.MARGIN, min_value=min_margin - 1e-9),
-        E.ExpectColumnValuesToNotBeNull(column=pr.WEIGHT),
-        E.ExpectColumnValuesToBeBetween(column=pr.WEIGHT, min_value=0, max_value=_LARGEST),
+        E.ExpectSelectColumnValuesToBeUniqueWithinRecord(column_list=[pairwise.CHOSEN_ID, pairwise.REJECTED_ID]),
+        E.ExpectColumnPairValuesAToBeGreaterThanB(column_A=pairwise.CHOSEN_TARGET, column_B=pairwise.REJECTED_TARGET),
+        E.ExpectColumnValuesToBeBetween(column=pairwise.MARGIN, min_value=min_margin - 1e-9),
+        E.ExpectColumnValuesToNotBeNull(column=pairwise.WEIGHT),
+        E.ExpectColumnValuesToBeBetween(column=pairwise.WEIGHT, min_value=0, max_value=_LARGEST),
         *(E.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=1, strict_min=True)
-          for c in (pr.CHOSEN_PROPENSITY, pr.REJECTED_PROPENSITY)),
+          for c in (pairwise.CHOSEN_PROPENSITY, pairwise.REJECTED_PROPENSITY)),
     ])
 
 

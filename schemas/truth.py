@@ -11,7 +11,7 @@ LABEL_NOISY = "label_noisy"
 OBSERVED_TRUE = "observed_true"
 LENGTH_EFFECT_TRUE = "length_effect_true"
 
-TRUTH = pa.schema(
+SCHEMA = pa.schema(
     [
         pa.field(IMPRESSION_ID, pa.string(), nullable=False),
         pa.field(REWARD_TRUE, pa.float64(), nullable=False, metadata={"doc": "P(r*=1 | x)"}),

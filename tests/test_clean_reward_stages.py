@@ -11,7 +11,7 @@ import pytest
 
 from pipelines import evaluate, fit, ingest, score, train
 from pipelines.sources.simulator import SCENARIOS, simulate, write
-from schemas import pointwise as pw
+from schemas import pointwise
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas.config import parse_config
@@ -37,9 +37,9 @@ def scored(audited_logs: Path, tmp_path_factory):
     cfg = parse_config(text)
     run = RunDir(tmp_path_factory.mktemp("calibrate") / "run")
     with module_hash_key():
-        ingest.run(run, cfg)
-        fitted = fit.run(run, cfg)
-        score.run(run, cfg)
+        ingest.execute(run, cfg)
+        fitted = fit.execute(run, cfg)
+        score.execute(run, cfg)
     return run, cfg, fitted
 
 
@@ -57,15 +57,15 @@ def test_score_builds_the_clean_target_from_the_calibrators(scored, audited_logs
     run, cfg, _ = scored
     d = pl.from_arrow(read_dataset(run.path(rd.POINTWISE))).join(
         pl.read_parquet(audited_logs / "truth.parquet"), on="impression_id")
-    reward, imputed = d[pw.REWARD_CLEAN].to_numpy(), d[pw.IMPUTED_CLEAN].to_numpy()
+    reward, imputed = d[pointwise.REWARD_CLEAN].to_numpy(), d[pointwise.IMPUTED_CLEAN].to_numpy()
     assert np.all((reward >= 0) & (reward <= 1)) and np.all((imputed >= 0) & (imputed <= 1))
     unrated = d["observed"].to_numpy() == 0
     np.testing.assert_allclose(reward[unrated], imputed[unrated])
-    np.testing.assert_allclose(d[pw.TARGET_NOISE_CORRECTED].to_numpy(), reward)
-    np.testing.assert_allclose(d[pw.TARGET_DECONFOUNDED].to_numpy(), reward)
+    np.testing.assert_allclose(d[pointwise.TARGET_NOISE_CORRECTED].to_numpy(), reward)
+    np.testing.assert_allclose(d[pointwise.TARGET_DECONFOUNDED].to_numpy(), reward)
     # every unit is in the fit sample here, so the pointwise target is the fit stage's out-of-fold one
     mean = json.loads(run.path(rd.NOISE_MODEL).read_text())["mean_reward"]["calibrated"]
-    assert d[pw.TARGET_NOISE_CORRECTED].mean() == pytest.approx(mean["estimate"], abs=1e-9)
+    assert d[pointwise.TARGET_NOISE_CORRECTED].mean() == pytest.approx(mean["estimate"], abs=1e-9)
     true = d[tr.REWARD_TRUE].mean()
     assert mean["ci_low"] <= true <= mean["ci_high"]
     ppi = json.loads(run.path(rd.NOISE_MODEL).read_text())["mean_reward"]["ppi"]
@@ -86,8 +86,8 @@ def test_noise_aware_losses_train_on_the_calibrated_columns(scored, monkeypatch)
         return original(files, columns, rename)
 
     monkeypatch.setattr(train, "_stream", spy)
-    train.run(run, cfg)
-    assert {v for r in read for v in r.values()} == {pw.REWARD_CLEAN}
+    train.execute(run, cfg)
+    assert {v for r in read for v in r.values()} == {pointwise.REWARD_CLEAN}
     assert {} in read                                      # the 'dr' baseline reads the label itself
     assert train.calibrated(run)
 
@@ -95,6 +95,6 @@ def test_noise_aware_losses_train_on_the_calibrated_columns(scored, monkeypatch)
 def test_an_explicit_calibration_without_an_audit_is_a_config_error(sim_small: Path, tmp_path: Path, hash_key):
     cfg = parse_config(config_text(sim_small, fit={"noise": "calibrate", "min_audit": 10_000}))
     run = RunDir(tmp_path / "run")
-    ingest.run(run, cfg)
+    ingest.execute(run, cfg)
     with pytest.raises(ConfigError, match="fit.noise = 'calibrate'.*fit.min_audit = 10000"):
-        fit.run(run, cfg)
+        fit.execute(run, cfg)

@@ -20,8 +20,7 @@ import pytest
 from pipelines.orchestration.cli import main
 from pipelines.orchestration.summary import run_status
 from pipelines.sources.simulator import SCENARIOS, simulate, write
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
@@ -115,12 +114,12 @@ def test_outputs_reread_with_the_declared_schemas(finished_run):
     declared = un.units_schema(cfg.ingest.known_types, [units_schema.field("user_segment")])
     assert units_schema.remove_metadata().equals(declared.remove_metadata())
     point = pq.read_schema(next((run / rd.POINTWISE).glob("*.parquet")))
-    assert point.remove_metadata().equals(pw.pointwise_schema(declared).remove_metadata())
+    assert point.remove_metadata().equals(pointwise.pointwise_schema(declared).remove_metadata())
     pairs = read_dataset(run / rd.PAIRWISE)
-    assert pairs.schema.remove_metadata().equals(pr.PAIRWISE.remove_metadata())
-    assert pairs.num_rows > 0 and all(c != r for c, r in zip(pairs[pr.CHOSEN_ID].to_pylist(),
-                                                             pairs[pr.REJECTED_ID].to_pylist(), strict=True))
-    assert sum(pairs[pr.WEIGHT].to_pylist()) == pytest.approx(pairs.num_rows)
+    assert pairs.schema.remove_metadata().equals(pairwise.SCHEMA.remove_metadata())
+    assert pairs.num_rows > 0 and all(c != r for c, r in zip(pairs[pairwise.CHOSEN_ID].to_pylist(),
+                                                             pairs[pairwise.REJECTED_ID].to_pylist(), strict=True))
+    assert sum(pairs[pairwise.WEIGHT].to_pylist()) == pytest.approx(pairs.num_rows)
     assert read_dataset(run / rd.QUARANTINE).num_rows > 0
 
 
@@ -158,8 +157,8 @@ def test_flip_rates_are_estimated_and_the_audit_calibrates_the_clean_reward(fini
     for k, se in (("rho01", "se01"), ("rho10", "se10")):
         assert abs(audit[k] - given[k]) < 3 * audit[se], (audit, given)
     assert est["method"] == "calibrate" and (est["rho01"], est["rho10"]) == (0.0, 0.0)
-    t = read_dataset(run / rd.POINTWISE, [pw.TARGET_NOISE_CORRECTED, pw.REWARD_CLEAN])
-    assert t[pw.TARGET_NOISE_CORRECTED].to_numpy() == pytest.approx(t[pw.REWARD_CLEAN].to_numpy())
+    t = read_dataset(run / rd.POINTWISE, [pointwise.TARGET_NOISE_CORRECTED, pointwise.REWARD_CLEAN])
+    assert t[pointwise.TARGET_NOISE_CORRECTED].to_numpy() == pytest.approx(t[pointwise.REWARD_CLEAN].to_numpy())
     mr = ev["mean_reward"]
     assert mr["true"] == pytest.approx(truth[tr.LABEL_CLEAN].mean())
     assert mr["ppi"]["covered"] and mr["ppi"]["se"] < mr["gold_only"]["se"], mr
@@ -184,17 +183,19 @@ def test_datasets_read_back_with_polars_and_pyarrow_and_keep_the_gates_promises(
     points = pl.scan_parquet(run / rd.POINTWISE / "*.parquet").collect()
     assert points.height == ds.dataset(run / rd.POINTWISE, format="parquet").count_rows()
     assert "user_id" not in points.columns
-    assert points[pw.PROPENSITY].is_finite().all() and (points[pw.PROPENSITY] > 0).all()
-    assert (points[pw.PROPENSITY] <= 1).all()
-    for c in (pw.WEIGHT_IPS, pw.WEIGHT_CLIPPED, pw.WEIGHT_SNIPS):
+    assert points[pointwise.PROPENSITY].is_finite().all() and (points[pointwise.PROPENSITY] > 0).all()
+    assert (points[pointwise.PROPENSITY] <= 1).all()
+    for c in (pointwise.WEIGHT_IPS, pointwise.WEIGHT_CLIPPED, pointwise.WEIGHT_SNIPS):
         assert points[c].is_finite().all() and (points[c] >= 0).all()
     pairs = pl.from_arrow(ds.dataset(run / rd.PAIRWISE, format="parquet").to_table())
     assert pairs.height == pl.scan_parquet(run / rd.PAIRWISE / "*.parquet").select(pl.len()).collect().item()
-    assert (pairs[pr.CHOSEN_ID] != pairs[pr.REJECTED_ID]).all()
-    assert (pairs[pr.MARGIN] >= cfg.score.min_margin).all()
-    assert pairs.select(pr.PROMPT, pr.CHOSEN, pr.REJECTED).null_count().sum_horizontal().item() == 0
-    joined = pairs.join(points.select(pl.col(un.IMPRESSION_ID).alias(pr.CHOSEN_ID), pw.PROPENSITY), on=pr.CHOSEN_ID)
-    assert (joined[pr.CHOSEN_PROPENSITY] == joined[pw.PROPENSITY]).all() and joined.height == pairs.height
+    assert (pairs[pairwise.CHOSEN_ID] != pairs[pairwise.REJECTED_ID]).all()
+    assert (pairs[pairwise.MARGIN] >= cfg.score.min_margin).all()
+    assert pairs.select(pairwise.PROMPT, pairwise.CHOSEN, pairwise.REJECTED).null_count().sum_horizontal().item() == 0
+    joined = pairs.join(
+        points.select(pl.col(un.IMPRESSION_ID).alias(pairwise.CHOSEN_ID), pointwise.PROPENSITY), on=pairwise.CHOSEN_ID
+    )
+    assert (joined[pairwise.CHOSEN_PROPENSITY] == joined[pointwise.PROPENSITY]).all() and joined.height == pairs.height
 
 
 def test_rerunning_score_rewrites_identical_datasets(finished_run):
@@ -275,8 +276,8 @@ def test_the_pairwise_dataset_loads_with_hugging_face_datasets_as_is(finished_ru
     files = sorted(str(f) for f in (run / rd.PAIRWISE).glob("*.parquet"))
     d = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     assert d.num_rows == read_dataset(run / rd.PAIRWISE).num_rows
-    for c in (pr.PROMPT, pr.CHOSEN, pr.REJECTED):
+    for c in (pairwise.PROMPT, pairwise.CHOSEN, pairwise.REJECTED):
         assert d.features[c].dtype == "string"
-    assert d.features[pr.WEIGHT].dtype == "float64" and d.features[pr.MARGIN].dtype == "float64"
+    assert d.features[pairwise.WEIGHT].dtype == "float64" and d.features[pairwise.MARGIN].dtype == "float64"
     row = d[0]
-    assert row[pr.CHOSEN] != row[pr.REJECTED] and row[pr.PROMPT]
+    assert row[pairwise.CHOSEN] != row[pairwise.REJECTED] and row[pairwise.PROMPT]

@@ -2,8 +2,7 @@ import datetime as dt
 
 import pyarrow as pa
 
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import units as un
 from schemas.conform import conform
 from schemas.suites import pairwise_suite, pointwise_suite, suite_columns, units_suite
@@ -43,19 +42,26 @@ def test_each_violation_is_named():
 
 
 def _points(**overrides) -> pa.Table:
-    cols = {"impression_id": ["a", "b", "c"], "observed": [1, 0, 1], pw.PROPENSITY: [0.5, 0.2, 1.0],
-            pw.WEIGHT_IPS: [2.0, 0.0, 1.0], pw.WEIGHT_CLIPPED: [2.0, 0.0, 1.0], pw.WEIGHT_SNIPS: [1.3, 0.0, 0.7],
-            pw.WEIGHT_STABILIZED: [1.3, 0.0, 0.7],
-            pw.TARGET_DR: [0.9, 0.4, -0.2], pw.TARGET_NOISE_CORRECTED: [1.1, 0.4, -0.5],
-            pw.TARGET_DECONFOUNDED: [1.0, 0.3, -0.4]}
+    cols = {
+        "impression_id": ["a", "b", "c"],
+        "observed": [1, 0, 1],
+        pointwise.PROPENSITY: [0.5, 0.2, 1.0],
+        pointwise.WEIGHT_IPS: [2.0, 0.0, 1.0],
+        pointwise.WEIGHT_CLIPPED: [2.0, 0.0, 1.0],
+        pointwise.WEIGHT_SNIPS: [1.3, 0.0, 0.7],
+        pointwise.WEIGHT_STABILIZED: [1.3, 0.0, 0.7],
+        pointwise.TARGET_DR: [0.9, 0.4, -0.2],
+        pointwise.TARGET_NOISE_CORRECTED: [1.1, 0.4, -0.5],
+        pointwise.TARGET_DECONFOUNDED: [1.0, 0.3, -0.4],
+    }
     cols.update(overrides)
     return pa.table(cols)
 
 
 def _pairs(**overrides) -> pa.Table:
-    cols = {pr.CHOSEN_ID: ["a", "c"], pr.REJECTED_ID: ["b", "d"], pr.CHOSEN_TARGET: [1.0, 0.9],
-            pr.REJECTED_TARGET: [0.0, 0.3], pr.MARGIN: [1.0, 0.6], pr.WEIGHT: [1.2, 0.8],
-            pr.CHOSEN_PROPENSITY: [0.5, 0.1], pr.REJECTED_PROPENSITY: [0.3, 1.0]}
+    cols = {pairwise.CHOSEN_ID: ["a", "c"], pairwise.REJECTED_ID: ["b", "d"], pairwise.CHOSEN_TARGET: [1.0, 0.9],
+            pairwise.REJECTED_TARGET: [0.0, 0.3], pairwise.MARGIN: [1.0, 0.6], pairwise.WEIGHT: [1.2, 0.8],
+            pairwise.CHOSEN_PROPENSITY: [0.5, 0.1], pairwise.REJECTED_PROPENSITY: [0.3, 1.0]}
     cols.update(overrides)
     return pa.table(cols)
 
@@ -64,12 +70,12 @@ def test_the_output_gates_pass_good_datasets_and_read_no_text():
     assert failed_expectations(_points(), pointwise_suite()) == []
     assert failed_expectations(_pairs(), pairwise_suite(0.5)) == []
     for suite in (pointwise_suite(), pairwise_suite(0.5)):
-        assert not {un.PROMPT, un.RESPONSE, pr.CHOSEN, pr.REJECTED} & set(suite_columns(suite))
+        assert not {un.PROMPT, un.RESPONSE, pairwise.CHOSEN, pairwise.REJECTED} & set(suite_columns(suite))
 
 
 def test_the_pointwise_gate_refuses_bad_weights_and_propensities():
-    bad = _points(**{pw.PROPENSITY: [0.0, 0.2, 1.0], pw.WEIGHT_IPS: [float("inf"), 0.0, 1.0],
-                     pw.WEIGHT_SNIPS: [1.3, -0.1, 0.7], pw.TARGET_DR: [float("nan"), 0.4, -0.2]})
+    bad = _points(**{pointwise.PROPENSITY: [0.0, 0.2, 1.0], pointwise.WEIGHT_IPS: [float("inf"), 0.0, 1.0],
+                     pointwise.WEIGHT_SNIPS: [1.3, -0.1, 0.7], pointwise.TARGET_DR: [float("nan"), 0.4, -0.2]})
     failures = failed_expectations(bad, pointwise_suite())
     assert any("between(propensity): 1" in f for f in failures), failures
     assert any("between(weight_ips): 1" in f for f in failures), failures
@@ -78,8 +84,8 @@ def test_the_pointwise_gate_refuses_bad_weights_and_propensities():
 
 
 def test_the_pairwise_gate_refuses_self_pairs_thin_margins_and_bad_weights():
-    bad = _pairs(**{pr.REJECTED_ID: ["a", "d"], pr.MARGIN: [1.0, 0.4], pr.WEIGHT: [-1.0, 0.8],
-                    pr.REJECTED_TARGET: [0.0, 0.95]})
+    bad = _pairs(**{pairwise.REJECTED_ID: ["a", "d"], pairwise.MARGIN: [1.0, 0.4], pairwise.WEIGHT: [-1.0, 0.8],
+                    pairwise.REJECTED_TARGET: [0.0, 0.95]})
     failures = failed_expectations(bad, pairwise_suite(0.5))
     assert len(failures) == 4, failures
     assert any(f.startswith("expect_select_column_values_to_be_unique_within_record") for f in failures)

@@ -62,7 +62,7 @@ def logs(tmp_path: Path) -> Path:
 
 def test_units_quarantine_and_counts(logs: Path, hash_key):
     run = RunDir(logs / "run")
-    result = ingest.run(run, load_config(_config(logs)))
+    result = ingest.execute(run, load_config(_config(logs)))
     units = pl.from_arrow(read_dataset(run.path(rd.UNITS))).sort(un.IMPRESSION_ID)
     assert units[un.IMPRESSION_ID].to_list() == ["i1", "i2", "i3"]
     assert units[un.LABEL].to_list() == [0.0, None, 0.8]               # latest explicit; copy is implicit
@@ -87,7 +87,7 @@ def test_units_quarantine_and_counts(logs: Path, hash_key):
 def test_same_input_same_files(logs: Path, hash_key):
     cfg = load_config(_config(logs))
     for name in ("a", "b"):
-        ingest.run(RunDir(logs / name), cfg)
+        ingest.execute(RunDir(logs / name), cfg)
     for sub in (rd.UNITS, rd.QUARANTINE):
         a, b = sorted((logs / "a" / sub).glob("*")), sorted((logs / "b" / sub).glob("*"))
         assert [p.name for p in a] == [p.name for p in b]
@@ -96,7 +96,7 @@ def test_same_input_same_files(logs: Path, hash_key):
 
 def test_file_and_beam_shuffles_give_the_same_files_and_leave_no_scratch(logs: Path, hash_key):
     for mode in ("files", "beam"):
-        ingest.run(RunDir(logs / mode), load_config(_config(logs, shuffle=mode)))
+        ingest.execute(RunDir(logs / mode), load_config(_config(logs, shuffle=mode)))
         assert not list((logs / mode).glob(".ingest-*"))          # the spilled buckets are cleaned up
     for sub in (rd.UNITS, rd.QUARANTINE):
         a, b = sorted((logs / "files" / sub).glob("*")), sorted((logs / "beam" / sub).glob("*"))
@@ -108,7 +108,7 @@ def test_too_many_bad_rows_fail_but_quarantine_is_written(logs: Path, hash_key):
     """The failed attempt's quarantine is kept for inspection in failed/quarantine; nothing is committed."""
     run = RunDir(logs / "run")
     with pytest.raises(GateError, match="44.4% of signals rows were quarantined"):
-        ingest.run(run, load_config(_config(logs, max_bad=0.1)))
+        ingest.execute(run, load_config(_config(logs, max_bad=0.1)))
     assert run.path(rd.FAILED_QUARANTINE).is_dir() and not run.path(rd.UNITS).exists()
     assert not run.path(rd.QUARANTINE).exists()
 
@@ -116,28 +116,28 @@ def test_too_many_bad_rows_fail_but_quarantine_is_written(logs: Path, hash_key):
 def test_refuses_to_run_without_a_hash_key(logs: Path, monkeypatch):
     monkeypatch.delenv(HASH_KEY_ENV, raising=False)
     with pytest.raises(ConfigError, match=f"{HASH_KEY_ENV} is not set"):
-        ingest.run(RunDir(logs / "run"), load_config(_config(logs)))
-    result = ingest.run(RunDir(logs / "run"), load_config(_config(logs, unkeyed=True)))
+        ingest.execute(RunDir(logs / "run"), load_config(_config(logs)))
+    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, unkeyed=True)))
     assert result["counts"]["impressions"]["rows_ok"] == 3
 
 
 def test_missing_required_column_names_the_file(logs: Path, hash_key):
     pq.write_table(pq.read_table(logs / "imps.parquet").drop(["prompt_id"]), logs / "imps.parquet")
     with pytest.raises(InputError, match="imps.parquet: required column 'prompt_id' is missing"):
-        ingest.run(RunDir(logs / "run"), load_config(_config(logs)))
+        ingest.execute(RunDir(logs / "run"), load_config(_config(logs)))
 
 
 def test_csv_input_reads_the_same(logs: Path, hash_key):
     pl.read_ndjson(logs / "signals.jsonl").write_csv(logs / "signals.csv")
-    result = ingest.run(RunDir(logs / "run"), load_config(_config(logs, signals="signals.csv")))
+    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, signals="signals.csv")))
     assert result["counts"]["signals"] == {"rows_in": 9, "rows_ok": 4, "rows_quarantined": 4, "rows_duplicate": 1}
 
 
 def test_portable_runner_gives_the_same_units(logs: Path, hash_key):
     """Beam's portable job API (the path Flink and Spark clusters use), embedded and offline."""
     cfg = load_config(_config(logs))
-    ingest.run(RunDir(logs / "direct"), cfg)
-    ingest.run(RunDir(logs / "portable"), cfg,
+    ingest.execute(RunDir(logs / "direct"), cfg)
+    ingest.execute(RunDir(logs / "portable"), cfg,
                ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"])
     for sub in (rd.UNITS, rd.QUARANTINE):
         a = read_dataset(logs / "direct" / sub)
@@ -150,7 +150,7 @@ def test_a_malformed_json_line_quarantines_that_line_only(logs: Path, hash_key):
     lines.insert(3, '{"event_id": "e9", "impression_id": "i2", "ts": ')          # cut off mid-record
     lines.insert(5, "[1, 2, 3]")                                                 # valid JSON, not an object
     (logs / "signals.jsonl").write_text("\n".join(lines) + "\n\n")
-    result = ingest.run(RunDir(logs / "run"), load_config(_config(logs, max_bad=0.7)))
+    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, max_bad=0.7)))
     assert result["counts"]["signals"] == {"rows_in": 11, "rows_ok": 4, "rows_quarantined": 6, "rows_duplicate": 1}
     q = pl.from_arrow(read_dataset(logs / "run" / rd.QUARANTINE)).filter(pl.col("reason").str.starts_with(
         "malformed_record")).sort("row_number")
@@ -167,7 +167,7 @@ def test_a_replay_naming_another_impression_is_still_a_duplicate(logs: Path, has
     replay.update(impression_id="i3", ts="1970-01-01T00:00:30Z")   # same event id, later, another impression
     lines[2] = json.dumps(replay)
     (logs / "signals.jsonl").write_text("\n".join(lines) + "\n")
-    result = ingest.run(RunDir(logs / "run"), load_config(_config(logs)))
+    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs)))
     assert result["counts"]["signals"] == {"rows_in": 9, "rows_ok": 4, "rows_quarantined": 4, "rows_duplicate": 1}
     units = pl.from_arrow(read_dataset(logs / "run" / rd.UNITS)).sort(un.IMPRESSION_ID)
     assert units["n_downvote"].to_list() == [1, 0, 0]                 # the earliest copy (on i1) was kept

@@ -18,8 +18,7 @@ from estimators.positivity import TAIL_COLUMN, describe, strata_table, violated_
 from pipelines import fit, report, score
 from pipelines.orchestration.cli import main
 from pipelines.sources.simulator import SCENARIOS, simulate, write
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import run_dir as rd
 from schemas import signals as sig
 from schemas import units as un
@@ -165,13 +164,13 @@ def test_fit_names_the_planted_empty_stratum(planted):
 
 def test_warn_keeps_and_flags_the_units_of_the_empty_stratum(planted):
     run, _ = planted
-    t = read_dataset(run / rd.POINTWISE, ["model_version", pw.PROPENSITY, pw.OVERLAP_VIOLATION])
+    t = read_dataset(run / rd.POINTWISE, ["model_version", pointwise.PROPENSITY, pointwise.OVERLAP_VIOLATION])
     is_v3 = t["model_version"].to_numpy(zero_copy_only=False) == EMPTY
-    flag = t[pw.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False)
+    flag = t[pointwise.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False)
     assert t.num_rows == read_dataset(run / rd.UNITS, [un.OBSERVED]).num_rows
     assert flag[is_v3].all()
     # Elsewhere exactly the tail is flagged (no other stratum fails here: the sample is the population).
-    assert np.array_equal(flag[~is_v3], t[pw.PROPENSITY].to_numpy()[~is_v3] < 0.01)
+    assert np.array_equal(flag[~is_v3], t[pointwise.PROPENSITY].to_numpy()[~is_v3] < 0.01)
     d = read_manifest(RunDir(run))["stages"]["score"]["diagnostics"]["positivity"]
     assert d["flagged"] == int(flag.sum()) and d["excluded"] == 0
     assert ("model_version", EMPTY) in {(r["column"], r["value"]) for r in d["violated"]}
@@ -200,29 +199,29 @@ def test_exclude_leaves_the_stratum_out_of_the_weighted_outputs(planted, tmp_pat
     run, data = planted
     copy = RunDir(tmp_path / "run")
     shutil.copytree(run, copy.root)
-    flagged = read_dataset(run / rd.POINTWISE, [un.IMPRESSION_ID, un.OBSERVED, pw.OVERLAP_VIOLATION])
-    flag = flagged[pw.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False)
+    flagged = read_dataset(run / rd.POINTWISE, [un.IMPRESSION_ID, un.OBSERVED, pointwise.OVERLAP_VIOLATION])
+    flag = flagged[pointwise.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False)
     dropped = set(np.asarray(flagged[un.IMPRESSION_ID].to_pylist())[flag])
     cfg = parse_config(_config(data, "exclude"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(HASH_KEY_ENV, "k")
-        fit.run(copy, cfg)             # the same models; its drift reference now holds only the units score keeps
-    out = score.run(copy, cfg)
-    t = read_dataset(copy.path(rd.POINTWISE), [un.IMPRESSION_ID, "model_version", un.OBSERVED, pw.WEIGHT_SNIPS,
-                                               pw.OVERLAP_VIOLATION])
+        fit.execute(copy, cfg)             # the same models; its drift reference now holds only the units score keeps
+    out = score.execute(copy, cfg)
+    t = read_dataset(copy.path(rd.POINTWISE), [un.IMPRESSION_ID, "model_version", un.OBSERVED, pointwise.WEIGHT_SNIPS,
+                                               pointwise.OVERLAP_VIOLATION])
     assert EMPTY not in set(t["model_version"].to_pylist())
-    assert not pc.any(t[pw.OVERLAP_VIOLATION]).as_py()
+    assert not pc.any(t[pointwise.OVERLAP_VIOLATION]).as_py()
     assert set(t[un.IMPRESSION_ID].to_pylist()).isdisjoint(dropped)
     assert out["counts"]["excluded_no_overlap"] == len(dropped) == flagged.num_rows - t.num_rows
     d = out["diagnostics"]["positivity"]
     assert d["excluded"] == len(dropped)
     assert d["excluded_observed"] == int((flag & (flagged[un.OBSERVED].to_numpy() == 1)).sum())
     o = t[un.OBSERVED].to_numpy() == 1          # SNIPS normalised over the units that stay
-    assert t[pw.WEIGHT_SNIPS].to_numpy()[o].mean() == pytest.approx(1.0)
-    pairs = read_dataset(copy.path(rd.PAIRWISE), [pr.CHOSEN_ID, pr.REJECTED_ID])
+    assert t[pointwise.WEIGHT_SNIPS].to_numpy()[o].mean() == pytest.approx(1.0)
+    pairs = read_dataset(copy.path(rd.PAIRWISE), [pairwise.CHOSEN_ID, pairwise.REJECTED_ID])
     assert pairs.num_rows > 0
-    assert set(pairs[pr.CHOSEN_ID].to_pylist()).isdisjoint(dropped)
-    assert set(pairs[pr.REJECTED_ID].to_pylist()).isdisjoint(dropped)
+    assert set(pairs[pairwise.CHOSEN_ID].to_pylist()).isdisjoint(dropped)
+    assert set(pairs[pairwise.REJECTED_ID].to_pylist()).isdisjoint(dropped)
     assert not list((copy.path(rd.DATASETS)).glob("_no_overlap*"))      # the count file is not a dataset
 
 

@@ -12,7 +12,7 @@ from estimators.reward.model import load_reward_model, save_reward_model, score
 from estimators.reward.trainer import fit_reward_model
 from estimators.text_embedding import WordVectors, load_encoder
 from schemas import impressions as imp
-from schemas import pointwise as pw
+from schemas import pointwise
 from schemas import units as un
 from schemas.config import TrainConfig, parse_config
 from schemas.errors import ConfigError, InputError
@@ -92,7 +92,7 @@ def _table(words: tuple[str, str], n: int, seed: int, position_signal: bool = Fa
     table = pa.table({
         imp.PROMPT_ID: [f"p{i}" for i in range(n)], imp.PROMPT: ["question"] * n,
         imp.RESPONSE: [f"the answer is {w}" for w in word], un.OBSERVED: pa.array(np.ones(n, np.int8)),
-        un.LABEL: good.astype(float), pw.WEIGHT_CLIPPED: np.ones(n), pw.IMPUTED: np.full(n, 0.5),
+        un.LABEL: good.astype(float), pointwise.WEIGHT_CLIPPED: np.ones(n), pointwise.IMPUTED: np.full(n, 0.5),
         "position": position,
     })
     return table, good

@@ -18,8 +18,7 @@ from estimators.reward.model import load_reward_model, new_encoder, predict_rewa
 from estimators.reward.trainer import Checkpoint, fit_pairwise_reward_model, fit_reward_model
 from pipelines import train
 from schemas import impressions as imp
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
@@ -47,8 +46,8 @@ def toy_table(n: int = 2400, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         imp.RESPONSE: responses,
         un.OBSERVED: pa.array(observed, pa.int8()),
         un.LABEL: pa.array(label, pa.float64(), from_pandas=True),          # null where unobserved
-        pw.WEIGHT_CLIPPED: observed / p,
-        pw.IMPUTED: np.full(n, 0.5),
+        pointwise.WEIGHT_CLIPPED: observed / p,
+        pointwise.IMPUTED: np.full(n, 0.5),
     })
     return table, good
 
@@ -143,7 +142,7 @@ EXPECTED_SPLIT = [False, True, False, False, True, False, False, False, False, T
 @pytest.mark.parametrize(("change", "message"), [
     ({un.OBSERVED: pa.array([2] * 30, pa.int8())}, "observed must be 0/1"),
     ({un.LABEL: pa.array([None] * 30, pa.float64())}, "rows of 'label' are not in"),
-    ({pw.WEIGHT_CLIPPED: pa.array([-1.0] * 30)}, "rows of 'weight_clipped' are not in"),
+    ({pointwise.WEIGHT_CLIPPED: pa.array([-1.0] * 30)}, "rows of 'weight_clipped' are not in"),
 ])
 def test_bad_inputs_are_named(change, message):
     table = toy_table(30)[0]
@@ -155,7 +154,7 @@ def test_bad_inputs_are_named(change, message):
 
 def test_missing_column_is_named(toy):
     with pytest.raises(InputError, match="column 'imputed' missing"):
-        fit_reward_model(toy[0].drop_columns([pw.IMPUTED]), loss="dr", cfg=CFG, progress=False)
+        fit_reward_model(toy[0].drop_columns([pointwise.IMPUTED]), loss="dr", cfg=CFG, progress=False)
 
 
 def test_train_stage_writes_main_and_baselines(toy, tmp_path: Path):
@@ -165,7 +164,7 @@ def test_train_stage_writes_main_and_baselines(toy, tmp_path: Path):
     pq.write_table(table, run.path(rd.POINTWISE) / "part-00000.parquet")
     cfg = Config(input=InputConfig(impressions=["unused"], signals=["unused"]),
                  train=CFG.model_copy(update={"loss": "ips", "baselines": ["naive", "ips", "dr"], "epochs": 4}))
-    result = train.run(run, cfg)
+    result = train.execute(run, cfg)
     assert result["counts"] == {"rows": table.num_rows, "observed": int(table[un.OBSERVED].to_numpy().sum())}
     assert list(result["diagnostics"]) == ["ips", "naive", "dr"]                # main first, ips not twice
     root = run.path(rd.REWARD_MODEL)
@@ -203,11 +202,11 @@ def test_train_stage_reads_the_fitted_flip_rates(toy, tmp_path: Path):
     cfg = Config(input=InputConfig(impressions=["unused"], signals=["unused"]),
                  train=CFG.model_copy(update={"loss": "causalrm_dr", "baselines": [], "epochs": 3}))
     with pytest.raises(InputError, match="flip rates not found"):
-        train.run(run, cfg)
+        train.execute(run, cfg)
     run.path(rd.NOISE_MODEL).parent.mkdir(parents=True)
     run.path(rd.NOISE_MODEL).write_text(json.dumps({"rho01": 0.2, "rho10": 0.1, "method": "audit", "n": 500,
                                                     "estimates": {}}))
-    train.run(run, cfg)
+    train.execute(run, cfg)
     metrics = json.loads((run.path(rd.REWARD_MODEL) / rd.REWARD_METRICS).read_text())
     assert metrics["loss"] == "causalrm_dr" and metrics["flip_rates"] == [0.2, 0.1]
 
@@ -223,10 +222,10 @@ def toy_pairs(n: int = 1500, seed: int = 1) -> pa.Table:
     swap = rng.random(n) < 0.1
     good, bad = [text("great") for _ in range(n)], [text("awful") for _ in range(n)]
     return pa.table({
-        pr.PROMPT_ID: [f"p{i}" for i in range(n)], pr.PROMPT: [f"question {i % 7}" for i in range(n)],
-        pr.CHOSEN: [b if s else g for g, b, s in zip(good, bad, swap, strict=True)],
-        pr.REJECTED: [g if s else b for g, b, s in zip(good, bad, swap, strict=True)],
-        pr.WEIGHT: rng.uniform(0.5, 1.5, n), pr.MARGIN: np.zeros(n),
+        pairwise.PROMPT_ID: [f"p{i}" for i in range(n)], pairwise.PROMPT: [f"question {i % 7}" for i in range(n)],
+        pairwise.CHOSEN: [b if s else g for g, b, s in zip(good, bad, swap, strict=True)],
+        pairwise.REJECTED: [g if s else b for g, b, s in zip(good, bad, swap, strict=True)],
+        pairwise.WEIGHT: rng.uniform(0.5, 1.5, n), pairwise.MARGIN: np.zeros(n),
     })
 
 
@@ -237,7 +236,7 @@ def test_bradley_terry_model_learns_the_preference_and_scores_single_responses()
     table, good = toy_table(600, seed=3)
     assert roc_auc_score(good, _predict(model, table)) > 0.99
     with pytest.raises(InputError, match="column 'margin' missing"):
-        fit_pairwise_reward_model(pairs.drop_columns([pr.MARGIN]), cfg=CFG, progress=False)
+        fit_pairwise_reward_model(pairs.drop_columns([pairwise.MARGIN]), cfg=CFG, progress=False)
 
 
 def test_train_stage_trains_bt_on_the_pairwise_dataset(toy, tmp_path: Path):
@@ -248,7 +247,7 @@ def test_train_stage_trains_bt_on_the_pairwise_dataset(toy, tmp_path: Path):
         pq.write_table(t, run.path(name) / "part-00000.parquet")
     cfg = Config(input=InputConfig(impressions=["unused"], signals=["unused"]),
                  train=CFG.model_copy(update={"loss": "ips", "baselines": ["bt"], "epochs": 6}))
-    result = train.run(run, cfg)
+    result = train.execute(run, cfg)
     assert list(result["diagnostics"]) == ["ips", "bt"]
     assert any("pairwise" in i["path"] for i in result["inputs"])
     assert roc_auc_score(good, _predict(train.load_models(run)["bt"], table)) > 0.99
@@ -296,12 +295,12 @@ def test_train_stage_resumes_only_what_did_not_finish(toy, tmp_path: Path, monke
 
     monkeypatch.setattr(train, "fit_reward_model", dr_fails)
     with pytest.raises(RuntimeError):
-        train.run(run, cfg)
+        train.execute(run, cfg)
     monkeypatch.undo()
     assert not run.path(rd.REWARD_MODEL).exists()
     assert sorted(p.name for p in train.checkpoint_root(run).iterdir() if p.name != ".cache") == ["ips", "naive"]
     capsys.readouterr()
-    train.run(run, cfg, resume=True)
+    train.execute(run, cfg, resume=True)
     err = capsys.readouterr().err
     assert "[ips] resumed after epoch 3 (finished)" in err and "[naive] resumed after epoch" in err
     assert "[dr] resumed" not in err and "[dr] epoch 1/3" in err
@@ -317,7 +316,7 @@ def test_train_metrics_against_the_truth_when_the_config_names_it(toy, tmp_path:
     pq.write_table(pa.table({tr.IMPRESSION_ID: ids, tr.REWARD_TRUE: np.where(good, 0.9, 0.1)}), truth)
     run, cfg = _stage_run(tmp_path, table, loss="ips", baselines=[], epochs=6)
     cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"truth": str(truth)})})
-    result = train.run(run, cfg)
+    result = train.execute(run, cfg)
     metrics = json.loads((run.path(rd.REWARD_MODEL) / rd.REWARD_METRICS).read_text())["truth"]
     val = validation_mask(table[imp.PROMPT_ID].to_pylist(), CFG.val_fraction)
     assert metrics["split"] == "validation" and metrics["units"] == val.sum() == metrics["units"]
@@ -358,12 +357,12 @@ def test_train_stage_with_dense_features(toy, tmp_path: Path):
     run, cfg = _stage_run(tmp_path, table, loss="ips", baselines=["bt"], epochs=3, numeric=["response_length"])
     run.path(rd.PAIRWISE).mkdir(parents=True)
     pq.write_table(toy_pairs(600), run.path(rd.PAIRWISE) / "part-00000.parquet")
-    train.run(run, cfg)
+    train.execute(run, cfg)
     models = train.load_models(run)
     assert all(m.dense.dim == 1 and m.dense.numeric[0][0] == "response_length" for m in models.values())
     assert roc_auc_score(good, _predict(models["ips"], table)) > 0.99
     with pytest.raises(ConfigError, match="pairwise dataset has no"):
-        train.run(run, cfg.model_copy(update={"train": cfg.train.model_copy(update={"numeric": ["position"]})}))
+        train.execute(run, cfg.model_copy(update={"train": cfg.train.model_copy(update={"numeric": ["position"]})}))
 
 
 def test_a_chunk_without_rated_units_and_a_record_batch_input(toy, tmp_path: Path):
@@ -479,7 +478,7 @@ def test_train_stage_calibrates_on_the_audit_when_asked(toy, tmp_path: Path):
     gold = pa.array(np.where(audited, good.astype(float), np.nan), pa.float64(), from_pandas=True)
     run, cfg = _stage_run(tmp_path, table.append_column(un.LABEL_GOLD, gold), loss="naive", baselines=["ips"],
                           calibrate="gold")
-    result = train.run(run, cfg)
+    result = train.execute(run, cfg)
     for loss in ("naive", "ips"):
         cal = result["diagnostics"][loss]["calibration"]
         assert cal["n_gold"] == audited.sum() and cal["val_loss_after"] < cal["val_loss_before"]
@@ -487,4 +486,4 @@ def test_train_stage_calibrates_on_the_audit_when_asked(toy, tmp_path: Path):
     assert abs(pred.mean() - good.mean()) < 0.02
     run, cfg = _stage_run(tmp_path / "no-audit", table, calibrate="gold")
     with pytest.raises(InputError, match="label_gold"):
-        train.run(run, cfg)
+        train.execute(run, cfg)

@@ -24,8 +24,7 @@ from pipelines import train
 from pipelines.orchestration.cli import main
 from pipelines.orchestration.registry import freeze_config
 from schemas import impressions as imp
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config, InputConfig, TrainConfig
@@ -57,7 +56,7 @@ def units(n: int = 240, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         imp.IMPRESSION_ID: [f"i{k}" for k in range(n)], imp.PROMPT_ID: [f"p{k // 2}" for k in range(n)],
         imp.PROMPT: prompts, imp.RESPONSE: responses, un.OBSERVED: pa.array(observed, pa.int8()),
         un.LABEL: pa.array(np.where(observed == 1, good.astype(float), np.nan), pa.float64(), from_pandas=True),
-        pw.WEIGHT_CLIPPED: observed / p, pw.IMPUTED: np.where(good, 0.8, 0.2)})
+        pointwise.WEIGHT_CLIPPED: observed / p, pointwise.IMPUTED: np.where(good, 0.8, 0.2)})
     return table, good
 
 
@@ -67,8 +66,16 @@ def pairs(n: int = 120, seed: int = 0) -> pa.Table:
     rejected = [r for r, g in zip(responses, good, strict=True) if not g][:n]
     m = min(len(chosen), len(rejected))
     rng = np.random.default_rng(seed)
-    return pa.table({pr.PROMPT_ID: [f"p{k}" for k in range(m)], pr.PROMPT: prompts[:m], pr.CHOSEN: chosen[:m],
-                     pr.REJECTED: rejected[:m], pr.WEIGHT: rng.uniform(0.5, 1.5, m), pr.MARGIN: rng.uniform(0, .2, m)})
+    return pa.table(
+        {
+            pairwise.PROMPT_ID: [f"p{k}" for k in range(m)],
+            pairwise.PROMPT: prompts[:m],
+            pairwise.CHOSEN: chosen[:m],
+            pairwise.REJECTED: rejected[:m],
+            pairwise.WEIGHT: rng.uniform(0.5, 1.5, m),
+            pairwise.MARGIN: rng.uniform(0, 0.2, m),
+        }
+    )
 
 
 def cfg_for(backbone: Path, **kw) -> TrainConfig:

@@ -2,8 +2,7 @@ import pyarrow as pa
 import pytest
 
 from schemas import impressions as imp
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import units as un
 from schemas.conform import conform, required_names
 from schemas.errors import SchemaError
@@ -18,38 +17,47 @@ def _impressions(**drop):
 
 
 def test_conform_casts_fills_and_orders():
-    t = conform(_impressions(), imp.IMPRESSIONS)
-    assert t.schema.names == imp.IMPRESSIONS.names
+    t = conform(_impressions(), imp.SCHEMA)
+    assert t.schema.names == imp.SCHEMA.names
     assert t["user_id"].to_pylist() == ["1", "2"]                  # ints → strings for ids
     assert t["prompt"].null_count == 2                              # missing nullable column filled
-    assert conform(_impressions(), imp.IMPRESSIONS, keep_extra=True).column_names[-1] == "extra"
+    assert conform(_impressions(), imp.SCHEMA, keep_extra=True).column_names[-1] == "extra"
 
 
 def test_conform_names_the_missing_required_column():
     with pytest.raises(SchemaError, match="impressions.parquet: required column 'prompt_id' is missing"):
-        conform(_impressions(prompt_id=True), imp.IMPRESSIONS, where="impressions.parquet")
+        conform(_impressions(prompt_id=True), imp.SCHEMA, where="impressions.parquet")
 
 
 def test_conform_rejects_nulls_in_required_columns():
     t = _impressions().set_column(0, "impression_id", pa.array(["a", None]))
     with pytest.raises(SchemaError, match="'impression_id' has 1 nulls"):
-        conform(t, imp.IMPRESSIONS)
+        conform(t, imp.SCHEMA)
 
 
 def test_derived_schemas_extend_units():
     units = un.units_schema(["upvote", "click"], [pa.field("user_segment", pa.string())])
     assert units.names[-3:] == ["n_click", "n_upvote", "user_segment"]
     assert {un.IMPRESSION_ID, un.OBSERVED, un.TS} <= set(required_names(units))
-    point = pw.pointwise_schema(units)
+    point = pointwise.pointwise_schema(units)
     assert point.names[: len(units)] == units.names
-    assert {pw.PROPENSITY, pw.WEIGHT_IPS, pw.WEIGHT_SNIPS, pw.WEIGHT_CLIPPED, pw.TARGET_DR, pw.FOLD} <= set(point.names)
-    assert {pr.PROMPT, pr.CHOSEN, pr.REJECTED, pr.WEIGHT, pr.MARGIN} <= set(pr.PAIRWISE.names)
-    assert all(s.metadata[b"obsfeed.table"] for s in (units, point, pr.PAIRWISE))
+    assert {
+        pointwise.PROPENSITY,
+        pointwise.WEIGHT_IPS,
+        pointwise.WEIGHT_SNIPS,
+        pointwise.WEIGHT_CLIPPED,
+        pointwise.TARGET_DR,
+        pointwise.FOLD,
+    } <= set(point.names)
+    assert {pairwise.PROMPT, pairwise.CHOSEN, pairwise.REJECTED, pairwise.WEIGHT, pairwise.MARGIN} <= set(
+        pairwise.SCHEMA.names
+    )
+    assert all(s.metadata[b"obsfeed.table"] for s in (units, point, pairwise.SCHEMA))
 
 
 def test_every_output_column_is_documented():
     """Analysts read the docs from the Parquet field metadata: every column of units, pointwise and pairwise."""
     units = un.units_schema(["upvote", "click"])
-    for schema in (units, pw.pointwise_schema(units), pr.PAIRWISE):
+    for schema in (units, pointwise.pointwise_schema(units), pairwise.SCHEMA):
         undocumented = [f.name for f in schema if not (f.metadata or {}).get(b"doc")]
         assert undocumented == [], undocumented

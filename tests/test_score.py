@@ -5,8 +5,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas.config import ScoreConfig
 from transforms.score import add_snips, build_pairs, normalise_pairs
 
@@ -20,19 +19,19 @@ def _units() -> pl.DataFrame:
         "response": ["A", "B", "C", "D", "E", "F"],
         "observed": [1, 1, 1, 0, 1, 1],
         "label": [1.0, 0.0, 0.0, None, 1.0, 1.0],
-        pw.WEIGHT_SNIPS: [2.0, 0.5, 1.0, 0.0, 1.0, 1.0],
-        pw.TARGET_DR: [0.9, 0.1, 0.5, 0.6, 0.7, 0.2],
-        pw.PROPENSITY: [0.5, 0.25, 0.2, 0.1, 0.4, 0.8],
+        pointwise.WEIGHT_SNIPS: [2.0, 0.5, 1.0, 0.0, 1.0, 1.0],
+        pointwise.TARGET_DR: [0.9, 0.1, 0.5, 0.6, 0.7, 0.2],
+        pointwise.PROPENSITY: [0.5, 0.25, 0.2, 0.1, 0.4, 0.8],
     })
 
 
 def test_all_pairs_by_label_with_product_weights():
     pairs = pl.from_arrow(build_pairs(_units(), ScoreConfig(min_margin=0.5), "run"))
-    assert pairs.select(pr.CHOSEN_ID, pr.REJECTED_ID).rows() == [("a", "b"), ("a", "c")]
-    assert pairs[pr.WEIGHT].to_list() == [1.0, 2.0] and pairs[pr.MARGIN].to_list() == [1.0, 1.0]
-    assert pairs[pr.CHOSEN].to_list() == ["A", "A"] and pairs[pr.PROMPT].to_list() == ["P", "P"]
-    assert (pairs[pr.CHOSEN_ID] != pairs[pr.REJECTED_ID]).all()
-    assert pairs.select(pr.CHOSEN_PROPENSITY, pr.REJECTED_PROPENSITY).rows() == [(0.5, 0.25), (0.5, 0.2)]
+    assert pairs.select(pairwise.CHOSEN_ID, pairwise.REJECTED_ID).rows() == [("a", "b"), ("a", "c")]
+    assert pairs[pairwise.WEIGHT].to_list() == [1.0, 2.0] and pairs[pairwise.MARGIN].to_list() == [1.0, 1.0]
+    assert pairs[pairwise.CHOSEN].to_list() == ["A", "A"] and pairs[pairwise.PROMPT].to_list() == ["P", "P"]
+    assert (pairs[pairwise.CHOSEN_ID] != pairs[pairwise.REJECTED_ID]).all()
+    assert pairs.select(pairwise.CHOSEN_PROPENSITY, pairwise.REJECTED_PROPENSITY).rows() == [(0.5, 0.25), (0.5, 0.2)]
 
 
 def test_all_is_uncapped_capped_keeps_the_widest_and_pairs_need_texts():
@@ -43,34 +42,36 @@ def test_all_is_uncapped_capped_keeps_the_widest_and_pairs_need_texts():
     assert every.filter(pl.col("prompt_id") == "p").height == 6          # 4 units: every ordered-by-target pair
     capped = pl.from_arrow(build_pairs(_units(), ScoreConfig(pairs="capped", pair_target="target_dr",
                                                              min_margin=0.0, max_pairs_per_prompt=2), "run"))
-    assert capped.filter(pl.col("prompt_id") == "p")[pr.MARGIN].to_list() == pytest.approx([0.8, 0.5])
+    assert capped.filter(pl.col("prompt_id") == "p")[pairwise.MARGIN].to_list() == pytest.approx([0.8, 0.5])
     no_text = pl.from_arrow(build_pairs(units, ScoreConfig(pairs="all", pair_target="target_dr", min_margin=0.0),
                                         "run"))
-    assert "c" not in set(no_text[pr.CHOSEN_ID]) | set(no_text[pr.REJECTED_ID])
-    assert no_text[pr.REJECTED].null_count() == 0 and no_text.height == 4
+    assert "c" not in set(no_text[pairwise.CHOSEN_ID]) | set(no_text[pairwise.REJECTED_ID])
+    assert no_text[pairwise.REJECTED].null_count() == 0 and no_text.height == 4
 
 
 def test_dr_targets_pair_every_unit_and_respect_the_margin_and_cap():
     cfg = ScoreConfig(pair_target="target_dr", min_margin=0.3, max_pairs_per_prompt=2)
     pairs = pl.from_arrow(build_pairs(_units(), cfg, "run"))
-    assert pairs.filter(pl.col("prompt_id") == "p").select(pr.CHOSEN_ID, pr.REJECTED_ID).rows() == [
-        ("a", "b"), ("d", "b")]                                       # the two largest margins
-    assert pairs.filter(pl.col("prompt_id") == "q").select(pr.CHOSEN_ID, pr.REJECTED_ID).rows() == [("e", "f")]
-    assert (pairs[pr.MARGIN] >= 0.3 - 1e-12).all()
+    assert pairs.filter(pl.col("prompt_id") == "p").select(pairwise.CHOSEN_ID, pairwise.REJECTED_ID).rows() == [
+        ("a", "b"), ("d", "b")]  # the two largest margins
+    assert pairs.filter(pl.col("prompt_id") == "q").select(pairwise.CHOSEN_ID, pairwise.REJECTED_ID).rows() == [
+        ("e", "f")
+    ]
+    assert (pairs[pairwise.MARGIN] >= 0.3 - 1e-12).all()
     best = pl.from_arrow(build_pairs(_units(), ScoreConfig(pair_target="target_dr", pairs="best_vs_worst",
                                                            min_margin=0.1), "run"))
-    assert best.select(pr.CHOSEN_ID, pr.REJECTED_ID).rows() == [("a", "b"), ("e", "f")]
+    assert best.select(pairwise.CHOSEN_ID, pairwise.REJECTED_ID).rows() == [("a", "b"), ("e", "f")]
 
 
 def test_min_rule_and_global_normalisation():
     pairs = build_pairs(_units(), ScoreConfig(min_margin=0.5, pair_weight="min"), "run")
-    assert pairs[pr.WEIGHT].to_pylist() == [0.5, 1.0]
+    assert pairs[pairwise.WEIGHT].to_pylist() == [0.5, 1.0]
     normalised = normalise_pairs(pairs, (3.0, 4))                   # global mean 0.75 over 4 pairs
-    np.testing.assert_allclose(normalised[pr.WEIGHT].to_numpy(), [0.5 / 0.75, 1.0 / 0.75])
+    np.testing.assert_allclose(normalised[pairwise.WEIGHT].to_numpy(), [0.5 / 0.75, 1.0 / 0.75])
 
 
 def test_snips_uses_the_global_normaliser():
-    t = pa.table({"observed": pa.array([1, 0, 1], pa.int8()), pw.WEIGHT_CLIPPED: [2.0, 0.0, 4.0],
-                  pw.WEIGHT_SNIPS: [np.nan] * 3})
+    t = pa.table({"observed": pa.array([1, 0, 1], pa.int8()), pointwise.WEIGHT_CLIPPED: [2.0, 0.0, 4.0],
+                  pointwise.WEIGHT_SNIPS: [np.nan] * 3})
     out = add_snips(t, (12.0, 4))
-    assert out[pw.WEIGHT_SNIPS].to_pylist() == [pytest.approx(2 / 3), 0.0, pytest.approx(4 / 3)]
+    assert out[pointwise.WEIGHT_SNIPS].to_pylist() == [pytest.approx(2 / 3), 0.0, pytest.approx(4 / 3)]

@@ -13,7 +13,7 @@ from estimators import weights as W
 from pipelines import evaluate, fit, ingest, score
 from pipelines.orchestration.cli import main
 from pipelines.report import render
-from schemas import pointwise as pw
+from schemas import pointwise
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import parse_config
@@ -83,10 +83,10 @@ def test_global_sums_make_batches_agree_with_the_whole():
     o = (rng.uniform(size=200) < 0.4).astype(float)
     raw = o * rng.pareto(2.0, 200) + o
     whole, _ = W.cap_variance(raw, o, max_variance=0.5)
-    batches = [pa.table({un.OBSERVED: pa.array(o[s], pa.int8()), pw.WEIGHT_STABILIZED: raw[s]})
+    batches = [pa.table({un.OBSERVED: pa.array(o[s], pa.int8()), pointwise.WEIGHT_STABILIZED: raw[s]})
                for s in (slice(0, 70), slice(70, 200))]
     sums = sum_triples(stabilized_sums(b) for b in batches)
-    out = np.concatenate([add_stabilized(b, sums, method="monotone", max_variance=0.5)[pw.WEIGHT_STABILIZED]
+    out = np.concatenate([add_stabilized(b, sums, method="monotone", max_variance=0.5)[pointwise.WEIGHT_STABILIZED]
                           .to_numpy() for b in batches])
     np.testing.assert_allclose(out, whole)
 
@@ -138,10 +138,10 @@ def monotone_run(sim_small: Path, tmp_path_factory):
     cfg = parse_config(text)
     run = RunDir(tmp_path_factory.mktemp("stabilize") / "run")
     with module_hash_key():
-        ingest.run(run, cfg)
-        fitted = fit.run(run, cfg)["diagnostics"]["weights"]
-        scored = score.run(run, cfg)["diagnostics"]
-        evaluated = evaluate.run(run, cfg)
+        ingest.execute(run, cfg)
+        fitted = fit.execute(run, cfg)["diagnostics"]["weights"]
+        scored = score.execute(run, cfg)["diagnostics"]
+        evaluated = evaluate.execute(run, cfg)
     return run, cfg, fitted, scored, evaluated
 
 
@@ -151,33 +151,33 @@ def test_a_monotone_switch_run_writes_monotone_mean_one_weights(monotone_run):
     assert saved["method"] == "monotone" and len(saved["thresholds_x"]) == len(saved["thresholds_y"]) >= 2
     assert fitted["stabilizer"]["thresholds"] == len(saved["thresholds_x"])     # the manifest: figures, no arrays
     assert fitted["stabilizer"]["sample_variance"] <= 1.5 * (1 + 1e-9)
-    t = read_dataset(run.path(rd.POINTWISE), [un.OBSERVED, un.LABEL, pw.PROPENSITY, pw.WEIGHT_STABILIZED,
-                                              pw.WEIGHT_CLIPPED, pw.IMPUTED, pw.TARGET_DR])
+    t = read_dataset(run.path(rd.POINTWISE), [un.OBSERVED, un.LABEL, pointwise.PROPENSITY, pointwise.WEIGHT_STABILIZED,
+                                              pointwise.WEIGHT_CLIPPED, pointwise.IMPUTED, pointwise.TARGET_DR])
     o = t[un.OBSERVED].to_numpy() == 1
-    p, w = t[pw.PROPENSITY].to_numpy(), t[pw.WEIGHT_STABILIZED].to_numpy()
-    assert t[pw.WEIGHT_STABILIZED].null_count == 0
+    p, w = t[pointwise.PROPENSITY].to_numpy(), t[pointwise.WEIGHT_STABILIZED].to_numpy()
+    assert t[pointwise.WEIGHT_STABILIZED].null_count == 0
     assert w[o].mean() == pytest.approx(1.0)
     assert np.all(w[~o] == 0)
     order = np.argsort(p[o], kind="stable")
     assert np.all(np.diff(w[o][order]) <= 1e-9)                   # non-increasing in the propensity
     assert np.var(w[o]) <= cfg.score.max_weight_variance * (1 + 1e-9)
     # target_dr is Switch-DR: the imputation alone where the clipped weight exceeds τ
-    w_clip, imputed = t[pw.WEIGHT_CLIPPED].to_numpy(), t[pw.IMPUTED].to_numpy()
+    w_clip, imputed = t[pointwise.WEIGHT_CLIPPED].to_numpy(), t[pointwise.IMPUTED].to_numpy()
     label = t[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
     switched = o & (w_clip > 8.0)
     assert switched.any()
-    np.testing.assert_allclose(t[pw.TARGET_DR].to_numpy()[switched], imputed[switched])
-    np.testing.assert_allclose(t[pw.TARGET_DR].to_numpy(),
+    np.testing.assert_allclose(t[pointwise.TARGET_DR].to_numpy()[switched], imputed[switched])
+    np.testing.assert_allclose(t[pointwise.TARGET_DR].to_numpy(),
                                W.dr_pseudo_outcome(label, o.astype(float), np.where(w_clip <= 8.0, w_clip, 0), imputed))
-    d = scored[pw.WEIGHT_STABILIZED]
+    d = scored[pointwise.WEIGHT_STABILIZED]
     assert d["method"] == "monotone" and d["variance"] <= 1.5 * (1 + 1e-9)
     assert d["max"] == pytest.approx(w[o].max()) and d["ess_share"] == pytest.approx(1 / (1 + np.var(w[o])))
-    assert "tail_index" in d and "tail_index" in scored[pw.WEIGHT_IPS]
+    assert "tail_index" in d and "tail_index" in scored[pointwise.WEIGHT_IPS]
     page = render({"run_id": "r", "stages": {"score": {"status": "ok", "diagnostics": scored}}}, {}, {})
     assert "weight_stabilized (monotone)" in page and "tail index (Hill)" in page
     st = evaluated["stabilised"]
     assert st["estimates"]["stabilized"] == pytest.approx(np.average(label[o], weights=w[o]))
-    assert st["estimates"]["dr_switch"] == pytest.approx(t[pw.TARGET_DR].to_numpy().mean())
+    assert st["estimates"]["dr_switch"] == pytest.approx(t[pointwise.TARGET_DR].to_numpy().mean())
     assert set(st["share_of_naive_label"]) >= {"clipped", "snips", "stabilized", "dr_standard", "dr_switch",
                                                "dr_shrink"}
 

@@ -12,7 +12,7 @@ import pytest
 
 from estimators import weights as W
 from pipelines import fit, ingest, score
-from schemas import pointwise as pw
+from schemas import pointwise
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import ScoreConfig, parse_config
@@ -103,29 +103,31 @@ def test_the_score_stage_reports_the_target_policy_value(exposure_log: Path, tmp
     keys = {"target_policy": policy, **({"target_column": "pi_target"} if policy == "column" else {})}
     cfg = _config(exposure_log, **keys)
     run = RunDir(tmp_path / "run")
-    ingest.run(run, cfg)
-    fit.run(run, cfg)
-    value = score.run(run, cfg)["diagnostics"]["policy_value"]
+    ingest.execute(run, cfg)
+    fit.execute(run, cfg)
+    value = score.execute(run, cfg)["diagnostics"]["policy_value"]
     assert value["policy"] == policy and value["n"] == 12 * len(LOG)
     assert (value["ips"], value["snips"]) == pytest.approx(HAND[policy])
-    t = read_dataset(run.path(rd.POINTWISE), ["prompt_id", "logged_p", "pi_target", pw.WEIGHT_IPS, pw.TARGET_DR,
-                                              pw.IMPUTED, un.LABEL])
+    t = read_dataset(
+        run.path(rd.POINTWISE),
+        ["prompt_id", "logged_p", "pi_target", pointwise.WEIGHT_IPS, pointwise.TARGET_DR, pointwise.IMPUTED, un.LABEL],
+    )
     pi = {"A": 1 / 2, "B": 1 / 3, "C": 1.0}
     expected = (np.array([pi[x] for x in t["prompt_id"].to_pylist()]) if policy == "uniform"
                 else t["pi_target"].to_numpy()) / t["logged_p"].to_numpy()
-    np.testing.assert_allclose(t[pw.WEIGHT_IPS].to_numpy(), expected)
+    np.testing.assert_allclose(t[pointwise.WEIGHT_IPS].to_numpy(), expected)
     # the DR target keeps the logging weights: a unit's reward does not depend on the policy
     w_log = 1 / np.maximum(t["logged_p"].to_numpy(), cfg.score.clip)
-    imputed = t[pw.IMPUTED].to_numpy()
-    np.testing.assert_allclose(t[pw.TARGET_DR].to_numpy(), imputed + w_log * (t[un.LABEL].to_numpy() - imputed))
+    imputed = t[pointwise.IMPUTED].to_numpy()
+    np.testing.assert_allclose(t[pointwise.TARGET_DR].to_numpy(), imputed + w_log * (t[un.LABEL].to_numpy() - imputed))
 
 
 def test_a_logging_policy_reports_the_logged_value(exposure_log: Path, tmp_path: Path, hash_key):
     cfg = _config(exposure_log)
     run = RunDir(tmp_path / "run")
-    ingest.run(run, cfg)
-    fit.run(run, cfg)
-    value = score.run(run, cfg)["diagnostics"]["policy_value"]
+    ingest.execute(run, cfg)
+    fit.execute(run, cfg)
+    value = score.execute(run, cfg)["diagnostics"]["policy_value"]
     r = np.array([row[3] for row in LOG], float)
     w = 1 / np.array([row[2] for row in LOG])
     assert value["policy"] == "logging"
@@ -141,7 +143,7 @@ def test_a_target_column_with_a_bad_value_fails_score(exposure_log: Path, tmp_pa
     (bad / "signals.jsonl.gz").write_bytes((exposure_log / "signals.jsonl.gz").read_bytes())
     cfg = _config(bad, target_policy="column", target_column="pi_target")
     run = RunDir(tmp_path / "run")
-    ingest.run(run, cfg)
-    fit.run(run, cfg)
+    ingest.execute(run, cfg)
+    fit.execute(run, cfg)
     with pytest.raises(GateError, match="score.target_column 'pi_target': 1 of 84"):
-        score.run(run, cfg)
+        score.execute(run, cfg)

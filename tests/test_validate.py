@@ -24,7 +24,7 @@ def _signals_batch() -> pl.DataFrame:
 
 def test_coerce_gives_the_first_failing_reason_per_row():
     raw = _signals_batch()
-    df, reasons = coerce(raw, sig.SIGNALS)
+    df, reasons = coerce(raw, sig.SCHEMA)
     reasons = pl.select(pl.coalesce(reasons, signal_checks(df, ["upvote", "edit"], ["edit"]))).to_series()
     assert reasons.to_list() == [None, "missing_required:event_id", "bad_timestamp", "unknown_signal_type",
                                  "value_out_of_range", None]
@@ -38,10 +38,10 @@ def test_missing_required_column_fails_every_row_and_types_are_coerced():
     raw = pl.DataFrame({"impression_id": [1, 2], "ts": ["2026-11-01T00:00:00Z"] * 2, "user_id": ["u", "v"],
                         "response_id": ["r", "s"], "position": ["1", "first"],
                         FILE_INDEX: [0] * 2, ROW_NUMBER: [0, 1]})
-    df, reasons = coerce(raw, imp.IMPRESSIONS)
+    df, reasons = coerce(raw, imp.SCHEMA)
     assert reasons.to_list() == ["missing_required:prompt_id"] * 2
     raw = raw.with_columns(pl.lit("p").alias("prompt_id"))
-    df, reasons = coerce(raw, imp.IMPRESSIONS)
+    df, reasons = coerce(raw, imp.SCHEMA)
     assert reasons.to_list() == [None, "bad_type:position"]
     assert df["impression_id"].to_list() == ["1", "2"] and df["position"].to_list() == [1, None]
 
@@ -66,13 +66,13 @@ def test_coerce_never_raises_on_odd_column_types_it_rejects_their_values():
         "user_id": ["u", "v"], "prompt_id": ["p", "p"], "response_id": ["r", "s"],
         "position": pl.Series([decimal.Decimal("2.5"), decimal.Decimal("1")], dtype=pl.Decimal(10, 1)),
         FILE_INDEX: [0, 0], ROW_NUMBER: [0, 1]})
-    df, reasons = coerce(raw, imp.IMPRESSIONS)
+    df, reasons = coerce(raw, imp.SCHEMA)
     assert reasons.to_list() == ["bad_type:impression_id", "missing_required:impression_id"]
     assert df["ts"].to_list() == [dt.datetime(2026, 11, 1, tzinfo=dt.UTC)] * 2        # categorical text is text
     assert df["position"].to_list() == [None, 1]                                       # 2.5 is not 2
     huge = pl.DataFrame({**{c: ["x"] for c in ("impression_id", "user_id", "prompt_id", "response_id")},
                          "ts": pl.Series([2**63 + 5], dtype=pl.UInt64), FILE_INDEX: [0], ROW_NUMBER: [0]})
-    assert coerce(huge, imp.IMPRESSIONS, ts_unit="s")[1].to_list() == ["bad_timestamp"]
+    assert coerce(huge, imp.SCHEMA, ts_unit="s")[1].to_list() == ["bad_timestamp"]
 
 
 def test_extra_columns_that_do_not_convert_cost_their_row_and_bytes_in_lists_are_base64():

@@ -20,8 +20,7 @@ from estimators.losses import INPUTS, LOSSES, NOISE_AWARE, naive
 from pipelines.ingest import votes_diagnostics
 from pipelines.orchestration.cli import main
 from pipelines.sources.simulator import _SEGMENT_LEANING, _SEGMENTS, SCENARIOS, SEGMENT, Scenario, simulate, write
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import quarantine as qr
 from schemas import run_dir as rd
 from schemas import signals as sig
@@ -199,13 +198,13 @@ def test_pairs_from_soft_labels_keep_their_margin():
     units = pl.DataFrame({
         "prompt_id": ["p"] * 4, "impression_id": ["a", "b", "c", "d"], "prompt": ["P"] * 4,
         "ts": [_t(h) for h in range(4)], "response": ["A", "B", "C", "D"], "observed": [1, 1, 1, 1],
-        "label": [1.0, 2 / 3, 1 / 3, 0.0], pw.WEIGHT_SNIPS: [1.0] * 4, pw.TARGET_DR: [0.5] * 4,
-        pw.PROPENSITY: [0.5] * 4})
+        "label": [1.0, 2 / 3, 1 / 3, 0.0], pointwise.WEIGHT_SNIPS: [1.0] * 4, pointwise.TARGET_DR: [0.5] * 4,
+        pointwise.PROPENSITY: [0.5] * 4})
     pairs = pl.from_arrow(build_pairs(units, ScoreConfig(pairs="all", min_margin=0.5), "run"))
-    assert sorted(pairs.select(pr.CHOSEN_ID, pr.REJECTED_ID).rows()) == [("a", "c"), ("a", "d"), ("b", "d")]
-    assert pairs[pr.MARGIN].to_numpy() == pytest.approx(pairs[pr.CHOSEN_TARGET].to_numpy()
-                                                        - pairs[pr.REJECTED_TARGET].to_numpy())
-    assert sorted(pairs[pr.MARGIN].to_list()) == pytest.approx([2 / 3, 2 / 3, 1.0])
+    assert sorted(pairs.select(pairwise.CHOSEN_ID, pairwise.REJECTED_ID).rows()) == [("a", "c"), ("a", "d"), ("b", "d")]
+    assert pairs[pairwise.MARGIN].to_numpy() == pytest.approx(pairs[pairwise.CHOSEN_TARGET].to_numpy()
+                                                        - pairs[pairwise.REJECTED_TARGET].to_numpy())
+    assert sorted(pairs[pairwise.MARGIN].to_list()) == pytest.approx([2 / 3, 2 / 3, 1.0])
 
 
 # --- the simulator's raters -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from estimators import weights as W
 from pipelines import fit, ingest, score
-from schemas import pointwise as pw
+from schemas import pointwise
 from schemas import run_dir as rd
 from schemas.config import parse_config
 from schemas.errors import GateError, InputError
@@ -29,8 +29,8 @@ def fitted(sim_small: Path, tmp_path_factory):
     cfg = parse_config(text)
     run = RunDir(root / "run")
     with module_hash_key():
-        ingest.run(run, cfg)
-        diagnostics = fit.run(run, cfg)["diagnostics"]
+        ingest.execute(run, cfg)
+        diagnostics = fit.execute(run, cfg)["diagnostics"]
     return run, text, diagnostics
 
 
@@ -39,21 +39,21 @@ def test_auto_clip_keeps_the_configured_ess_share(fitted):
     chosen = diagnostics["weights"]
     assert chosen["method"] == "auto" and 0 < chosen["clip"] < 1
     assert chosen["sample_ess_share"] >= 0.5 - 1e-9
-    out = score.run(run, parse_config(text))["diagnostics"]
+    out = score.execute(run, parse_config(text))["diagnostics"]
     assert out["clip"] == chosen["clip"]
-    t = read_dataset(run.path(rd.POINTWISE), ["observed", pw.WEIGHT_CLIPPED, pw.WEIGHT_IPS])
+    t = read_dataset(run.path(rd.POINTWISE), ["observed", pointwise.WEIGHT_CLIPPED, pointwise.WEIGHT_IPS])
     o = t["observed"].to_numpy() == 1
     # The sample is most units here, so the population's ESS share is close to the sample's.
-    assert W.kish_ess(t[pw.WEIGHT_CLIPPED].to_numpy()[o]) / o.sum() >= 0.45
-    assert W.kish_ess(t[pw.WEIGHT_IPS].to_numpy()[o]) / o.sum() < 0.5      # unclipped weights would not
+    assert W.kish_ess(t[pointwise.WEIGHT_CLIPPED].to_numpy()[o]) / o.sum() >= 0.45
+    assert W.kish_ess(t[pointwise.WEIGHT_IPS].to_numpy()[o]) / o.sum() < 0.5      # unclipped weights would not
 
 
 def test_degenerate_weights_fail_score_and_keep_the_previous_datasets(fitted):
     run, text, _ = fitted
-    score.run(run, parse_config(text))
+    score.execute(run, parse_config(text))
     before = read_dataset(run.path(rd.POINTWISE))
     with pytest.raises(GateError, match="degenerate weights: the Kish ESS of the IPS weights is"):
-        score.run(run, parse_config(text.replace("[score]\n", "[score]\nips_min_ess_share = 0.99\n")))
+        score.execute(run, parse_config(text.replace("[score]\n", "[score]\nips_min_ess_share = 0.99\n")))
     assert read_dataset(run.path(rd.POINTWISE)).equals(before)
 
 
@@ -86,15 +86,15 @@ def logged_logs(sim_small: Path, tmp_path_factory) -> Path:
 def test_a_logged_propensity_column_replaces_the_propensity_model(logged_logs: Path, tmp_path: Path, hash_key):
     cfg = parse_config(config_text(logged_logs, fit={"propensity_column": "logged_p"}))
     run = RunDir(tmp_path / "run")
-    ingest.run(run, cfg)
-    diagnostics = fit.run(run, cfg)["diagnostics"]
+    ingest.execute(run, cfg)
+    diagnostics = fit.execute(run, cfg)["diagnostics"]
     assert diagnostics["propensity"]["source"] == "column logged_p"
     assert not (run.path(rd.MODELS) / rd.PROPENSITY).exists()
-    score.run(run, cfg)
-    t = read_dataset(run.path(rd.POINTWISE), ["logged_p", pw.PROPENSITY])
-    np.testing.assert_array_equal(t["logged_p"].to_numpy(), t[pw.PROPENSITY].to_numpy())
+    score.execute(run, cfg)
+    t = read_dataset(run.path(rd.POINTWISE), ["logged_p", pointwise.PROPENSITY])
+    np.testing.assert_array_equal(t["logged_p"].to_numpy(), t[pointwise.PROPENSITY].to_numpy())
     with pytest.raises(InputError, match="re-run the fit stage"):   # models fitted one way, config the other
-        score.run(run, parse_config(config_text(logged_logs)))
+        score.execute(run, parse_config(config_text(logged_logs)))
 
 
 def test_a_logged_propensity_of_zero_is_refused(logged_logs: Path, tmp_path: Path, hash_key):
@@ -106,9 +106,9 @@ def test_a_logged_propensity_of_zero_is_refused(logged_logs: Path, tmp_path: Pat
                                 pa.array([0.0] + t["logged_p"].to_pylist()[1:], pa.float64())), f)
     cfg = parse_config(config_text(bad, fit={"propensity_column": "logged_p", "max_rows": 100_000}))
     run = RunDir(tmp_path / "run")
-    ingest.run(run, cfg)
+    ingest.execute(run, cfg)
     with pytest.raises(GateError, match="propensity column 'logged_p': 1 of"):
-        fit.run(run, cfg)
+        fit.execute(run, cfg)
 
 
 def test_partitions_split_rows_by_utc_date_and_keep_them_all():
@@ -123,7 +123,7 @@ def test_partitions_split_rows_by_utc_date_and_keep_them_all():
 def test_score_writes_date_partitions_that_readers_prune_on(fitted, tmp_path: Path):
     run, text, _ = fitted
     cfg = parse_config(text.replace("[fit]", '[output]\npartition_by = "date"\n[fit]'))
-    result = score.run(run, cfg)
+    result = score.execute(run, cfg)
     for name in (rd.POINTWISE, rd.PAIRWISE):
         files = sorted(run.path(name).rglob("*.parquet"))
         assert files and all(f.parent.name.startswith("date=") for f in files), files
@@ -134,4 +134,4 @@ def test_score_writes_date_partitions_that_readers_prune_on(fitted, tmp_path: Pa
     hive = pl.scan_parquet(run.path(rd.POINTWISE) / "**" / "*.parquet", hive_partitioning=True)
     first = sorted(run.path(rd.POINTWISE).glob("date=*"))[0].name.removeprefix("date=")
     assert hive.filter(pl.col("date") == pl.lit(first).str.to_date()).select(pl.len()).collect().item() > 0
-    score.run(run, parse_config(text))                       # back to one folder: the rest of the module expects it
+    score.execute(run, parse_config(text))                       # back to one folder: the rest of the module expects it

@@ -26,7 +26,7 @@ from schemas.hashing import bucket_of
 from transforms.privacy import key_from_env, pseudonymise
 from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
 from transforms.shuffle import decode_table, encode_table, spill_table
-from transforms.validate import CONTEXT, QUARANTINE, quarantine_rows
+from transforms.validate import CONTEXT, QUARANTINED, quarantine_rows
 from transforms.window import OTHER_DAY, DayWindow
 
 LabelRule = float | str
@@ -255,7 +255,7 @@ class JoinAndLabel(beam.DoFn):
             sigs = sigs.with_columns(reason.alias("_reason"))
             bad = sigs.filter(pl.col("_reason").is_not_null())
             if bad.height:
-                yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_rows(
+                yield beam.pvalue.TaggedOutput(QUARANTINED, quarantine_rows(
                     bad.drop("_reason", _IMP_TS), bad["_reason"], "signals", self._signal_files, self._key))
                 counts["signals.rows_quarantined"] = bad.height
             sigs = sigs.filter(pl.col("_reason").is_null()).drop("_reason", _IMP_TS)

@@ -34,7 +34,9 @@ NESTED = "_nested"
 """Provenance of a JSON Lines row whose list or object value was turned into text in a mixed column."""
 NESTED_SEP = "\x1f"
 COUNTS = "counts"
-QUARANTINE = "quarantine"
+QUARANTINED = "quarantined"
+"""The Beam output tag of rows that go to quarantine (the folder is ``run_dir.QUARANTINE``, the schema
+``quarantine.SCHEMA``)."""
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -345,7 +347,7 @@ def malformed_rows(malformed: list[Malformed], path: str, table: str, *, user_co
         qr.TABLE: [table] * len(malformed), qr.SOURCE_FILE: [path] * len(malformed),
         qr.ROW_NUMBER: [m.row_number for m in malformed], qr.REASON: [m.reason for m in malformed],
         qr.RECORD: texts,
-    }, schema=qr.QUARANTINE)
+    }, schema=qr.SCHEMA)
 
 
 def _csv_header(path: str) -> list[str]:
@@ -377,7 +379,7 @@ class ReadFileBatches(beam.DoFn):
             yield batch
         counts = {f"{self._table}.rows_in": rows + len(malformed)}
         if malformed:
-            yield beam.pvalue.TaggedOutput(QUARANTINE, malformed_rows(malformed, path, self._table,
+            yield beam.pvalue.TaggedOutput(QUARANTINED, malformed_rows(malformed, path, self._table,
                                                                       user_column=self._user_column,
                                                                       hash_key=self._key))
             counts[f"{self._table}.rows_quarantined"] = len(malformed)
@@ -402,7 +404,7 @@ class ReadRaw(beam.PTransform):
                 | "Files" >> beam.Create(list(enumerate(self._files)))
                 | "Reshuffle" >> beam.Reshuffle()
                 | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows, self._strings,
-                                                       **self._options)).with_outputs(COUNTS, QUARANTINE,
+                                                       **self._options)).with_outputs(COUNTS, QUARANTINED,
                                                                                       main="batches"))
 
 

@@ -27,8 +27,7 @@ from estimators.crossfit import predict_by_fold
 from estimators.features import feature_frame, input_columns, structured_columns, treatment_values
 from estimators.noise import FlipRates, corrected_target, posterior_clean
 from estimators.propensity import logged_propensity
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import units as un
 from schemas.config import FitConfig, ScoreConfig
 from schemas.hashing import fold_of
@@ -136,19 +135,19 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
                           structured=X[:, structured_columns(models.featurizer)].toarray(), fold=fold,
                           treatments=treatments)
     cols = {
-        pw.PROPENSITY: p,
-        pw.WEIGHT_IPS: pi * W.ips(o, p),
-        pw.WEIGHT_CLIPPED: pi * w_clip,
-        pw.WEIGHT_SNIPS: np.full(n, np.nan),          # needs the global normaliser: see add_snips
-        pw.WEIGHT_STABILIZED: stabilized,             # monotone: normalised globally, see add_stabilized
-        pw.IMPUTED: imputed,
-        pw.TARGET_DR: dr,
+        pointwise.PROPENSITY: p,
+        pointwise.WEIGHT_IPS: pi * W.ips(o, p),
+        pointwise.WEIGHT_CLIPPED: pi * w_clip,
+        pointwise.WEIGHT_SNIPS: np.full(n, np.nan),          # needs the global normaliser: see add_snips
+        pointwise.WEIGHT_STABILIZED: stabilized,             # monotone: normalised globally, see add_stabilized
+        pointwise.IMPUTED: imputed,
+        pointwise.TARGET_DR: dr,
         **clean,
-        pw.OVERLAP_VIOLATION: overlap_violation(models, frame, p, fit),
-        pw.FOLD: fold,
-        pw.RUN_ID: np.full(n, run_id, dtype=object),
+        pointwise.OVERLAP_VIOLATION: overlap_violation(models, frame, p, fit),
+        pointwise.FOLD: fold,
+        pointwise.RUN_ID: np.full(n, run_id, dtype=object),
     }
-    for f in pw.SCORE_FIELDS:
+    for f in pointwise.SCORE_FIELDS:
         table = table.append_column(f, pa.array(cols[f.name], f.type))
     return table
 
@@ -167,14 +166,21 @@ def clean_targets(models: Models, *, dr: np.ndarray, label: np.ndarray, observed
     count them twice."""
     if models.calibration is not None:
         reward, imputed_clean = apply_calibration(models.calibration, imputed, structured, label, observed, fold)
-        return {pw.TARGET_NOISE_CORRECTED: reward, pw.TARGET_DECONFOUNDED: reward, pw.REWARD_CLEAN: reward,
-                pw.IMPUTED_CLEAN: imputed_clean}
+        return {
+            pointwise.TARGET_NOISE_CORRECTED: reward,
+            pointwise.TARGET_DECONFOUNDED: reward,
+            pointwise.REWARD_CLEAN: reward,
+            pointwise.IMPUTED_CLEAN: imputed_clean,
+        }
     rho01, rho10 = models.flip_rates.rho01, models.flip_rates.rho10
     imputed_clean = np.clip(corrected_target(imputed, rho01, rho10), 0, 1)
     rated = posterior_clean(label, imputed_clean, rho01, rho10)
-    return {pw.TARGET_NOISE_CORRECTED: corrected_target(dr, rho01, rho10),
-            pw.TARGET_DECONFOUNDED: corrected_target(deconfound(dr, treatments, models.confounders), rho01, rho10),
-            pw.REWARD_CLEAN: np.where(observed == 1, rated, imputed_clean), pw.IMPUTED_CLEAN: imputed_clean}
+    return {
+        pointwise.TARGET_NOISE_CORRECTED: corrected_target(dr, rho01, rho10),
+        pointwise.TARGET_DECONFOUNDED: corrected_target(deconfound(dr, treatments, models.confounders), rho01, rho10),
+        pointwise.REWARD_CLEAN: np.where(observed == 1, rated, imputed_clean),
+        pointwise.IMPUTED_CLEAN: imputed_clean,
+    }
 
 
 def overlap_violation(models: Models, frame, propensity: np.ndarray, fit: FitConfig) -> np.ndarray:
@@ -187,19 +193,19 @@ def overlap_violation(models: Models, frame, propensity: np.ndarray, fit: FitCon
 
 def overlap_counts(table: pa.Table) -> tuple[int, int]:
     """(units, observed units) without overlap in one scored batch."""
-    flag = table[pw.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False).astype(bool)
+    flag = table[pointwise.OVERLAP_VIOLATION].to_numpy(zero_copy_only=False).astype(bool)
     return int(flag.sum()), int((flag & (table[un.OBSERVED].to_numpy() == 1)).sum())
 
 
 def drop_overlap_violations(table: pa.Table) -> pa.Table:
     """The scored units with overlap (``fit.positivity = "exclude"``): the others leave every weighted output."""
-    return table.filter(pc.invert(table[pw.OVERLAP_VIOLATION]))
+    return table.filter(pc.invert(table[pointwise.OVERLAP_VIOLATION]))
 
 
 def observed_weight_sum(table: pa.Table) -> tuple[float, int]:
     """(Σ weight_clipped over observed units, number of observed units) of one batch."""
     o = table[un.OBSERVED].to_numpy() == 1
-    return float(table[pw.WEIGHT_CLIPPED].to_numpy()[o].sum()), int(o.sum())
+    return float(table[pointwise.WEIGHT_CLIPPED].to_numpy()[o].sum()), int(o.sum())
 
 
 def sum_tuples(values: Iterable[tuple[float, int]]) -> tuple[float, int]:
@@ -213,14 +219,14 @@ def sum_tuples(values: Iterable[tuple[float, int]]) -> tuple[float, int]:
 def add_snips(table: pa.Table, totals: tuple[float, int]) -> pa.Table:
     """Fill ``weight_snips`` with the clipped weights self-normalised by the *global* observed mean."""
     o = table[un.OBSERVED].to_numpy()
-    w = W.self_normalise(table[pw.WEIGHT_CLIPPED].to_numpy(), o, total=totals[0], n_observed=totals[1])
-    i = table.schema.get_field_index(pw.WEIGHT_SNIPS)
+    w = W.self_normalise(table[pointwise.WEIGHT_CLIPPED].to_numpy(), o, total=totals[0], n_observed=totals[1])
+    i = table.schema.get_field_index(pointwise.WEIGHT_SNIPS)
     return table.set_column(i, table.schema.field(i), pa.array(w, pa.float64()))
 
 
 def stabilized_sums(table: pa.Table) -> tuple[float, float, int]:
     """(Σw, Σw², n) of the raw ``weight_stabilized`` over one batch's observed units."""
-    return W.weight_sums(table[pw.WEIGHT_STABILIZED].to_numpy(), table[un.OBSERVED].to_numpy())
+    return W.weight_sums(table[pointwise.WEIGHT_STABILIZED].to_numpy(), table[un.OBSERVED].to_numpy())
 
 
 def sum_triples(values: Iterable[tuple[float, float, int]]) -> tuple[float, float, int]:
@@ -237,11 +243,11 @@ def add_stabilized(table: pa.Table, sums: tuple[float, float, int] | None = None
     weights self-normalised and blended toward 1 under the variance cap with the *global* sums ('monotone')."""
     if method == "none":
         return table
-    i = table.schema.get_field_index(pw.WEIGHT_STABILIZED)
+    i = table.schema.get_field_index(pointwise.WEIGHT_STABILIZED)
     if method == "snips":
-        w = table[pw.WEIGHT_SNIPS].to_numpy()
+        w = table[pointwise.WEIGHT_SNIPS].to_numpy()
     else:
-        w, _ = W.cap_variance(table[pw.WEIGHT_STABILIZED].to_numpy(), table[un.OBSERVED].to_numpy(),
+        w, _ = W.cap_variance(table[pointwise.WEIGHT_STABILIZED].to_numpy(), table[un.OBSERVED].to_numpy(),
                               max_variance=max_variance, sums=sums)
     return table.set_column(i, table.schema.field(i), pa.array(w, pa.float64()))
 
@@ -253,44 +259,59 @@ def build_pairs(units: pl.DataFrame, cfg: ScoreConfig, run_id: str) -> pa.Table:
     ``"target_dr"`` pairs every unit by its DR pseudo-outcome (already bias-corrected, unit weight 1).
     The raw pair weight (product or min of the unit weights) is normalised later over all pairs.
     """
-    target = pl.col(un.LABEL) if cfg.pair_target == "label" else pl.col(pw.TARGET_DR)
-    unit_weight = pl.col(pw.WEIGHT_SNIPS) if cfg.pair_target == "label" else pl.lit(1.0)
+    target = pl.col(un.LABEL) if cfg.pair_target == "label" else pl.col(pointwise.TARGET_DR)
+    unit_weight = pl.col(pointwise.WEIGHT_SNIPS) if cfg.pair_target == "label" else pl.lit(1.0)
     df = units.filter(pl.col(un.OBSERVED) == 1) if cfg.pair_target == "label" else units
     # A pair without texts is no use to a trainer (TRL reads prompt/chosen/rejected as they are).
     df = df.filter(pl.col(un.PROMPT).is_not_null() & pl.col(un.RESPONSE).is_not_null() & target.is_not_null())
-    df = df.select(un.PROMPT_ID, un.IMPRESSION_ID, un.TS, un.PROMPT, un.RESPONSE, pw.PROPENSITY, target.alias("t"),
-                   unit_weight.alias("w"))
+    df = df.select(
+        un.PROMPT_ID,
+        un.IMPRESSION_ID,
+        un.TS,
+        un.PROMPT,
+        un.RESPONSE,
+        pointwise.PROPENSITY,
+        target.alias("t"),
+        unit_weight.alias("w"),
+    )
     pairs = (df.join(df, on=un.PROMPT_ID, suffix="_r")
              .filter((pl.col("t") - pl.col("t_r")) >= max(cfg.min_margin, 1e-12))
-             .with_columns((pl.col("t") - pl.col("t_r")).alias(pr.MARGIN)))
-    pairs = pairs.sort([un.PROMPT_ID, pr.MARGIN, un.IMPRESSION_ID, f"{un.IMPRESSION_ID}_r"],
+             .with_columns((pl.col("t") - pl.col("t_r")).alias(pairwise.MARGIN)))
+    pairs = pairs.sort([un.PROMPT_ID, pairwise.MARGIN, un.IMPRESSION_ID, f"{un.IMPRESSION_ID}_r"],
                        descending=[False, True, False, False])     # widest margins first, ties by id
     if cfg.pairs != "all":
         keep = 1 if cfg.pairs == "best_vs_worst" else cfg.max_pairs_per_prompt
         pairs = pairs.group_by(un.PROMPT_ID, maintain_order=True).head(keep)
     combine = (pl.col("w") * pl.col("w_r")) if cfg.pair_weight == "product" else pl.min_horizontal("w", "w_r")
     out = pairs.select(
-        pl.col(un.PROMPT_ID), pl.min_horizontal(un.TS, f"{un.TS}_r").alias(pr.TS),
-        pl.col(un.PROMPT).alias(pr.PROMPT), pl.col(un.RESPONSE).alias(pr.CHOSEN),
-        pl.col(f"{un.RESPONSE}_r").alias(pr.REJECTED), pl.col(un.IMPRESSION_ID).alias(pr.CHOSEN_ID),
-        pl.col(f"{un.IMPRESSION_ID}_r").alias(pr.REJECTED_ID), pl.col("t").alias(pr.CHOSEN_TARGET),
-        pl.col("t_r").alias(pr.REJECTED_TARGET), pl.col(pw.PROPENSITY).alias(pr.CHOSEN_PROPENSITY),
-        pl.col(f"{pw.PROPENSITY}_r").alias(pr.REJECTED_PROPENSITY), pl.col(pr.MARGIN), combine.alias(pr.WEIGHT),
-        pl.lit(run_id).alias(pr.RUN_ID),
+        pl.col(un.PROMPT_ID),
+        pl.min_horizontal(un.TS, f"{un.TS}_r").alias(pairwise.TS),
+        pl.col(un.PROMPT).alias(pairwise.PROMPT),
+        pl.col(un.RESPONSE).alias(pairwise.CHOSEN),
+        pl.col(f"{un.RESPONSE}_r").alias(pairwise.REJECTED),
+        pl.col(un.IMPRESSION_ID).alias(pairwise.CHOSEN_ID),
+        pl.col(f"{un.IMPRESSION_ID}_r").alias(pairwise.REJECTED_ID),
+        pl.col("t").alias(pairwise.CHOSEN_TARGET),
+        pl.col("t_r").alias(pairwise.REJECTED_TARGET),
+        pl.col(pointwise.PROPENSITY).alias(pairwise.CHOSEN_PROPENSITY),
+        pl.col(f"{pointwise.PROPENSITY}_r").alias(pairwise.REJECTED_PROPENSITY),
+        pl.col(pairwise.MARGIN),
+        combine.alias(pairwise.WEIGHT),
+        pl.lit(run_id).alias(pairwise.RUN_ID),
     )
-    return out.to_arrow().cast(pr.PAIRWISE)
+    return out.to_arrow().cast(pairwise.SCHEMA)
 
 
 def pair_weight_sum(table: pa.Table) -> tuple[float, int]:
-    return float(np.sum(table[pr.WEIGHT].to_numpy())), table.num_rows
+    return float(np.sum(table[pairwise.WEIGHT].to_numpy())), table.num_rows
 
 
 def normalise_pairs(table: pa.Table, totals: tuple[float, int]) -> pa.Table:
     """Pair weights divided by their global mean, so they average 1 over all pairs."""
     total, count = totals
     mean = total / count if count and total > 0 else 1.0
-    i = table.schema.get_field_index(pr.WEIGHT)
-    return table.set_column(i, table.schema.field(i), pa.array(table[pr.WEIGHT].to_numpy() / mean, pa.float64()))
+    i = table.schema.get_field_index(pairwise.WEIGHT)
+    return table.set_column(i, table.schema.field(i), pa.array(table[pairwise.WEIGHT].to_numpy() / mean, pa.float64()))
 
 
 class AddScores(beam.DoFn):

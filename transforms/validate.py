@@ -20,7 +20,7 @@ from schemas import quarantine as qr
 from schemas import signals as sig
 from schemas import units as un
 from transforms.privacy import key_from_env, pseudonymise
-from transforms.read import COUNTS, FILE_INDEX, NESTED, NESTED_SEP, QUARANTINE, ROW_NUMBER
+from transforms.read import COUNTS, FILE_INDEX, NESTED, NESTED_SEP, QUARANTINED, ROW_NUMBER
 from transforms.window import OTHER_DAY, DayWindow
 
 CONTEXT = "context"
@@ -292,7 +292,7 @@ def quarantine_rows(raw: pl.DataFrame, reasons: pl.Series, table: str, files: Se
         reasons.alias(qr.REASON),
         (pl.struct(fields).struct.json_encode() if fields else pl.lit("{}")).alias(qr.RECORD),
     )
-    return out.to_arrow().cast(qr.QUARANTINE)
+    return out.to_arrow().cast(qr.SCHEMA)
 
 
 class Validated(NamedTuple):
@@ -344,7 +344,7 @@ class SplitBad(beam.DoFn):
             counts[f"{self._table}.{OTHER_DAY}"] = raw.height - int(good.sum()) - int(bad.sum())
         n_bad = int(bad.sum())
         if n_bad:
-            yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_rows(raw.filter(bad), reasons.filter(bad),
+            yield beam.pvalue.TaggedOutput(QUARANTINED, quarantine_rows(raw.filter(bad), reasons.filter(bad),
                                                                        self._table, self._files, self._key))
             counts[f"{self._table}.rows_quarantined"] = n_bad
         if counts:
@@ -362,13 +362,13 @@ class Validate(beam.PTransform):
         self._fn = SplitBad(table, schema, files, known_types, value_types, window, **options)
 
     def expand(self, batches):
-        out = batches | beam.ParDo(self._fn).with_outputs(QUARANTINE, COUNTS, CONTEXT, main="ok")
-        return Validated(out.ok, out[QUARANTINE], out[COUNTS], out[CONTEXT])
+        out = batches | beam.ParDo(self._fn).with_outputs(QUARANTINED, COUNTS, CONTEXT, main="ok")
+        return Validated(out.ok, out[QUARANTINED], out[COUNTS], out[CONTEXT])
 
 
 def contract_schema(table: str) -> pa.Schema:
     """The input-contract schema of ``table`` ('impressions' or 'signals')."""
-    return {"impressions": imp.IMPRESSIONS, "signals": sig.SIGNALS}[table]
+    return {"impressions": imp.SCHEMA, "signals": sig.SCHEMA}[table]
 
 
 def merge_counts(counts: Sequence[Mapping[str, int]]) -> dict[str, int]:

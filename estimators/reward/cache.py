@@ -23,16 +23,27 @@ from estimators.losses import INPUTS, LOSSES, OBSERVED_ONLY, PAIRWISE
 from estimators.reward.data import Block, Chunk, FeatureCache
 from estimators.reward.features import DenseSpec, fit_dense_spec
 from schemas import impressions as imp
-from schemas import pairwise as pr
-from schemas import pointwise as pw
+from schemas import pairwise, pointwise
 from schemas import units as un
 from schemas.config import TrainConfig
 from schemas.errors import ConfigError, InputError
 
-LOSS_COLUMNS = {"label": un.LABEL, "observed": un.OBSERVED, "weight": pw.WEIGHT_CLIPPED, "imputed": pw.IMPUTED}
+LOSS_COLUMNS = {
+    "label": un.LABEL,
+    "observed": un.OBSERVED,
+    "weight": pointwise.WEIGHT_CLIPPED,
+    "imputed": pointwise.IMPUTED,
+}
 """Loss argument → pointwise column: every weighted loss uses the clipped IPS weight (snips self-normalises)."""
 TEXT_COLUMNS = (imp.PROMPT_ID, imp.PROMPT, imp.RESPONSE)
-PAIR_COLUMNS = (pr.PROMPT_ID, pr.PROMPT, pr.CHOSEN, pr.REJECTED, pr.WEIGHT, pr.MARGIN)
+PAIR_COLUMNS = (
+    pairwise.PROMPT_ID,
+    pairwise.PROMPT,
+    pairwise.CHOSEN,
+    pairwise.REJECTED,
+    pairwise.WEIGHT,
+    pairwise.MARGIN,
+)
 CHUNK_ROWS = 16_384
 """Rows encoded at a time while a cache is written: bounds memory, whatever the dataset's size."""
 POINT, CHOSEN, REJECTED = "x", "chosen", "rejected"
@@ -207,17 +218,17 @@ def write_pair_cache(pairs: Data | Iterable[pa.RecordBatch], directory: Path | s
             missing = [c for c in PAIR_COLUMNS if c not in names]
             if missing:
                 raise InputError(f"reward model [bt]: column '{missing[0]}' missing from the pairwise data")
-            weight, margin = numeric(batch, pr.WEIGHT), numeric(batch, pr.MARGIN)
+            weight, margin = numeric(batch, pairwise.WEIGHT), numeric(batch, pairwise.MARGIN)
             if not (np.isfinite(weight).all() and (weight >= 0).all() and np.isfinite(margin).all()):
                 raise InputError("reward model [bt]: pair weights must be finite and >= 0, margins finite")
             counts["rows_read"] += batch.num_rows
-            prompts = strings(batch, pr.PROMPT)
+            prompts = strings(batch, pairwise.PROMPT)
             blocks = {}
-            for side, column in ((CHOSEN, pr.CHOSEN), (REJECTED, pr.REJECTED)):
+            for side, column in ((CHOSEN, pairwise.CHOSEN), (REJECTED, pairwise.REJECTED)):
                 blocks[side] = encoder.encode(prompts, strings(batch, column))
                 _count_truncation(counts, blocks[side])
             yield Chunk(blocks, {"weight": weight.astype(np.float32), "margin": margin.astype(np.float32)},
-                        validation_mask(strings(batch, pr.PROMPT_ID), cfg.val_fraction))
+                        validation_mask(strings(batch, pairwise.PROMPT_ID), cfg.val_fraction))
 
     return FeatureCache.write(chunks(), directory, n_features=encoder.n_features,
                               extra={"units": "pairs", "counts": counts, **encoder.meta()})
@@ -231,7 +242,11 @@ def dense_spec(data: Data | Iterable[pa.RecordBatch], cfg: TrainConfig, *, pairs
     batches: Iterable[pa.RecordBatch] = record_batches(data)
     if pairs:
         check_pair_features(cfg.numeric)
-        batches = (pa.record_batch({"response": b.column(side)}) for b in batches for side in (pr.CHOSEN, pr.REJECTED))
+        batches = (
+            pa.record_batch({"response": b.column(side)})
+            for b in batches
+            for side in (pairwise.CHOSEN, pairwise.REJECTED)
+        )
     return fit_dense_spec(batches, numeric=cfg.numeric, embedding_model=cfg.embedding_model)
 
 

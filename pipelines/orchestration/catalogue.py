@@ -37,10 +37,10 @@ def upsert(root: Path, day: dt.date, values: Mapping[str, Any]) -> dict[str, Any
     """Set ``values`` on ``day``'s row (created if new; other columns kept) and write the catalogue back."""
     rows = read_catalogue(root)
     old = next((r for r in rows if r[cat.DATE] == day), None)
-    row = {f.name: None for f in cat.CATALOGUE} | (old or {}) | dict(values) | {cat.DATE: day}
+    row = {f.name: None for f in cat.SCHEMA} | (old or {}) | dict(values) | {cat.DATE: day}
     rows = sorted([r for r in rows if r[cat.DATE] != day] + [row], key=lambda r: r[cat.DATE])
     path = catalogue_path(root)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    pq.write_table(pa.Table.from_pylist(rows, schema=cat.CATALOGUE), tmp)
+    pq.write_table(pa.Table.from_pylist(rows, schema=cat.SCHEMA), tmp)
     os.replace(tmp, path)
     return row

@@ -197,7 +197,7 @@ def _train_rank(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
     run = RunDir(args.run)
     cfg, options = _with_train_flags(load_config(run.config_path), args)
-    train.run(run, cfg, beam_args, **options.get("train", {}))
+    train.execute(run, cfg, beam_args, **options.get("train", {}))
     return 0
 
 
@@ -267,7 +267,7 @@ def dispatch(args: argparse.Namespace, beam_args: Sequence[str], argv: Sequence[
     if args.command == "evaluate":
         from pipelines import evaluate
 
-        evaluate.print_evaluation(evaluate.run(run, cfg, truth=args.truth, placebo=args.placebo))
+        evaluate.print_evaluation(evaluate.execute(run, cfg, truth=args.truth, placebo=args.placebo))
         return 0
     with root_lock(run.root):
         cfg = load_config(run.config_path)               # read again under the lock: another run may have rewritten it

@@ -103,7 +103,7 @@ STAGES = ("ingest", "fit", "score", "train", "report")
 
 def stage_function(name: str) -> Callable[..., dict[str, Any]]:
     """The ``run(run_dir, cfg, beam_args)`` of a stage, imported lazily (torch and Beam are heavy)."""
-    return importlib.import_module(f"pipelines.{name}").run
+    return importlib.import_module(f"pipelines.{name}").execute
 
 
 PAIR_LOSSES = ("bt",)

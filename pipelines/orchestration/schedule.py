@@ -102,8 +102,8 @@ def dry_run(cfg: Config, root: Path, days: Sequence[dt.date], *, force: bool, mo
             step["impression_files"], step["signal_files"] = len(day_imps), len(day_sigs)
             impressions.update(day_imps)
             signals.update(day_sigs)
-    check_columns(sorted(impressions), imp.IMPRESSIONS)
-    check_columns(sorted(signals), sig.SIGNALS)
+    check_columns(sorted(impressions), imp.SCHEMA)
+    check_columns(sorted(signals), sig.SCHEMA)
     holder = read_lock(root)
     lock = "free" if holder is None else {True: "held", False: "stale", None: "held (other host)"}[
         holder_alive(holder)]

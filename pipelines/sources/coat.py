@@ -94,7 +94,7 @@ def coat_logs(c: dict[str, Any]) -> dict[str, Any]:
                imp.RESPONSE_ID: [f"i{b}" for b in i], imp.PROMPT: [f"user{a}" for a in u],
                imp.RESPONSE: [f"item{b}" for b in i], imp.MODEL_VERSION: ["coat"] * u.size,
                imp.POSITION: np.zeros(u.size, np.int32)}
-    impressions = conform(pa.table(columns), imp.IMPRESSIONS)
+    impressions = conform(pa.table(columns), imp.SCHEMA)
     extra = {**{k: [v[a] for a in u] for k, v in c["users"].items()},
              **{k: [v[b] for b in i] for k, v in c["items"].items()},
              CROSSES: [" ".join(f"{x}_X_{y}" for x in c["user_tokens"][a] for y in c["item_tokens"][b])
@@ -108,7 +108,7 @@ def coat_logs(c: dict[str, Any]) -> dict[str, Any]:
         sig.EVENT_ID: [f"{x}-rating" for x in ids[rated]], sig.IMPRESSION_ID: ids[rated],
         sig.TS: pa.array(ts[rated] + np.timedelta64(60, "s"), pa.timestamp("us", tz="UTC")),
         sig.TYPE: ["rating"] * rated.size, sig.VALUE: (ratings - 1) / 4.0,
-    }), sig.SIGNALS)
+    }), sig.SCHEMA)
     tu, ti = np.nonzero(c["test"])
     test = pa.table({imp.IMPRESSION_ID: [f"coat-u{a:03d}-i{b:03d}" for a, b in zip(tu, ti, strict=True)],
                      "user": tu.astype(np.int32), "item": ti.astype(np.int32),

@@ -138,7 +138,7 @@ def semi_synthetic(pairs: list[dict[str, str]], s: HHSettings) -> dict[str, Any]
         imp.PROMPT_ID: [f"hh{p:05d}" for p in pair_of], imp.RESPONSE_ID: ids,
         imp.PROMPT: [pairs[p]["prompt"] for p in pair_of], imp.RESPONSE: responses,
         imp.MODEL_VERSION: ["hh-rlhf"] * n, imp.POSITION: position,
-    }), imp.IMPRESSIONS)
+    }), imp.SCHEMA)
     rated, audited = np.flatnonzero(observed), np.flatnonzero(gold)
     event_ids = [f"{ids[i]}-thumb" for i in rated] + [f"{ids[i]}-gold" for i in audited]
     signals = conform(pa.table({
@@ -148,13 +148,13 @@ def semi_synthetic(pairs: list[dict[str, str]], s: HHSettings) -> dict[str, Any]
                          pa.timestamp("us", tz="UTC")),
         sig.TYPE: ["upvote" if noisy[i] else "downvote" for i in rated] + ["gold"] * audited.size,
         sig.VALUE: np.concatenate([np.full(rated.size, np.nan), r_star[audited].astype(float)]),
-    }), sig.SIGNALS)
+    }), sig.SCHEMA)
     truth = conform(pa.table({
         tr.IMPRESSION_ID: ids, tr.REWARD_TRUE: r_star.astype(float), tr.PROPENSITY_TRUE: propensity,
         tr.LABEL_CLEAN: r_star.astype(np.int8), tr.LABEL_NOISY: noisy.astype(np.int8),
         tr.OBSERVED_TRUE: observed.astype(np.int8),
         tr.LENGTH_EFFECT_TRUE: np.full(n, np.nan),      # real labels: the verbosity effect is not known
-    }), tr.TRUTH)
+    }), tr.SCHEMA)
     test_ids = np.flatnonzero(test)
     test_pairs = pa.table({"pair_id": [f"hh{p:05d}" for p in test_ids],
                            "prompt": [pairs[p]["prompt"] for p in test_ids],

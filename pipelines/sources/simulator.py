@@ -216,7 +216,7 @@ def simulate(scenario: Scenario) -> SimulatedLogs:
                        users=user_ids, extra=extra)
     impressions, signals = _add_dirt(rng, impressions, signals, s.dirty_share)
     signals = pa.concat_tables([signals, _gold(rng, impression_id, ts, label_clean, s.gold_share, signals.schema)])
-    return SimulatedLogs(impressions, signals, conform(truth, tr.TRUTH))
+    return SimulatedLogs(impressions, signals, conform(truth, tr.SCHEMA))
 
 
 def _extra_raters(rng: np.random.Generator, s: Scenario, user: np.ndarray, segment_of_user: np.ndarray,
