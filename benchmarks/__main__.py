@@ -7,8 +7,8 @@ when obsfeed[minilm] is installed), every reward-model loss over 3 seeds
 (default N 60,000), a simulated week run day by day against one run (default N 70,000), and mean vs latest vote
 aggregation with three raters per reply over 3 seeds (default N 20,000).
 ``python -m benchmarks realdata`` (``make bench-real``, not part of ``all``): the public datasets in
-../shared/data through the pipeline, over 5 seeds, and HH-RLHF fine-tuning MiniLM-L6 on 3 of them (skipped when
-obsfeed[minilm] is not installed).
+$OBSFEED_DATA (``pipelines.sources.public_data``, docs/data.md) through the pipeline, over 5 seeds, and HH-RLHF
+fine-tuning MiniLM-L6 on 3 of them (skipped when obsfeed[minilm] is not installed).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def run_estimators(n: int) -> None:
             "audit): bias of each estimate and its share of the naive bias.", "", *clean_table(results), "",
             "Selection and confounding diagnostics (biases here against the mean *label*, the secondary figure).", "",
             *estimators_table(results), "",
-            "Weight stabilisers and DR variants (score.stabilize = \"monotone\", Switch-DR at score.switch_tau, "
+            "Weight stabilisers and DR variants (weights.stabilize = \"monotone\", Switch-DR at score.switch_tau, "
             "shrinkage at score.shrink_lambda): bias of the mean label against the mean label, and its share of the "
             "naive bias against E[r*] after the semicolon.", "", *stabilised_table(results)]
     print("\n".join(rows))

@@ -62,7 +62,7 @@ categorical = ["model_version", "user_segment"]
 """
 
 
-STABILISED = """[score]
+STABILISED = """[weights]
 stabilize = "monotone"
 """
 """The benchmark's weight_stabilized is the monotone one; the DR variants are rebuilt by evaluate at the default

@@ -32,7 +32,7 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 
 
 IMPLICIT_RATE = 1.7
-"""Implicit-signal rate of the benchmark's world: ~1.5 signal events per impression, as in DESIGN §8."""
+"""Implicit-signal rate of the benchmark's world: ~1.5 signal events per impression, as in benchmarks/RESULTS.md."""
 
 
 def cached_simulation(n: int, seed: int = 0) -> Path:

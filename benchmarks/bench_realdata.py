@@ -1,5 +1,8 @@
 """Real-data benchmarks (issue 8): public datasets through the whole pipeline, scored on held-out truth.
 
+The datasets are read from ``$OBSFEED_DATA/coat`` and ``$OBSFEED_DATA/hh-rlhf`` (``pipelines.sources.public_data``;
+docs/data.md says where to get them).
+
 Coat (``obsfeed import coat``): the pipeline (ingest, fit, score) runs once per propensity variant on the
 self-selected ratings (the feature-interaction propensity that obsfeed fits, and the published propensities
 through ``fit.propensity_column``); the train stage then runs for 5 training seeds (initialisation, batch order,
@@ -44,6 +47,7 @@ from estimators.diagnostics import expected_calibration_error, ndcg_at_k
 from estimators.reward.model import load_reward_model, model_record, predict_logits, score
 from estimators.reward.trainer import fit_reward_model
 from pipelines.orchestration.cli import main as cli
+from pipelines.sources import public_data
 from pipelines.sources.coat import LOGGED_PROPENSITY, import_coat
 from pipelines.sources.hh_rlhf import HHSettings, import_hh_rlhf
 from pipelines.train import load_models, model_dirs
@@ -55,7 +59,6 @@ from schemas.run_dir import RunDir
 from schemas.storage import parquet_files
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 HH_LOSSES = ("naive", "ips", "dr", "causalrm_dr", "bt")
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 """Student t quantiles (0.975) by number of seeds, for the CI of a seed-paired difference."""
@@ -108,7 +111,7 @@ def hh_seed(seed: int, work: Path, transformer: Path | None = None) -> dict[str,
     """The hashed block's metrics for ``seed``; with ``transformer`` (a backbone folder) also the transformer
     block's on the same run, under ``"transformer"``."""
     data = CACHE / f"hh-rlhf-seed{seed}"
-    counts = import_hh_rlhf(SHARED_DATA / "hh-rlhf", data, HHSettings(seed=seed))
+    counts = import_hh_rlhf(public_data("hh-rlhf"), data, HHSettings(seed=seed))
     cfg_path = work / "hh.toml"
     text = (ROOT / "configs" / "hh_rlhf.toml").read_text().replace("../data/hh-rlhf", str(data))
     cfg_path.write_text(text.replace("seed = 0", f"seed = {seed}"))
@@ -334,7 +337,7 @@ def coat_metrics(model, test) -> dict[str, float]:
 def coat_variant(fit_extra: str, work: Path, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
     data = CACHE / "coat"
     if not (data / "test.parquet").exists():
-        import_coat(SHARED_DATA / "coat", data)
+        import_coat(public_data("coat"), data)
     text = (ROOT / "configs" / "coat.toml").read_text().replace("../data/coat", str(data))
     text = text.replace("[fit]\n", f"[fit]\n{fit_extra}\n", 1)
     cfg_path = work / "coat.toml"

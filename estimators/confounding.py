@@ -1,4 +1,4 @@
-"""Confounder effects by double machine learning (EconML), and the deconfounded target (DESIGN §5).
+"""Confounder effects by double machine learning (EconML), and the deconfounded target (docs/estimators.md#confounding).
 
 A "confounder-treatment" T (e.g. log response length) shifts the label users give independently of the
 answer's quality (verbosity bias). DML estimates its effect θ on the label given controls W (the text,

@@ -1,4 +1,4 @@
-"""Cross-fitting, written once: every out-of-fold score in obsfeed comes from here (DESIGN §5)."""
+"""Cross-fitting, written once: every out-of-fold score in obsfeed comes from here (docs/estimators.md)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def summary(values: np.ndarray) -> dict[str, float]:
 
 
 def regression_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """MSE, MAE and R² of predictions against the true values (DESIGN §7)."""
+    """MSE, MAE and R² of predictions against the true values (docs/evaluation.md#metrics)."""
     err = pred - truth
     return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err))),
             "r2": float(1 - np.sum(err**2) / np.sum((truth - truth.mean()) ** 2))}

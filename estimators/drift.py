@@ -1,4 +1,4 @@
-"""Drift of a day's data against the data its models were fitted on (scheduled runs; DESIGN §3).
+"""Drift of a day's data against the data its models were fitted on (scheduled runs; docs/run-directory.md#drift).
 
 Pure functions: a *profile* summarises a batch of units (propensity bins, observed label rate, signal mix), and
 ``compare`` measures a day's profile against the fit window's. The statistics are the usual ones for model

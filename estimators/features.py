@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from sklearn.compose import ColumnTransformer
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from schemas.config import FitConfig
 
 TEXT = "_text"
 RESPONSE_LENGTH = "response_length"
@@ -44,6 +47,14 @@ def feature_frame(columns: dict[str, np.ndarray | list], *, text: list[str], num
             raise KeyError(f"feature column '{c}' is not in the units table")
         out[c] = pd.Series(columns[c], dtype="object").fillna("<null>").astype(str).to_numpy()
     return pd.DataFrame(out)
+
+
+def design(table: pa.Table, fit: FitConfig) -> pd.DataFrame:
+    """The featuriser's input frame from a units table, converting only the columns it reads (not every unit
+    column): what fit, score and the placebo check all feed the featuriser."""
+    names = input_columns(text=fit.text, numeric=fit.numeric, categorical=fit.categorical)
+    return feature_frame({c: table[c].to_numpy(zero_copy_only=False) for c in names if c in table.column_names},
+                         text=fit.text, numeric=fit.numeric, categorical=fit.categorical)
 
 
 def treatment_values(frame: pd.DataFrame, name: str) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""Imputation model ε̂(x) ≈ E[label | x, o=1] for doubly robust estimates and the flip-rate anchors (DESIGN §5).
+"""Imputation model ε̂(x) ≈ E[label | x, o=1] for doubly robust estimates and the flip-rate anchors.
 
 ``logistic`` is one L2 logistic regression over the design matrix; ``boosted`` (fit's default) boosts its
 honest logit together with the structured columns (:class:`estimators.stacking.LinearThenBoosted`), which
 learns the interactions and the plateaus of P(label = 1 | x) at the flip rates that the anchors read off.
+Formulas: docs/estimators.md#imputation-and-doubly-robust.
 """
 
 from __future__ import annotations

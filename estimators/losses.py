@@ -1,4 +1,4 @@
-"""Reward-model losses (DESIGN §5-§6): pure tensor functions, each the empirical risk of one estimator.
+"""Reward-model losses (docs/estimators.md#losses): pure tensor functions, each the empirical risk of one estimator.
 
 Notation: ``logits`` s(x); ``label`` r (NaN where unobserved); ``observed`` o ∈ {0,1}; ``weight`` w = o/p̂
 (``weight_clipped``: o / max(p̂, clip)); ``imputed`` ε̂(x) ≈ E[r | x, o=1]; ℓ(s, y) the binary cross-entropy

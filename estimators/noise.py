@@ -1,4 +1,4 @@
-"""Label noise (DESIGN §5, CausalRM): flip rates ρ01 = P(r=0 | r*=1), ρ10 = P(r=1 | r*=0), their estimates,
+"""Label noise (docs/estimators.md, CausalRM): flip rates ρ01 = P(r=0 | r*=1), ρ10 = P(r=1 | r*=0), their estimates,
 and the corrected targets. Numpy in, numpy out.
 
 Under class-conditional flips P(r=1 | x) = ρ10 + (1 − ρ01 − ρ10)·P(r*=1 | x), so wherever P(r*=1 | x) is 0 or
@@ -7,14 +7,20 @@ anchors are high and low quantiles of its (out-of-fold) scores, not the raw max 
 
 Each estimate carries a confidence interval, and ``identify`` decides whether it is precise enough to correct
 targets with: a rate read off a handful of extreme scores is a guess, and dividing by 1 − ρ01 − ρ10 amplifies it.
+``noise_model`` is the policy on top: which of these rates the targets use under ``fit.noise``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from estimators.calibration import check_audit
+from schemas.config import FitConfig
+from schemas.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -250,3 +256,91 @@ def ppi_mean(gold: np.ndarray, predicted_gold: np.ndarray, predicted_all: np.nda
     z = float(stats.norm.ppf(0.5 + level / 2))
     return {"estimate": estimate, "se": se, "ci_low": estimate - z * se, "ci_high": estimate + z * se,
             "n_gold": n, "n_all": big_n, "lambda": lam}
+
+
+def noise_model(scores: np.ndarray, label: np.ndarray, gold: np.ndarray, observed: np.ndarray,
+                fc: FitConfig) -> tuple[FlipRates, dict[str, Any]]:
+    """Flip rates for the noise-corrected target, and what else the labels say about noise.
+
+    Anchors come from the noise proxy's out-of-fold P̂(r=1 | x) (``scores``) on the observed units, with bootstrap
+    intervals; the audit from observed units that also carry a gold label, with Wilson intervals. Each estimate is
+    judged identified or not (``identify``, thresholds from ``fit``). "auto" calibrates on an audit big enough for
+    it (rates 0 here: the calibration replaces them), else applies the anchor rates only if they are identified,
+    else no correction, saying why. An explicit "anchor" or "audit" is applied even when not identified (flagged:
+    the fit stage warns with :func:`unidentified_warning`, and the train stage refuses such rates for the
+    noise-aware losses unless told otherwise); one that cannot be estimated at all is a ConfigError. With gold
+    labels on a uniformly random audit sample, the mean true reward also gets a prediction-powered estimate (the
+    noise-corrected imputation over all units, rectified on the audited ones) beside the audit-only mean.
+    """
+    audited = observed & np.isfinite(gold)
+    diag: dict[str, Any] = {"audited_units": int(np.isfinite(gold).sum()), "audited_observed": int(audited.sum()),
+                            "identification": {"min_anchor_units": fc.min_anchor_units,
+                                               "max_flip_ci_width": fc.max_flip_ci_width,
+                                               "max_flip_sum": fc.max_flip_sum}}
+    estimates: dict[str, FlipRates | None] = {"anchor": None, "audit": None}
+    errors: dict[str, str] = {}
+    wanted = () if fc.noise == "none" else ("anchor", "audit")      # both, whichever is used: the report compares
+    judged = {"min_tail_units": fc.min_anchor_units, "max_ci_width": fc.max_flip_ci_width,
+              "max_sum": fc.max_flip_sum}
+    for name in wanted:
+        try:
+            if name == "anchor":
+                est = anchor_flip_rates(scores[observed], fc.anchor_quantile, seed=fc.seed)
+                estimates[name] = identify(est, tail_units=fc.anchor_quantile * est.n, **judged)
+            else:
+                estimates[name] = identify(audit_flip_rates(label[audited], gold[audited], fc.min_audit),
+                                           tail_units=None, **judged)
+        except ValueError as e:
+            errors[name] = str(e)
+    if fc.noise in ("anchor", "audit") and estimates[fc.noise] is None:   # the configured method cannot run here
+        raise ConfigError(f"fit.noise = {fc.noise!r} cannot be estimated on these units ({errors[fc.noise]}); "
+                          "choose another fit.noise ('auto' falls back to no correction, saying why)")
+    diag["estimates"] = {k: v.to_dict() if v else None for k, v in estimates.items()}
+    diag["errors"] = errors
+    chosen = _chosen_flip_rates(estimates, errors, gold, observed, fc)
+    gold_units = np.isfinite(gold)
+    if gold_units.sum() >= 2 and (~gold_units).sum() >= 2:
+        # PPI is valid with any predictor; under calibration the audit's rates make a better one than none.
+        ppi_rates = (estimates["audit"] or chosen) if chosen.method == "calibrate" else chosen
+        reward = np.clip(corrected_target(scores, ppi_rates.rho01, ppi_rates.rho10), 0, 1)
+        diag["mean_reward"] = {"ppi": ppi_mean(gold[gold_units], reward[gold_units], reward[~gold_units]),
+                               "gold_only": mean_ci(gold[gold_units])}
+    return chosen, diag
+
+
+def unidentified_warning(chosen: FlipRates) -> str | None:
+    """What the fit stage warns about rates that are not identified (None when they are): the reason no
+    correction is applied, or that the rates ``fit.noise`` asked for are applied although not identified."""
+    if chosen.identified:
+        return None
+    if chosen.method == "none":
+        return chosen.why
+    return (f"applying {chosen.method} flip rates as fit.noise asks, but they are {chosen.why} "
+            f"({chosen.interval_text()})")
+
+
+def _chosen_flip_rates(estimates: dict[str, FlipRates | None], errors: dict[str, str], gold: np.ndarray,
+                       observed: np.ndarray, fc: FitConfig) -> FlipRates:
+    """The rates the targets use under ``fit.noise`` (see ``noise_model``)."""
+    if fc.noise == "fixed":
+        return FlipRates(*fc.flip_rates, method="fixed", n=0, why="given (fit.flip_rates)")
+    if fc.noise == "none":
+        return FlipRates(0.0, 0.0, method="none", n=0, why="fit.noise = 'none': labels assumed clean")
+    if fc.noise in ("anchor", "audit"):
+        return estimates[fc.noise]
+    audit_problem = None
+    try:
+        check_audit(gold, observed.astype(int), fc.min_audit)
+    except ValueError as e:
+        audit_problem = str(e)
+    if fc.noise == "calibrate" or audit_problem is None:
+        return FlipRates(0.0, 0.0, method="calibrate", n=int((observed & np.isfinite(gold)).sum()),
+                         why="calibrated on the audit: E[r* | label, x] replaces flip rates")
+    anchor = estimates["anchor"]
+    if anchor is not None and anchor.identified:
+        return anchor
+    failed = [f"anchor rates {anchor.why} ({anchor.interval_text()})" if anchor is not None
+              else f"anchor rates: {errors.get('anchor', 'not estimated')}",
+              f"no audit to calibrate on ({audit_problem})"]
+    return FlipRates(0.0, 0.0, method="none", n=0, identified=False,
+                     why="no noise correction: " + "; ".join(failed))

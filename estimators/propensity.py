@@ -1,4 +1,4 @@
-"""Propensity of observation p(x) = P(o=1 | x): a calibrated, clipped sklearn classifier (DESIGN §5)."""
+"""Propensity of observation p(x) = P(o=1 | x): a calibrated, clipped sklearn classifier (docs/estimators.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Optional sentence embeddings for the reward model, from a model on local disk only (DESIGN §6: nothing is ever
-downloaded at run time).
+"""Optional sentence embeddings for the reward model, from a model on local disk only (nothing is ever
+downloaded at run time: docs/reward-trainer.md).
 
 Two kinds of local model:
 

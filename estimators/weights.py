@@ -1,9 +1,18 @@
-"""Inverse-propensity weights and the doubly robust pseudo-outcome (DESIGN §5). Numpy in, numpy out."""
+"""Inverse-propensity weights and the doubly robust pseudo-outcome (docs/estimators.md). Numpy in, numpy out.
+
+At the end, the fit stage's weighting policy (``choose_clip``, ``stabilizer_map``): the settings in, the floor
+and the stabiliser's map that ``weights.json`` records out.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
+
+from schemas.config import WeightsConfig
+from schemas.errors import ConfigError, GateError
 
 
 def invalid_propensities(propensity: np.ndarray) -> np.ndarray:
@@ -232,3 +241,52 @@ def policy_value(weights: np.ndarray, reward: np.ndarray) -> dict[str, float]:
     return {"ips": float(np.sum(weights * r) / max(1, weights.size)),
             "snips": float(np.sum(weights * r) / total) if total > 0 else float("nan"),
             "n": int(weights.size), "weight_sum": total}
+
+
+# --- the fit stage's weighting policy: the floor and the stabiliser's map, chosen once on the fit sample --------
+
+def configured_clip(observed: np.ndarray, propensity: np.ndarray, settings: WeightsConfig) -> float:
+    """The propensity floor the config asks for: a number, none (0), or ``auto_clip`` at ``min_ess_share``."""
+    if settings.clip == "auto":
+        return auto_clip(observed, propensity, settings.min_ess_share)
+    return 0.0 if settings.clip == "none" else float(settings.clip)
+
+
+def choose_clip(observed: np.ndarray, propensity: np.ndarray, settings: WeightsConfig) -> dict[str, Any]:
+    """The propensity floor the score stage applies (from the config, or chosen on the sample's out-of-fold
+    propensities), after refusing degenerate propensities (exit code 2) rather than clipping them away: what the
+    fit stage writes to ``weights.json``, the only source of the floor after fit."""
+    s = settings
+    reason = degenerate_weights(observed, propensity, min_ess_share=s.ips_min_ess_share)
+    if reason:
+        raise GateError(f"fit: degenerate propensities: {reason} (weights.ips_min_ess_share = {s.ips_min_ess_share})")
+    clip = min(configured_clip(observed, propensity, s), 1 - 1e-9)
+    w = clipped(observed, propensity, clip)
+    return {"clip": clip, "method": "auto" if s.clip == "auto" else "none" if s.clip == "none" else "config",
+            "min_ess_share": s.min_ess_share if s.clip == "auto" else None,
+            "sample_ess_share": kish_ess(w) / max(1, int(observed.sum())),
+            "sample_clipped": int(np.sum((observed == 1) & (propensity < clip))),
+            "stabilizer": stabilizer_map(observed, propensity, s)}
+
+
+def stabilizer_map(observed: np.ndarray, propensity: np.ndarray, settings: WeightsConfig) -> dict[str, Any] | None:
+    """For ``weights.stabilize = "monotone"``: the isotonic map q(p̂) fitted on the sample's out-of-fold propensities
+    (its thresholds, which the score stage applies to every unit) and what the stabilised weights look like on the
+    sample (the score stage normalises and caps them again over all units). None for the other stabilisers."""
+    s = settings
+    if s.stabilize != "monotone":
+        return None
+    if (observed == 1).all():
+        raise ConfigError("weights.stabilize = 'monotone' calibrates the observed flag on p̂, but every unit of the fit "
+                          "sample is observed (click-through framing): there is no selection to calibrate; use "
+                          "'none' or 'snips'")
+    x, y = monotone_map(observed, propensity)
+    raw = monotone_weights(observed.astype(float), propensity, x, y)
+    w, lam = cap_variance(raw, observed, max_variance=s.max_weight_variance)
+    n_obs = int((observed == 1).sum())
+    obs = w[observed == 1]
+    tail = hill_tail_index(obs)
+    return {"method": "monotone", "thresholds_x": x.tolist(), "thresholds_y": y.tolist(), "floor": MONOTONE_FLOOR,
+            "max_weight_variance": s.max_weight_variance, "sample_lambda": lam,
+            "sample_variance": float(np.mean((obs - 1) ** 2)), "sample_ess_share": kish_ess(obs) / n_obs,
+            "sample_max": float(obs.max()), "sample_tail_index": tail if np.isfinite(tail) else None}

@@ -1,4 +1,7 @@
-"""Stage entry points (simulate, ingest, fit, score, train, report, evaluate) and the `obsfeed` CLI."""
+"""The stages, one module each (ingest, fit, score, train, report, and evaluate on a finished run): each an
+``execute(run, cfg, beam_args)`` that reads and writes only the run directory and returns its typed result
+(``schemas/stages.py``). Where raw logs come from is ``pipelines.sources``; what runs the stages (the CLI, the
+registry, scheduled runs) is ``pipelines.orchestration``, on top of them."""
 
 import logging
 

@@ -25,11 +25,12 @@ from estimators import weights as W
 from estimators.confounding import saved_effects
 from estimators.diagnostics import auc, expected_calibration_error, pairwise_accuracy, regression_metrics
 from estimators.features import RESPONSE_LENGTH
+from estimators.fitted import fitted_clip
 from schemas import pointwise
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
-from schemas.config import Config, ScoreConfig
+from schemas.config import Config, ScoreConfig, WeightsConfig
 from schemas.errors import InputError
 from schemas.run_dir import RunDir
 from schemas.storage import atomic_write_text, read_dataset
@@ -82,12 +83,12 @@ def clean_reward_estimates(d: pl.DataFrame, noise: dict[str, Any] | None) -> dic
                                for k, v in est.items()}}
 
 
-def stabilised_estimates(d: pl.DataFrame, score: ScoreConfig, clip: float) -> dict[str, Any]:
-    """The mean label with the stabilised weights (``weight_stabilized``, self-normalised, ``score.stabilize``)
+def stabilised_estimates(d: pl.DataFrame, score: ScoreConfig, weights: WeightsConfig, clip: float) -> dict[str, Any]:
+    """The mean label with the stabilised weights (``weight_stabilized``, self-normalised, ``weights.stabilize``)
     beside clipping and SNIPS, and every DR variant (standard, Switch-DR at ``score.switch_tau``, shrinkage at
-    ``score.shrink_lambda``) rebuilt from the logging weights o / max(p̂, clip) and the imputation: bias against the
-    mean label (what selection correction targets) and against E[r*], each also as a share of the naive bias,
-    with the stabilised weights' ESS share, max and tail index."""
+    ``score.shrink_lambda``) rebuilt from the logging weights o / max(p̂, clip) (``clip``: the floor fit chose) and
+    the imputation: bias against the mean label (what selection correction targets) and against E[r*], each also
+    as a share of the naive bias, with the stabilised weights' ESS share, max and tail index."""
     o = d[un.OBSERVED].to_numpy() == 1
     label = np.nan_to_num(d[un.LABEL].to_numpy().astype(float))
     p, imputed = d[pointwise.PROPENSITY].to_numpy(), d[pointwise.IMPUTED].to_numpy()
@@ -109,7 +110,7 @@ def stabilised_estimates(d: pl.DataFrame, score: ScoreConfig, clip: float) -> di
         est[f"dr_{variant}"] = float(dr.mean())
         se[f"dr_{variant}"] = float(dr.std(ddof=1) / np.sqrt(dr.size))
     truths = {"label": float(d[tr.LABEL_NOISY].mean()), "reward": float(d[tr.REWARD_TRUE].mean())}
-    out: dict[str, Any] = {"stabilize": score.stabilize, "switch_tau": score.switch_tau,
+    out: dict[str, Any] = {"stabilize": weights.stabilize, "switch_tau": score.switch_tau,
                            "shrink_lambda": score.shrink_lambda, "estimates": est, "se": se, "true": truths}
     for ref, true in truths.items():
         naive = est["naive"] - true
@@ -129,9 +130,7 @@ def execute(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: boo
     but missing or incomplete is an InputError either way."""
     truth_path = Path(truth) if truth else (Path(cfg.input.truth) if cfg.input.truth else None)
     if placebo and truth_path is None:
-        from pipelines.placebo import placebo_check
-
-        result = {"placebo": placebo_check(run, cfg)}
+        result = {"placebo": run_placebo(run, cfg)}
         atomic_write_text(run.path(rd.EVALUATION), json.dumps(result, indent=2) + "\n")
         return result
     if truth_path is None or not truth_path.exists():
@@ -166,19 +165,18 @@ def execute(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: boo
         },
         "mean_reward": _mean_reward(noise, d),
         "clean_reward": clean_reward_estimates(d, noise),
-        "stabilised": stabilised_estimates(d, cfg.score, _fitted_clip(run)),
+        "stabilised": stabilised_estimates(d, cfg.score, cfg.weights, fitted_clip(run.path(rd.MODELS))),
         "confounders": _confounders(run, d),
         "reward": {},
     }
     reward_dir = run.path(rd.REWARD_MODEL)
     if reward_dir.exists():
-        from estimators.reward.model import numeric_inputs, predict_reward
-        from pipelines.train import load_models
+        from estimators.reward.model import load_reward_models, numeric_inputs, predict_reward
 
         r_true = d[tr.REWARD_TRUE].to_numpy()
         prompts, responses = d[un.PROMPT].to_list(), d[un.RESPONSE].to_list()
         group = d[un.PROMPT_ID].to_numpy()
-        for loss, model in load_models(run).items():
+        for loss, model in load_reward_models(reward_dir).items():
             numeric = {c: d[c].to_numpy() for c in numeric_inputs(model)}
             pred = predict_reward(model, prompts, responses, columns=numeric)
             result["reward"][loss] = {**regression_metrics(pred, r_true),
@@ -188,9 +186,7 @@ def execute(run: RunDir, cfg: Config, *, truth: Path | None = None, placebo: boo
         if main in result["reward"]:
             result["reward"] = {**result["reward"][main], "loss": main, "by_loss": result["reward"]}
     if placebo:
-        from pipelines.placebo import placebo_check
-
-        result["placebo"] = placebo_check(run, cfg)
+        result["placebo"] = run_placebo(run, cfg)
     atomic_write_text(run.path(rd.EVALUATION), json.dumps(result, indent=2) + "\n")
     return result
 
@@ -209,11 +205,6 @@ def _confounders(run: RunDir, d: pl.DataFrame) -> list[dict[str, Any]]:
                 row.update(true=true, covered=e["ci_low"] <= true <= e["ci_high"])
         out.append(row)
     return out
-
-
-def _fitted_clip(run: RunDir) -> float:
-    """The propensity floor the score stage applied (``models/weights.json``)."""
-    return float(json.loads((run.path(rd.MODELS) / rd.WEIGHTS).read_text())["clip"])
 
 
 def _estimated_flip_rates(run: RunDir) -> dict[str, Any] | None:
@@ -287,6 +278,34 @@ def print_evaluation(result: dict[str, Any]) -> None:
 
 def _print_placebo(result: dict[str, Any]) -> None:
     if "placebo" in result:
-        from pipelines.placebo import print_placebo
-
         print_placebo(result["placebo"])
+
+
+def run_placebo(run: RunDir, cfg: Config) -> dict[str, Any]:
+    """`obsfeed evaluate RUN --placebo` (``estimators.placebo``): both placebos on the run's units, with the floor
+    and the confounder effects the fit stage saved (a run not fitted yet: the floor the config would give)."""
+    from estimators.placebo import placebo_check
+
+    path = run.path(rd.MODELS) / rd.CONFOUNDING
+    effects = saved_effects(json.loads(path.read_text())) if path.exists() else []
+    clip = fitted_clip(run.path(rd.MODELS)) if run.path(rd.WEIGHTS_FILE).exists() else None
+    return placebo_check(read_dataset(run.path(rd.UNITS)), cfg.fit, cfg.weights, clip=clip, fitted_effects=effects)
+
+
+def print_placebo(p: dict[str, Any]) -> None:
+    print(f"placebo check (seed {p['seed']}, randomised within {p['n_strata']} strata of "
+          f"{', '.join(p['strata']) or 'no categorical feature'}; should be 0 within noise)")
+    for c in p["confounders"]:
+        if "error" in c:
+            print(f"  shuffled {c['treatment']}: not fitted ({c['error']})")
+            continue
+        fitted = f" (fitted effect {c['fitted_effect']:.4f})" if "fitted_effect" in c else ""
+        print(f"  shuffled {c['treatment']} ({c['model']}): effect {c['effect']:.4f} [{c['ci_low']:.4f}, "
+              f"{c['ci_high']:.4f}], 0 {'inside' if c['zero_inside'] else 'OUTSIDE'} the CI{fitted}")
+    s = p["selection"]
+    if "error" in s:
+        print(f"  placebo selection: not fitted ({s['error']})")
+    else:
+        print(f"  placebo selection ({s['n_selected']} of {p['observed']} observed units, propensity AUC "
+              f"{s['propensity_auc']:.3f}): weighted − naive mean label {s['difference']:+.4f} "
+              f"[{s['ci_low']:+.4f}, {s['ci_high']:+.4f}], 0 {'inside' if s['zero_inside'] else 'OUTSIDE'} the CI")

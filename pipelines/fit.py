@@ -1,12 +1,14 @@
-"""Fit stage: cross-fitted, calibrated propensity and imputation models on a sample of units (DESIGN §5).
+"""Fit stage: cross-fitted, calibrated propensity and imputation models on a sample of units (docs/estimators.md).
 
 "Fit small, score big": models are fitted here on at most ``fit.max_rows`` units (stratified by observed),
-saved with skops, and applied to every unit by the score stage.
+saved as one ``models/`` folder (``estimators.fitted.FittedModels``: skops and JSON), and applied to every unit
+by the score stage. The policy (noise model, propensity floor, stabiliser map) lives in ``estimators``; this
+module reads the units, calls it, and writes what it decided.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from estimators import nuisance, persist
+from estimators import nuisance
 from estimators import positivity as pos
 from estimators import weights as W
 from estimators.balance import balance_table
@@ -23,122 +25,23 @@ from estimators.confounding import ConfounderEffect, confounder_controls
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc, expected_calibration_error, summary
 from estimators.drift import profile, signal_counts
-from estimators.features import RESPONSE_LENGTH, input_columns, structured_columns, treatment_values
-from estimators.noise import (
-    FlipRates,
-    anchor_flip_rates,
-    audit_flip_rates,
-    corrected_target,
-    identify,
-    mean_ci,
-    ppi_mean,
-)
+from estimators.features import RESPONSE_LENGTH, design, input_columns, structured_columns, treatment_values
+from estimators.fitted import FittedModels
+from estimators.noise import noise_model, unidentified_warning
 from estimators.propensity import logged_propensity
+from estimators.sampling import stratified_sample
 from estimators.sensitivity import weighted_vs_naive_ratio
-from pipelines.orchestration.logs import log
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config, FitConfig
 from schemas.errors import ConfigError, GateError, InputError
-from schemas.hashing import fold_of, sample_rank
+from schemas.hashing import fold_of
 from schemas.manifest import describe_inputs
 from schemas.run_dir import RunDir
+from schemas.stages import FitCounts, FitResult
 from schemas.storage import atomic_dir, parquet_files, read_dataset
-from transforms.score import design
 
-
-def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> np.ndarray:
-    """Indices of at most ``max_rows`` units, the same share of each observed stratum, chosen by id hash."""
-    if ids.size <= max_rows:
-        return np.arange(ids.size)
-    rank = sample_rank(ids)
-    keep = []
-    for o in (0, 1):
-        idx = np.flatnonzero(observed == o)
-        k = int(round(max_rows * idx.size / ids.size))
-        keep.append(idx[np.argsort(rank[idx], kind="stable")[:k]])
-    return np.sort(np.concatenate(keep))
-
-
-def noise_model(scores: np.ndarray, label: np.ndarray, gold: np.ndarray, observed: np.ndarray,
-                fc: FitConfig) -> tuple[FlipRates, dict[str, Any]]:
-    """Flip rates for the noise-corrected target, and what else the labels say about noise.
-
-    Anchors come from the noise proxy's out-of-fold P̂(r=1 | x) (``scores``) on the observed units, with bootstrap
-    intervals; the audit from observed units that also carry a gold label, with Wilson intervals. Each estimate is
-    judged identified or not (``estimators.noise.identify``, thresholds from ``fit``). "auto" calibrates on an
-    audit big enough for it (rates 0 here: the calibration replaces them), else applies the anchor rates only if
-    they are identified, else no correction, saying why. An explicit "anchor" or "audit" is applied even when not
-    identified (flagged, with a warning: the train stage refuses such rates for the noise-aware losses unless
-    told otherwise); one that cannot be estimated at all is a ConfigError. With gold labels on a uniformly random
-    audit sample, the mean true reward also gets a prediction-powered estimate (the noise-corrected imputation
-    over all units, rectified on the audited ones) beside the audit-only mean.
-    """
-    audited = observed & np.isfinite(gold)
-    diag: dict[str, Any] = {"audited_units": int(np.isfinite(gold).sum()), "audited_observed": int(audited.sum()),
-                            "identification": {"min_anchor_units": fc.min_anchor_units,
-                                               "max_flip_ci_width": fc.max_flip_ci_width,
-                                               "max_flip_sum": fc.max_flip_sum}}
-    estimates: dict[str, FlipRates | None] = {"anchor": None, "audit": None}
-    errors: dict[str, str] = {}
-    wanted = () if fc.noise == "none" else ("anchor", "audit")      # both, whichever is used: the report compares
-    judged = {"min_tail_units": fc.min_anchor_units, "max_ci_width": fc.max_flip_ci_width,
-              "max_sum": fc.max_flip_sum}
-    for name in wanted:
-        try:
-            if name == "anchor":
-                est = anchor_flip_rates(scores[observed], fc.anchor_quantile, seed=fc.seed)
-                estimates[name] = identify(est, tail_units=fc.anchor_quantile * est.n, **judged)
-            else:
-                estimates[name] = identify(audit_flip_rates(label[audited], gold[audited], fc.min_audit),
-                                           tail_units=None, **judged)
-        except ValueError as e:
-            errors[name] = str(e)
-    if fc.noise in ("anchor", "audit") and estimates[fc.noise] is None:   # the configured method cannot run here
-        raise ConfigError(f"fit.noise = {fc.noise!r} cannot be estimated on these units ({errors[fc.noise]}); "
-                          "choose another fit.noise ('auto' falls back to no correction, saying why)")
-    diag["estimates"] = {k: v.to_dict() if v else None for k, v in estimates.items()}
-    diag["errors"] = errors
-    chosen = _chosen_flip_rates(estimates, errors, gold, observed, fc)
-    if not chosen.identified:
-        log(f"fit: {chosen.why}" if chosen.method == "none" else
-            f"fit: applying {chosen.method} flip rates as fit.noise asks, but they are {chosen.why} "
-            f"({chosen.interval_text()})", level="warning", event="flip_rates_not_identified")
-    gold_units = np.isfinite(gold)
-    if gold_units.sum() >= 2 and (~gold_units).sum() >= 2:
-        # PPI is valid with any predictor; under calibration the audit's rates make a better one than none.
-        ppi_rates = (estimates["audit"] or chosen) if chosen.method == "calibrate" else chosen
-        reward = np.clip(corrected_target(scores, ppi_rates.rho01, ppi_rates.rho10), 0, 1)
-        diag["mean_reward"] = {"ppi": ppi_mean(gold[gold_units], reward[gold_units], reward[~gold_units]),
-                               "gold_only": mean_ci(gold[gold_units])}
-    return chosen, diag
-
-
-def _chosen_flip_rates(estimates: dict[str, FlipRates | None], errors: dict[str, str], gold: np.ndarray,
-                       observed: np.ndarray, fc: FitConfig) -> FlipRates:
-    """The rates the targets use under ``fit.noise`` (see ``noise_model``)."""
-    if fc.noise == "fixed":
-        return FlipRates(*fc.flip_rates, method="fixed", n=0, why="given (fit.flip_rates)")
-    if fc.noise == "none":
-        return FlipRates(0.0, 0.0, method="none", n=0, why="fit.noise = 'none': labels assumed clean")
-    if fc.noise in ("anchor", "audit"):
-        return estimates[fc.noise]
-    audit_problem = None
-    try:
-        check_audit(gold, observed.astype(int), fc.min_audit)
-    except ValueError as e:
-        audit_problem = str(e)
-    if fc.noise == "calibrate" or audit_problem is None:
-        return FlipRates(0.0, 0.0, method="calibrate", n=int((observed & np.isfinite(gold)).sum()),
-                         why="calibrated on the audit: E[r* | label, x] replaces flip rates")
-    anchor = estimates["anchor"]
-    if anchor is not None and anchor.identified:
-        return anchor
-    failed = [f"anchor rates {anchor.why} ({anchor.interval_text()})" if anchor is not None
-              else f"anchor rates: {errors.get('anchor', 'not estimated')}",
-              f"no audit to calibrate on ({audit_problem})"]
-    return FlipRates(0.0, 0.0, method="none", n=0, identified=False,
-                     why="no noise correction: " + "; ".join(failed))
+logger = logging.getLogger(__name__)
 
 
 def clean_reward_model(imputed: np.ndarray, structured: np.ndarray, label: np.ndarray, observed: np.ndarray,
@@ -193,26 +96,6 @@ def selection_evalue(label: np.ndarray, observed: np.ndarray, weights: np.ndarra
         return {"supported": False, "reason": str(e)}
 
 
-def choose_clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> dict[str, Any]:
-    """The propensity floor the score stage applies (from the config, or chosen on the sample's out-of-fold
-    propensities), after refusing degenerate propensities (exit code 2) rather than clipping them away."""
-    sc = cfg.score
-    reason = W.degenerate_weights(observed, propensity, min_ess_share=sc.ips_min_ess_share)
-    if reason:
-        raise GateError(f"fit: degenerate propensities: {reason} (score.ips_min_ess_share = {sc.ips_min_ess_share})")
-    if sc.clip == "auto":
-        clip = W.auto_clip(observed, propensity, sc.min_ess_share)
-    else:
-        clip = 0.0 if sc.clip == "none" else float(sc.clip)
-    clip = min(clip, 1 - 1e-9)
-    w = W.clipped(observed, propensity, clip)
-    return {"clip": clip, "method": "auto" if sc.clip == "auto" else "none" if sc.clip == "none" else "config",
-            "min_ess_share": sc.min_ess_share if sc.clip == "auto" else None,
-            "sample_ess_share": W.kish_ess(w) / max(1, int(observed.sum())),
-            "sample_clipped": int(np.sum((observed == 1) & (propensity < clip))),
-            "stabilizer": stabilizer_map(observed, propensity, cfg)}
-
-
 def manifest_weighting(weighting: dict[str, Any]) -> dict[str, Any]:
     """weights.json for the manifest: the monotone map's thresholds stay in the file (hundreds of numbers), the
     figures about them are kept."""
@@ -221,29 +104,6 @@ def manifest_weighting(weighting: dict[str, Any]) -> dict[str, Any]:
         return weighting
     return {**weighting, "stabilizer": {k: v for k, v in stab.items() if not k.startswith("thresholds_")}
             | {"thresholds": len(stab["thresholds_x"])}}
-
-
-def stabilizer_map(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> dict[str, Any] | None:
-    """For ``score.stabilize = "monotone"``: the isotonic map q(p̂) fitted on the sample's out-of-fold propensities
-    (its thresholds, which the score stage applies to every unit) and what the stabilised weights look like on the
-    sample (the score stage normalises and caps them again over all units). None for the other stabilisers."""
-    sc = cfg.score
-    if sc.stabilize != "monotone":
-        return None
-    if (observed == 1).all():
-        raise ConfigError("score.stabilize = 'monotone' calibrates the observed flag on p̂, but every unit of the fit "
-                          "sample is observed (click-through framing): there is no selection to calibrate; use "
-                          "'none' or 'snips'")
-    x, y = W.monotone_map(observed, propensity)
-    raw = W.monotone_weights(observed.astype(float), propensity, x, y)
-    w, lam = W.cap_variance(raw, observed, max_variance=sc.max_weight_variance)
-    n_obs = int((observed == 1).sum())
-    obs = w[observed == 1]
-    tail = W.hill_tail_index(obs)
-    return {"method": "monotone", "thresholds_x": x.tolist(), "thresholds_y": y.tolist(), "floor": W.MONOTONE_FLOOR,
-            "max_weight_variance": sc.max_weight_variance, "sample_lambda": lam,
-            "sample_variance": float(np.mean((obs - 1) ** 2)), "sample_ess_share": W.kish_ess(obs) / n_obs,
-            "sample_max": float(obs.max()), "sample_tail_index": tail if np.isfinite(tail) else None}
 
 
 def positivity_check(frame, observed: np.ndarray, propensity: np.ndarray, fc: FitConfig,
@@ -268,9 +128,10 @@ def positivity_check(frame, observed: np.ndarray, propensity: np.ndarray, fc: Fi
         raise GateError(f"fit: positivity: no unit of the sample has overlap ({pos.describe(violated)}), so "
                         "fit.positivity = 'exclude' would leave nothing to weight")
     if violated:
-        log(f"fit: overlap fails in {pos.describe(violated)}; fit.positivity = {fc.positivity!r}: their units are "
-            + ("flagged in overlap_violation" if fc.positivity == "warn" else "left out of the datasets by score"),
-            level="warning", stage="fit", event="positivity")
+        logger.warning(f"fit: overlap fails in {pos.describe(violated)}; fit.positivity = {fc.positivity!r}: their "
+                       "units are " + ("flagged in overlap_violation" if fc.positivity == "warn"
+                                       else "left out of the datasets by score"),
+                       extra={"stage": "fit", "event": "positivity"})
     return out, flagged
 
 
@@ -282,7 +143,7 @@ def reference_profile(sample: pa.Table, propensity: np.ndarray, observed: np.nda
             **profile(propensity, observed, label, signal_counts(sample, cfg.ingest.known_types))}
 
 
-def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResult:
     fc = cfg.fit
     units = read_dataset(run.path(rd.UNITS))
     missing = [c for c in input_columns(text=fc.text, numeric=fc.numeric, categorical=fc.categorical)
@@ -323,7 +184,9 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str
     proxy_oof = m_oof if fc.noise_proxy == fc.imputation_model else crossfit(
         nuisance.imputation_model(fc, structured, model=fc.noise_proxy), X, y, fold, fit_mask=obs)[0]
     flips, noise_diag = noise_model(proxy_oof, y, gold, obs, fc)
-    weighting = {**choose_clip(o, p_oof, cfg), "propensity_column": fc.propensity_column}
+    if warning := unidentified_warning(flips):
+        logger.warning(f"fit: {warning}", extra={"event": "flip_rates_not_identified"})
+    weighting = {**W.choose_clip(o, p_oof, cfg.weights), "propensity_column": fc.propensity_column}
     w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])
     calibration = None
     if flips.method == "calibrate":
@@ -333,34 +196,29 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str
             calibrated["agrees_with_ppi"] = bool(calibrated["ci_low"] <= ppi["ci_high"]
                                                  and ppi["ci_low"] <= calibrated["ci_high"])
             if not calibrated["agrees_with_ppi"]:
-                log(f"fit: the calibrated mean clean reward {calibrated['estimate']:.4f} "
-                    f"[{calibrated['ci_low']:.4f}, {calibrated['ci_high']:.4f}] and PPI's {ppi['estimate']:.4f} "
-                    f"[{ppi['ci_low']:.4f}, {ppi['ci_high']:.4f}] do not overlap: the calibrators may be "
-                    "misspecified", level="warning", event="calibration_disagrees_with_ppi")
+                logger.warning(f"fit: the calibrated mean clean reward {calibrated['estimate']:.4f} "
+                               f"[{calibrated['ci_low']:.4f}, {calibrated['ci_high']:.4f}] and PPI's "
+                               f"{ppi['estimate']:.4f} [{ppi['ci_low']:.4f}, {ppi['ci_high']:.4f}] do not overlap: "
+                               "the calibrators may be misspecified", extra={"event": "calibration_disagrees_with_ppi"})
         noise_diag.setdefault("mean_reward", {})["calibrated"] = calibrated
     effects = confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
     evalue = selection_evalue(y, obs, w_clip)
     balance = balance_table({c: treatment_values(frame, c) for c in fc.numeric}, o, w_clip)
+    # The drift reference describes what score writes: under "exclude", the units with overlap only.
+    keep = ~no_overlap if fc.positivity == "exclude" else np.ones(len(o), bool)
+    reference = reference_profile(sample.filter(pa.array(keep)), p_oof[keep], o[keep], label[keep], cfg)
+    fitted = FittedModels(featurizer=featurizer, propensity=p_models, imputation=m_models,
+                          noise={**flips.to_dict(), **noise_diag}, weighting=weighting,
+                          confounding={"effects": effects, "selection_evalue": evalue},
+                          calibration=calibration.models() if calibration is not None else None,
+                          positivity=overlap, reference=reference)
     with atomic_dir(run.path(rd.MODELS)) as tmp:
-        persist.save(featurizer, tmp / rd.FEATURIZER)
-        if p_models is not None:
-            persist.save(p_models, tmp / rd.PROPENSITY)
-        persist.save(m_models, tmp / rd.IMPUTATION)
-        if calibration is not None:
-            persist.save(calibration.models(), tmp / rd.CALIBRATION)
-        (tmp / rd.NOISE).write_text(json.dumps({**flips.to_dict(), **noise_diag}, indent=2) + "\n")
-        (tmp / rd.WEIGHTS).write_text(json.dumps(weighting, indent=2) + "\n")
-        (tmp / rd.POSITIVITY).write_text(json.dumps(overlap, indent=2) + "\n")
-        (tmp / rd.CONFOUNDING).write_text(json.dumps({"effects": effects, "selection_evalue": evalue}, indent=2) + "\n")
-        # The drift reference describes what score writes: under "exclude", the units with overlap only.
-        keep = ~no_overlap if fc.positivity == "exclude" else np.ones(len(o), bool)
-        reference = reference_profile(sample.filter(pa.array(keep)), p_oof[keep], o[keep], label[keep], cfg)
-        (tmp / rd.REFERENCE).write_text(json.dumps(reference, indent=2) + "\n")
-    return {
-        "inputs": describe_inputs(parquet_files(run.path(rd.UNITS))),
-        "outputs": [str(run.path(rd.MODELS))],
-        "counts": {"units": units.num_rows, "sample": sample.num_rows, "sample_observed": int(obs.sum())},
-        "diagnostics": {
+        fitted.save(tmp)
+    return FitResult(
+        inputs=describe_inputs(parquet_files(run.path(rd.UNITS))),
+        outputs=[str(run.path(rd.MODELS))],
+        counts=FitCounts(units=units.num_rows, sample=sample.num_rows, sample_observed=int(obs.sum())),
+        diagnostics={
             "propensity": {"auc": auc(p_oof, o), "ece": expected_calibration_error(p_oof, o),
                            "mean": float(p_oof.mean()), "observed_rate": float(o.mean()),
                            "distribution": summary(p_oof), "folds": fc.folds, "calibration": fc.calibration,
@@ -374,4 +232,4 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str
             "selection_evalue": evalue,
             "balance": balance,
         },
-    }
+    )

@@ -1,4 +1,4 @@
-"""Ingest stage: raw impressions + signals → validated, deduplicated, joined, labelled units (DESIGN §2-§3).
+"""Ingest stage: raw impressions + signals → validated, deduplicated, joined, labelled units (docs/input-contract.md).
 
 `build` is the Beam graph (no argv, environment or printing: tests drive it); `run` resolves inputs, runs
 the graph with the caller's Beam options, checks the row-count invariant and commits the outputs atomically.
@@ -25,56 +25,22 @@ from schemas import quarantine as qr
 from schemas import run_dir as rd
 from schemas import signals as sig
 from schemas import units as un
-from schemas.config import Config, expand_inputs
+from schemas.config import Config
 from schemas.errors import GateError, InputError
 from schemas.manifest import describe_inputs
 from schemas.run_dir import RunDir
+from schemas.stages import IngestDiagnostics, IngestResult
 from schemas.storage import commit_dir, count_rows, ensure_part, read_dataset, scratch_dir, staging_dir
 from schemas.suites import suite_columns, units_suite
 from transforms.gates import failed_expectations, raw_id_leaks, raw_user_fields
 from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
 from transforms.privacy import key_from_env
-from transforms.read import COUNTS, FILE_INDEX, NESTED, ROW_NUMBER, ReadRaw, peek_schema
+from transforms.read import COUNTS, INTERNAL_COLUMNS, ReadRaw, check_columns, file_schemas, input_files
 from transforms.validate import CONTEXT, QUARANTINED, Validate, merge_counts
 from transforms.window import OTHER_DAY, DayWindow
 from transforms.write import WriteBucketParts, WriteJson
 
 TABLES = ("impressions", "signals")
-
-
-def input_files(cfg: Config) -> tuple[list[str], list[str]]:
-    """The impression and signal files this run reads (for a scheduled day, ``{date}`` paths cover the days
-    within ``ingest.late_window`` of it)."""
-    window = {"day": cfg.ingest.day, "late_window": cfg.ingest.late_window}
-    return (expand_inputs(cfg.input.impressions, what="impressions", **window),
-            expand_inputs(cfg.input.signals, what="signals", **window))
-
-
-INTERNAL_COLUMNS = (FILE_INDEX, ROW_NUMBER, NESTED)
-"""Names obsfeed gives its own provenance columns while it reads: an input column may not have them."""
-
-
-def file_schemas(files: Sequence[str]) -> dict[str, pa.Schema]:
-    """Each file's columns, peeked once (a JSON Lines file the fast reader refuses is read whole for it)."""
-    return {path: peek_schema(path) for path in files}
-
-
-def check_columns(files: Sequence[str], schema: pa.Schema, schemas: dict[str, pa.Schema] | None = None) -> None:
-    """Fail early, naming the file, when a file lacks a required column of the contract or has a column named
-    like one of obsfeed's provenance columns (``schemas``: the files' columns, if already peeked)."""
-    required = [f.name for f in schema if not f.nullable]
-    schemas = schemas or file_schemas(files)
-    for path in files:
-        names = set(schemas[path].names)
-        if not names:               # an empty file: no rows to check
-            continue
-        internal = sorted(names & set(INTERNAL_COLUMNS))
-        if internal:
-            raise InputError(f"{path}: column '{internal[0]}' is a name obsfeed uses for its own provenance "
-                             "columns; rename it in the input")
-        missing = [c for c in required if c not in names]
-        if missing:
-            raise InputError(f"{path}: required column '{missing[0]}' is missing")
 
 
 def extra_fields(schemas: dict[str, pa.Schema], known_types: Sequence[str] = ()) -> list[pa.Field]:
@@ -214,7 +180,7 @@ def reconcile(counts: dict[str, int], units_rows: int, quarantined: dict[str, in
     return out
 
 
-def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> IngestResult:
     """Run the ingest graph with the caller's Beam options and commit ``units/`` and ``quarantine/``."""
     impression_files, signal_files = input_files(cfg)
     impression_schemas = file_schemas(impression_files)
@@ -265,16 +231,16 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str
     finally:
         for d in (units_tmp, quarantine_tmp, scratch):
             shutil.rmtree(d, ignore_errors=True)
-    return {
-        "inputs": describe_inputs([*impression_files, *signal_files]),
-        "outputs": [str(units_final), str(quarantine_final)],
-        "counts": table_counts,
-        "diagnostics": {**_unit_diagnostics(units_final), "votes": votes_diagnostics(units_final, cfg),
-                        "quarantine_reasons": _reasons(quarantine_final),
-                        "bad_fraction": bad, "gate": {"suite": suite.name, "expectations": len(suite.expectations),
-                                                      "failed": 0},
-                        "seconds": {"pipeline": round(pipeline_s, 3), "units_gate": round(gate_s, 3)}},
-    }
+    return IngestResult(
+        inputs=describe_inputs([*impression_files, *signal_files]),
+        outputs=[str(units_final), str(quarantine_final)],
+        counts=table_counts,
+        diagnostics=IngestDiagnostics(
+            **_unit_diagnostics(units_final), votes=votes_diagnostics(units_final, cfg),
+            quarantine_reasons=_reasons(quarantine_final), bad_fraction=bad,
+            gate={"suite": suite.name, "expectations": len(suite.expectations), "failed": 0},
+            seconds={"pipeline": round(pipeline_s, 3), "units_gate": round(gate_s, 3)}),
+    )
 
 
 def _quarantine_by_table(directory: Path) -> dict[str, int]:

@@ -16,12 +16,25 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API needs no GUI backend and no global pyplot state
 
 from estimators.diagnostics import reliability
+from estimators.fitted import fitted_clip
 from schemas import pointwise
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
 from schemas.manifest import read_manifest
 from schemas.run_dir import RunDir
+from schemas.stages import (
+    FIT,
+    INGEST,
+    SCORE,
+    FitResult,
+    IngestResult,
+    ReportCounts,
+    ReportResult,
+    ReusedModels,
+    ScoreResult,
+    stage_result,
+)
 from schemas.storage import atomic_dir, read_dataset
 
 
@@ -109,53 +122,55 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 
 def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, Any]) -> str:
-    st = manifest.get("stages", {})
+    # Each stage's typed result as the manifest recorded it: None for a stage that failed, was killed or never ran
+    # (it has no figures).
+    ingest, fit, score = (stage_result(manifest, spec) for spec in (INGEST, FIT, SCORE))
     parts = [f"<h1>obsfeed run {html.escape(str(manifest.get('run_id')))}</h1>",
              f"<p>config hash <code>{manifest.get('config_hash', '')[:12]}</code>, "
              f"git <code>{html.escape(str(manifest.get('git_commit')))}</code></p>"]
-    ok = {name for name, e in st.items() if e.get("status") == "ok"}   # a failed or killed stage has no figures
-    funnel = _funnel(st)
+    funnel = _funnel(ingest, fit, score)
     if funnel:
         parts.append("<h2>Funnel</h2>" + _table(funnel, ["step", "rows"]))
-    if "ingest" in ok:
-        counts = st["ingest"].get("counts", {})
+    if ingest is not None:
         parts.append("<h2>Rows</h2>" + _table(
-            [[t, c["rows_in"], c["rows_ok"], c["rows_quarantined"], c["rows_duplicate"], c.get("rows_other_day", "—")]
-             for t, c in counts.items()],
+            [[t, c.rows_in, c.rows_ok, c.rows_quarantined, c.rows_duplicate,
+              "—" if c.rows_other_day is None else c.rows_other_day] for t, c in ingest.counts.items()],
             ["table", "rows in", "ok", "quarantined", "duplicate", "other days (scheduled run)"]))
-        reasons = st["ingest"].get("diagnostics", {}).get("quarantine_reasons", {})
+        reasons = ingest.diagnostics.quarantine_reasons
         parts.append("<h2>Quarantine reasons</h2>" + _table(list(reasons.items()), ["table:reason", "rows"]))
-        parts.append(_votes_section(st["ingest"].get("diagnostics", {}).get("votes")))
-    reused = st.get("fit", {}).get("reused_from")
-    if reused:
-        parts.append(f"<p>Models fitted earlier, reused from <code>{html.escape(str(reused))}</code>.</p>")
-    if "fit" in ok and not reused:
-        p = st["fit"]["diagnostics"]["propensity"]
+        parts.append(_votes_section(ingest.diagnostics.votes))
+    if isinstance(fit, ReusedModels):
+        parts.append(f"<p>Models fitted earlier, reused from <code>{html.escape(fit.reused_from)}</code>.</p>")
+    fitted = fit if isinstance(fit, FitResult) else None
+    if fitted is not None:
+        p = fitted.diagnostics.propensity
         parts.append("<h2>Propensity of observation</h2>" + _table(
-            [["AUC (out-of-fold)", p["auc"]], ["ECE (out-of-fold)", p["ece"]], ["mean p̂", p["mean"]],
-             ["observed rate", p["observed_rate"]], ["min p̂", p["distribution"]["min"]],
-             ["max p̂", p["distribution"]["max"]]], ["figure", "value"]))
+            [["AUC (out-of-fold)", p.auc], ["ECE (out-of-fold)", p.ece], ["mean p̂", p.model_extra["mean"]],
+             ["observed rate", p.model_extra["observed_rate"]], ["min p̂", p.distribution["min"]],
+             ["max p̂", p.distribution["max"]]], ["figure", "value"]))
     for key in ("overlap", "calibration"):
         if key in figures:
             parts.append(f'<img src="{figures[key]}" alt="{key}">')
-    parts.append(_positivity_section(st))
-    if "fit" in ok and not reused:
-        parts.append(_noise_section(st["fit"]["diagnostics"].get("flip_rates", {})))
-        parts.append(_confounder_section(st["fit"]["diagnostics"]))
+    parts.append(_positivity_section((fitted.diagnostics.model_extra or {}).get("positivity") if fitted else None,
+                                     (score.diagnostics.model_extra or {}).get("positivity") if score else None))
+    if fitted is not None:
+        diagnostics = fitted.diagnostics.model_dump()
+        parts.append(_noise_section(fitted.diagnostics.flip_rates))
+        parts.append(_confounder_section(diagnostics))
         if "confounders" in figures:
             parts.append(f'<img src="{figures["confounders"]}" alt="confounder effects">')
-        balance = st["fit"]["diagnostics"].get("balance", [])
+        balance = fitted.diagnostics.balance
         if balance:
             parts.append("<h2>Balance</h2>" + _table(
                 [[b["column"], b["smd_before"], b["smd_after"]] for b in balance],
                 ["column", "SMD before weighting", "SMD after weighting"]))
         if "balance" in figures:
             parts.append(f'<img src="{figures["balance"]}" alt="balance">')
-    if "score" in ok:
-        parts.append(_weights_section(st["score"]["diagnostics"]))
+    if score is not None:
+        parts.append(_weights_section(score.diagnostics.model_dump()))
     if "weights" in figures:
         parts.append(f'<img src="{figures["weights"]}" alt="weights">')
-    drift = st.get("score", {}).get("diagnostics", {}).get("drift") if "score" in ok else None
+    drift = score.diagnostics.drift.model_dump() if score is not None and score.diagnostics.drift else None
     if drift:
         ref = drift["reference"]
         parts.append(f"<h2>Drift against the fit window {ref['first_day']} … {ref['last_day']}</h2>" + _table(
@@ -181,25 +196,22 @@ def render(manifest: dict[str, Any], figures: dict[str, str], reward: dict[str, 
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def _funnel(st: dict[str, Any]) -> list[list[Any]]:
+def _funnel(ingest: IngestResult | None, fit: FitResult | ReusedModels | None, score: ScoreResult | None,
+            ) -> list[list[Any]]:
     """Rows from the raw impressions to the pairs a trainer reads, as the stages counted them."""
     rows: list[list[Any]] = []
-    ingest = st.get("ingest", {})
-    imps = ingest.get("counts", {}).get("impressions")
+    imps = ingest.counts.get("impressions") if ingest is not None else None
     if imps:
-        rows += [["impression rows read", imps["rows_in"]], ["quarantined", imps["rows_quarantined"]],
-                 ["duplicates merged", imps["rows_duplicate"]]]
-    units = ingest.get("diagnostics", {})
-    if "units" in units:
-        rows += [["units", units["units"]], ["observed units (labelled)", units["observed"]]]
-    fit = st.get("fit", {}).get("counts", {})
-    if fit:
-        rows.append(["units in the fit sample", fit.get("sample")])
-    score = st.get("score", {}).get("counts", {})
-    if score.get("excluded_no_overlap"):
-        rows.append(["units left out (no overlap, fit.positivity = exclude)", score["excluded_no_overlap"]])
-    if score:
-        rows += [["pointwise rows", score.get("pointwise")], ["pairs", score.get("pairs")]]
+        rows += [["impression rows read", imps.rows_in], ["quarantined", imps.rows_quarantined],
+                 ["duplicates merged", imps.rows_duplicate]]
+    if ingest is not None:
+        rows += [["units", ingest.diagnostics.units], ["observed units (labelled)", ingest.diagnostics.observed]]
+    if isinstance(fit, FitResult):
+        rows.append(["units in the fit sample", fit.counts.sample])
+    if score is not None:
+        if score.counts.excluded_no_overlap:
+            rows.append(["units left out (no overlap, fit.positivity = exclude)", score.counts.excluded_no_overlap])
+        rows += [["pointwise rows", score.counts.pointwise], ["pairs", score.counts.pairs]]
     return rows
 
 
@@ -274,19 +286,16 @@ def _confounder_section(diag: dict[str, Any]) -> str:
     return out
 
 
-def _positivity_section(st: dict[str, Any]) -> str:
-    """A warning table of the strata where the fit stage found no overlap (none: nothing), and what became of
-    their units in the score stage: a DR target there is the imputation model's extrapolation."""
-    fit = st.get("fit", {})
-    check = fit.get("diagnostics", {}).get("positivity") if fit.get("status") == "ok" else None
+def _positivity_section(check: dict[str, Any] | None, done: dict[str, Any] | None) -> str:
+    """A warning table of the strata where the fit stage found no overlap (``check``: its positivity diagnostics;
+    none: nothing), and what became of their units in the score stage (``done``): a DR target there is the
+    imputation model's extrapolation."""
     if not check or not check.get("violated"):
         return ""
     rows = [[r["column"], r["value"], r["units"], r["observed"],
              "—" if r["mean_propensity"] is None else r["mean_propensity"],
              "—" if r["min_propensity"] is None else r["min_propensity"], r["share_below_floor"], r["why"]]
             for r in check["violated"]]
-    score = st.get("score", {})
-    done = score.get("diagnostics", {}).get("positivity") if score.get("status") == "ok" else None
     fate = ("" if not done else f" Score: {done['excluded']} units left out of the datasets." if done["excluded"]
             else f" Score: {done['flagged']} units flagged in {pointwise.OVERLAP_VIOLATION}.")
     return (f"<h2>Positivity: overlap fails</h2><p><strong>Warning:</strong> {len(rows)} strata of the fit sample "
@@ -377,7 +386,7 @@ def _reward_metrics(run: RunDir) -> dict[str, Any]:
     return out
 
 
-def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> ReportResult:
     t = read_dataset(
         run.path(rd.POINTWISE), [un.OBSERVED, pointwise.PROPENSITY, pointwise.WEIGHT_IPS, pointwise.WEIGHT_CLIPPED]
     )
@@ -388,17 +397,17 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str
     with atomic_dir(run.path(rd.REPORT)) as tmp:
         plot_overlap(p, o, tmp / figures["overlap"])
         plot_calibration(p, o, tmp / figures["calibration"])
-        clip = float(json.loads(run.path(rd.WEIGHTS_FILE).read_text())["clip"])   # the floor fit chose
+        clip = fitted_clip(run.path(rd.MODELS))                 # the floor fit chose: weights.json, never the config
         plot_weights(t[pointwise.WEIGHT_IPS].to_numpy()[obs], t[pointwise.WEIGHT_CLIPPED].to_numpy()[obs], clip,
                      tmp / figures["weights"])
-        fit_entry = read_manifest(run).get("stages", {}).get("fit", {})
-        fit = fit_entry.get("diagnostics", {}) if fit_entry.get("status") == "ok" else {}
-        if fit.get("confounders"):
+        manifest = read_manifest(run)
+        fit = stage_result(manifest, FIT)
+        if isinstance(fit, FitResult) and fit.diagnostics.confounders:
             figures["confounders"] = "confounders.png"
-            plot_confounders(fit["confounders"], tmp / figures["confounders"])
-        if fit.get("balance"):
+            plot_confounders(fit.diagnostics.confounders, tmp / figures["confounders"])
+        if isinstance(fit, FitResult) and fit.diagnostics.balance:
             figures["balance"] = "balance.png"
-            plot_balance(fit["balance"], tmp / figures["balance"])
-        (tmp / rd.REPORT_PAGE).write_text(render(read_manifest(run), figures, _reward_metrics(run)))
-    return {"outputs": [str(run.path(rd.REPORT) / rd.REPORT_PAGE)], "counts": {"figures": len(figures)},
-            "diagnostics": {}}
+            plot_balance(fit.diagnostics.balance, tmp / figures["balance"])
+        (tmp / rd.REPORT_PAGE).write_text(render(manifest, figures, _reward_metrics(run)))
+    return ReportResult(outputs=[str(run.path(rd.REPORT) / rd.REPORT_PAGE)],
+                        counts=ReportCounts(figures=len(figures)), diagnostics={})

@@ -18,14 +18,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from estimators import weights as W
 from estimators.diagnostics import summary
 from estimators.drift import breaches, compare, profile, signal_counts
+from estimators.fitted import FittedModels
 from estimators.propensity import logged_propensity
 from schemas import pairwise, pointwise
 from schemas import run_dir as rd
 from schemas import units as un
-from schemas.config import Config, ScoreConfig
+from schemas.config import Config, ScoreConfig, WeightsConfig
 from schemas.errors import GateError, InputError
 from schemas.manifest import dataset_sha256, describe_inputs
 from schemas.run_dir import RunDir
+from schemas.stages import ScoreCounts, ScoreResult
 from schemas.storage import (
     commit_dir,
     count_rows,
@@ -43,15 +45,15 @@ from transforms.shuffle import encode_table
 from transforms.write import WriteBucketParts, WriteJson
 
 
-def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_paths: dict[str, str],
-          pointwise_schema, run_id: str, pointwise_dir: str, pairwise_dir: str, clip: float,
-          excluded_path: str | None = None, weighting: sc.Weighting | None = None) -> None:
+def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], models_dir: str, pointwise_schema,
+          run_id: str, pointwise_dir: str, pairwise_dir: str, excluded_path: str | None = None,
+          weighting: sc.Weighting | None = None) -> None:
     """units → scored units (+ global SNIPS normaliser) → pointwise; pointwise by prompt → pairs → pairwise.
+    Each worker loads the fitted models from ``models_dir`` (``FittedModels``), the floor included.
     Under ``fit.positivity = "exclude"`` the units without overlap are dropped before any weight is normalised,
     and their numbers (units, observed units) are written to ``excluded_path``."""
     scored = (p | "ReadUnits" >> ReadParts(list(unit_files))
-              | "AddScores" >> beam.ParDo(sc.AddScores(model_paths, fit=cfg.fit, clip=clip,
-                                                       run_id=run_id, weighting=weighting)))
+              | "AddScores" >> beam.ParDo(sc.AddScores(models_dir, fit=cfg.fit, run_id=run_id, weighting=weighting)))
     if cfg.fit.positivity == "exclude":
         _ = (scored | "CountNoOverlap" >> beam.MapTuple(lambda _, t: sc.overlap_counts(t))
              | "SumNoOverlap" >> beam.CombineGlobally(sc.sum_tuples)
@@ -63,9 +65,9 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_pat
     pointwise = scored | "SNIPS" >> beam.MapTuple(
         lambda part, t, tot=None: (part, sc.add_snips(t, tot)), tot=beam.pvalue.AsSingleton(totals))
     # weight_stabilized: the monotone weights are normalised and capped with the global (Σw, Σw², n)
-    stab = functools.partial(sc.add_stabilized, method=cfg.score.stabilize,
-                             max_variance=cfg.score.max_weight_variance)
-    if cfg.score.stabilize == "monotone":
+    stab = functools.partial(sc.add_stabilized, method=cfg.weights.stabilize,
+                             max_variance=cfg.weights.max_weight_variance)
+    if cfg.weights.stabilize == "monotone":
         sums = (scored | "StabilizedWeights" >> beam.MapTuple(lambda _, t: sc.stabilized_sums(t))
                 | "SumStabilized" >> beam.CombineGlobally(sc.sum_triples))
         pointwise = pointwise | "Stabilize" >> beam.MapTuple(
@@ -101,30 +103,17 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], model_pat
     )
 
 
-def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> ScoreResult:
     unit_files = [str(f) for f in parquet_files(run.path(rd.UNITS))]
-    models = run.path(rd.MODELS)
-    if not (models / rd.WEIGHTS).exists():
-        raise InputError(f"{models / rd.WEIGHTS}: fitted model not found (run the fit stage first)")
-    weighting = json.loads((models / rd.WEIGHTS).read_text())
-    clip = float(weighting["clip"])
-    model_paths = {"featurizer": str(models / rd.FEATURIZER), "imputation": str(models / rd.IMPUTATION),
-                   "noise": str(models / rd.NOISE), "confounding": str(models / rd.CONFOUNDING)}
-    if weighting.get("propensity_column") != cfg.fit.propensity_column:
-        raise InputError(f"{models}: fitted with propensity_column = {weighting.get('propensity_column')!r}, but the "
-                         f"config says {cfg.fit.propensity_column!r}; re-run the fit stage")
+    models_dir = run.path(rd.MODELS)
+    fitted = FittedModels.load(models_dir)       # every file fit wrote, checked before a unit is read
+    fitted_column = fitted.weighting.get("propensity_column")
+    if fitted_column != cfg.fit.propensity_column:
+        raise InputError(f"{models_dir}: fitted with propensity_column = {fitted_column!r}, but the config says "
+                         f"{cfg.fit.propensity_column!r}; re-run the fit stage")
     if cfg.fit.propensity_column:
         check_logged_propensity(unit_files, cfg.fit.propensity_column)
-    else:
-        model_paths["propensity"] = str(models / rd.PROPENSITY)
-    if (models / rd.NOISE).exists() and json.loads((models / rd.NOISE).read_text()).get("method") == "calibrate":
-        model_paths["calibration"] = str(models / rd.CALIBRATION)
-    if (models / rd.POSITIVITY).exists():                 # models fitted before the overlap check: the floor only
-        model_paths["positivity"] = str(models / rd.POSITIVITY)
-    for path in model_paths.values():
-        if not Path(path).exists():
-            raise InputError(f"{path}: fitted model not found (run the fit stage first)")
-    wt = score_weighting(unit_files, weighting, cfg)
+    wt = score_weighting(unit_files, fitted.weighting, cfg)
     schema = pointwise.pointwise_schema(pq.read_schema(unit_files[0]))
     # Both datasets are staged in one folder and replace datasets/ in one commit: a reader never sees a new
     # pointwise dataset beside an old pairwise one, and a killed run leaves the previous pair in place.
@@ -137,36 +126,36 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> dict[str
     excluded_path = tmp / "_no_overlap.json"               # removed before the commit: not part of datasets/
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
-            build(p, cfg, unit_files=unit_files, model_paths=model_paths, pointwise_schema=schema,
-                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr), clip=clip,
+            build(p, cfg, unit_files=unit_files, models_dir=str(models_dir), pointwise_schema=schema,
+                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr),
                   excluded_path=str(excluded_path), weighting=wt)
         ensure_part(tmp_pw, schema, cfg.output)                 # empty datasets are still datasets
         ensure_part(tmp_pr, pairwise.SCHEMA, cfg.output)
         n_units, n_points = count_rows(run.path(rd.UNITS)), count_rows(tmp_pw)
-        overlap = overlap_diagnostics(tmp_pw, excluded_path, model_paths.get("positivity"), cfg)
+        overlap = overlap_diagnostics(tmp_pw, excluded_path, fitted.positivity, cfg)
         excluded_path.unlink(missing_ok=True)
         if n_units != n_points + overlap["excluded"]:
             raise RuntimeError(f"score lost units: {n_units} in, {n_points} out, {overlap['excluded']} excluded "
                                "for lack of overlap")
-        diagnostics = weight_diagnostics(tmp_pw, clip, cfg.score)
+        diagnostics = weight_diagnostics(tmp_pw, fitted.clip, cfg.score, cfg.weights)
         diagnostics["positivity"] = overlap
         ess_share = diagnostics[pointwise.WEIGHT_IPS]["ess_share"]
-        floor = cfg.score.ips_min_ess_share
+        floor = cfg.weights.ips_min_ess_share
         if ess_share < floor:
             raise GateError(f"score: degenerate weights: the Kish ESS of the IPS weights is {ess_share:.4g} of the "
-                            f"observed units, below score.ips_min_ess_share = {floor:g}; the previous datasets are "
+                            f"observed units, below weights.ips_min_ess_share = {floor:g}; the previous datasets are "
                             "left in place")
         output_gates(tmp_pw, tmp_pr, cfg.score.min_margin)
-        diagnostics["drift"] = drift_check(tmp_pw, models / rd.REFERENCE, cfg)
+        diagnostics["drift"] = drift_check(tmp_pw, fitted.reference, cfg)
         content = {rd.POINTWISE: dataset_sha256(tmp_pw), rd.PAIRWISE: dataset_sha256(tmp_pr)}
         commit_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"inputs": describe_inputs(unit_files), "outputs": [str(final_pw), str(final_pr)],
-            "content_sha256": content,
-            "counts": {"units": n_units, "pointwise": n_points, "excluded_no_overlap": overlap["excluded"],
-                       "pairs": count_rows(final_pr)},
-            "diagnostics": diagnostics}
+    return ScoreResult(inputs=describe_inputs(unit_files), outputs=[str(final_pw), str(final_pr)],
+                       content_sha256=content,
+                       counts=ScoreCounts(units=n_units, pointwise=n_points, excluded_no_overlap=overlap["excluded"],
+                                          pairs=count_rows(final_pr)),
+                       diagnostics=diagnostics)
 
 
 def output_gates(pointwise_dir: Path, pairwise_dir: Path, min_margin: float) -> None:
@@ -191,10 +180,10 @@ def score_weighting(unit_files: Sequence[str], fitted: dict[str, Any], cfg: Conf
     probabilities."""
     score = cfg.score
     monotone = None
-    if score.stabilize == "monotone":
+    if cfg.weights.stabilize == "monotone":
         saved = fitted.get("stabilizer") or {}
         if saved.get("method") != "monotone":
-            raise InputError("score.stabilize = 'monotone', but the models were fitted without the monotone map; "
+            raise InputError("weights.stabilize = 'monotone', but the models were fitted without the monotone map; "
                              "re-run the fit stage")
         monotone = (saved["thresholds_x"], saved["thresholds_y"])
     candidates = None
@@ -221,13 +210,12 @@ def check_logged_propensity(unit_files: Sequence[str], column: str) -> None:
         raise GateError(f"score: {e}") from e
 
 
-def drift_check(pointwise_dir: Path, reference_path: Path, cfg: Config) -> dict[str, Any] | None:
+def drift_check(pointwise_dir: Path, reference: dict[str, Any] | None, cfg: Config) -> dict[str, Any] | None:
     """The scored units against the profile of the data the models were fitted on (``models/reference.json``;
     None for models fitted before it existed). A breach of a ``[drift]`` bound fails the stage (exit code 2,
     the previous datasets stay) when ``drift.gate`` is on; either way it is recorded."""
-    if not reference_path.exists():
+    if reference is None:
         return None
-    reference = json.loads(reference_path.read_text())
     t = read_dataset(pointwise_dir, [pointwise.PROPENSITY, un.OBSERVED, un.LABEL,
                                      *(un.count_column(k) for k in cfg.ingest.known_types)])
     day = profile(t[pointwise.PROPENSITY].to_numpy(), t[un.OBSERVED].to_numpy(),
@@ -245,11 +233,12 @@ def drift_check(pointwise_dir: Path, reference_path: Path, cfg: Config) -> dict[
             "day": {k: day[k] for k in ("units", "label_rate", "signal_mix")}}
 
 
-def overlap_diagnostics(pointwise_dir: Path, excluded_path: Path, positivity_path: str | None, cfg: Config,
+def overlap_diagnostics(pointwise_dir: Path, excluded_path: Path, positivity: dict[str, Any] | None, cfg: Config,
                         ) -> dict[str, Any]:
     """Units without overlap (``overlap_violation``): flagged in the written pointwise dataset, or, under
-    ``fit.positivity = "exclude"``, counted by the pipeline as they were left out; with the strata fit found."""
-    check = json.loads(Path(positivity_path).read_text()) if positivity_path else {}
+    ``fit.positivity = "exclude"``, counted by the pipeline as they were left out; with the strata fit found
+    (``positivity``: the fit's overlap check, None for models fitted before it)."""
+    check = positivity or {}
     out: dict[str, Any] = {"mode": cfg.fit.positivity, "floor": check.get("floor", cfg.fit.positivity_floor),
                            "violated": [{k: r[k] for k in ("column", "value", "why")}
                                         for r in check.get("violated", [])]}
@@ -262,10 +251,12 @@ def overlap_diagnostics(pointwise_dir: Path, excluded_path: Path, positivity_pat
             "flagged_observed": int((flag & (t[un.OBSERVED].to_numpy() == 1)).sum()), "excluded": 0}
 
 
-def weight_diagnostics(pointwise_dir: Path, clip: float, score: ScoreConfig | None = None) -> dict[str, Any]:
-    """ESS, clipping, concentration and tail index of the weights actually written (read back from the
-    dataset), and the value of the policy the IPS weights evaluate (``score.target_policy``)."""
-    score = score or ScoreConfig()
+def weight_diagnostics(pointwise_dir: Path, clip: float, score: ScoreConfig | None = None,
+                       weights: WeightsConfig | None = None) -> dict[str, Any]:
+    """ESS, clipping (at ``clip``, the floor fit chose), concentration and tail index of the weights actually
+    written (read back from the dataset), and the value of the policy the IPS weights evaluate
+    (``score.target_policy``)."""
+    score, weights = score or ScoreConfig(), weights or WeightsConfig()
     t = read_dataset(
         pointwise_dir,
         [
@@ -290,8 +281,8 @@ def weight_diagnostics(pointwise_dir: Path, clip: float, score: ScoreConfig | No
                      **summary(w)}
     ws = t[pointwise.WEIGHT_STABILIZED].to_numpy()[o]
     out[pointwise.WEIGHT_STABILIZED].update(          # variance of the weights scaled to mean 1 (what the cap bounds)
-        method=score.stabilize, variance=float(np.var(ws / ws.mean())) if ws.size else None,
-        max_weight_variance=score.max_weight_variance if score.stabilize == "monotone" else None)
+        method=weights.stabilize, variance=float(np.var(ws / ws.mean())) if ws.size else None,
+        max_weight_variance=weights.max_weight_variance if weights.stabilize == "monotone" else None)
     label = t[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
     out["policy_value"] = {"policy": score.target_policy, "column": score.target_column,
                            **W.policy_value(t[pointwise.WEIGHT_IPS].to_numpy(), label),

@@ -1,4 +1,4 @@
-"""Train stage (DESIGN §6): reward models on the pointwise dataset, the configured loss plus baselines to compare.
+"""Train stage: reward models on the pointwise dataset, the configured loss plus baselines to compare.
 
 Layout written, atomically as one directory::
 
@@ -17,6 +17,7 @@ Truth: when ``[input].truth`` exists (the simulator's), metrics.json also scores
 prompts against ``reward_true``.
 Processes: under ``torchrun`` (``obsfeed train RUN --nproc N`` launches it), every rank trains its slice of each
 batch (``estimators.reward.distributed``); rank 0 alone writes caches, checkpoints and the output.
+The design: docs/reward-trainer.md.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,11 +58,11 @@ from estimators.reward.data import FeatureCache
 from estimators.reward.model import (
     RewardModel,
     is_transformer,
-    load_reward_model,
-    model_record,
+    load_reward_models,
     new_encoder,
     numeric_inputs,
     predict_reward,
+    reward_model_dirs,
     save_reward_model,
 )
 from estimators.reward.trainer import Checkpoint, fit_reward_model, resolve_device
@@ -73,7 +74,10 @@ from schemas.config import Config
 from schemas.errors import ConfigError, InputError
 from schemas.manifest import describe_inputs
 from schemas.run_dir import RunDir
+from schemas.stages import TrainCounts, TrainResult
 from schemas.storage import atomic_dir, count_rows, parquet_files
+
+logger = logging.getLogger(__name__)
 
 READ_ROWS = 16_384
 """Rows per record batch read from the datasets: memory is bounded by this and the loader's buffer."""
@@ -109,7 +113,8 @@ def flip_rates(run: RunDir, *, allow_unidentified: bool = False, quiet: bool = F
             raise ConfigError(f"{path}: {what}; set train.allow_unidentified_noise = true to train the noise-aware "
                               "losses anyway, or choose losses without a noise correction")
         if not quiet:
-            print(f"train: {what}; used as train.allow_unidentified_noise = true", file=sys.stderr, flush=True)
+            logger.warning(f"train: {what}; used as train.allow_unidentified_noise = true",
+                           extra={"stage": "train", "event": "flip_rates_not_identified"})
     return rates.rho01, rates.rho10
 
 
@@ -170,11 +175,11 @@ def preflight(cfg: Config, run: RunDir | None = None) -> None:
         flip_rates(run, allow_unidentified=cfg.train.allow_unidentified_noise, quiet=True)
 
 
-def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool = False) -> dict[str, Any]:
+def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: bool = False) -> TrainResult:
     """Train every loss of ``losses_to_train(cfg)`` and write RUN/reward_model; ``beam_args`` are unused here.
 
     ``resume``: continue each loss from its last checkpoint (a loss that had finished is not trained again).
-    Under torchrun, every rank calls this; rank 0 returns the stage's result, the others ``{}``.
+    Under torchrun, every rank calls this; rank 0 returns the stage's result, the others an empty one.
     """
     try:
         return _train_all(run, cfg, resume=resume)
@@ -182,7 +187,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = (), *, resume: 
         ddp.close()
 
 
-def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
+def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> TrainResult:
     losses = losses_to_train(cfg)
     noise_rates = flip_rates(run, allow_unidentified=cfg.train.allow_unidentified_noise) \
         if any(loss in NOISE_AWARE for loss in losses) else None          # refused before anything trains
@@ -237,8 +242,8 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
                                                      observed_only=kind.startswith("observed"), cfg=cfg.train,
                                                      encoder=encoder or new_encoder(cfg.train, point_dense()),
                                                      progress=True)
-            print(f"train: encoded {kind} rows in {time.perf_counter() - started:.1f}s"
-                  f"{_truncation_note(caches[kind])}", file=sys.stderr, flush=True)
+            logger.info(f"train: encoded {kind} rows in {time.perf_counter() - started:.1f}s"
+                        f"{_truncation_note(caches[kind])}", extra={"stage": "train", "event": "cache_encoded"})
         ddp.barrier()
         caches.setdefault(kind, FeatureCache(directory))
         return caches[kind]
@@ -256,8 +261,8 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
     with output as tmp:
         for i, loss in enumerate(losses):
             if ddp.is_main():
-                print(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})",
-                      file=sys.stderr, flush=True)
+                logger.info(f"train: {loss} ({'main' if i == 0 else 'baseline'}, {i + 1}/{len(losses)})",
+                            extra={"stage": "train", "event": "loss_started"})
             started = time.perf_counter()
             rates = noise_rates if loss in NOISE_AWARE else None
             checkpoint = Checkpoint(root / loss / rd.TRAIN_CHECKPOINT, _fingerprint(loss, cfg, inputs, rates), resume)
@@ -292,14 +297,14 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> dict[str, Any]:
                 (target / rd.REWARD_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     ddp.barrier()
     if not ddp.is_main():
-        return {}
+        return TrainResult()
     shutil.rmtree(root, ignore_errors=True)                # committed: nothing left to resume
     with contextlib.suppress(OSError):
         root.parent.rmdir()                                # RUN/checkpoints, if no other stage keeps state there
     counts = next((c.meta["counts"] for k, c in caches.items() if k != "pairs"), None)
-    return {"inputs": inputs, "outputs": [str(run.path(rd.REWARD_MODEL))],
-            "counts": {"rows": counts["rows_read"], "observed": counts["observed"]} if counts else {},
-            "diagnostics": diagnostics}
+    return TrainResult(inputs=inputs, outputs=[str(run.path(rd.REWARD_MODEL))],
+                       counts=TrainCounts(rows=counts["rows_read"], observed=counts["observed"]) if counts else None,
+                       diagnostics=diagnostics)
 
 
 def _truncation_note(cache: FeatureCache) -> str:
@@ -329,9 +334,9 @@ def _calibrate(model: RewardModel, gold: pl.DataFrame, loss: str) -> dict[str, f
     fitted = calibrate_on_gold(model, gold[un.PROMPT].to_list(), gold[un.RESPONSE].to_list(),
                                gold[un.LABEL_GOLD].to_numpy(),
                                columns={c: gold[c].to_numpy() for c in numeric_inputs(model)})
-    print(f"train: {loss} calibrated on {fitted['n_gold']:,} audited units: s' = {fitted['scale']:.3f}*s "
-          f"{fitted['shift']:+.3f} (log-loss {fitted['val_loss_before']:.4f} -> {fitted['val_loss_after']:.4f})",
-          file=sys.stderr, flush=True)
+    logger.info(f"train: {loss} calibrated on {fitted['n_gold']:,} audited units: s' = {fitted['scale']:.3f}*s "
+                f"{fitted['shift']:+.3f} (log-loss {fitted['val_loss_before']:.4f} -> "
+                f"{fitted['val_loss_after']:.4f})", extra={"stage": "train", "event": "calibrated_on_gold"})
     return fitted
 
 
@@ -377,11 +382,9 @@ def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Seq
 
 def model_dirs(run: RunDir) -> list[Path]:
     """The saved model folders: the main model first, then each baseline."""
-    root = run.path(rd.REWARD_MODEL)
-    model_record(root)                                     # no model at all: say so
-    return [root, *sorted(p for p in (root / rd.BASELINES).glob("*") if p.is_dir() and p.name != "__pycache__")]
+    return reward_model_dirs(run.path(rd.REWARD_MODEL))
 
 
 def load_models(run: RunDir) -> dict[str, RewardModel]:
     """Loss name → trained model (on cpu), the main model first, then each baseline."""
-    return {model_record(d)["loss"]: load_reward_model(d) for d in model_dirs(run)}
+    return load_reward_models(run.path(rd.REWARD_MODEL))

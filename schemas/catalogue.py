@@ -1,5 +1,5 @@
 """The catalogue of a scheduled root: one row per logical day, what an analyst or a scheduler checks first
-(``ROOT/catalogue.parquet``; DESIGN §3)."""
+(``ROOT/catalogue.parquet``; docs/run-directory.md#catalogue)."""
 
 import pyarrow as pa
 
@@ -25,7 +25,8 @@ SCHEMA = pa.schema(
         pa.field("pointwise_rows", pa.int64()),
         pa.field("pairwise_rows", pa.int64()),
         pa.field("label_rate", pa.float64(), metadata={"doc": "mean label of the observed units"}),
-        pa.field("ess_share", pa.float64(), metadata={"doc": "Kish ESS of the IPS weights / observed units"}),
+        pa.field("ess_share", pa.float64(), metadata={
+            "doc": "Kish ESS of the clipped weights (those the datasets carry) / observed units"}),
         pa.field("propensity_psi", pa.float64()),
         pa.field("label_rate_shift", pa.float64()),
         pa.field("signal_mix_shift", pa.float64()),

@@ -1,4 +1,4 @@
-"""Input contract: one row per response shown to a user (DESIGN §2)."""
+"""Input contract: one row per response shown to a user (docs/input-contract.md#impressions)."""
 
 import pyarrow as pa
 

@@ -1,4 +1,4 @@
-"""`manifest.json`: what each stage read, wrote, counted and measured (DESIGN §3), and the content hashes
+"""`manifest.json`: what each stage read, wrote, counted and measured (docs/run-directory.md), and the content hashes
 (lineage) that tell a stale stage from a current one."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from schemas import run_dir as rd
 from schemas.run_dir import RunDir
+from schemas.stages import BY_NAME, StageResult, StageSpec
 from schemas.storage import atomic_write_text
 
 
@@ -54,6 +55,11 @@ def lineage(run: RunDir, names: Iterable[str]) -> dict[str, str | None]:
     return {name: tree_sha256(run.path(name)) for name in names}
 
 
+def _spec(name: str) -> StageSpec:
+    """A stage's declaration; a name the manifest holds but no stage declares reads and writes nothing."""
+    return BY_NAME.get(name) or StageSpec(name=name, inputs=(), outputs=(), result=StageResult)
+
+
 def stale_stages(manifest: dict[str, Any], order: Sequence[str], settings: dict[str, str] | None = None,
                  ) -> list[str]:
     """The stages recorded ok whose inputs are not what they consumed: an input rewritten since by its
@@ -61,7 +67,7 @@ def stale_stages(manifest: dict[str, Any], order: Sequence[str], settings: dict[
     other settings than ``settings`` (stage → ``Config.stage_digest`` of the run's config now). A stage
     recorded before lineage existed is stale once a stage it reads from has run with lineage."""
     stages = manifest.get("stages", {})
-    producer = {name: s for s in order for name in rd.STAGE_OUTPUTS.get(s, ())}
+    producer = {name: s for s in order for name in _spec(s).outputs}
     produced: dict[str, str | None] = {}
     for s in order:
         produced.update(((stages.get(s) or {}).get("lineage") or {}).get("produced") or {})
@@ -72,7 +78,7 @@ def stale_stages(manifest: dict[str, Any], order: Sequence[str], settings: dict[
             continue
         lineage = entry.get("lineage")
         if lineage is None:                                  # recorded before lineage: stale once it matters
-            upstream = {producer.get(name) for name in rd.STAGE_INPUTS.get(s, ())}
+            upstream = {producer.get(name) for name in _spec(s).inputs}
             if any(u in stale or ((stages.get(u) or {}).get("lineage") or {}).get("produced") for u in upstream):
                 stale.append(s)
             continue

@@ -1,4 +1,4 @@
-"""Preference pairs within a prompt, in the TRL shape ``prompt/chosen/rejected`` (DESIGN §3, §5)."""
+"""Preference pairs within a prompt, in the TRL shape ``prompt/chosen/rejected`` (docs/run-directory.md#pairwise)."""
 
 import pyarrow as pa
 

@@ -1,4 +1,4 @@
-"""Units plus propensities, weights and targets: the pointwise training dataset (DESIGN §3, §5)."""
+"""Units plus propensities, weights and targets: the pointwise training dataset (docs/run-directory.md#pointwise)."""
 
 import pyarrow as pa
 

@@ -1,4 +1,4 @@
-"""Rejected input rows, with why and where they came from (DESIGN §2): nothing is silently dropped."""
+"""Rejected input rows, with why and where they came from (docs/input-contract.md): nothing is silently dropped."""
 
 import pyarrow as pa
 

@@ -1,4 +1,4 @@
-"""Names inside a run directory (DESIGN §3). Every stage reads and writes only here."""
+"""Names inside a run directory (docs/run-directory.md). Every stage reads and writes only here."""
 
 from __future__ import annotations
 
@@ -34,24 +34,6 @@ DATE_PARTITION = "date"
 
 FAILED_QUARANTINE = "failed/quarantine"
 """The quarantine of the latest ingest that failed its gates: for inspection; ``quarantine/`` stays as it was."""
-
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "fit": (UNITS,),
-    "score": (UNITS, MODELS),
-    "train": (DATASETS, MODELS),
-    "report": (UNITS, QUARANTINE, MODELS, DATASETS, REWARD_MODEL),
-}
-"""What each stage reads of the run directory: its content hashes are recorded when the stage runs (lineage),
-so that a stage whose inputs were rewritten since is *stale* and the run is not complete."""
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "ingest": (UNITS, QUARANTINE),
-    "fit": (MODELS,),
-    "score": (DATASETS,),
-    "train": (REWARD_MODEL,),
-    "report": (REPORT,),
-}
-"""What each stage writes (committed only after its gates pass: a failed stage leaves them as they were)."""
 
 # Inside MODELS: what the fit stage writes and score, train, report and evaluate read.
 FEATURIZER = "featurizer.skops"

@@ -1,4 +1,4 @@
-"""Input contract: one row per user action on an impression (DESIGN §2)."""
+"""Input contract: one row per user action on an impression (docs/input-contract.md#signals)."""
 
 import pyarrow as pa
 

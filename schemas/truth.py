@@ -1,4 +1,4 @@
-"""Simulator ground truth, one row per impression (DESIGN §7)."""
+"""Simulator ground truth, one row per impression (docs/evaluation.md#simulator)."""
 
 import pyarrow as pa
 

@@ -1,4 +1,4 @@
-"""One row per impression after ingest: the unit every estimator and dataset is built on (DESIGN §3)."""
+"""One row per impression after ingest: the unit every estimator and dataset is built on (docs/run-directory.md)."""
 
 from collections.abc import Iterable
 

@@ -21,6 +21,16 @@ from pipelines.sources.simulator import SCENARIOS, simulate, write  # noqa: E402
 HASH_KEY_ENV = "OBSFEED_TEST_HASH_KEY"
 
 
+@pytest.fixture(autouse=True)
+def cli_logging() -> Iterator[None]:
+    """obsfeed's log records on stderr as the CLI shows them, also for a test that calls a stage directly (a
+    ``main()`` inside the test sets up its own, for its command)."""
+    from pipelines.orchestration.logs import configure_logging
+
+    with configure_logging("text"):
+        yield
+
+
 def config_text(data: Path, **sections: dict[str, object]) -> str:
     """A run config for simulated logs in ``data``; ``sections`` override keys, e.g. fit={"folds": 3}."""
     base: dict[str, dict[str, object]] = {

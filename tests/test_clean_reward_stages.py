@@ -50,7 +50,7 @@ def test_fit_saves_the_calibrators_and_a_clean_mean_with_its_interval(scored):
     assert (run.path(rd.MODELS) / rd.CALIBRATION).exists()
     mean = noise["mean_reward"]["calibrated"]
     assert mean["ci_low"] < mean["estimate"] < mean["ci_high"] and mean["se_calibration"] > 0
-    assert fitted["diagnostics"]["flip_rates"]["mean_reward"]["calibrated"] == mean
+    assert fitted.to_manifest()["diagnostics"]["flip_rates"]["mean_reward"]["calibrated"] == mean
 
 
 def test_score_builds_the_clean_target_from_the_calibrators(scored, audited_logs: Path):

@@ -8,6 +8,19 @@ import pytest
 
 from pipelines.orchestration.cli import beam_args_with_defaults, main
 from schemas import run_dir as rd
+from schemas.stages import (
+    FitCounts,
+    FitDiagnostics,
+    FitResult,
+    IngestDiagnostics,
+    IngestResult,
+    PropensityDiagnostics,
+    ScoreCounts,
+    ScoreDiagnostics,
+    ScoreResult,
+    TableCounts,
+    WeightSummary,
+)
 from tests.conftest import config_text
 
 
@@ -81,13 +94,20 @@ def test_runs_lists_status_and_headline_figures(tmp_path: Path, capsys):
         return run
 
     ok = {"status": "ok", "started_at": "2026-11-30T01:00:00+00:00"}
-    done = manifest("2026-11-29", {
-        "ingest": {**ok, "diagnostics": {"units": 1000, "observed_rate": 0.21}},
-        "fit": {**ok, "diagnostics": {"propensity": {"auc": 0.754}}},
-        "score": {**ok, "diagnostics": {"weight_clipped": {"ess_share": 0.62}}, "counts": {"pairs": 321}}})
+    table = TableCounts(rows_in=1000, rows_ok=1000, rows_quarantined=0, rows_duplicate=0)
+    ingest = IngestResult(counts={"impressions": table, "signals": table},
+                          diagnostics=IngestDiagnostics(units=1000, observed=210, observed_rate=0.21)).to_manifest()
+    fit = FitResult(counts=FitCounts(units=1000, sample=1000, sample_observed=210),
+                    diagnostics=FitDiagnostics(propensity=PropensityDiagnostics(auc=0.754))).to_manifest()
+    weights = WeightSummary(ess=130.2, ess_share=0.62)
+    score = ScoreResult(counts=ScoreCounts(units=1000, pointwise=1000, excluded_no_overlap=0, pairs=321),
+                        diagnostics=ScoreDiagnostics(n_observed=210, clip=0.05, clipped=3, weight_ips=weights,
+                                                     weight_clipped=weights)).to_manifest()
+    done = manifest("2026-11-29", {"ingest": {**ok, **ingest}, "fit": {**ok, **fit}, "score": {**ok, **score}})
     (done / rd.SUCCESS).write_text("{}")
-    manifest("2026-11-30", {"ingest": ok, "fit": {"status": "failed", "started_at": "2026-11-30T02:00:00+00:00"}})
-    manifest("2026-12-01", {"ingest": ok})
+    manifest("2026-11-30", {"ingest": {**ok, **ingest},
+                            "fit": {"status": "failed", "started_at": "2026-11-30T02:00:00+00:00"}})
+    manifest("2026-12-01", {"ingest": {**ok, **ingest}})
     (tmp_path / "not-a-run").mkdir()
     assert main(["runs", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()

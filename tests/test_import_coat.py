@@ -1,5 +1,5 @@
-"""`obsfeed import coat` on the real files (../shared/data, present in CI): the input contract, the features and
-the held-out random ratings."""
+"""`obsfeed import coat` on the real files (found through OBSFEED_DATA, which CI sets; skipped without them): the
+input contract, the features and the held-out random ratings."""
 
 from pathlib import Path
 
@@ -9,11 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.orchestration.cli import main
+from pipelines.sources import DATA_ENV, public_data
 from pipelines.sources.coat import CROSSES, LOGGED_PROPENSITY, coat_logs, read_coat
 from schemas import run_dir as rd
 
-SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "coat"
-pytestmark = pytest.mark.skipif(not SRC.is_dir(), reason="../shared/data/coat is not beside the repository")
+SRC = public_data("coat")
+pytestmark = pytest.mark.skipif(not SRC.is_dir(), reason=f"{SRC} not found: set {DATA_ENV} (docs/data.md)")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def logs():
 def test_every_cell_is_a_unit_and_the_self_selected_ratings_are_signals(logs):
     imps, signals = logs["impressions"], logs["signals"]
     assert imps.num_rows == 290 * 300 and len(set(imps["impression_id"].to_pylist())) == 87_000
-    assert logs["counts"]["train_rating_counts"] == [1901, 1437, 1717, 1275, 630]      # SOURCES.md
+    assert logs["counts"]["train_rating_counts"] == [1901, 1437, 1717, 1275, 630]      # docs/data.md
     values = signals["value"].to_numpy()
     assert signals.num_rows == 6960 and set(np.round(values * 4 + 1).astype(int)) == {1, 2, 3, 4, 5}
     per_user = np.bincount([int(i[6:9]) for i in signals["impression_id"].to_pylist()], minlength=290)

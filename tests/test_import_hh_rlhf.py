@@ -1,5 +1,5 @@
-"""`obsfeed import hh-rlhf` on the real file (../shared/data, present in CI): parsing, the simulated feedback,
-determinism, and that the pipeline's ingest accepts what it writes."""
+"""`obsfeed import hh-rlhf` on the real file (found through OBSFEED_DATA, which CI sets; skipped without it):
+parsing, the simulated feedback, determinism, and that the pipeline's ingest accepts what it writes."""
 
 import json
 from pathlib import Path
@@ -9,12 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.orchestration.cli import main
+from pipelines.sources import DATA_ENV, public_data
 from pipelines.sources.hh_rlhf import HHSettings, import_hh_rlhf, read_pairs, semi_synthetic, split_dialogue
 from schemas import run_dir as rd
 from schemas import truth as tr
 
-SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf"
-pytestmark = pytest.mark.skipif(not SRC.is_dir(), reason="../shared/data/hh-rlhf is not beside the repository")
+SRC = public_data("hh-rlhf")
+pytestmark = pytest.mark.skipif(not SRC.is_dir(), reason=f"{SRC} not found: set {DATA_ENV} (docs/data.md)")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def pairs():
 def test_pairs_are_a_shared_prompt_and_two_final_turns(pairs):
     rows, counts = pairs
     assert counts == {"lines": 2312, "pairs": 2312, "prefix_differs": 5, "skipped_malformed": 0,
-                      "skipped_identical": 0}                              # as SOURCES.md describes the file
+                      "skipped_identical": 0}                              # as docs/data.md describes the file
     first = rows[0]
     assert first["prompt"].startswith("Human:") and first["prompt"].rstrip().endswith(first["prompt"].split()[-1])
     assert "\n\nAssistant:" not in first["chosen"] and first["chosen"] != first["rejected"]

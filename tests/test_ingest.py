@@ -62,7 +62,7 @@ def logs(tmp_path: Path) -> Path:
 
 def test_units_quarantine_and_counts(logs: Path, hash_key):
     run = RunDir(logs / "run")
-    result = ingest.execute(run, load_config(_config(logs)))
+    result = ingest.execute(run, load_config(_config(logs))).to_manifest()
     units = pl.from_arrow(read_dataset(run.path(rd.UNITS))).sort(un.IMPRESSION_ID)
     assert units[un.IMPRESSION_ID].to_list() == ["i1", "i2", "i3"]
     assert units[un.LABEL].to_list() == [0.0, None, 0.8]               # latest explicit; copy is implicit
@@ -117,7 +117,7 @@ def test_refuses_to_run_without_a_hash_key(logs: Path, monkeypatch):
     monkeypatch.delenv(HASH_KEY_ENV, raising=False)
     with pytest.raises(ConfigError, match=f"{HASH_KEY_ENV} is not set"):
         ingest.execute(RunDir(logs / "run"), load_config(_config(logs)))
-    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, unkeyed=True)))
+    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, unkeyed=True))).to_manifest()
     assert result["counts"]["impressions"]["rows_ok"] == 3
 
 
@@ -129,7 +129,7 @@ def test_missing_required_column_names_the_file(logs: Path, hash_key):
 
 def test_csv_input_reads_the_same(logs: Path, hash_key):
     pl.read_ndjson(logs / "signals.jsonl").write_csv(logs / "signals.csv")
-    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, signals="signals.csv")))
+    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, signals="signals.csv"))).to_manifest()
     assert result["counts"]["signals"] == {"rows_in": 9, "rows_ok": 4, "rows_quarantined": 4, "rows_duplicate": 1}
 
 
@@ -150,7 +150,7 @@ def test_a_malformed_json_line_quarantines_that_line_only(logs: Path, hash_key):
     lines.insert(3, '{"event_id": "e9", "impression_id": "i2", "ts": ')          # cut off mid-record
     lines.insert(5, "[1, 2, 3]")                                                 # valid JSON, not an object
     (logs / "signals.jsonl").write_text("\n".join(lines) + "\n\n")
-    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, max_bad=0.7)))
+    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs, max_bad=0.7))).to_manifest()
     assert result["counts"]["signals"] == {"rows_in": 11, "rows_ok": 4, "rows_quarantined": 6, "rows_duplicate": 1}
     q = pl.from_arrow(read_dataset(logs / "run" / rd.QUARANTINE)).filter(pl.col("reason").str.starts_with(
         "malformed_record")).sort("row_number")
@@ -167,7 +167,7 @@ def test_a_replay_naming_another_impression_is_still_a_duplicate(logs: Path, has
     replay.update(impression_id="i3", ts="1970-01-01T00:00:30Z")   # same event id, later, another impression
     lines[2] = json.dumps(replay)
     (logs / "signals.jsonl").write_text("\n".join(lines) + "\n")
-    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs)))
+    result = ingest.execute(RunDir(logs / "run"), load_config(_config(logs))).to_manifest()
     assert result["counts"]["signals"] == {"rows_in": 9, "rows_ok": 4, "rows_quarantined": 4, "rows_duplicate": 1}
     units = pl.from_arrow(read_dataset(logs / "run" / rd.UNITS)).sort(un.IMPRESSION_ID)
     assert units["n_downvote"].to_list() == [1, 0, 0]                 # the earliest copy (on i1) was kept

@@ -130,7 +130,7 @@ def test_every_row_is_accounted_for_exactly_once(tmp_path_factory, hash_key, log
     folder = tmp_path_factory.mktemp("messy")
     _write(folder, imps, sigs, imp_format, gz)
     run = RunDir(folder / "run")
-    result = ingest.execute(run, load_config(folder / "cfg.toml"))
+    result = ingest.execute(run, load_config(folder / "cfg.toml")).to_manifest()
 
     # Oracle from the kinds: valid impressions collapse to one unit per id; the rest are quarantined.
     valid_imp_ids = [r["impression_id"] for k, r in imps if IMPRESSION_KINDS[k] is None]
@@ -181,7 +181,7 @@ def test_a_bad_csv_row_quarantines_that_row_only(tmp_path: Path, hash_key, body,
         f'[input]\nimpressions = "{tmp_path}/imps.csv"\nsignals = "{tmp_path}/signals.jsonl"\n'
         f'[privacy]\nkey_env = "{HASH_KEY_ENV}"\n[ingest]\nmax_bad_fraction = 1.0\n')
     run = RunDir(tmp_path / "run")
-    result = ingest.execute(run, load_config(tmp_path / "cfg.toml"))
+    result = ingest.execute(run, load_config(tmp_path / "cfg.toml")).to_manifest()
     assert result["counts"]["impressions"] == {"rows_in": 2, "rows_ok": 1, "rows_quarantined": 1,
                                                "rows_duplicate": 0}
     q = read_dataset(run.path(rd.QUARANTINE)).to_pylist()

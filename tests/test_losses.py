@@ -135,7 +135,7 @@ def test_bad_calls(batch, name, batch_keys, message):
 
 
 def _tilde(s: float, y: float, r01: float, r10: float) -> float:
-    """ℓ̃ by the DESIGN §5 formula, written out for one unit (soft y: the mixture of the two cases)."""
+    """ℓ̃ by the docs/estimators.md formula, written out for one unit (soft y: the mixture of the two cases)."""
     one = ((1 - r10) * _bce(s, 1) - r01 * _bce(s, 0)) / (1 - r01 - r10)
     zero = ((1 - r01) * _bce(s, 0) - r10 * _bce(s, 1)) / (1 - r01 - r10)
     return y * one + (1 - y) * zero

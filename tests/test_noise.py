@@ -1,4 +1,4 @@
-"""Flip rates and noise-corrected targets (DESIGN §5): formulas, unbiasedness, anchors, audit and PPI."""
+"""Flip rates and noise-corrected targets (docs/estimators.md): formulas, unbiasedness, anchors, audit and PPI."""
 
 import numpy as np
 import pytest
@@ -9,9 +9,9 @@ from estimators.noise import (
     audit_flip_rates,
     check_flip_rates,
     corrected_target,
+    noise_model,
     ppi_mean,
 )
-from pipelines.fit import noise_model
 from schemas.config import FitConfig
 from schemas.errors import ConfigError
 

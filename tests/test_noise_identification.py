@@ -16,10 +16,11 @@ from estimators.noise import (
     audit_flip_rates,
     bootstrap_quantiles,
     identify,
+    noise_model,
+    unidentified_warning,
     wilson_interval,
 )
 from pipelines import train
-from pipelines.fit import noise_model
 from pipelines.orchestration.cli import main
 from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas import run_dir as rd
@@ -149,24 +150,24 @@ def _world(n: int, seed: int = 0, n_gold: int = 0):
     return scores, label, gold, np.ones(n, bool)
 
 
-def test_auto_applies_no_correction_to_rates_that_are_not_identified_and_says_why(capsys):
+def test_auto_applies_no_correction_to_rates_that_are_not_identified_and_says_why():
     flips, diag = noise_model(*_world(450), FitConfig(noise="auto"))
     anchor = diag["estimates"]["anchor"]
     assert (flips.method, flips.rho01, flips.rho10, flips.identified) == ("none", 0.0, 0.0, False)
     assert not anchor["identified"] and "4.5 units in each anchor tail" in anchor["why"]
     assert "anchor rates not identified" in flips.why and "95% CI [" in flips.why and "no audit" in flips.why
-    assert "no noise correction" in capsys.readouterr().err                       # a warning, not silence
+    assert "no noise correction" in unidentified_warning(flips)       # what fit warns: a warning, not silence
     big, _ = noise_model(*_world(6000), FitConfig(noise="auto"))
     assert big.method == "anchor_quantile_0.01" and big.identified and big.ci01[0] <= big.rho01 <= big.ci01[1]
     assert diag["identification"] == {"min_anchor_units": 20, "max_flip_ci_width": 0.1, "max_flip_sum": 0.8}
 
 
 @pytest.mark.parametrize("method, n_gold", [("anchor", 0), ("audit", 80)])
-def test_explicit_rates_not_identified_are_applied_but_flagged(capsys, method, n_gold):
+def test_explicit_rates_not_identified_are_applied_but_flagged(method, n_gold):
     flips, _ = noise_model(*_world(450, n_gold=n_gold), FitConfig(noise=method))
     assert flips.method.startswith(method) and flips.rho01 > 0 and not flips.identified
     assert flips.ci01 is not None and flips.ci10 is not None
-    assert "as fit.noise asks, but they are not identified" in capsys.readouterr().err
+    assert "as fit.noise asks, but they are not identified" in unidentified_warning(flips)
 
 
 def test_fixed_and_calibrate_rates():
@@ -253,6 +254,15 @@ def test_small_data_rates_are_not_identified_or_cover_the_truth_never_a_silent_c
     assert manifest_rates["estimates"]["anchor"]["ci01"] == anchor["ci01"]
     page = (run / rd.REPORT / "index.html").read_text()
     assert "ρ01 95% CI" in page and "not identified" in page and "class-conditional" in page
+
+
+def test_the_fit_stage_warns_about_rates_it_does_not_apply(small_run, capsys, monkeypatch):
+    root, _, cfg, _ = small_run
+    assert not json.loads((root / "run" / rd.NOISE_MODEL).read_text())["identified"]
+    monkeypatch.setenv(HASH_KEY_ENV, "test-key")
+    capsys.readouterr()
+    assert main(["run", str(cfg), str(root / "run"), "--stages", "fit"]) == 0     # refits the same models
+    assert "fit: no noise correction: anchor rates not identified" in capsys.readouterr().err
 
 
 def test_train_refuses_unidentified_rates_naming_the_interval_unless_told(small_run, capsys, monkeypatch):

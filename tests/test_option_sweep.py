@@ -24,9 +24,9 @@ from tests.conftest import HASH_KEY_ENV, config_text
 
 pytestmark = pytest.mark.e2e
 
-STAGES_FOR = {"ingest": "ingest", "privacy": "ingest", "fit": "fit,score", "score": "fit,score,train", "train": "train",
-              "drift": "score", "output": "ingest,score"}
-"""The stages that read an option of each config section (score.clip is decided in fit; the base run trains ips
+STAGES_FOR = {"ingest": "ingest", "privacy": "ingest", "fit": "fit,score", "weights": "fit,score,train",
+              "score": "score,train", "train": "train", "drift": "score", "output": "ingest,score"}
+"""The stages that read an option of each config section (weights.clip is decided in fit; the base run trains ips
 and naive, which read no fit option but the weights; sizes stay tiny: see SMALL)."""
 SMALL = {"fit": {"categorical": ["model_version", "user_segment"], "folds": 2, "hash_features": 1024,
                  "confounder_controls": 5},
@@ -65,7 +65,8 @@ def option_cases() -> list[tuple[str, str, object]]:
 
 def test_the_sweep_covers_every_choice_of_the_config():
     cases = {(s, k) for s, k, _ in option_cases()}
-    assert {("fit", "calibration"), ("score", "clip"), ("train", "loss"), ("train", "baselines"),
+    assert {("fit", "calibration"), ("weights", "clip"), ("weights", "stabilize"), ("score", "dr_variant"),
+            ("train", "loss"), ("train", "baselines"),
             ("privacy", "allow_unkeyed"), ("ingest", "ts_unit"), ("drift", "gate")} <= cases
     assert set(STAGES_FOR) >= {s for s, _ in cases}
 

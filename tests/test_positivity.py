@@ -174,7 +174,8 @@ def test_warn_keeps_and_flags_the_units_of_the_empty_stratum(planted):
     d = read_manifest(RunDir(run))["stages"]["score"]["diagnostics"]["positivity"]
     assert d["flagged"] == int(flag.sum()) and d["excluded"] == 0
     assert ("model_version", EMPTY) in {(r["column"], r["value"]) for r in d["violated"]}
-    html = report._positivity_section(read_manifest(RunDir(run))["stages"])
+    stages = read_manifest(RunDir(run))["stages"]
+    html = report._positivity_section(stages["fit"]["diagnostics"]["positivity"], d)
     assert "overlap fails" in html and f"<td>{EMPTY}</td>" in html and f"{d['flagged']} units flagged" in html
     assert html in (run / rd.REPORT / "index.html").read_text()
 
@@ -212,8 +213,8 @@ def test_exclude_leaves_the_stratum_out_of_the_weighted_outputs(planted, tmp_pat
     assert EMPTY not in set(t["model_version"].to_pylist())
     assert not pc.any(t[pointwise.OVERLAP_VIOLATION]).as_py()
     assert set(t[un.IMPRESSION_ID].to_pylist()).isdisjoint(dropped)
-    assert out["counts"]["excluded_no_overlap"] == len(dropped) == flagged.num_rows - t.num_rows
-    d = out["diagnostics"]["positivity"]
+    assert out.counts.excluded_no_overlap == len(dropped) == flagged.num_rows - t.num_rows
+    d = out.to_manifest()["diagnostics"]["positivity"]
     assert d["excluded"] == len(dropped)
     assert d["excluded_observed"] == int((flag & (flagged[un.OBSERVED].to_numpy() == 1)).sum())
     o = t[un.OBSERVED].to_numpy() == 1          # SNIPS normalised over the units that stay
@@ -226,6 +227,5 @@ def test_exclude_leaves_the_stratum_out_of_the_weighted_outputs(planted, tmp_pat
 
 
 def test_no_violated_stratum_means_no_report_section():
-    assert report._positivity_section({"fit": {"status": "ok", "diagnostics": {"positivity": {
-        "violated": [], "floor": 0.01, "mode": "warn"}}}}) == ""
-    assert report._positivity_section({}) == ""
+    assert report._positivity_section({"violated": [], "floor": 0.01, "mode": "warn"}, None) == ""
+    assert report._positivity_section(None, None) == ""

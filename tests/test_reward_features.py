@@ -1,4 +1,4 @@
-"""The reward model's dense features: standardised numerics and a local sentence embedding (DESIGN §6)."""
+"""The reward model's dense features: standardised numerics and a local sentence embedding (docs/reward-trainer.md)."""
 
 from pathlib import Path
 

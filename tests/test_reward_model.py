@@ -164,7 +164,7 @@ def test_train_stage_writes_main_and_baselines(toy, tmp_path: Path):
     pq.write_table(table, run.path(rd.POINTWISE) / "part-00000.parquet")
     cfg = Config(input=InputConfig(impressions=["unused"], signals=["unused"]),
                  train=CFG.model_copy(update={"loss": "ips", "baselines": ["naive", "ips", "dr"], "epochs": 4}))
-    result = train.execute(run, cfg)
+    result = train.execute(run, cfg).to_manifest()
     assert result["counts"] == {"rows": table.num_rows, "observed": int(table[un.OBSERVED].to_numpy().sum())}
     assert list(result["diagnostics"]) == ["ips", "naive", "dr"]                # main first, ips not twice
     root = run.path(rd.REWARD_MODEL)
@@ -247,7 +247,7 @@ def test_train_stage_trains_bt_on_the_pairwise_dataset(toy, tmp_path: Path):
         pq.write_table(t, run.path(name) / "part-00000.parquet")
     cfg = Config(input=InputConfig(impressions=["unused"], signals=["unused"]),
                  train=CFG.model_copy(update={"loss": "ips", "baselines": ["bt"], "epochs": 6}))
-    result = train.execute(run, cfg)
+    result = train.execute(run, cfg).to_manifest()
     assert list(result["diagnostics"]) == ["ips", "bt"]
     assert any("pairwise" in i["path"] for i in result["inputs"])
     assert roc_auc_score(good, _predict(train.load_models(run)["bt"], table)) > 0.99
@@ -316,7 +316,7 @@ def test_train_metrics_against_the_truth_when_the_config_names_it(toy, tmp_path:
     pq.write_table(pa.table({tr.IMPRESSION_ID: ids, tr.REWARD_TRUE: np.where(good, 0.9, 0.1)}), truth)
     run, cfg = _stage_run(tmp_path, table, loss="ips", baselines=[], epochs=6)
     cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"truth": str(truth)})})
-    result = train.execute(run, cfg)
+    result = train.execute(run, cfg).to_manifest()
     metrics = json.loads((run.path(rd.REWARD_MODEL) / rd.REWARD_METRICS).read_text())["truth"]
     val = validation_mask(table[imp.PROMPT_ID].to_pylist(), CFG.val_fraction)
     assert metrics["split"] == "validation" and metrics["units"] == val.sum() == metrics["units"]
@@ -478,7 +478,7 @@ def test_train_stage_calibrates_on_the_audit_when_asked(toy, tmp_path: Path):
     gold = pa.array(np.where(audited, good.astype(float), np.nan), pa.float64(), from_pandas=True)
     run, cfg = _stage_run(tmp_path, table.append_column(un.LABEL_GOLD, gold), loss="naive", baselines=["ips"],
                           calibrate="gold")
-    result = train.execute(run, cfg)
+    result = train.execute(run, cfg).to_manifest()
     for loss in ("naive", "ips"):
         cal = result["diagnostics"][loss]["calibration"]
         assert cal["n_gold"] == audited.sum() and cal["val_loss_after"] < cal["val_loss_before"]

@@ -18,13 +18,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines import fit
+from estimators import weights as W
 from pipelines.orchestration.cli import main
-from pipelines.orchestration.registry import STAGES
 from pipelines.sources.simulator import SCENARIOS, simulate, write
 from schemas import run_dir as rd
 from schemas.config import parse_config
 from schemas.manifest import tree_sha256
+from schemas.stages import BY_NAME, STAGES
 from schemas.storage import left_by_dead_writer, remove_dead_scratch, staging_dir, writer_tag
 from tests.conftest import HASH_KEY_ENV, config_text
 
@@ -51,7 +51,7 @@ def _config(tmp: Path, data: Path, name: str = "cfg.toml", **sections) -> Path:
 
 
 def _outputs(run: Path) -> dict[str, str | None]:
-    return {name: tree_sha256(run / name) for name in dict.fromkeys(n for s in STAGES for n in rd.STAGE_OUTPUTS[s])}
+    return {name: tree_sha256(run / name) for name in dict.fromkeys(n for s in STAGES for n in BY_NAME[s].outputs)}
 
 
 def _leftovers(run: Path) -> list[str]:
@@ -167,7 +167,7 @@ def _wait_for_staging(run: Path, stage: str, proc: subprocess.Popen) -> None:
     def writing() -> bool:
         if stage == "ingest":
             return any(p.is_file() for d in run.glob(".ingest-*") for p in d.rglob("*.arrow"))
-        names = [n.split("/")[-1] for n in rd.STAGE_OUTPUTS[stage]]
+        names = [n.split("/")[-1] for n in BY_NAME[stage].outputs]
         return any(any(run.rglob(f".{n}.tmp-*")) for n in names)
 
     deadline = time.monotonic() + 240
@@ -245,21 +245,19 @@ def test_prompts_with_one_response_refuse_bt_before_fit_and_empty_datasets_are_d
 
 
 def test_clip_none_weights_are_the_ips_weights():
-    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[score]\nclip = "none"\n')
+    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[weights]\nclip = "none"\n')
     o, p = np.array([1.0, 0, 1, 1]), np.array([0.5, 0.2, 0.01, 0.6])
-    chosen = fit.choose_clip(o, p, cfg)
+    chosen = W.choose_clip(o, p, cfg.weights)
     assert chosen["clip"] == 0.0 and chosen["method"] == "none"
-    from estimators import weights as W
-
     np.testing.assert_array_equal(W.clipped(o, p, chosen["clip"]), W.ips(o, p))
 
 
 def test_the_ess_floor_message_is_in_the_unit_the_user_wrote():
-    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[score]\nips_min_ess_share = 0.9\n')
-    with pytest.raises(Exception, match=r"ips_min_ess_share = 0.9\b"):
-        fit.choose_clip(np.array([1.0, 1, 1, 0]), np.array([1e-4, 0.5, 0.9, 0.9]), cfg)
+    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[weights]\nips_min_ess_share = 0.9\n')
+    with pytest.raises(Exception, match=r"weights.ips_min_ess_share = 0.9\b"):
+        W.choose_clip(np.array([1.0, 1, 1, 0]), np.array([1e-4, 0.5, 0.9, 0.9]), cfg.weights)
     old = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[score]\ness_floor = 0.05\n')
-    assert old.score.ips_min_ess_share == 0.05                              # old frozen configs still read
+    assert old.weights.ips_min_ess_share == 0.05                            # old frozen configs still read
 
 
 def test_the_cli_is_quiet_unless_verbose(tmp_path):

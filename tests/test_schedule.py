@@ -22,13 +22,13 @@ import pytest
 
 from pipelines.orchestration.catalogue import read_catalogue
 from pipelines.orchestration.cli import main
-from pipelines.orchestration.registry import STAGES as ALL_STAGES
 from pipelines.sources.simulator import Scenario, simulate, spread_over_days, write_signals
 from schemas import impressions as imp
 from schemas import run_dir as rd
 from schemas import signals as sig
 from schemas import units as un
 from schemas.manifest import stale_stages
+from schemas.stages import STAGES as ALL_STAGES
 
 pytestmark = pytest.mark.e2e
 

@@ -121,32 +121,34 @@ def test_hill_estimator_edge_cases():
         W.hill_tail_index(np.arange(1.0, 11.0), k=10)
 
 
-@pytest.mark.parametrize("extra, key", [('stabilize = "isotonic"', "score.stabilize"),
-                                        ("max_weight_variance = 0", "score.max_weight_variance"),
+@pytest.mark.parametrize("extra, key", [('stabilize = "isotonic"', "weights.stabilize"),
+                                        ("max_weight_variance = 0", "weights.max_weight_variance"),
                                         ("switch_tau = -1", "score.switch_tau"),
                                         ("shrink_lambda = 0", "score.shrink_lambda"),
                                         ('dr_variant = "switchdr"', "score.dr_variant")])
 def test_bad_stabiliser_settings_are_refused_naming_the_key(extra, key):
+    section = key.split(".")[0]
     with pytest.raises(ConfigError, match=f"key '{key}'"):
-        parse_config(f'[input]\nimpressions = "x"\nsignals = "y"\n[score]\n{extra}\n')
+        parse_config(f'[input]\nimpressions = "x"\nsignals = "y"\n[{section}]\n{extra}\n')
 
 
 @pytest.fixture(scope="module")
 def monotone_run(sim_small: Path, tmp_path_factory):
-    text = config_text(sim_small, score={"stabilize": "monotone", "dr_variant": "switch", "switch_tau": 8.0,
-                                         "max_weight_variance": 1.5})
+    text = config_text(sim_small, weights={"stabilize": "monotone", "max_weight_variance": 1.5},
+                       score={"dr_variant": "switch", "switch_tau": 8.0})
     cfg = parse_config(text)
     run = RunDir(tmp_path_factory.mktemp("stabilize") / "run")
     with module_hash_key():
         ingest.execute(run, cfg)
-        fitted = fit.execute(run, cfg)["diagnostics"]["weights"]
-        scored = score.execute(run, cfg)["diagnostics"]
+        fitted = fit.execute(run, cfg).to_manifest()["diagnostics"]["weights"]
+        scored = score.execute(run, cfg).to_manifest()
         evaluated = evaluate.execute(run, cfg)
     return run, cfg, fitted, scored, evaluated
 
 
 def test_a_monotone_switch_run_writes_monotone_mean_one_weights(monotone_run):
-    run, cfg, fitted, scored, evaluated = monotone_run
+    run, cfg, fitted, score_record, evaluated = monotone_run
+    scored = score_record["diagnostics"]
     saved = json.loads((run.path(rd.MODELS) / rd.WEIGHTS).read_text())["stabilizer"]
     assert saved["method"] == "monotone" and len(saved["thresholds_x"]) == len(saved["thresholds_y"]) >= 2
     assert fitted["stabilizer"]["thresholds"] == len(saved["thresholds_x"])     # the manifest: figures, no arrays
@@ -160,7 +162,7 @@ def test_a_monotone_switch_run_writes_monotone_mean_one_weights(monotone_run):
     assert np.all(w[~o] == 0)
     order = np.argsort(p[o], kind="stable")
     assert np.all(np.diff(w[o][order]) <= 1e-9)                   # non-increasing in the propensity
-    assert np.var(w[o]) <= cfg.score.max_weight_variance * (1 + 1e-9)
+    assert np.var(w[o]) <= cfg.weights.max_weight_variance * (1 + 1e-9)
     # target_dr is Switch-DR: the imputation alone where the clipped weight exceeds τ
     w_clip, imputed = t[pointwise.WEIGHT_CLIPPED].to_numpy(), t[pointwise.IMPUTED].to_numpy()
     label = t[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
@@ -173,7 +175,7 @@ def test_a_monotone_switch_run_writes_monotone_mean_one_weights(monotone_run):
     assert d["method"] == "monotone" and d["variance"] <= 1.5 * (1 + 1e-9)
     assert d["max"] == pytest.approx(w[o].max()) and d["ess_share"] == pytest.approx(1 / (1 + np.var(w[o])))
     assert "tail_index" in d and "tail_index" in scored[pointwise.WEIGHT_IPS]
-    page = render({"run_id": "r", "stages": {"score": {"status": "ok", "diagnostics": scored}}}, {}, {})
+    page = render({"run_id": "r", "stages": {"score": {"status": "ok", **score_record}}}, {}, {})
     assert "weight_stabilized (monotone)" in page and "tail index (Hill)" in page
     st = evaluated["stabilised"]
     assert st["estimates"]["stabilized"] == pytest.approx(np.average(label[o], weights=w[o]))
@@ -187,18 +189,18 @@ def test_score_refuses_a_monotone_stabiliser_without_the_fitted_map(monotone_run
     text = config_text(Path(cfg.input.truth).parent)
     with pytest.raises(InputError, match="without the monotone map"):
         score.score_weighting([], {"clip": 0.02, "stabilizer": None}, parse_config(
-            text + '[score]\nstabilize = "monotone"\n'))
+            text + '[weights]\nstabilize = "monotone"\n'))
 
 
 def test_fit_refuses_a_monotone_stabiliser_when_every_unit_is_observed():
-    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[score]\nstabilize = "monotone"\n')
+    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[weights]\nstabilize = "monotone"\n')
     with pytest.raises(ConfigError, match="every unit of the fit sample is observed"):
-        fit.stabilizer_map(np.ones(4), np.array([0.2, 0.4, 0.6, 0.8]), cfg)
+        W.stabilizer_map(np.ones(4), np.array([0.2, 0.4, 0.6, 0.8]), cfg.weights)
 
 
 def test_the_cli_exits_2_naming_a_bad_stabiliser(tmp_path: Path, capsys):
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text('[input]\nimpressions = "x"\nsignals = "y"\n[score]\nstabilize = "isotonic"\n')
+    cfg.write_text('[input]\nimpressions = "x"\nsignals = "y"\n[weights]\nstabilize = "isotonic"\n')
     assert main(["run", str(cfg), str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "score.stabilize" in err[0], err
+    assert len(err) == 1 and "weights.stabilize" in err[0], err

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from estimators import weights as W
+from estimators.fitted import fitted_clip
 from pipelines import fit, ingest, score
 from schemas import pointwise
 from schemas import run_dir as rd
@@ -105,7 +106,7 @@ def test_the_score_stage_reports_the_target_policy_value(exposure_log: Path, tmp
     run = RunDir(tmp_path / "run")
     ingest.execute(run, cfg)
     fit.execute(run, cfg)
-    value = score.execute(run, cfg)["diagnostics"]["policy_value"]
+    value = score.execute(run, cfg).to_manifest()["diagnostics"]["policy_value"]
     assert value["policy"] == policy and value["n"] == 12 * len(LOG)
     assert (value["ips"], value["snips"]) == pytest.approx(HAND[policy])
     t = read_dataset(
@@ -117,7 +118,7 @@ def test_the_score_stage_reports_the_target_policy_value(exposure_log: Path, tmp
                 else t["pi_target"].to_numpy()) / t["logged_p"].to_numpy()
     np.testing.assert_allclose(t[pointwise.WEIGHT_IPS].to_numpy(), expected)
     # the DR target keeps the logging weights: a unit's reward does not depend on the policy
-    w_log = 1 / np.maximum(t["logged_p"].to_numpy(), cfg.score.clip)
+    w_log = 1 / np.maximum(t["logged_p"].to_numpy(), fitted_clip(run.path(rd.MODELS)))      # the floor fit chose
     imputed = t[pointwise.IMPUTED].to_numpy()
     np.testing.assert_allclose(t[pointwise.TARGET_DR].to_numpy(), imputed + w_log * (t[un.LABEL].to_numpy() - imputed))
 
@@ -127,7 +128,7 @@ def test_a_logging_policy_reports_the_logged_value(exposure_log: Path, tmp_path:
     run = RunDir(tmp_path / "run")
     ingest.execute(run, cfg)
     fit.execute(run, cfg)
-    value = score.execute(run, cfg)["diagnostics"]["policy_value"]
+    value = score.execute(run, cfg).to_manifest()["diagnostics"]["policy_value"]
     r = np.array([row[3] for row in LOG], float)
     w = 1 / np.array([row[2] for row in LOG])
     assert value["policy"] == "logging"

@@ -25,12 +25,12 @@ from tests.conftest import config_text, module_hash_key
 @pytest.fixture(scope="module")
 def fitted(sim_small: Path, tmp_path_factory):
     root = tmp_path_factory.mktemp("weighting")
-    text = config_text(sim_small, score={"clip": "auto", "min_ess_share": 0.5})
+    text = config_text(sim_small, weights={"clip": "auto", "min_ess_share": 0.5})
     cfg = parse_config(text)
     run = RunDir(root / "run")
     with module_hash_key():
         ingest.execute(run, cfg)
-        diagnostics = fit.execute(run, cfg)["diagnostics"]
+        diagnostics = fit.execute(run, cfg).to_manifest()["diagnostics"]
     return run, text, diagnostics
 
 
@@ -39,7 +39,7 @@ def test_auto_clip_keeps_the_configured_ess_share(fitted):
     chosen = diagnostics["weights"]
     assert chosen["method"] == "auto" and 0 < chosen["clip"] < 1
     assert chosen["sample_ess_share"] >= 0.5 - 1e-9
-    out = score.execute(run, parse_config(text))["diagnostics"]
+    out = score.execute(run, parse_config(text)).to_manifest()["diagnostics"]
     assert out["clip"] == chosen["clip"]
     t = read_dataset(run.path(rd.POINTWISE), ["observed", pointwise.WEIGHT_CLIPPED, pointwise.WEIGHT_IPS])
     o = t["observed"].to_numpy() == 1
@@ -53,18 +53,18 @@ def test_degenerate_weights_fail_score_and_keep_the_previous_datasets(fitted):
     score.execute(run, parse_config(text))
     before = read_dataset(run.path(rd.POINTWISE))
     with pytest.raises(GateError, match="degenerate weights: the Kish ESS of the IPS weights is"):
-        score.execute(run, parse_config(text.replace("[score]\n", "[score]\nips_min_ess_share = 0.99\n")))
+        score.execute(run, parse_config(text.replace("[weights]\n", "[weights]\nips_min_ess_share = 0.99\n")))
     assert read_dataset(run.path(rd.POINTWISE)).equals(before)
 
 
 def test_fit_refuses_degenerate_propensities_instead_of_clipping_them():
-    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[score]\nclip = "auto"\nips_min_ess_share = 0.5\n')
+    cfg = parse_config('[input]\nimpressions = "x"\nsignals = "y"\n[weights]\nclip = "auto"\nips_min_ess_share = 0.5\n')
     o = np.array([1.0, 0, 1, 1])
     with pytest.raises(GateError, match="NaN or outside"):
-        fit.choose_clip(o, np.array([0.5, np.nan, 0.4, 0.6]), cfg)
+        W.choose_clip(o, np.array([0.5, np.nan, 0.4, 0.6]), cfg.weights)
     with pytest.raises(GateError, match="below the floor"):
-        fit.choose_clip(o, np.array([1e-7, 0.5, 0.9, 0.9]), cfg)
-    assert fit.choose_clip(o, np.array([0.5, 0.2, 0.4, 0.6]), cfg)["method"] == "auto"
+        W.choose_clip(o, np.array([1e-7, 0.5, 0.9, 0.9]), cfg.weights)
+    assert W.choose_clip(o, np.array([0.5, 0.2, 0.4, 0.6]), cfg.weights)["method"] == "auto"
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_a_logged_propensity_column_replaces_the_propensity_model(logged_logs: P
     cfg = parse_config(config_text(logged_logs, fit={"propensity_column": "logged_p"}))
     run = RunDir(tmp_path / "run")
     ingest.execute(run, cfg)
-    diagnostics = fit.execute(run, cfg)["diagnostics"]
+    diagnostics = fit.execute(run, cfg).to_manifest()["diagnostics"]
     assert diagnostics["propensity"]["source"] == "column logged_p"
     assert not (run.path(rd.MODELS) / rd.PROPENSITY).exists()
     score.execute(run, cfg)
@@ -130,7 +130,7 @@ def test_score_writes_date_partitions_that_readers_prune_on(fitted, tmp_path: Pa
         for f in files:                                      # each file holds only its folder's date
             dates = {d.strftime("%Y-%m-%d") for d in pq.read_table(f, columns=["ts"])["ts"].to_pylist()}
             assert dates == {f.parent.name.removeprefix("date=")}
-    assert result["counts"]["pointwise"] == read_dataset(run.path(rd.UNITS)).num_rows
+    assert result.counts.pointwise == read_dataset(run.path(rd.UNITS)).num_rows
     hive = pl.scan_parquet(run.path(rd.POINTWISE) / "**" / "*.parquet", hive_partitioning=True)
     first = sorted(run.path(rd.POINTWISE).glob("date=*"))[0].name.removeprefix("date=")
     assert hive.filter(pl.col("date") == pl.lit(first).str.to_date()).select(pl.len()).collect().item() > 0

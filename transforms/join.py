@@ -1,8 +1,8 @@
-"""Dedup, join and label, one hash bucket of impression ids at a time (DESIGN §2, §8).
+"""Dedup, join and label, one hash bucket of impression ids at a time (docs/input-contract.md, docs/performance.md).
 
 Elements are Arrow tables keyed by a stable bucket of ``impression_id``; a bucket holds every impression and
 signal of its ids, so dedup, the join and label resolution are local polars operations on whole batches.
-(A per-row ``CoGroupByKey`` is ~5x slower on the DirectRunner: DESIGN §8.) The runner groups only small
+(A per-row ``CoGroupByKey`` is ~5x slower on the DirectRunner: docs/performance.md.) The runner groups only small
 elements: each bucket's sub-table is Arrow IPC bytes, or the path of an Arrow file holding it (``spill_dir``).
 """
 

@@ -1,4 +1,4 @@
-"""Pseudonymised user ids: the keyed hash every output carries instead of the raw id (DESIGN §2).
+"""Pseudonymised user ids: the keyed hash every output carries instead of the raw id (docs/input-contract.md).
 
 One place computes it, so that units and quarantine records name a user the same way and no output, not
 even a rejected row, keeps the raw id.

@@ -23,6 +23,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from schemas import quarantine as qr
+from schemas.config import Config, expand_inputs
 from schemas.errors import InputError
 from transforms.privacy import key_from_env, redact_csv_text, redact_json_text
 
@@ -330,6 +331,41 @@ def peek_schema(path: str) -> pa.Schema:
         return table.drop_columns([c for c in [ROW_NUMBER] if c in table.column_names]).schema
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
+
+
+def input_files(cfg: Config) -> tuple[list[str], list[str]]:
+    """The impression and signal files a run reads (for a scheduled day, ``{date}`` paths cover the days
+    within ``ingest.late_window`` of it): what ingest reads and a scheduled dry run checks."""
+    window = {"day": cfg.ingest.day, "late_window": cfg.ingest.late_window}
+    return (expand_inputs(cfg.input.impressions, what="impressions", **window),
+            expand_inputs(cfg.input.signals, what="signals", **window))
+
+
+INTERNAL_COLUMNS = (FILE_INDEX, ROW_NUMBER, NESTED)
+"""Names obsfeed gives its own provenance columns while it reads: an input column may not have them."""
+
+
+def file_schemas(files: Sequence[str]) -> dict[str, pa.Schema]:
+    """Each file's columns, peeked once (a JSON Lines file the fast reader refuses is read whole for it)."""
+    return {path: peek_schema(path) for path in files}
+
+
+def check_columns(files: Sequence[str], schema: pa.Schema, schemas: dict[str, pa.Schema] | None = None) -> None:
+    """Fail early, naming the file, when a file lacks a required column of the contract or has a column named
+    like one of obsfeed's provenance columns (``schemas``: the files' columns, if already peeked)."""
+    required = [f.name for f in schema if not f.nullable]
+    schemas = schemas or file_schemas(files)
+    for path in files:
+        names = set(schemas[path].names)
+        if not names:               # an empty file: no rows to check
+            continue
+        internal = sorted(names & set(INTERNAL_COLUMNS))
+        if internal:
+            raise InputError(f"{path}: column '{internal[0]}' is a name obsfeed uses for its own provenance "
+                             "columns; rename it in the input")
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise InputError(f"{path}: required column '{missing[0]}' is missing")
 
 
 def malformed_rows(malformed: list[Malformed], path: str, table: str, *, user_column: str | None = None,

@@ -1,4 +1,4 @@
-"""Score units with the fitted models, then build the pairwise dataset (DESIGN §5).
+"""Score units with the fitted models, then build the pairwise dataset (docs/estimators.md).
 
 Pure table functions (``add_scores``, ``add_snips``, ``build_pairs``) do the work and are unit-tested
 directly; the DoFns only load models once per worker and call them, as Beam's RunInference does.
@@ -6,11 +6,9 @@ directly; the DoFns only load models once per worker and call them, as Beam's Ru
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -18,14 +16,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from estimators import persist
 from estimators import positivity as pos
 from estimators import weights as W
 from estimators.calibration import apply_calibration
-from estimators.confounding import deconfound, saved_effects
+from estimators.confounding import deconfound
 from estimators.crossfit import predict_by_fold
-from estimators.features import feature_frame, input_columns, structured_columns, treatment_values
-from estimators.noise import FlipRates, corrected_target, posterior_clean
+from estimators.features import design, structured_columns, treatment_values
+from estimators.fitted import FittedModels
+from estimators.noise import corrected_target, posterior_clean
 from estimators.propensity import logged_propensity
 from schemas import pairwise, pointwise
 from schemas import units as un
@@ -35,37 +33,11 @@ from transforms.shuffle import decode_table
 
 
 @dataclass(frozen=True)
-class Models:
-    featurizer: Any
-    propensity: list | None             # None: the propensity is a logged column (see add_scores)
-    imputation: list
-    flip_rates: FlipRates
-    confounders: list[dict]
-    calibration: dict[str, list] | None = None      # the clean-reward calibrators (fit.noise = 'calibrate')
-    positivity: dict | None = None      # the fit stage's overlap check (models/positivity.json); None: fitted before it
-
-    @classmethod
-    def load(cls, paths: dict[str, str]) -> Models:
-        flips = json.loads(Path(paths["noise"]).read_text())
-        models = (persist.load(paths[k]) if k in paths else None for k in ("featurizer", "propensity", "imputation"))
-        return cls(*models, flip_rates=FlipRates.from_dict(flips),
-                   confounders=saved_effects(json.loads(Path(paths["confounding"]).read_text())),
-                   calibration=persist.load(paths["calibration"]) if "calibration" in paths else None,
-                   positivity=json.loads(Path(paths["positivity"]).read_text()) if "positivity" in paths else None)
-
-
-def design(table: pa.Table, fit: FitConfig):
-    """The featuriser's input frame, converting only the columns it reads (not every unit column)."""
-    names = input_columns(text=fit.text, numeric=fit.numeric, categorical=fit.categorical)
-    return feature_frame({c: table[c].to_numpy(zero_copy_only=False) for c in names if c in table.column_names},
-                         text=fit.text, numeric=fit.numeric, categorical=fit.categorical)
-
-
-@dataclass(frozen=True)
 class Weighting:
-    """What ``add_scores`` needs beyond the clip: the ``[score]`` stabiliser, DR variant and target policy, the fit
-    stage's monotone map (thresholds of q(p̂), ``weights.json``) and, for a uniform target, each prompt's number
-    of candidate responses (:func:`candidate_counts` over every unit, computed before scoring)."""
+    """What ``add_scores`` needs beyond the fitted models: the ``[score]`` DR variant and target policy, the fit
+    stage's monotone map (thresholds of q(p̂), ``weights.json``; given exactly when ``weights.stabilize`` is
+    'monotone') and, for a uniform target, each prompt's number of candidate responses (:func:`candidate_counts`
+    over every unit, computed before scoring)."""
 
     score: ScoreConfig = field(default_factory=ScoreConfig)
     monotone: tuple[list[float], list[float]] | None = None
@@ -104,9 +76,10 @@ def target_probability(table: pa.Table, score: ScoreConfig, candidates: pa.Table
     return 1.0 / candidates[CANDIDATES].take(idx).to_numpy().astype(float)
 
 
-def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, run_id: str,
+def add_scores(table: pa.Table, models: FittedModels, *, fit: FitConfig, run_id: str,
                weighting: Weighting | None = None) -> pa.Table:
-    """Units → units + propensity, IPS/clipped weights, imputation and DR pseudo-outcome, fold, run id.
+    """Units → units + propensity, IPS/clipped weights (floored at the fitted ``models.clip``), imputation and DR
+    pseudo-outcome, fold, run id.
 
     Each unit is scored by the fold model that did not see it (fold = salted hash of its id), so the scores
     of the units in the fit sample are out-of-fold, as in :func:`estimators.crossfit.crossfit`. The weight
@@ -125,9 +98,9 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
     imputed = predict_by_fold(models.imputation, X, fold)
     o = table[un.OBSERVED].to_numpy().astype(float)
     label = table[un.LABEL].to_numpy(zero_copy_only=False).astype(float)
-    w_clip = W.clipped(o, p, clip)
+    w_clip = W.clipped(o, p, models.clip)
     pi = target_probability(table, wt.score, wt.candidates)
-    stabilized = pi * (W.monotone_weights(o, p, *wt.monotone) if wt.score.stabilize == "monotone" else w_clip)
+    stabilized = pi * (W.monotone_weights(o, p, *wt.monotone) if wt.monotone is not None else w_clip)
     w_dr = W.dr_weights(w_clip, variant=wt.score.dr_variant, tau=wt.score.switch_tau, lam=wt.score.shrink_lambda)
     treatments = {e["treatment"]: treatment_values(frame, e["treatment"]) for e in models.confounders}
     dr = W.dr_pseudo_outcome(label, o, w_dr, imputed)
@@ -152,7 +125,7 @@ def add_scores(table: pa.Table, models: Models, *, fit: FitConfig, clip: float, 
     return table
 
 
-def clean_targets(models: Models, *, dr: np.ndarray, label: np.ndarray, observed: np.ndarray, imputed: np.ndarray,
+def clean_targets(models: FittedModels, *, dr: np.ndarray, label: np.ndarray, observed: np.ndarray, imputed: np.ndarray,
                   structured: np.ndarray, fold: np.ndarray, treatments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The clean-reward columns: with the audit's calibrators (``estimators.calibration``), the unit's clean
     reward ĉ(r, x) (observed) or ĥ(x) (not), which is then also the target: each stratum of the observed flag is
@@ -183,7 +156,7 @@ def clean_targets(models: Models, *, dr: np.ndarray, label: np.ndarray, observed
     }
 
 
-def overlap_violation(models: Models, frame, propensity: np.ndarray, fit: FitConfig) -> np.ndarray:
+def overlap_violation(models: FittedModels, frame, propensity: np.ndarray, fit: FitConfig) -> np.ndarray:
     """Units without overlap: p̂ below the floor the fit stage checked with, or a value of a categorical column in
     a stratum that failed there (models fitted before the check: the configured floor only)."""
     check = models.positivity or {"floor": fit.positivity_floor, "violated": []}
@@ -315,21 +288,20 @@ def normalise_pairs(table: pa.Table, totals: tuple[float, int]) -> pa.Table:
 
 
 class AddScores(beam.DoFn):
-    """(part, units table) → (part, scored table); models are loaded once per worker in ``setup``."""
+    """(part, units table) → (part, scored table); the fitted models are loaded once per worker in ``setup``
+    (``FittedModels.load``: the path travels with the DoFn, not the models)."""
 
-    def __init__(self, model_paths: dict[str, str], *, fit: FitConfig, clip: float, run_id: str,
-                 weighting: Weighting | None = None):
-        self._paths, self._fit, self._clip, self._run_id = dict(model_paths), fit, clip, run_id
+    def __init__(self, models_dir: Path | str, *, fit: FitConfig, run_id: str, weighting: Weighting | None = None):
+        self._models_dir, self._fit, self._run_id = str(models_dir), fit, run_id
         self._weighting = weighting
-        self._models: Models | None = None
+        self._models: FittedModels | None = None
 
     def setup(self):
-        self._models = Models.load(self._paths)
+        self._models = FittedModels.load(self._models_dir)
 
     def process(self, element):
         part, table = element
-        yield part, add_scores(table, self._models, fit=self._fit, clip=self._clip, run_id=self._run_id,
-                               weighting=self._weighting)
+        yield part, add_scores(table, self._models, fit=self._fit, run_id=self._run_id, weighting=self._weighting)
 
 
 class BuildPairs(beam.DoFn):

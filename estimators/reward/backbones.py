@@ -34,7 +34,7 @@ from torch import nn
 from estimators.reward.data import Ragged
 from schemas.errors import ConfigError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 HASHED = "hashed"
 """``train.backbone`` for the hashed n-gram model; anything else is a local Hugging Face folder."""
@@ -389,8 +389,8 @@ def load_transformer(path: Path | str, *, max_length: int, seed: int = 0, lora_r
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if trainable_layers is not None:
         n = freeze_lower_layers(model, trainable_layers)
-        log.info("backbone %s: top %d layers and the head trainable (%s parameters)", folder.name,
-                 trainable_layers, f"{n:,}")
+        logger.info("backbone %s: top %d layers and the head trainable (%s parameters)", folder.name,
+                    trainable_layers, f"{n:,}")
     return TransformerRewardModel(model, tokenizer, source=str(folder), max_length=max_length)
 
 

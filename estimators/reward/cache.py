@@ -10,7 +10,6 @@ Truncated rows are counted in the cache's ``counts`` (tokens only), never droppe
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ import pyarrow as pa
 
 from estimators.features import RESPONSE_LENGTH
 from estimators.losses import INPUTS, LOSSES, OBSERVED_ONLY, PAIRWISE
+from estimators.progress import progress_bar
 from estimators.reward.data import Block, Chunk, FeatureCache
 from estimators.reward.features import DenseSpec, fit_dense_spec
 from schemas import impressions as imp
@@ -170,6 +170,7 @@ def write_pointwise_cache(data: Data | Iterable[pa.RecordBatch], directory: Path
     columns (their names: label, observed, weight, imputed), held out by prompt (``validation_mask``)."""
     args = list(dict.fromkeys(["label", "observed", *args]))
     counts = {"rows_read": 0, "observed": 0}
+    bar = progress_bar(None, desc="  encoded", unit=" units", enabled=progress)
 
     def chunks() -> Iterator[Chunk]:
         for batch in record_batches(data):
@@ -186,15 +187,12 @@ def write_pointwise_cache(data: Data | Iterable[pa.RecordBatch], directory: Path
             ids = strings(batch, split_column(cfg))
             yield Chunk({POINT: block}, {k: v[kept] for k, v in arrays.items()},
                         validation_mask([ids[i] for i in kept], cfg.val_fraction))
-            if progress:
-                print(f"\r  encoded {counts['rows_read']:,} units", end="", file=sys.stderr, flush=True)
+            bar.update(counts["rows_read"] - bar.n)
 
-    cache = FeatureCache.write(chunks(), directory, n_features=encoder.n_features,
-                               extra={"units": "observed" if observed_only else "all", "counts": counts,
-                                      **encoder.meta()})
-    if progress:
-        print(file=sys.stderr, flush=True)
-    return cache
+    with bar:
+        return FeatureCache.write(chunks(), directory, n_features=encoder.n_features,
+                                  extra={"units": "observed" if observed_only else "all", "counts": counts,
+                                         **encoder.meta()})
 
 
 def check_pair_features(numeric_columns: Sequence[str]) -> None:

@@ -1,4 +1,4 @@
-"""The reward model's input: hashed text n-grams, plus optional dense features (DESIGN §6).
+"""The reward model's input: hashed text n-grams, plus optional dense features (docs/reward-trainer.md).
 
 One sparse row per unit. Columns ``[0, hash_features)`` are hashed word n-grams of ``prompt + " " + response``
 (l1-normalised); columns from ``hash_features`` on are the dense features, when configured: standardised numeric

@@ -23,6 +23,7 @@ from estimators.reward.cache import POINT
 from estimators.reward.data import Batch, DeviceBatch, DeviceBlock, FeatureCache
 from estimators.reward.features import DenseSpec
 from estimators.reward.hashed import CONFIG_FILE, HashedEncoder, HashedRewardModel
+from schemas import run_dir as rd
 from schemas.config import TrainConfig
 from schemas.errors import InputError
 
@@ -149,3 +150,16 @@ def load_reward_model(directory: Path | str) -> RewardModel:
     if not (directory / CONFIG_FILE).is_file():
         raise InputError(f"{directory}: no reward model ({OBSFEED_FILE} or {CONFIG_FILE} missing)")
     return HashedRewardModel.load(directory)
+
+
+def reward_model_dirs(reward_model_dir: Path | str) -> list[Path]:
+    """The saved model folders of a run's reward model: the main model first, then each baseline's."""
+    root = Path(reward_model_dir)
+    model_record(root)                                     # no model at all: say so
+    return [root, *sorted(p for p in (root / rd.BASELINES).glob("*") if p.is_dir() and p.name != "__pycache__")]
+
+
+def load_reward_models(reward_model_dir: Path | str) -> dict[str, RewardModel]:
+    """Loss name → trained model (on cpu), the main model first, then each baseline: what train wrote, read back
+    by evaluate and the benchmarks."""
+    return {model_record(d)["loss"]: load_reward_model(d) for d in reward_model_dirs(reward_model_dir)}

@@ -14,9 +14,9 @@ alone writing.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from estimators.losses import INPUTS, NOISE_AWARE, PAIRWISE, REGISTRY, batch_loss, bradley_terry, denominator_mass
+from estimators.progress import progress_bar
 from estimators.reward import distributed as ddp
 from estimators.reward.cache import (
     CHOSEN,
@@ -56,6 +56,8 @@ from estimators.reward.hashed import HashedRewardModel
 from estimators.reward.model import RewardModel, is_transformer, logits, new_encoder, new_model
 from schemas.config import TrainConfig
 from schemas.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
 
 AUTO = {"hashed": {"lr": 0.05, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0, "epochs": 30},
         "transformer": {"lr": 5e-5, "lr_schedule": "linear", "warmup_ratio": 0.1, "max_grad_norm": 1.0, "epochs": 3}}
@@ -299,8 +301,8 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
         history, best_loss, best_epoch = saved["history"], saved["best_loss"], saved["best_epoch"]
         best_state, done = saved["best_state"], saved["done"]
         if progress and ddp.is_main():
-            print(f"  [{name}] resumed after epoch {len(history)}{' (finished)' if done else ''}", file=sys.stderr,
-                  flush=True)
+            logger.info(f"  [{name}] resumed after epoch {len(history)}{' (finished)' if done else ''}",
+                        extra={"event": "training_resumed", "loss": name, "epoch": len(history)})
     show = progress and ddp.is_main()
     for epoch in range(len(history) + 1, epochs + 1):
         if done:
@@ -308,8 +310,8 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
         torch.manual_seed(hash((cfg.seed, epoch, ddp.rank())) % 2**63)   # dropout: the same after a resume
         model.train()
         t0, running, seen, tokens = time.perf_counter(), 0.0, 0, 0
-        with tqdm(total=source.num_rows, desc=f"  [{name}] epoch {epoch}", unit=" samples", unit_scale=True,
-                  leave=False, disable=not (show and sys.stderr.isatty()), file=sys.stderr) as bar:
+        with progress_bar(source.num_rows, desc=f"  [{name}] epoch {epoch}", unit=" samples", unit_scale=True,
+                          enabled=show) as bar:
             for parts in prefetch(_micro_batches(b, objective.loss, cfg, cache.pad_id, pin)
                                   for b in source.epoch(epoch)):
                 for i, (host, share) in enumerate(parts):
@@ -344,8 +346,11 @@ def _train(model: nn.Module, name: str, objective: _Objective, cache: FeatureCac
             rate = f"{history[-1]['samples_per_s']:,.0f} samples/s"
             if tokens:
                 rate += f", {history[-1]['tokens_per_s']:,.0f} tokens/s"
-            print(f"  [{name}] epoch {epoch}/{epochs}: train {history[-1]['train_loss']:.4f}  "
-                  f"val {val_loss:.4f}{' *' if improved else '  '}  {rate}", file=sys.stderr, flush=True)
+            logger.info(f"  [{name}] epoch {epoch}/{epochs}: train {history[-1]['train_loss']:.4f}  "
+                        f"val {val_loss:.4f}{' *' if improved else '  '}  {rate}",
+                        extra={"event": "epoch_done", "loss": name, "epoch": epoch,
+                               "train_loss": history[-1]["train_loss"], "val_loss": val_loss,
+                               "improved": bool(improved), "samples_per_s": history[-1]["samples_per_s"]})
         done = epoch - best_epoch >= cfg.patience or epoch == epochs
         if checkpoint is not None:
             checkpoint.save({"model": trainable_state(model), "optimizer": optimiser.state_dict(),
@@ -424,10 +429,12 @@ def fit_reward_model(data: Data | FeatureCache, *, loss: str, cfg: TrainConfig, 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if progress and ddp.is_main():
         rows = "pairs" if kind == "pairs" else "units"
-        print(f"  [{loss}] {cache.rows(TRAIN):,} train / {cache.rows(VAL):,} validation {rows} "
-              f"({'observed only' if kind == 'observed' else 'all'}), backbone {model.backbone_kind}, "
-              f"{trainable:,} trainable parameters, {device}"
-              f"{f' x {ddp.world_size()} processes' if ddp.world_size() > 1 else ''}", file=sys.stderr, flush=True)
+        logger.info(f"  [{loss}] {cache.rows(TRAIN):,} train / {cache.rows(VAL):,} validation {rows} "
+                    f"({'observed only' if kind == 'observed' else 'all'}), backbone {model.backbone_kind}, "
+                    f"{trainable:,} trainable parameters, {device}"
+                    f"{f' x {ddp.world_size()} processes' if ddp.world_size() > 1 else ''}",
+                    extra={"event": "training_started", "loss": loss, "device": str(device),
+                           "processes": ddp.world_size()})
     seeded = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with seeded, small_op_threads(model, device):
         history, best_epoch, settings = _train(model, loss, objective, cache, device, cfg=cfg, progress=progress,

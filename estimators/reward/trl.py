@@ -60,7 +60,7 @@ except ImportError as e:  # trl is an optional extra (tests/test_trl_weighted.py
         f"estimators.reward.trl needs TRL (and its datasets/tokenizers): pip install obsfeed[trl] ({e})"
     ) from e
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PROMPT, CHOSEN, REJECTED, WEIGHT, MARGIN = "prompt", "chosen", "rejected", "weight", "margin"
 CHOSEN_IDS, REJECTED_IDS = "chosen_ids", "rejected_ids"
@@ -205,9 +205,9 @@ class WeightedRewardTrainer(RewardTrainer):
                 prompt_cut, response_cut = (np.asarray(flags[c], dtype=bool) for c in _TRUNC_FLAGS)
                 dataset = dataset.remove_columns(list(_TRUNC_FLAGS))
                 if (cut := int((prompt_cut | response_cut).sum())) > 0:
-                    log.warning("%s: %d of %d pairs longer than max_length=%s kept and truncated (%d with the prompt "
-                                "cut from the left, %d with a response cut as well)", dataset_name, cut, n_in,
-                                args.max_length, int(prompt_cut.sum()), int(response_cut.sum()))
+                    logger.warning("%s: %d of %d pairs longer than max_length=%s kept and truncated (%d with the "
+                                   "prompt cut from the left, %d with a response cut as well)", dataset_name, cut,
+                                   n_in, args.max_length, int(prompt_cut.sum()), int(response_cut.sum()))
         return dataset
 
     @staticmethod

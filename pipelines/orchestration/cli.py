@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.orchestration.lock import root_lock
-from pipelines.orchestration.logs import json_mode, log, log_format
+from pipelines.orchestration.logs import configure_logging
 from pipelines.orchestration.registry import STAGES, freeze_config, run_stages
 from schemas import run_dir as rd
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, ObsfeedUserError
 from schemas.run_dir import RunDir
+
+logger = logging.getLogger("pipelines.orchestration.cli")   # also when run as __main__
 
 IMPORTERS = {"coat": "pipelines.sources.coat", "hh-rlhf": "pipelines.sources.hh_rlhf"}
 """``obsfeed import SOURCE``: the module in ``pipelines`` with ``add_arguments(parser)`` and ``main(args)``."""
@@ -287,7 +289,7 @@ def _scheduled(args: argparse.Namespace, cfg: Config, days: list[dt.date] | None
         raise ConfigError("--dry-run, --models-from and --force are for scheduled runs: add --date or --from/--to")
     if args.dry_run:
         plan = schedule.dry_run(cfg, args.run, days, force=args.force, models_from=args.models_from, stages=stages)
-        if json_mode():
+        if _json_logs(args):
             print(json.dumps(plan, default=str))
         else:
             print(f"plan for {plan['root']} (lock: {plan['lock']}; stages {', '.join(plan['stages'])}; "
@@ -299,7 +301,7 @@ def _scheduled(args: argparse.Namespace, cfg: Config, days: list[dt.date] | None
                              options=options, force=args.force, models_from=args.models_from)
     from pipelines.orchestration.summary import catalogue_lines
 
-    if json_mode():
+    if _json_logs(args):
         for row in rows:
             print(json.dumps(row, default=str))
     else:
@@ -311,10 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, beam_args = parser.parse_known_args(argv)
-    quiet_libraries(verbose=getattr(args, "verbose", False))
     if args.command in ("simulate", "evaluate", "runs", "import") and beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
-    with log_format(getattr(args, "log_format", "text")):
+    with configure_logging(getattr(args, "log_format", "text"), verbose=getattr(args, "verbose", False)):
         try:
             return dispatch(args, beam_args, argv)
         except ObsfeedUserError as e:
@@ -325,29 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             user = _user_error_inside(e)
             if user is not None:
                 return _fail(args.command, str(user), 2, error=type(user).__name__)
-            if not json_mode():
-                traceback.print_exc()
             return _fail(args.command, f"internal error: {type(e).__name__}: {e}", 1,
                          traceback="".join(traceback.format_exception(e)))
 
 
-def quiet_libraries(*, verbose: bool) -> None:
-    """Third-party log records and Python warnings on stderr only with ``--verbose``: obsfeed's own lines
-    (``pipelines.orchestration.logs``) say what a user needs, and a library's notice is not the user's business."""
-    root = logging.getLogger()
-    logging.captureWarnings(True)                 # warnings.warn → the "py.warnings" logger, shown only if verbose
-    if not any(type(h) is logging.StreamHandler for h in root.handlers):
-        root.addHandler(logging.StreamHandler())
-    root.setLevel(logging.WARNING if verbose else logging.ERROR)
+def _json_logs(args: argparse.Namespace) -> bool:
+    """``--log-format json``: stdout's plan and catalogue rows are JSON lines too."""
+    return getattr(args, "log_format", "text") == "json"
 
 
 def _fail(command: str, message: str, code: int, **fields: Any) -> int:
-    """One line on stderr saying what went wrong (a JSON record with the exit code, and the traceback of an
-    internal error as one field, in JSON mode)."""
-    if json_mode():
-        log(message, level="error", command=command, exit_code=code, **fields)
-    else:
-        print(f"obsfeed {command}: {message}", file=sys.stderr)
+    """The command's last word, one record: ``obsfeed COMMAND: message`` (under the traceback of an internal
+    error), or in JSON mode one object with the exit code, the error's type and the traceback as fields."""
+    logger.error(message, extra={"command": command, "exit_code": code, **fields})
     return code
 
 

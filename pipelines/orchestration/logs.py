@@ -1,107 +1,122 @@
-"""Log lines on stderr: ``[obsfeed HH:MM:SS] message`` for people, or JSON lines for a scheduler
-(``--log-format json``: one object per line with ts, level, logger, msg and any structured fields).
+"""Where obsfeed's log records go: one handler on stderr, set up by the CLI for the length of a command.
 
-In JSON mode every line written to stderr becomes a JSON object, the stages' own progress lines and library
-warnings included, so a log collector never meets a line it cannot parse.
+Modules only log (``logging.getLogger(__name__)``, structured fields as ``extra={"event": ..., "day": ...}``) and
+configure nothing, so a caller that embeds the stages keeps its own logging. ``configure_logging`` is the one
+place that decides the output: ``[obsfeed HH:MM:SS] message`` lines for people (``TextFormatter``), or one JSON
+object per line for a scheduler (``JsonFormatter``: ts, level, logger, msg and the record's fields). Every stderr
+line in JSON mode is then a JSON object: obsfeed's records, the libraries' records and Python warnings (captured
+into the ``py.warnings`` logger) all pass through the same handler, and progress bars
+(``estimators.progress``) are off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import io
 import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any
 
-_FORMAT = {"mode": "text"}
+from estimators import progress
 
+OWN = ("pipelines", "transforms", "estimators", "schemas")
+"""obsfeed's top-level packages: their loggers speak at INFO; every other library's only with ``--verbose``."""
+FORMATS = ("text", "json")
 
-def _record(msg: str, level: str = "info", logger: str = "obsfeed", **fields: Any) -> str:
-    return json.dumps({"ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "level": level,
-                       "logger": logger, "msg": msg, **fields}, default=str)
-
-
-class JsonLines(io.TextIOBase):
-    """A text stream that turns each line written to it into a JSON object on ``target``."""
-
-    def __init__(self, target: TextIO):
-        self._target, self._pending = target, ""
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:                               # progress bars stay off: they redraw with \r
-        return False
-
-    def write(self, text: str) -> int:
-        self._pending += text
-        *lines, self._pending = self._pending.replace("\r", "\n").split("\n")
-        for line in lines:
-            if line.strip():
-                self._target.write(line if _is_json(line) else _record(line.strip(), logger="stderr"))
-                self._target.write("\n")
-        self._target.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        if self._pending.strip():
-            self._target.write(_record(self._pending.strip(), logger="stderr") + "\n")
-        self._pending = ""
-        self._target.flush()
+_RECORD_ATTRIBUTES = {*vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None)), "message", "asctime"}
 
 
-def _is_json(line: str) -> bool:
-    if not line.startswith("{"):
-        return False
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
+def fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields of ``record``: what the call passed as ``extra``."""
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRIBUTES and not k.startswith("_")}
 
 
-class _JsonFormatter(logging.Formatter):
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name.partition(".")[0] in OWN
+
+
+class TextFormatter(logging.Formatter):
+    """obsfeed's records as ``[obsfeed HH:MM:SS] message``; the CLI's last word (a record with ``exit_code``) as
+    ``obsfeed COMMAND: message``, under its traceback if it has one; other libraries' records as their message."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return _record(record.getMessage(), level=record.levelname.lower(), logger=record.name)
+        if not _ours(record):
+            return super().format(record)
+        text = record.getMessage()
+        if hasattr(record, "exit_code"):
+            line = f"obsfeed {getattr(record, 'command', 'obsfeed')}: {text}"
+            trace = getattr(record, "traceback", None)
+            return f"{trace.rstrip()}\n{line}" if trace else line
+        line = f"[obsfeed {time.strftime('%H:%M:%S', time.localtime(record.created))}] {text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts (UTC), level, logger, msg, then the record's structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage().strip(),              # an indent is for the eye, not for a collector
+               **fields(record)}
+        if record.exc_info and "traceback" not in out:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on ``sys.stderr`` as it is when a record is emitted, not when the handler was made (pytest's
+    capsys, or a caller, may swap it in between)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+
+def _writes_stderr(handler: logging.Handler) -> bool:
+    return isinstance(handler, _Stderr) or (type(handler) is logging.StreamHandler
+                                             and handler.stream in (sys.stderr, sys.__stderr__))
 
 
 @contextlib.contextmanager
-def log_format(mode: str) -> Iterator[None]:
-    """Within the block, stderr and the logging handlers write ``mode`` ('text' or 'json'); restored after
-    (the CLI runs in-process in tests and notebooks)."""
-    if mode not in ("text", "json"):
-        raise ValueError(f"log format must be text or json, got {mode!r}")
-    saved_mode, saved_stderr = _FORMAT["mode"], sys.stderr
-    # Only the handlers that write to stderr are switched (a FileHandler keeps its file and its format).
-    handlers = [(h, h.formatter, h.stream) for h in logging.getLogger().handlers
-                if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)]
-    _FORMAT["mode"] = mode
-    if mode == "json" and not isinstance(sys.stderr, JsonLines):
-        sys.stderr = JsonLines(sys.stderr)
-        for h, _, _ in handlers:
-            h.setFormatter(_JsonFormatter())
-            h.setStream(sys.stderr)
+def configure_logging(fmt: str = "text", *, verbose: bool = False) -> Iterator[logging.Handler]:
+    """Within the block, log records reach stderr as ``fmt`` ('text' or 'json'): obsfeed's at INFO, the
+    libraries' and Python warnings only if ``verbose`` (as warnings; errors always). Everything is restored after
+    (the CLI runs in-process in tests and notebooks). Handlers that already wrote to stderr step aside meanwhile,
+    so each record is one line; a FileHandler keeps its file and its format."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be text or json, got {fmt!r}")
+    root = logging.getLogger()
+    handler = _Stderr()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    displaced = [h for h in root.handlers if _writes_stderr(h)]
+    names = ("", *OWN, progress.logger.name)
+    levels = {name: logging.getLogger(name).level for name in names}
+    capturing = getattr(warnings.showwarning, "__module__", None) == "logging"   # already, by a caller
+    for h in displaced:
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if verbose else logging.ERROR)
+    for name in OWN:
+        logging.getLogger(name).setLevel(logging.INFO)
+    progress.logger.setLevel(logging.WARNING if fmt == "json" else logging.NOTSET)   # a bar is not a JSON record
+    logging.captureWarnings(True)                 # warnings.warn → the "py.warnings" logger: shown only if verbose
     try:
-        yield
+        yield handler
     finally:
-        if isinstance(sys.stderr, JsonLines):
-            sys.stderr.flush()
-        sys.stderr, _FORMAT["mode"] = saved_stderr, saved_mode
-        for h, formatter, stream in handlers:
-            h.setFormatter(formatter)
-            h.setStream(stream)
-
-
-def log(msg: str, level: str = "info", **fields: Any) -> None:
-    """One log line; ``fields`` (e.g. day, stage, status) are structured keys in JSON mode, omitted in text."""
-    if _FORMAT["mode"] == "json":
-        print(_record(msg, level=level, **fields), file=sys.stderr, flush=True)
-    else:
-        print(f"[obsfeed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def json_mode() -> bool:
-    return _FORMAT["mode"] == "json"
+        if not capturing:
+            logging.captureWarnings(False)
+        root.removeHandler(handler)
+        for h in displaced:
+            root.addHandler(h)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

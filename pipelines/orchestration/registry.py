@@ -1,10 +1,10 @@
-"""Running stages into a run directory: each recorded in the manifest, ``_SUCCESS`` last (DESIGN §3-§4)."""
+"""Running stages into a run directory: each recorded in the manifest, ``_SUCCESS`` last (docs/run-directory.md)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -19,14 +19,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.orchestration.logs import log
 from schemas import run_dir as rd
 from schemas import units as un
 from schemas.config import Config
 from schemas.errors import InputError
 from schemas.manifest import lineage, read_manifest, stale_stages, write_manifest
 from schemas.run_dir import RunDir
+from schemas.stages import BY_NAME, FIT, INGEST, REPORT, SCORE, STAGES, TRAIN, StageRecord, StageResult, stage_record
 from schemas.storage import atomic_write_text, read_dataset, remove_dead_scratch
+
+logger = logging.getLogger(__name__)
 
 PACKAGES = ("obsfeed", "apache-beam", "pyarrow", "polars", "pandas", "scikit-learn", "econml", "torch", "skops",
             "great-expectations", "numpy", "scipy", "matplotlib")
@@ -59,18 +61,19 @@ def peak_rss_mb() -> float:
     return round(max(own, kids) * scale, 1)
 
 
-def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], dict[str, Any]],
-                 consumes: Sequence[str] | None = None, settings: str | None = None) -> dict[str, Any]:
-    """Run ``work`` and record its result under ``stages.<stage>``, with status, timing, memory, versions and
-    lineage: the content hashes of the run-directory inputs it consumed (``consumes``, by default
-    ``STAGE_INPUTS[stage]``) and of the outputs it produced, and the digest of the settings it ran with.
+def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], StageResult],
+                 consumes: Sequence[str] | None = None, settings: str | None = None) -> StageRecord:
+    """Run ``work`` and record its typed result under ``stages.<stage>``, with status, timing, memory, versions
+    and lineage: the content hashes of the run-directory inputs it consumed (``consumes``, by default the
+    stage's declared inputs) and of the outputs it produced, and the digest of the settings it ran with.
 
     A failed stage is recorded as failed (then the error propagates), so a run is never left looking complete;
     its outputs were not committed, so the hashes of what it produced last time are kept.
     """
+    spec = BY_NAME[stage]
     manifest = read_manifest(run)
     before = (manifest.get("stages", {}).get(stage) or {}).get("lineage") or {}
-    consumed = lineage(run, rd.STAGE_INPUTS.get(stage, ()) if consumes is None else consumes)
+    consumed = lineage(run, spec.inputs if consumes is None else consumes)
     manifest.update({"run_id": run.run_id, "config_hash": config_hash, "versions": versions(),
                      "git_commit": git_commit()})
     started = time.perf_counter()
@@ -82,10 +85,13 @@ def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], d
                                                 "host": platform.node()}
     write_manifest(run, manifest)
     try:
-        entry.update(work())
+        result = work()
+        if not isinstance(result, (spec.result, *spec.recorded_instead)):
+            raise TypeError(f"stage {stage} returned {type(result).__name__}, not its declared "
+                            f"{spec.result.__name__}")
+        entry.update(result.to_manifest())
         entry["status"] = "ok"
-        entry["lineage"] = {"consumed": consumed, "produced": lineage(run, rd.STAGE_OUTPUTS.get(stage, ())),
-                            "settings": settings}
+        entry["lineage"] = {"consumed": consumed, "produced": lineage(run, spec.outputs), "settings": settings}
     except BaseException as e:
         entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
@@ -95,15 +101,42 @@ def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], d
         manifest = read_manifest(run) | {k: v for k, v in manifest.items() if k != "stages"}
         manifest.setdefault("stages", {})[stage] = entry
         write_manifest(run, manifest)
-    return entry
+    return StageRecord.model_validate(entry)
 
 
-STAGES = ("ingest", "fit", "score", "train", "report")
+Executor = Callable[..., StageResult]
+"""A stage's ``execute(run, cfg, beam_args, **options)``: it reads and writes only the run directory."""
 
 
-def stage_function(name: str) -> Callable[..., dict[str, Any]]:
-    """The ``run(run_dir, cfg, beam_args)`` of a stage, imported lazily (torch and Beam are heavy)."""
-    return importlib.import_module(f"pipelines.{name}").execute
+def _ingest() -> Executor:
+    from pipelines import ingest
+    return ingest.execute
+
+
+def _fit() -> Executor:
+    from pipelines import fit
+    return fit.execute
+
+
+def _score() -> Executor:
+    from pipelines import score
+    return score.execute
+
+
+def _train() -> Executor:
+    from pipelines import train
+    return train.execute
+
+
+def _report() -> Executor:
+    from pipelines import report
+    return report.execute
+
+
+EXECUTORS: dict[str, Callable[[], Executor]] = {
+    INGEST.name: _ingest, FIT.name: _fit, SCORE.name: _score, TRAIN.name: _train, REPORT.name: _report,
+}
+"""Stage name → its executor, imported on first use (Beam and torch are heavy, and `obsfeed runs` needs neither)."""
 
 
 PAIR_LOSSES = ("bt",)
@@ -125,17 +158,19 @@ def why_no_pairs(units_dir: Path, cfg: Config) -> str | None:
 
 
 def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Sequence[str],
-               options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+               options: dict[str, dict[str, Any]] | None = None) -> dict[str, StageRecord]:
     """Run ``stages`` in order, recording each in the manifest; ``_SUCCESS`` last, only if every stage is ok and
     none is stale (each ran on the outputs now in the run directory). The caller holds the run's lock.
-    ``options``: stage name → keyword arguments for its ``run`` (e.g. ``{"train": {"resume": True}}``)."""
+    ``options``: stage name → keyword arguments for its executor (e.g. ``{"train": {"resume": True}}``)."""
     success = run.path(rd.SUCCESS)
     success.unlink(missing_ok=True)
     for path in remove_dead_scratch(run.root):
-        log(f"removed {path.name}, left by a killed run", event="scratch_removed")
+        logger.info(f"removed {path.name}, left by a killed run", extra={"event": "scratch_removed"})
     results = {}
     if "train" in stages:                                  # a bad backbone fails before ingest, not after fit
-        importlib.import_module("pipelines.train").preflight(cfg)
+        from pipelines import train
+
+        train.preflight(cfg)
     wants_pairs = "train" in stages and "score" in stages and any(
         loss in PAIR_LOSSES for loss in (cfg.train.loss, *cfg.train.baselines))
     for name in stages:
@@ -143,19 +178,19 @@ def run_stages(run: RunDir, cfg: Config, stages: Sequence[str], beam_args: Seque
             reason = why_no_pairs(run.path(rd.UNITS), cfg)
             if reason:
                 raise InputError(f"{run.path(rd.UNITS)}: {reason}; drop it from train.loss/train.baselines")
-        log(f"{name}: started", stage=name, event="stage_started")
-        fn, kwargs = stage_function(name), (options or {}).get(name, {})
+        logger.info(f"{name}: started", extra={"stage": name, "event": "stage_started"})
+        fn, kwargs = EXECUTORS[name](), (options or {}).get(name, {})
         results[name] = record_stage(run, name, cfg.digest(), lambda fn=fn, kw=kwargs: fn(run, cfg, beam_args, **kw),
                                      settings=cfg.stage_digest(name))
-        log(f"{name}: done in {results[name]['wall_s']:.1f}s", stage=name, event="stage_done",
-            wall_s=results[name]["wall_s"])
+        logger.info(f"{name}: done in {results[name].wall_s:.1f}s",
+                    extra={"stage": name, "event": "stage_done", "wall_s": results[name].wall_s})
     manifest = read_manifest(run)
     stale = stale_stages(manifest, STAGES, {s: cfg.stage_digest(s) for s in STAGES})
     if stale:
-        log(f"stale: {', '.join(stale)} ran on outputs rewritten since, or with other settings; run "
-            f"{'them' if len(stale) > 1 else 'it'} again for a complete run", level="warning", event="stale",
-            stages=stale)
-    if all(manifest.get("stages", {}).get(s, {}).get("status") == "ok" for s in STAGES) and not stale:
+        logger.warning(f"stale: {', '.join(stale)} ran on outputs rewritten since, or with other settings; run "
+                       f"{'them' if len(stale) > 1 else 'it'} again for a complete run",
+                       extra={"event": "stale", "stages": stale})
+    if all((e := stage_record(manifest, s)) is not None and e.status == "ok" for s in STAGES) and not stale:
         atomic_write_text(success, json.dumps({"run_id": run.run_id, "config_hash": cfg.digest(),
                                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     return results

@@ -1,4 +1,4 @@
-"""Scheduled runs (DESIGN §3): one logical day at a time into one root, with Hive partitions that accumulate.
+"""Scheduled runs: one logical day at a time into one root, with Hive partitions that accumulate.
 
     ROOT/units/date=D/, quarantine/date=D/, datasets/pointwise/date=D/, datasets/pairwise/date=D/
     ROOT/days/D/            the day's run directory: config.toml, manifest.json, models/, reward_model/, report/
@@ -11,13 +11,14 @@ A day is computed in ``ROOT/.work/D`` (ingest reads the day's impressions and th
 the previous one by renames (``schemas.storage.commit_dir``: a reader sees the old day or the new one, never a
 half-written one), the run directory goes to ``days/D``, and the catalogue row turns ``ok`` last. A day that
 failed or was killed is ``failed`` or ``running`` in the catalogue and is simply run again; a backfill skips
-the days already ``ok`` unless forced.
+the days already ``ok`` unless forced. The layout and its guarantees: docs/run-directory.md#scheduled-root.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import shutil
 import uuid
@@ -27,7 +28,6 @@ from typing import Any
 
 from pipelines.orchestration.catalogue import day_row, read_catalogue, upsert
 from pipelines.orchestration.lock import holder_alive, read_lock, root_lock
-from pipelines.orchestration.logs import log
 from pipelines.orchestration.registry import freeze_config, record_stage, run_stages
 from schemas import catalogue as cat
 from schemas import run_dir as rd
@@ -35,8 +35,11 @@ from schemas.config import Config, load_config
 from schemas.errors import ConfigError, InputError
 from schemas.manifest import describe_inputs, read_manifest, write_manifest
 from schemas.run_dir import RunDir
+from schemas.stages import INGEST, SCORE, DriftSummary, ReusedModels, ReusedModelsCounts, stage_result
 from schemas.storage import commit_dir, parquet_files, recover_dir
 from transforms.window import DayWindow
+
+logger = logging.getLogger(__name__)
 
 MODELS_MARKER = rd.WEIGHTS
 """A file every fitted ``models/`` folder has: how a ``--models-from`` path is recognised."""
@@ -89,9 +92,9 @@ def plan(root: Path, days: Sequence[dt.date], *, force: bool) -> list[dict[str, 
 def dry_run(cfg: Config, root: Path, days: Sequence[dt.date], *, force: bool, models_from: Path | None,
             stages: Sequence[str]) -> dict[str, Any]:
     """Validate the config and inputs, and say what a run would do; writes nothing."""
-    from pipelines.ingest import check_columns, input_files
     from schemas import impressions as imp
     from schemas import signals as sig
+    from transforms.read import check_columns, input_files
 
     steps = plan(root, days, force=force)
     impressions: set[str] = set()
@@ -124,7 +127,8 @@ def run_days(cfg: Config, root: Path, days: Sequence[dt.date], *, stages: Sequen
         for item in plan(root, days, force=force):
             day = dt.date.fromisoformat(item["day"])
             if item["action"] == "skip":
-                log(f"{day}: already ok, skipped (--force to run it again)", day=str(day), event="day_skipped")
+                logger.info(f"{day}: already ok, skipped (--force to run it again)",
+                            extra={"day": str(day), "event": "day_skipped"})
                 rows.append(day_row(root, day))
                 continue
             rows.append(run_day(cfg, root, day, stages=stages, beam_args=beam_args, options=options,
@@ -144,8 +148,8 @@ def run_day(cfg: Config, root: Path, day: dt.date, *, stages: Sequence[str], bea
     upsert(root, day, {cat.STATUS: cat.RUNNING, "attempt": (previous or {}).get("attempt", 0) + 1,
                        "started_at": started, "finished_at": None, "error": None, "stages": ",".join(stages),
                        "models_from": str(models) if models else None, "config_hash": day_cfg.digest()})
-    log(f"{day}: started ({', '.join(stages)}{'; models from ' + str(models) if models else ''})", day=str(day),
-        event="day_started")
+    logger.info(f"{day}: started ({', '.join(stages)}{'; models from ' + str(models) if models else ''})",
+                extra={"day": str(day), "event": "day_started"})
     try:
         freeze_config(work, day_cfg)
         to_run = list(stages)
@@ -162,26 +166,26 @@ def run_day(cfg: Config, root: Path, day: dt.date, *, stages: Sequence[str], bea
     except BaseException as e:
         upsert(root, day, {cat.STATUS: cat.FAILED, "finished_at": dt.datetime.now(dt.UTC),
                            "error": f"{type(e).__name__}: {e}"[:2000]})
-        log(f"{day}: failed: {type(e).__name__}: {e}", level="error", day=str(day), event="day_failed")
+        logger.error(f"{day}: failed: {type(e).__name__}: {e}", extra={"day": str(day), "event": "day_failed"})
         raise
     row = upsert(root, day, {cat.STATUS: cat.OK, "finished_at": dt.datetime.now(dt.UTC),
                              "final": dt.datetime.now(dt.UTC) >= DayWindow(day, cfg.ingest.late_window).late_end,
                              **headline(manifest)})
-    log(f"{day}: ok, {row['units'] or 0:,} units, {row['observed'] or 0:,} observed", day=str(day),
-        event="day_done", units=row["units"], observed=row["observed"])
+    logger.info(f"{day}: ok, {row['units'] or 0:,} units, {row['observed'] or 0:,} observed",
+                extra={"day": str(day), "event": "day_done", "units": row["units"], "observed": row["observed"]})
     return row
 
 
 def _reuse_models(work: RunDir, cfg: Config, models: Path) -> None:
     """Copy fitted models into the day's run directory and record them as its fit stage."""
-    def reuse() -> dict[str, Any]:
+    def reuse() -> ReusedModels:
         shutil.copytree(models, work.path(rd.MODELS))
         files = sorted(p for p in work.path(rd.MODELS).iterdir() if p.is_file())
-        return {"inputs": describe_inputs(sorted(p for p in models.iterdir() if p.is_file())),
-                "outputs": [str(work.path(rd.MODELS))], "reused_from": str(models),
-                "counts": {"files": len(files)}, "diagnostics": {}}
+        return ReusedModels(inputs=describe_inputs(sorted(p for p in models.iterdir() if p.is_file())),
+                            outputs=[str(work.path(rd.MODELS))], reused_from=str(models),
+                            counts=ReusedModelsCounts(files=len(files)), diagnostics={})
 
-    log(f"fit: reusing the models in {models}", stage="fit", event="models_reused")
+    logger.info(f"fit: reusing the models in {models}", extra={"stage": "fit", "event": "models_reused"})
     record_stage(work, "fit", cfg.digest(), reuse, consumes=())      # fitted elsewhere: nothing of this day
 
 
@@ -209,24 +213,22 @@ def publish(work: RunDir, root: Path, day: dt.date) -> None:
 
 
 def headline(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The catalogue's figures for a day, from its manifest (None where a stage did not run)."""
-    stages = manifest.get("stages", {})
-    ingest, score = stages.get("ingest", {}), stages.get("score", {})
-    counts = ingest.get("counts", {})
-    diag = score.get("diagnostics", {})
-    drift = diag.get("drift") or {}
+    """The catalogue's figures for a day, from the typed results its manifest recorded (None where a stage did
+    not run)."""
+    ingest, score = stage_result(manifest, INGEST), stage_result(manifest, SCORE)
+    drift = (score.diagnostics.drift if score else None) or DriftSummary()
     return {
-        "units": counts.get("impressions", {}).get("rows_ok"),
-        "signals_ok": counts.get("signals", {}).get("rows_ok"),
-        "quarantined": sum(c.get("rows_quarantined", 0) for c in counts.values()) if counts else None,
-        "observed": ingest.get("diagnostics", {}).get("observed"),
-        "label_rate": ingest.get("diagnostics", {}).get("mean_label_observed"),
-        "pointwise_rows": score.get("counts", {}).get("pointwise"),
-        "pairwise_rows": score.get("counts", {}).get("pairs"),
-        "ess_share": diag.get("weight_ips", {}).get("ess_share"),
-        "propensity_psi": drift.get("propensity_psi"),
-        "label_rate_shift": drift.get("label_rate_shift"),
-        "signal_mix_shift": drift.get("signal_mix_shift"),
+        "units": ingest.counts["impressions"].rows_ok if ingest else None,
+        "signals_ok": ingest.counts["signals"].rows_ok if ingest else None,
+        "quarantined": ingest.quarantined if ingest else None,
+        "observed": ingest.diagnostics.observed if ingest else None,
+        "label_rate": ingest.diagnostics.mean_label_observed if ingest else None,
+        "pointwise_rows": score.counts.pointwise if score else None,
+        "pairwise_rows": score.counts.pairs if score else None,
+        "ess_share": score.diagnostics.ess_share if score else None,
+        "propensity_psi": drift.propensity_psi,
+        "label_rate_shift": drift.label_rate_shift,
+        "signal_mix_shift": drift.signal_mix_shift,
     }
 
 
@@ -255,7 +257,7 @@ def fit_window(root: Path, first: dt.date, last: dt.date, beam_args: Sequence[st
             for f in parquet_files(partition(root, rd.UNITS, d)):
                 _link_or_copy(f, dest / f.name)
         freeze_config(run, cfg)
-        log(f"fit: {len(days)} days ({days[0]}..{days[-1]}) into {target}", event="fit_window")
+        logger.info(f"fit: {len(days)} days ({days[0]}..{days[-1]}) into {target}", extra={"event": "fit_window"})
         run_stages(run, cfg, ["fit"], beam_args)
     return target
 

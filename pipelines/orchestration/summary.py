@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
 from schemas import run_dir as rd
+from schemas import stages
+from schemas.errors import InputError
 from schemas.manifest import read_manifest, stale_stages
 from schemas.run_dir import RunDir
+from schemas.stages import FitResult, stage_record, stage_result
+
+logger = logging.getLogger(__name__)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -22,34 +28,39 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def run_summary_lines(run: RunDir) -> list[str]:
     m = read_manifest(run)
-    st = m.get("stages", {})
     lines = [f"run {m.get('run_id')} at {run.root}"]
-    if "ingest" in st and st["ingest"].get("status") == "ok":
+    ingest = stage_result(m, stages.INGEST)
+    if ingest is not None:
         lines.append(f"{'table':<12}{'rows in':>10}{'ok':>10}{'quarantined':>13}{'duplicate':>11}")
-        for table, c in st["ingest"]["counts"].items():
-            lines.append(f"{table:<12}{c['rows_in']:>10}{c['rows_ok']:>10}{c['rows_quarantined']:>13}"
-                         f"{c['rows_duplicate']:>11}")
-        d = st["ingest"]["diagnostics"]
-        lines.append(f"units {d['units']}, observed {d['observed']} ({d['observed_rate']:.1%})")
-    if "fit" in st and st["fit"].get("status") == "ok":
-        p = st["fit"]["diagnostics"]["propensity"]
-        lines.append(f"propensity (out-of-fold): AUC {_fmt(p['auc'])}, ECE {_fmt(p['ece'], 4)}, "
-                     f"range [{_fmt(p['distribution']['min'])}, {_fmt(p['distribution']['max'])}]")
-    if "score" in st and st["score"].get("status") == "ok":
-        d = st["score"]["diagnostics"]
-        w = d["weight_clipped"]
-        lines.append(f"weights: ESS {w['ess']:.0f} of {d['n_observed']} observed ({w['ess_share']:.1%}), "
-                     f"{d['clipped']} clipped at {d['clip']}, top 1% carry {w['top1pct_share']:.1%}")
-        lines.append(f"pairs: {st['score']['counts']['pairs']}")
-    if "train" in st and st["train"].get("status") == "ok":
-        for loss, d in st["train"]["diagnostics"].items():
-            lines.append(f"reward model [{loss}]: val loss {_fmt(d.get('val_loss'), 4)}, "
-                         f"best epoch {d.get('best_epoch')}")
+        for table, c in ingest.counts.items():
+            lines.append(f"{table:<12}{c.rows_in:>10}{c.rows_ok:>10}{c.rows_quarantined:>13}{c.rows_duplicate:>11}")
+        d = ingest.diagnostics
+        lines.append(f"units {d.units}, observed {d.observed} ({d.observed_rate:.1%})")
+    fit = stage_result(m, stages.FIT)
+    if isinstance(fit, FitResult):
+        p = fit.diagnostics.propensity
+        lines.append(f"propensity (out-of-fold): AUC {_fmt(p.auc)}, ECE {_fmt(p.ece, 4)}, "
+                     f"range [{_fmt(p.distribution.get('min'))}, {_fmt(p.distribution.get('max'))}]")
+    score = stage_result(m, stages.SCORE)
+    if score is not None:
+        d = score.diagnostics
+        w = d.weight_clipped
+        lines.append(f"weights: ESS {w.ess:.0f} of {d.n_observed} observed ({d.ess_share:.1%}), "
+                     f"{d.clipped} clipped at {d.clip}, top 1% carry {_fmt_share(w.top1pct_share)}")
+        lines.append(f"pairs: {score.counts.pairs}")
+    train = stage_result(m, stages.TRAIN)
+    if train is not None:
+        for loss, d in train.diagnostics.items():
+            lines.append(f"reward model [{loss}]: val loss {_fmt(d.val_loss, 4)}, best epoch {d.best_epoch}")
     lines.append("outputs: " + ", ".join(str(run.path(n)) for n in (rd.UNITS, rd.QUARANTINE, rd.POINTWISE,
                                                                       rd.PAIRWISE, rd.REWARD_MODEL)))
     lines.append(f"report: {run.path(rd.REPORT) / rd.REPORT_PAGE}")
     lines.append(f"complete: {'yes' if run.path(rd.SUCCESS).exists() else 'no (_SUCCESS missing)'}")
     return lines
+
+
+def _fmt_share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def print_run_summary(run: RunDir) -> None:
@@ -80,9 +91,7 @@ def _settings(run: RunDir) -> dict[str, str] | None:
         cfg = load_config(run.config_path)
     except (ConfigError, OSError):
         return None
-    from pipelines.orchestration.registry import STAGES
-
-    return {s: cfg.stage_digest(s) for s in STAGES}
+    return {s: cfg.stage_digest(s) for s in stages.STAGES}
 
 
 def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
@@ -91,20 +100,19 @@ def run_status(run: RunDir, manifest: dict[str, Any]) -> str:
     ``incomplete (<stages done>)``."""
     if run.path(rd.SUCCESS).exists():
         return "complete"
-    from pipelines.orchestration.registry import STAGES
-
     recorded = manifest.get("stages", {})
-    stages = {name: recorded[name] for name in (*STAGES, *sorted(set(recorded) - set(STAGES))) if name in recorded}
-    for name, e in stages.items():
-        if e.get("status") == "running":
-            return f"running: {name}" if _alive(e.get("pid"), e.get("host")) else f"killed: {name}"
-    failed = [name for name, e in stages.items() if e.get("status") == "failed"]
+    order = (*stages.STAGES, *sorted(set(recorded) - set(stages.STAGES)))
+    entries = {name: e for name in order if (e := stage_record(manifest, name)) is not None}
+    for name, e in entries.items():
+        if e.status == "running":
+            return f"running: {name}" if _alive(e.pid, e.host) else f"killed: {name}"
+    failed = [name for name, e in entries.items() if e.status == "failed"]
     if failed:
         return f"failed: {failed[0]}"
-    stale = stale_stages(manifest, STAGES, _settings(run))
+    stale = stale_stages(manifest, stages.STAGES, _settings(run))
     if stale:
         return f"stale: {','.join(stale)}"
-    done = [name for name, e in stages.items() if e.get("status") == "ok"]
+    done = [name for name, e in entries.items() if e.status == "ok"]
     return f"incomplete ({','.join(done) or 'nothing done'})"
 
 
@@ -119,15 +127,17 @@ def runs_table(root: Path) -> list[str]:
     lines = [header]
     for run in runs:
         m = read_manifest(run)
-        st = m.get("stages", {})
-        ing = st.get("ingest", {}).get("diagnostics", {})
-        auc = st.get("fit", {}).get("diagnostics", {}).get("propensity", {}).get("auc")
-        ess = st.get("score", {}).get("diagnostics", {}).get("weight_clipped", {}).get("ess_share")
-        pairs = st.get("score", {}).get("counts", {}).get("pairs")
-        last = max((e.get("started_at", "") for e in st.values()), default="")
+        try:
+            ingest, fit, score = (stage_result(m, spec) for spec in (stages.INGEST, stages.FIT, stages.SCORE))
+        except InputError as e:                         # one unreadable record: that run's figures only are n/a
+            logger.warning("%s: %s", run.root, e)
+            ingest = fit = score = None
+        auc = fit.diagnostics.propensity.auc if isinstance(fit, FitResult) else None
+        last = max((e.started_at for name in m.get("stages", {}) if (e := stage_record(m, name))), default="")
         lines.append(f"{str(m.get('run_id', run.root.name))[:23]:<24}{run_status(run, m)[:35]:<36}{last:<22}"
-                     f"{_fmt(ing.get('units')):>9}{_fmt(ing.get('observed_rate'), 3):>10}{_fmt(auc):>7}"
-                     f"{_fmt(ess, 2):>7}{_fmt(pairs):>8}")
+                     f"{_fmt(ingest and ingest.diagnostics.units):>9}"
+                     f"{_fmt(ingest and ingest.diagnostics.observed_rate, 3):>10}{_fmt(auc):>7}"
+                     f"{_fmt(score and score.diagnostics.ess_share, 2):>7}{_fmt(score and score.counts.pairs):>8}")
     if not runs:
         lines.append(f"(no runs under {root})")
     return lines

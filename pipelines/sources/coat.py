@@ -1,4 +1,4 @@
-"""`obsfeed import coat SRC OUT`: the Coat shopping ratings (Schnabel et al. 2016) as feedback logs (DESIGN §7).
+"""`obsfeed import coat SRC OUT`: the Coat shopping ratings (Schnabel et al. 2016) as feedback logs (docs/data.md).
 
 Coat is the standard MNAR benchmark: 290 users rated 24 coats each that they chose themselves (train.ascii,
 missing not at random), and 16 coats each assigned uniformly at random (test.ascii, the unbiased test set).
@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.sources import public_data
 from pipelines.sources.simulator import write_signals
 from schemas import impressions as imp
 from schemas import signals as sig
@@ -132,7 +133,8 @@ def import_coat(src: Path | str, out: Path | str) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help="the Coat folder (e.g. ../shared/data/coat)")
+    parser.add_argument("src", type=Path, help=f"the Coat folder, $OBSFEED_DATA/coat (now {public_data('coat')}; "
+                        "docs/data.md)")
     parser.add_argument("out", type=Path, help="output folder (impressions/, signals.jsonl.gz, test.parquet)")
 
 

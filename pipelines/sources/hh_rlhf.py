@@ -1,4 +1,4 @@
-"""`obsfeed import hh-rlhf SRC OUT`: Anthropic HH-RLHF preference pairs as semi-synthetic feedback logs (DESIGN §7).
+"""`obsfeed import hh-rlhf SRC OUT`: Anthropic HH-RLHF preference pairs as semi-synthetic feedback logs (docs/data.md).
 
 Each pair becomes one prompt (the dialogue up to its final Assistant turn) with two responses, the final
 Assistant turns: chosen (r* = 1) and rejected (r* = 0). What users *would* have logged is then simulated as in
@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.sources import public_data
 from pipelines.sources.simulator import write_signals
 from schemas import impressions as imp
 from schemas import signals as sig
@@ -46,7 +47,7 @@ _START = np.datetime64("2026-11-01T00:00:00", "us")
 
 @dataclass(frozen=True)
 class HHSettings:
-    """The simulated feedback on top of the real pairs; defaults follow issue 8 and DESIGN §7."""
+    """The simulated feedback on top of the real pairs; defaults follow issue 8 and docs/evaluation.md."""
 
     seed: int = 0
     alpha: float = 0.5
@@ -191,7 +192,8 @@ def import_hh_rlhf(src: Path | str, out: Path | str, settings: HHSettings = HHSe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help=f"folder with {SOURCE_FILE} (e.g. ../shared/data/hh-rlhf) or the file")
+    parser.add_argument("src", type=Path, help=f"folder with {SOURCE_FILE}, $OBSFEED_DATA/hh-rlhf (now "
+                        f"{public_data('hh-rlhf')}; docs/data.md), or the file")
     parser.add_argument("out", type=Path, help="output folder (impressions/, signals.jsonl.gz, truth.parquet, ...)")
     defaults = HHSettings()
     for name in ("seed", "alpha", "rho01", "rho10", "length_selection", "gold_share", "test_share"):

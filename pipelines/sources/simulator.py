@@ -1,4 +1,4 @@
-"""`obsfeed simulate`: raw logs with known ground truth (DESIGN §7).
+"""`obsfeed simulate`: raw logs with known ground truth (docs/evaluation.md#simulator).
 
 The world it simulates, per impression x (a response to a prompt, shown to a user):
 

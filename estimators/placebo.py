@@ -1,4 +1,4 @@
-"""`obsfeed evaluate RUN --placebo`: refit on the run's units with the causal signal destroyed on purpose.
+"""The placebo check: refit on the units with the causal signal destroyed on purpose.
 
 Two placebos, each randomised within the strata of the categorical features (``fit.categorical``) with
 ``fit.seed``, on the fit stage's sample and with its model builders:
@@ -11,40 +11,39 @@ Two placebos, each randomised within the strata of the categorical features (``f
   correct, so the difference should be 0 within its CI.
 
 An effect or difference away from 0 here is produced by the method (leaks, overfitted nuisances, controls that
-encode the treatment), not by the data. Reported, not gated; needs no ground truth.
+encode the treatment), not by the data. Reported, not gated; needs no ground truth. The run directory is read
+by ``obsfeed evaluate --placebo`` (``pipelines.evaluate``), which hands the units and the fitted floor here.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from scipy import stats
 
 from estimators import nuisance
 from estimators import weights as W
-from estimators.confounding import SENSITIVITY_ALPHA, ConfounderEffect, confounder_controls, saved_effects
+from estimators.confounding import SENSITIVITY_ALPHA, ConfounderEffect, confounder_controls
 from estimators.crossfit import crossfit
 from estimators.diagnostics import auc
-from estimators.features import structured_columns, treatment_values
+from estimators.features import design, structured_columns, treatment_values
 from estimators.propensity import logged_propensity
+from estimators.sampling import stratified_sample
 from estimators.sensitivity import permute_within_strata, strata_codes, stratified_flag, weighted_minus_naive
-from pipelines.fit import stratified_sample
-from schemas import run_dir as rd
 from schemas import units as un
-from schemas.config import Config
+from schemas.config import FitConfig, WeightsConfig
 from schemas.hashing import fold_of
-from schemas.run_dir import RunDir
-from schemas.storage import read_dataset
-from transforms.score import design
 
 
-def placebo_check(run: RunDir, cfg: Config) -> dict[str, Any]:
-    """Both placebos on the run's fit sample (see the module docstring); each part that cannot be fitted on
-    these units records why instead of failing the command."""
-    fc = cfg.fit
-    units = read_dataset(run.path(rd.UNITS))
+def placebo_check(units: pa.Table, fc: FitConfig, weighting: WeightsConfig, *, clip: float | None = None,
+                  fitted_effects: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Both placebos on the fit sample of ``units`` (see the module docstring). ``clip``: the floor the fit stage
+    chose (``weights.json``); None (not fitted yet) chooses one as ``weighting`` asks, without fit's gates.
+    ``fitted_effects``: the fit stage's confounder effects, shown beside the placebo's. Each part that cannot be
+    fitted on these units records why instead of failing the command."""
     ids = units[un.IMPRESSION_ID].to_numpy(zero_copy_only=False)
     sample = units.take(stratified_sample(ids, units[un.OBSERVED].to_numpy(), fc.max_rows))
     o = sample[un.OBSERVED].to_numpy().astype(int)
@@ -58,15 +57,13 @@ def placebo_check(run: RunDir, cfg: Config) -> dict[str, Any]:
     present = [c for c in fc.categorical if c in sample.column_names]
     strata = strata_codes([sample[c].to_numpy(zero_copy_only=False) for c in present], sample.num_rows)
     rng = np.random.default_rng(fc.seed)
-    saved_clip = _saved_clip(run)
-    fitted = {e["treatment"]: e for e in _saved_effects(run)}
+    fitted = {e["treatment"]: e for e in fitted_effects}
 
     weights = None
     if fc.confounder_weighting == "ipw" and fc.confounders:      # the confounder fit's weights, as fit builds them
         p = (logged_propensity(sample[fc.propensity_column].to_numpy(zero_copy_only=False), fc.propensity_column)
              if fc.propensity_column else crossfit(nuisance.propensity_model(fc, structured), X, o, fold)[0])
-        clip = saved_clip if saved_clip is not None else _clip(o, p, cfg)
-        weights = W.clipped(o.astype(float), p, clip)
+        weights = W.clipped(o.astype(float), p, clip if clip is not None else W.configured_clip(o, p, weighting))
     effects = []
     for name in fc.confounders:
         t = treatment_values(frame, name)
@@ -88,13 +85,13 @@ def placebo_check(run: RunDir, cfg: Config) -> dict[str, Any]:
     return {"seed": fc.seed, "strata": present, "n_strata": int(np.unique(strata).size),
             "sample": int(sample.num_rows), "observed": int(obs.sum()), "confounders": effects,
             "selection": _placebo_selection(X[obs], y[obs], strata[obs], fold[obs], float(o.mean()), structured,
-                                            saved_clip, cfg, rng)}
+                                            clip, fc, weighting, rng)}
 
 
-def _placebo_selection(X, y: np.ndarray, strata: np.ndarray, fold: np.ndarray, share: float,
-                       structured, clip: float | None, cfg: Config, rng: np.random.Generator) -> dict[str, Any]:
+def _placebo_selection(X, y: np.ndarray, strata: np.ndarray, fold: np.ndarray, share: float, structured,
+                       clip: float | None, fc: FitConfig, weighting: WeightsConfig, rng: np.random.Generator,
+                       ) -> dict[str, Any]:
     """The placebo selection on the observed units: flag, refitted propensity, weighted − naive mean label."""
-    fc = cfg.fit
     out: dict[str, Any] = {"share": share}
     try:
         s = stratified_flag(strata, share, rng)
@@ -102,7 +99,9 @@ def _placebo_selection(X, y: np.ndarray, strata: np.ndarray, fold: np.ndarray, s
             raise ValueError(f"a placebo selection of {int(s.sum())} of {s.size} observed units is too small to fit "
                              f"a propensity on ({fc.folds} folds)")
         p = crossfit(nuisance.propensity_model(fc, structured), X, s, fold)[0]
-        clip = clip if clip is not None else _clip(s, p, cfg)
+        # Without a fitted floor: the one fit would choose, without its gates (degenerate propensities, the
+        # monotone map's needs): a placebo is reported, never a reason to stop.
+        clip = clip if clip is not None else W.configured_clip(s, p, weighting)
         w = W.clipped(s.astype(float), p, clip)
         sel = s == 1
         d = weighted_minus_naive(y[sel], w[sel])
@@ -110,42 +109,3 @@ def _placebo_selection(X, y: np.ndarray, strata: np.ndarray, fold: np.ndarray, s
         return {**out, "error": str(e)}
     return {**out, "n_selected": int(sel.sum()), "propensity_auc": auc(p, s), "clip": clip, **d,
             "zero_inside": d["ci_low"] <= 0 <= d["ci_high"]}
-
-
-def _clip(observed: np.ndarray, propensity: np.ndarray, cfg: Config) -> float:
-    """The propensity floor the fit stage would choose, without its gates (degenerate propensities, the monotone
-    map's needs): a placebo is reported, never a reason to stop."""
-    sc = cfg.score
-    if sc.clip == "auto":
-        return W.auto_clip(observed, propensity, sc.min_ess_share)
-    return 0.0 if sc.clip == "none" else float(sc.clip)
-
-
-def _saved_clip(run: RunDir) -> float | None:
-    """The propensity floor the fit stage chose (None for a run not fitted yet)."""
-    path = run.path(rd.WEIGHTS_FILE)
-    return float(json.loads(path.read_text())["clip"]) if path.exists() else None
-
-
-def _saved_effects(run: RunDir) -> list[dict[str, Any]]:
-    path = run.path(rd.MODELS) / rd.CONFOUNDING
-    return saved_effects(json.loads(path.read_text())) if path.exists() else []
-
-
-def print_placebo(p: dict[str, Any]) -> None:
-    print(f"placebo check (seed {p['seed']}, randomised within {p['n_strata']} strata of "
-          f"{', '.join(p['strata']) or 'no categorical feature'}; should be 0 within noise)")
-    for c in p["confounders"]:
-        if "error" in c:
-            print(f"  shuffled {c['treatment']}: not fitted ({c['error']})")
-            continue
-        fitted = f" (fitted effect {c['fitted_effect']:.4f})" if "fitted_effect" in c else ""
-        print(f"  shuffled {c['treatment']} ({c['model']}): effect {c['effect']:.4f} [{c['ci_low']:.4f}, "
-              f"{c['ci_high']:.4f}], 0 {'inside' if c['zero_inside'] else 'OUTSIDE'} the CI{fitted}")
-    s = p["selection"]
-    if "error" in s:
-        print(f"  placebo selection: not fitted ({s['error']})")
-    else:
-        print(f"  placebo selection ({s['n_selected']} of {p['observed']} observed units, propensity AUC "
-              f"{s['propensity_auc']:.3f}): weighted − naive mean label {s['difference']:+.4f} "
-              f"[{s['ci_low']:+.4f}, {s['ci_high']:+.4f}], 0 {'inside' if s['zero_inside'] else 'OUTSIDE'} the CI")
