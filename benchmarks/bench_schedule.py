@@ -27,6 +27,7 @@ from pipelines.sources.simulator import Scenario, simulate, spread_over_days
 from schemas import impressions as imp
 from schemas import run_dir as rd
 from schemas import units as un
+from schemas.stages import INGEST, stage_result
 
 FIRST_DAY = dt.date(2026, 11, 1)
 CONFIG = """
@@ -92,8 +93,8 @@ def bench_schedule(n: int = 70_000, days: int = 7, late: int = 3) -> dict[str, A
         total = 0
         for d in range(days):
             manifest = (work / f"root-{layout}" / rd.DAYS / str(FIRST_DAY + dt.timedelta(days=d)) / rd.MANIFEST)
-            counts = json.loads(manifest.read_text())["stages"]["ingest"]["counts"]
-            total += sum(c["rows_in"] for c in counts.values())
+            ingest = stage_result(json.loads(manifest.read_text()), INGEST)
+            total += sum(c.rows_in for c in ingest.counts.values())
         rows_read[layout] = total
     input_rows = sum(pq.read_metadata(f).num_rows for f in (work / "glob").rglob("*.parquet"))
     shutil.rmtree(work, ignore_errors=True)

@@ -71,8 +71,9 @@ def bench_votes(n: int = 20_000, seeds: tuple[int, ...] = (0, 1, 2), raters: int
 
 def _observed(run: RunDir) -> int:
     from schemas.manifest import read_manifest
+    from schemas.stages import INGEST, stage_result
 
-    return int(read_manifest(run)["stages"]["ingest"]["diagnostics"]["observed"])
+    return stage_result(read_manifest(run), INGEST).diagnostics.observed
 
 
 def votes_table(result: dict[str, Any]) -> list[str]:

@@ -302,9 +302,10 @@ def _train_all(run: RunDir, cfg: Config, *, resume: bool) -> TrainResult:
     with contextlib.suppress(OSError):
         root.parent.rmdir()                                # RUN/checkpoints, if no other stage keeps state there
     counts = next((c.meta["counts"] for k, c in caches.items() if k != "pairs"), None)
-    return TrainResult(inputs=inputs, outputs=[str(run.path(rd.REWARD_MODEL))],
-                       counts=TrainCounts(rows=counts["rows_read"], observed=counts["observed"]) if counts else None,
-                       diagnostics=diagnostics)
+    result = TrainResult(inputs=inputs, outputs=[str(run.path(rd.REWARD_MODEL))], diagnostics=diagnostics)
+    if counts:                                             # bt alone reads no pointwise cache: no counts recorded
+        result.counts = TrainCounts(rows=counts["rows_read"], observed=counts["observed"])
+    return result
 
 
 def _truncation_note(cache: FeatureCache) -> str:

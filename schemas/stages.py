@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas import run_dir as rd
 from schemas.errors import InputError
@@ -182,9 +182,15 @@ class RewardModelFit(_Record):
 
 class TrainResult(StageResult):
     counts: TrainCounts | None = None
-    """None on a torchrun rank other than 0, which writes nothing."""
+    """None when no pointwise loss was trained (``bt`` alone), and on a torchrun rank other than 0, which writes
+    nothing; left out of the manifest then (older versions recorded ``{}``, read as None)."""
     diagnostics: dict[str, RewardModelFit] = Field(default_factory=dict)
     """Loss name → its fit (the main loss and each baseline)."""
+
+    @field_validator("counts", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == {} else value
 
 
 # --- report ---------------------------------------------------------------------------------------------------

@@ -115,3 +115,19 @@ def test_runs_lists_status_and_headline_figures(tmp_path: Path, capsys):
     assert lines[1].split()[:2] == ["2026-11-29", "complete"] and "0.754" in lines[1] and "321" in lines[1]
     assert "failed: fit" in lines[2] and "incomplete (ingest)" in lines[3]
     assert main(["runs", str(tmp_path / "missing")]) == 2
+
+
+def test_a_record_from_another_version_leaves_its_figures_out_not_the_listing(tmp_path: Path, capsys):
+    from pipelines.orchestration.summary import run_summary_lines
+    from schemas.run_dir import RunDir
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / rd.MANIFEST).write_text(json.dumps({"run_id": "old", "stages": {
+        "ingest": {"status": "ok", "started_at": "2026-11-30T01:00:00+00:00", "counts": {},
+                   "diagnostics": {"units": 5}}}}))
+    assert main(["runs", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].split()[:2] == ["old", "incomplete"] and "n/a" in out.splitlines()[1]
+    assert "the ingest stage's record is not a IngestResult" in err
+    assert not any(line.startswith("table") for line in run_summary_lines(RunDir(run)))

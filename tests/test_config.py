@@ -92,3 +92,8 @@ def test_each_stage_digest_counts_the_sections_it_reads():
     stale = {section: {s for s in ("ingest", "fit", "score", "train", "report")
                        if cfg.stage_digest(s) != base.stage_digest(s)} for section, cfg in changed.items()}
     assert stale == {"weights": {"fit", "score"}, "score": {"score"}, "fit": {"fit", "score"}}
+
+
+def test_an_old_config_with_both_names_of_the_ess_floor_is_refused():
+    with pytest.raises(ConfigError, match="score.ess_floor is the old name of score.ips_min_ess_share"):
+        parse_config(MINIMAL + "[score]\ness_floor = 0.05\nips_min_ess_share = 0.03\n", path="cfg.toml")

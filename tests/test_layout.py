@@ -33,17 +33,24 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def imports(path: Path) -> set[str]:
+def imports(path: Path, package: str = "") -> set[str]:
     """Every module ``path`` imports, at the top or inside a function (``from a import b`` counts as ``a.b`` too:
-    ``b`` may be a module)."""
+    ``b`` may be a module); a relative import is resolved against ``package``, the module's package."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.update([module] if module else [])
+            found.update(f"{module}.{alias.name}" if module else alias.name for alias in node.names)
     return found
+
+
+def _imports_of(module: str) -> set[str]:
+    path = MODULES[module]
+    return imports(path, module if path.name == "__init__.py" else module.rpartition(".")[0])
 
 
 def _ours(name: str) -> str | None:
@@ -65,7 +72,7 @@ def test_the_layout_is_what_the_test_reads():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_one_way(module):
     layer = LAYERS.index(module.split(".")[0])
-    upward = sorted({n for n in imports(MODULES[module]) if n.split(".")[0] in OURS
+    upward = sorted({n for n in _imports_of(module) if n.split(".")[0] in OURS
                      and (n.split(".")[0] not in LAYERS or LAYERS.index(n.split(".")[0]) > layer)})
     assert not upward, f"{module} imports {upward}: imports point pipelines → transforms → estimators → schemas"
 
@@ -73,7 +80,7 @@ def test_imports_point_one_way(module):
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("pipelines")
                                          and not m.startswith(("pipelines.orchestration", "pipelines.sources"))))
 def test_no_stage_imports_another_stage_or_what_runs_it(module):
-    used = {_ours(n) for n in imports(MODULES[module])} - {None, module}
+    used = {_ours(n) for n in _imports_of(module)} - {None, module}
     wrong = sorted(m for m in used if m in STAGE_MODULES or m.startswith(("pipelines.orchestration",
                                                                             "pipelines.sources")))
     assert not wrong, f"{module} imports {wrong}: stages meet only in the run directory"
@@ -81,14 +88,14 @@ def test_no_stage_imports_another_stage_or_what_runs_it(module):
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("pipelines.sources")))
 def test_data_sources_import_no_stage(module):
-    used = {_ours(n) for n in imports(MODULES[module])} - {None}
+    used = {_ours(n) for n in _imports_of(module)} - {None}
     wrong = sorted(m for m in used if m in STAGE_MODULES or m.startswith("pipelines.orchestration"))
     assert not wrong, f"{module} imports {wrong}: a data source writes raw logs; it runs no stage"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(("estimators", "schemas"))))
 def test_estimators_and_schemas_are_free_of_beam(module):
-    beam = sorted(n for n in imports(MODULES[module]) if n.split(".")[0] == "apache_beam")
+    beam = sorted(n for n in _imports_of(module) if n.split(".")[0] == "apache_beam")
     assert not beam, f"{module} imports {beam}: Beam belongs in transforms/ and the Beam stages"
 
 
@@ -109,3 +116,5 @@ def test_the_check_catches_an_upward_import(tmp_path):
     module.write_text("def f():\n    from transforms.read import ReadParts\n    import apache_beam as beam\n")
     assert {"transforms.read", "transforms.read.ReadParts", "apache_beam"} <= imports(module)
     assert _ours("transforms.read.ReadParts") == "transforms.read"
+    module.write_text("from .fit import execute\nfrom .. import transforms\n")          # relative, from pipelines.x
+    assert {"pipelines.fit", "pipelines.fit.execute", "transforms"} <= imports(module, "pipelines")

@@ -6,7 +6,8 @@ place that decides the output: ``[obsfeed HH:MM:SS] message`` lines for people (
 object per line for a scheduler (``JsonFormatter``: ts, level, logger, msg and the record's fields). Every stderr
 line in JSON mode is then a JSON object: obsfeed's records, the libraries' records and Python warnings (captured
 into the ``py.warnings`` logger) all pass through the same handler, and progress bars
-(``estimators.progress``) are off.
+(``estimators.progress``) are off. What bypasses logging and writes to the stderr file itself (a native
+library's message, torchrun's launcher) is not converted: obsfeed itself writes nothing that way.
 """
 
 from __future__ import annotations

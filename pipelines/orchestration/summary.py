@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from schemas import stages
 from schemas.errors import InputError
 from schemas.manifest import read_manifest, stale_stages
 from schemas.run_dir import RunDir
-from schemas.stages import FitResult, stage_record, stage_result
+from schemas.stages import FitResult, StageSpec, stage_record, stage_result
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def run_summary_lines(run: RunDir) -> list[str]:
     m = read_manifest(run)
+    stage_result = _readable(run)
     lines = [f"run {m.get('run_id')} at {run.root}"]
     ingest = stage_result(m, stages.INGEST)
     if ingest is not None:
@@ -57,6 +59,18 @@ def run_summary_lines(run: RunDir) -> list[str]:
     lines.append(f"report: {run.path(rd.REPORT) / rd.REPORT_PAGE}")
     lines.append(f"complete: {'yes' if run.path(rd.SUCCESS).exists() else 'no (_SUCCESS missing)'}")
     return lines
+
+
+def _readable(run: RunDir) -> Callable[[dict[str, Any], StageSpec], Any]:
+    """``stage_result`` for the summary: a record another version wrote is left out (with a warning), not the
+    end of the command whose work is already done."""
+    def read(manifest: dict[str, Any], spec: StageSpec) -> Any:
+        try:
+            return stage_result(manifest, spec)
+        except InputError as e:
+            logger.warning("%s: %s", run.root, e)
+            return None
+    return read
 
 
 def _fmt_share(x: float | None) -> str:

@@ -67,6 +67,10 @@ class Config(Section):
             return data
         score = dict(data["score"])
         old = [k for k in score if k in MOVED_TO_WEIGHTS or k in RENAMED]
+        twice = [k for k in old if k in RENAMED and RENAMED[k] in old]
+        if twice:
+            raise ValueError(f"score.{twice[0]} is the old name of score.{RENAMED[twice[0]]} (now "
+                             f"weights.{RENAMED[twice[0]]}): give only the latter")
         moved = {RENAMED.get(k, k): score.pop(k) for k in old}
         if not moved:
             return data
