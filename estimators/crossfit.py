@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import clone
+from sklearn.utils.parallel import Parallel, delayed
 
 
 def _rows(X, mask: np.ndarray):
@@ -24,19 +25,26 @@ def check_folds(fold: np.ndarray) -> np.ndarray:
     return ks
 
 
+def _fit_fold(model, X, y: np.ndarray):
+    return clone(model).fit(X, y)
+
+
 def crossfit(model, X, y: np.ndarray, fold: np.ndarray, *,
-             fit_mask: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+             fit_mask: np.ndarray | None = None, n_jobs: int = 1) -> tuple[np.ndarray, list]:
     """Out-of-fold predictions: row i is scored by a clone fitted without fold[i].
 
     ``fit_mask`` restricts which rows a fold model is trained on (e.g. observed units for the imputation
-    model) while every row is still scored, by the model of its own fold.
+    model) while every row is still scored, by the model of its own fold. ``n_jobs`` fits the folds in that
+    many processes (joblib): each fold's model is the same as in one process, since a fold depends only on its
+    rows and the model's own seed.
     """
     ks = check_folds(fold)
     fit_mask = np.ones(len(y), bool) if fit_mask is None else fit_mask
-    models = []
-    for k in ks:
-        train = (fold != k) & fit_mask
-        models.append(clone(model).fit(_rows(X, train), y[train]))
+    trains = [(fold != k) & fit_mask for k in ks]
+    if n_jobs == 1:
+        models = [_fit_fold(model, _rows(X, t), y[t]) for t in trains]
+    else:
+        models = Parallel(n_jobs=n_jobs)(delayed(_fit_fold)(model, _rows(X, t), y[t]) for t in trains)
     oof = np.full(len(y), np.nan)
     for k, m in zip(ks, models, strict=True):
         rows = fold == k

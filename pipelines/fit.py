@@ -173,16 +173,18 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResul
         except ValueError as e:
             raise GateError(f"fit: {e}") from e
     else:
-        p_oof, p_models = crossfit(nuisance.propensity_model(fc, structured), X, o, fold)
+        p_oof, p_models = crossfit(nuisance.propensity_model(fc, structured), X, o, fold, n_jobs=fc.n_jobs)
     overlap, no_overlap = positivity_check(frame, o, p_oof, fc)   # before the other models: "fail" need not wait
     y = np.nan_to_num(label.astype(float))
-    m_oof, m_models = crossfit(nuisance.imputation_model(fc, structured), X, y, fold, fit_mask=o == 1)
+    m_oof, m_models = crossfit(nuisance.imputation_model(fc, structured), X, y, fold, fit_mask=o == 1,
+                              n_jobs=fc.n_jobs)
 
     obs = o == 1
     gold = sample[un.LABEL_GOLD].to_numpy(zero_copy_only=False).astype(float) \
         if un.LABEL_GOLD in sample.column_names else np.full(len(o), np.nan)
     proxy_oof = m_oof if fc.noise_proxy == fc.imputation_model else crossfit(
-        nuisance.imputation_model(fc, structured, model=fc.noise_proxy), X, y, fold, fit_mask=obs)[0]
+        nuisance.imputation_model(fc, structured, model=fc.noise_proxy), X, y, fold, fit_mask=obs,
+        n_jobs=fc.n_jobs)[0]
     flips, noise_diag = noise_model(proxy_oof, y, gold, obs, fc)
     if warning := unidentified_warning(flips):
         logger.warning(f"fit: {warning}", extra={"event": "flip_rates_not_identified"})

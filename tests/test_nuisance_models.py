@@ -243,3 +243,17 @@ def test_boosted_imputation_keeps_a_soft_labels_two_copies_in_one_inner_fold(mon
     assert groups is not None and np.bincount(groups).max() == 2        # the 0.7 rows, twice each
     ImputationModel(model="boosted", passthrough=[30]).fit(X, y)
     assert seen[-1] is None                                              # binary labels: one copy per unit
+
+
+def test_folds_fitted_in_two_processes_are_the_folds_fitted_in_one():
+    """fit.n_jobs only changes where the folds are fitted: the out-of-fold scores and the models are the same."""
+    rng = np.random.default_rng(3)
+    X = sp.random(600, 40, density=0.2, format="csr", random_state=3)
+    o = (rng.random(600) < 1 / (1 + np.exp(-X @ rng.normal(size=40)))).astype(int)
+    fold = np.arange(600) % 3
+    model = PropensityModel(calibration="sigmoid")
+    one, models_one = crossfit(model, X, o, fold)
+    two, models_two = crossfit(model, X, o, fold, n_jobs=2)
+    np.testing.assert_array_equal(one, two)
+    for a, b in zip(models_one, models_two, strict=True):
+        np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))

@@ -75,6 +75,9 @@ class FitConfig(Section):
         "beside its robustness values")
     folds: int = Field(5, ge=2, le=20)
     max_rows: int = Field(200_000, ge=100)
+    n_jobs: int = Field(1, ge=-1, description="processes that fit the cross-fitting folds at once (joblib; -1: one "
+                        "per core). The fitted models and every figure are the same for any value: each fold depends "
+                        "only on its rows and the seed")
     positivity: Literal["warn", "exclude", "fail"] = Field(
         "warn", description="what happens to units where overlap fails (a value of a fit.categorical column with "
         "fewer than min_stratum_observed observed units, or most of its propensities below positivity_floor; "
