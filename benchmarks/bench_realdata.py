@@ -44,13 +44,19 @@ import pyarrow.parquet as pq
 from benchmarks.bench_estimators import CACHE
 from benchmarks.bench_trainer import mean_sd, minilm_folder
 from estimators.diagnostics import expected_calibration_error, ndcg_at_k
-from estimators.reward.model import load_reward_model, model_record, predict_logits, score
+from estimators.reward.model import (
+    load_reward_model,
+    load_reward_models,
+    model_record,
+    predict_logits,
+    reward_model_dirs,
+    score,
+)
 from estimators.reward.trainer import fit_reward_model
 from pipelines.orchestration.cli import main as cli
 from pipelines.sources import public_data
 from pipelines.sources.coat import LOGGED_PROPENSITY, import_coat
 from pipelines.sources.hh_rlhf import HHSettings, import_hh_rlhf
-from pipelines.train import load_models, model_dirs
 from schemas import run_dir as rd
 from schemas import truth as tr
 from schemas import units as un
@@ -122,7 +128,7 @@ def hh_seed(seed: int, work: Path, transformer: Path | None = None) -> dict[str,
     if cli(["run", str(cfg_path), str(run), "--stages", "ingest,fit,score,train"]) != 0:
         raise RuntimeError(f"hh-rlhf seed {seed}: the pipeline failed")
     test = pq.read_table(data / "test_pairs.parquet")
-    models = load_models(RunDir(run))
+    models = load_reward_models(RunDir(run).path(rd.REWARD_MODEL))
     result = {loss: pair_metrics(models[loss], test) for loss in HH_LOSSES}
     result["oracle"] = pair_metrics(_oracle(data, load_config(cfg_path)), test)
     if transformer is not None:
@@ -178,7 +184,7 @@ def transformer_seed(seed: int, run: RunDir, data: Path, test, folder: Path, wor
     if cli(["train", str(sub.root)]) != 0:
         raise RuntimeError(f"hh-rlhf seed {seed}: the transformer train stage failed")
     result: dict[str, Any] = {}
-    for directory in model_dirs(sub):
+    for directory in reward_model_dirs(sub.path(rd.REWARD_MODEL)):
         record, metrics = model_record(directory), json.loads((directory / rd.REWARD_METRICS).read_text())
         model = load_reward_model(directory)
         result[record["loss"]] = {**saved_pair_metrics(model, record["calibration"], test),
@@ -354,7 +360,7 @@ def coat_variant(fit_extra: str, work: Path, seeds: tuple[int, ...]) -> list[dic
         RunDir(run).config_path.write_text(frozen.replace(train_part, train_part.replace("seed = 0", f"seed = {seed}")))
         if cli(["train", str(run)]) != 0:
             raise RuntimeError(f"coat seed {seed}: the train stage failed")
-        models = load_models(RunDir(run))
+        models = load_reward_models(RunDir(run).path(rd.REWARD_MODEL))
         per_seed.append({loss: coat_metrics(models[loss], test) for loss in COAT_LOSSES})
         print(f"  seed {seed}: " + ", ".join(f"{k} {v['mse']:.3f}" for k, v in per_seed[-1].items()), flush=True)
     return per_seed

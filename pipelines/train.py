@@ -58,11 +58,9 @@ from estimators.reward.data import FeatureCache
 from estimators.reward.model import (
     RewardModel,
     is_transformer,
-    load_reward_models,
     new_encoder,
     numeric_inputs,
     predict_reward,
-    reward_model_dirs,
     save_reward_model,
 )
 from estimators.reward.trainer import Checkpoint, fit_reward_model, resolve_device
@@ -379,13 +377,3 @@ def _truth_metrics(models: dict[str, RewardModel], cfg: Config, point_files: Seq
                      "pairwise_accuracy": pairwise_accuracy(group, pred, r_true),
                      "mean_prediction": float(np.mean(pred)), "mean_true": float(np.mean(r_true))}
     return out
-
-
-def model_dirs(run: RunDir) -> list[Path]:
-    """The saved model folders: the main model first, then each baseline."""
-    return reward_model_dirs(run.path(rd.REWARD_MODEL))
-
-
-def load_models(run: RunDir) -> dict[str, RewardModel]:
-    """Loss name → trained model (on cpu), the main model first, then each baseline."""
-    return load_reward_models(run.path(rd.REWARD_MODEL))

@@ -14,7 +14,14 @@ from sklearn.metrics import roc_auc_score
 from estimators.reward.cache import validation_mask, write_pointwise_cache
 from estimators.reward.calibrate import CALIBRATION_SCALE, calibrate_logits, calibrate_on_gold
 from estimators.reward.hashed import CONFIG_FILE, MODEL_FILE
-from estimators.reward.model import load_reward_model, new_encoder, predict_reward, save_reward_model, score
+from estimators.reward.model import (
+    load_reward_model,
+    load_reward_models,
+    new_encoder,
+    predict_reward,
+    save_reward_model,
+    score,
+)
 from estimators.reward.trainer import Checkpoint, fit_pairwise_reward_model, fit_reward_model
 from pipelines import train
 from schemas import impressions as imp
@@ -172,7 +179,7 @@ def test_train_stage_writes_main_and_baselines(toy, tmp_path: Path):
     metrics = json.loads((root / rd.REWARD_METRICS).read_text())
     assert metrics["loss"] == "ips" and metrics["best_val_loss"] == result["diagnostics"]["ips"]["val_loss"]
     assert len(metrics["history"]) == metrics["epochs_run"] and metrics["device"] == "cpu"
-    models = train.load_models(run)
+    models = load_reward_models(run.path(rd.REWARD_MODEL))
     assert list(models) == ["ips", "dr", "naive"]
     assert all(roc_auc_score(good, _predict(m, table)) > 0.99 for m in models.values())
     assert not list(tmp_path.glob("run/.*")), "no staging directory left behind"
@@ -250,7 +257,7 @@ def test_train_stage_trains_bt_on_the_pairwise_dataset(toy, tmp_path: Path):
     result = train.execute(run, cfg).to_manifest()
     assert list(result["diagnostics"]) == ["ips", "bt"]
     assert any("pairwise" in i["path"] for i in result["inputs"])
-    assert roc_auc_score(good, _predict(train.load_models(run)["bt"], table)) > 0.99
+    assert roc_auc_score(good, _predict(load_reward_models(run.path(rd.REWARD_MODEL))["bt"], table)) > 0.99
 
 
 def _stage_run(tmp_path: Path, table: pa.Table, **train_settings) -> tuple[RunDir, Config]:
@@ -304,7 +311,7 @@ def test_train_stage_resumes_only_what_did_not_finish(toy, tmp_path: Path, monke
     err = capsys.readouterr().err
     assert "[ips] resumed after epoch 3 (finished)" in err and "[naive] resumed after epoch" in err
     assert "[dr] resumed" not in err and "[dr] epoch 1/3" in err
-    assert sorted(train.load_models(run)) == ["dr", "ips", "naive"]
+    assert sorted(load_reward_models(run.path(rd.REWARD_MODEL))) == ["dr", "ips", "naive"]
     assert not train.checkpoint_root(run).exists(), "checkpoints are removed once the output is committed"
 
 
@@ -358,7 +365,7 @@ def test_train_stage_with_dense_features(toy, tmp_path: Path):
     run.path(rd.PAIRWISE).mkdir(parents=True)
     pq.write_table(toy_pairs(600), run.path(rd.PAIRWISE) / "part-00000.parquet")
     train.execute(run, cfg)
-    models = train.load_models(run)
+    models = load_reward_models(run.path(rd.REWARD_MODEL))
     assert all(m.dense.dim == 1 and m.dense.numeric[0][0] == "response_length" for m in models.values())
     assert roc_auc_score(good, _predict(models["ips"], table)) > 0.99
     with pytest.raises(ConfigError, match="pairwise dataset has no"):
@@ -482,7 +489,7 @@ def test_train_stage_calibrates_on_the_audit_when_asked(toy, tmp_path: Path):
     for loss in ("naive", "ips"):
         cal = result["diagnostics"][loss]["calibration"]
         assert cal["n_gold"] == audited.sum() and cal["val_loss_after"] < cal["val_loss_before"]
-    pred = _predict(train.load_models(run)["naive"], table)
+    pred = _predict(load_reward_models(run.path(rd.REWARD_MODEL))["naive"], table)
     assert abs(pred.mean() - good.mean()) < 0.02
     run, cfg = _stage_run(tmp_path / "no-audit", table, calibrate="gold")
     with pytest.raises(InputError, match="label_gold"):

@@ -18,9 +18,8 @@ from estimators.losses import bradley_terry
 from estimators.reward.backbones import OBSFEED_FILE, PairTokenizer, load_tokenizer
 from estimators.reward.cache import CHOSEN, REJECTED
 from estimators.reward.data import TRAIN, DeviceBatch, StreamingBatches
-from estimators.reward.model import load_reward_model, predict_reward, save_reward_model, score
+from estimators.reward.model import load_reward_model, load_reward_models, predict_reward, save_reward_model, score
 from estimators.reward.trainer import _Objective, build_cache, fit_reward_model, lr_factor
-from pipelines import train
 from pipelines.orchestration.cli import main
 from pipelines.orchestration.registry import freeze_config
 from schemas import impressions as imp
@@ -310,7 +309,7 @@ def test_train_stage_writes_hugging_face_folders_with_truncation_counts(tiny_enc
                                                                                           folder.iterdir()}
     metrics = json.loads((root / rd.REWARD_METRICS).read_text())
     assert metrics["truncated"]["prompt_truncated"] > 0 and metrics["backbone"]["backbone"] == "transformer"
-    models = train.load_models(run)
+    models = load_reward_models(run.path(rd.REWARD_MODEL))
     assert list(models) == ["ips", "naive"]
     _assert_plain_transformers_scores_as_obsfeed(root, models["ips"], table, max_length=12)
 
