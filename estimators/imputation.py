@@ -64,6 +64,21 @@ class ImputationModel(RegressorMixin, BaseEstimator):
         self.model_ = fit_soft(model, X, y)
         return self
 
+    def linear_part(self) -> ImputationModel:
+        """A fitted ``boosted`` model's linear stage as the fitted ``logistic`` model of the same data: the same
+        logistic regression (same C, seed, soft-label copies and weights) that ``logistic`` would fit, so the
+        fit stage gets both models from one fit when it needs both (imputation and noise proxy)."""
+        check_is_fitted(self, "constant_")
+        if self.model != "boosted":
+            raise ValueError(f"linear_part needs a fitted boosted model, this one is {self.model!r}")
+        out = ImputationModel(model="logistic", C=self.C, random_state=self.random_state)
+        out.n_features_in_, out.constant_ = self.n_features_in_, self.constant_
+        if hasattr(self, "feature_names_in_"):
+            out.feature_names_in_ = self.feature_names_in_
+        if self.constant_ is None:
+            out.model_ = self.model_.linear_
+        return out
+
     def predict(self, X) -> np.ndarray:
         check_is_fitted(self, "constant_")
         X = validate_data(self, X, accept_sparse="csr", reset=False)

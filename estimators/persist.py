@@ -12,9 +12,11 @@ from typing import Any
 import skops.io as sio
 
 ALLOWED_TYPES = frozenset({
+    "estimators.features.SparseColumnTransformer",
     "estimators.imputation.ImputationModel",
     "estimators.propensity.PropensityModel",
     "estimators.stacking.LinearThenBoosted",
+    "estimators.text_hashing.TextHasher",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",

