@@ -1,7 +1,8 @@
 """`make bench`: run the benchmarks, print their figures and record them in RESULTS.md.
 
-``python -m benchmarks [ingest|estimators|trainer|losses|schedule|votes|all] [N_IMPRESSIONS]``: the ingest
-benchmark (default N 1,000,000; the scaling run uses N/10), the estimator benchmark over simulator scenarios
+``python -m benchmarks [ingest|fit|estimators|trainer|losses|schedule|votes|all] [N_IMPRESSIONS]``: the ingest
+benchmark (default N 1,000,000; the scaling run uses N/10), fit and score against a baseline commit's code
+(default at 50k, 200k and 1M impressions), the estimator benchmark over simulator scenarios
 (default N 200,000), the trainer's loader throughput (default N 200,000; plus a MiniLM-L6 row on the first 4,000
 when obsfeed[minilm] is installed), every reward-model loss over 3 seeds
 (default N 60,000), a simulated week run day by day against one run (default N 70,000), and mean vs latest vote
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.bench_estimators import bench_estimators, clean_table, estimators_table, stabilised_table
+from benchmarks.bench_fit import SIZES, bench_fit, fit_table
 from benchmarks.bench_ingest import bench_ingest, compare
 from benchmarks.bench_realdata import backbone_table, bench_coat, bench_hh, coat_table, hh_table
 from benchmarks.bench_schedule import bench_schedule, schedule_table
@@ -27,9 +29,10 @@ from benchmarks.bench_trainer import bench_losses, bench_throughput, losses_tabl
 from benchmarks.bench_votes import bench_votes, votes_table
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BASELINE_NOTE = "the baseline commit (OBSFEED_BENCH_BASELINE)"
 BEGIN, END = "<!-- ingest:begin -->", "<!-- ingest:end -->"
 EST_BEGIN, EST_END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
-BENCHES = ("ingest", "estimators", "trainer", "losses", "schedule", "votes")
+BENCHES = ("ingest", "fit", "estimators", "trainer", "losses", "schedule", "votes")
 
 
 def _commit() -> str:
@@ -90,6 +93,8 @@ def main(argv: list[str]) -> int:
         return 0
     if which in ("ingest", "all"):
         run_ingest(n or 1_000_000)
+    if which in ("fit", "all"):
+        run_fit((n,) if n else SIZES)
     if which in ("estimators", "all"):
         run_estimators(n or 200_000)
     if which in ("trainer", "all"):
@@ -138,6 +143,17 @@ def run_realdata() -> None:
                  "(2 cores). Sizes chosen for time only. Cells: mean ± sd over the seeds, and in brackets the "
                  "seed-paired difference from the same backbone's naive with its Student-t 95% CI; the hashed rows "
                  "are the block above.", backbone_table(hh))
+
+
+def run_fit(sizes: tuple[int, ...]) -> None:
+    print(f"fit/score benchmark: this commit against {BASELINE_NOTE} at {', '.join(f'{n:,}' for n in sizes)} "
+          "impressions", flush=True)
+    result = bench_fit(sizes)
+    record_block("fit", f"the default simulator world at each size, ingested once; fit and score each run in a "
+                 f"fresh process (`obsfeed run --stages fit`, then `score`) on copies of the ingested run, with this "
+                 f"commit's code and with commit `{result['baseline']}`'s (a git worktree), default config with "
+                 "`model_version` and `user_segment` as categorical features; wall_s and peak_rss_mb from each "
+                 "stage's manifest record. Ratio = this commit / baseline (lower is faster).", fit_table(result))
 
 
 def run_trainer(n: int) -> None:
