@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_estimators import CONFIG
 from pipelines.sources.simulator import SCENARIOS, simulate, write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,17 +27,6 @@ CACHE = ROOT / "benchmarks" / ".cache"
 SIZES = (50_000, 200_000, 1_000_000)
 BASELINE = os.environ.get("OBSFEED_BENCH_BASELINE", "954be9f")
 """The commit the ratios are against: the last one before issue 20's fit and score work."""
-
-CONFIG = """[input]
-impressions = "{data}/impressions/*.parquet"
-signals = "{data}/signals.jsonl.gz"
-truth = "{data}/truth.parquet"
-[privacy]
-allow_unkeyed = true
-[fit]
-categorical = ["model_version", "user_segment"]
-"""
-
 
 def simulated(n: int) -> Path:
     out = CACHE / f"fit-{n}-seed0"
@@ -78,7 +68,7 @@ def bench_fit(sizes: tuple[int, ...] = SIZES, baseline: str = BASELINE) -> dict[
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         cfg = work / "cfg.toml"
-        cfg.write_text(CONFIG.format(data=data))
+        cfg.write_text(CONFIG.format(data=data, fit=""))   # the estimators benchmark's config
         ingested = work / "ingested"
         print(f"  {n:,} impressions: ingest ...", flush=True)
         run_stage(ROOT, cfg, ingested, "ingest")

@@ -17,7 +17,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from estimators.text_hashing import TextHasher
+from estimators.text_hashing import TextHasher, as_arrow_strings
 from schemas.config import FitConfig
 
 TEXT = "_text"
@@ -34,27 +34,9 @@ WHITESPACE = r"[\t\n\v\f\r\x1c-\x1f \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028
 """The characters ``str.split()`` splits on (``str.isspace``), as an RE2 class: words are counted in Arrow."""
 
 
-def strings(values) -> pa.Array:
-    """A text column as an Arrow large_string array (nulls kept); non-text values as Python's ``str`` gives them."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if not isinstance(values, pa.Array):
-        try:
-            values = pa.array(np.asarray(values, dtype=object), from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            values = pa.array(pd.Series(values, dtype="object").map(lambda v: v if v is None else str(v)),
-                              type=pa.large_string(), from_pandas=True)
-    if pa.types.is_null(values.type):
-        return pa.nulls(len(values), pa.large_string())
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        values = pa.array(pd.Series(values.to_pylist(), dtype="object").map(lambda v: v if v is None else str(v)),
-                          type=pa.large_string())
-    return values.cast(pa.large_string())
-
-
 def word_counts(values) -> np.ndarray:
     """``len(text.split())`` of each text (0 for a missing one), counted in Arrow."""
-    return pc.fill_null(pc.count_substring_regex(strings(values), f"[^{WHITESPACE[1:-1]}]+"), 0) \
+    return pc.fill_null(pc.count_substring_regex(as_arrow_strings(values), f"[^{WHITESPACE[1:-1]}]+"), 0) \
         .to_numpy(zero_copy_only=False).astype(float)
 
 
@@ -65,7 +47,7 @@ def feature_frame(columns: dict[str, np.ndarray | list | pa.Array], *, text: lis
     The text stays an Arrow column (``pd.ArrowDtype``), which the hasher reads without a Python string per row."""
     n = len(next(iter(columns.values())))
     out: dict[str, object] = {}
-    parts = [pc.fill_null(strings(columns[c]), "") for c in text if c in columns]
+    parts = [pc.fill_null(as_arrow_strings(columns[c]), "") for c in text if c in columns]
     joined = pc.binary_join_element_wise(*parts, pa.scalar(" ", pa.large_string())) if len(parts) > 1 else \
         parts[0] if parts else pa.array([""] * n, pa.large_string())
     out[TEXT] = pd.Series(pd.arrays.ArrowExtensionArray(joined))

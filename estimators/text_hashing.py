@@ -20,6 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
@@ -145,14 +146,26 @@ def stack_rows(parts: list[sp.csr_matrix], n_features: int) -> sp.csr_matrix:
     return X
 
 
-def as_arrow_strings(X) -> pa.Array:
-    """A text column as an Arrow string array: Arrow arrays and chunked arrays as they are, else via pandas."""
-    if isinstance(X, pa.ChunkedArray):
-        return X.combine_chunks()
-    if isinstance(X, pa.Array):
-        return X
-    import pandas as pd
-    return pa.array(pd.Series(X, dtype="object").to_numpy(), type=pa.large_string(), from_pandas=True)
+def as_arrow_strings(values) -> pa.Array:
+    """A text column as an Arrow large_string array, nulls kept: Arrow arrays and Arrow-backed pandas columns
+    without a Python string per row; other values as Python's ``str`` gives them."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    elif isinstance(getattr(values, "dtype", None), pd.ArrowDtype):
+        values = pa.array(values.array)
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    elif not isinstance(values, pa.Array):
+        try:
+            values = pa.array(np.asarray(values, dtype=object), from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            values = pa.array(pd.Series(values, dtype="object").map(lambda v: v if v is None else str(v)),
+                              type=pa.large_string(), from_pandas=True)
+    if pa.types.is_null(values.type):
+        return pa.nulls(len(values), pa.large_string())
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = pa.array(pd.Series(values.to_pylist(), dtype="object").map(lambda v: v if v is None else str(v)),
+                          type=pa.large_string())
+    return values.cast(pa.large_string())
 
 
 def available_cores() -> int:
