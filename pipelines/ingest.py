@@ -30,9 +30,17 @@ from schemas.errors import GateError, InputError
 from schemas.manifest import describe_inputs
 from schemas.run_dir import RunDir
 from schemas.stages import IngestDiagnostics, IngestResult
-from schemas.storage import commit_dir, count_rows, ensure_part, read_dataset, scratch_dir, staging_dir
-from schemas.suites import suite_columns, units_suite
-from transforms.gates import failed_expectations, raw_id_leaks, raw_user_fields
+from schemas.storage import (
+    commit_dir,
+    count_rows,
+    ensure_part,
+    parquet_files,
+    read_dataset,
+    scratch_dir,
+    staging_dir,
+)
+from schemas.suites import units_suite
+from transforms.gates import gate_failures, raw_id_leaks, raw_user_fields
 from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
 from transforms.privacy import key_from_env
 from transforms.read import COUNTS, INTERNAL_COLUMNS, ReadRaw, check_columns, file_schemas, input_files
@@ -215,8 +223,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> IngestRe
                             "previous outputs are left in place)")
         pipeline_s = time.perf_counter() - start
         suite = units_suite(schema)
-        failures = failed_expectations(read_dataset(units_tmp, suite_columns(suite)), suite) if count_rows(
-            units_tmp) else []
+        failures = gate_failures(parquet_files(units_tmp), suite) if count_rows(units_tmp) else []
         gate_s = time.perf_counter() - start - pipeline_s
         if failures:
             raise GateError(f"ingest: the units gate failed ({len(failures)} expectations): " + "; ".join(failures))

@@ -1,12 +1,15 @@
 import datetime as dt
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from schemas import pairwise, pointwise
 from schemas import units as un
 from schemas.conform import conform
 from schemas.suites import pairwise_suite, pointwise_suite, suite_columns, units_suite
-from transforms.gates import failed_expectations
+from transforms import gates
+from transforms.gates import arrow_failures, failed_expectations, gate_failures
 
 SCHEMA = un.units_schema(["upvote", "click"])
 
@@ -92,3 +95,58 @@ def test_the_pairwise_gate_refuses_self_pairs_thin_margins_and_bad_weights():
     assert any("between(margin): 1" in f for f in failures)
     assert any("between(weight): 1" in f for f in failures)
     assert any(f.startswith("expect_column_pair_values_a_to_be_greater_than_b") for f in failures)
+
+
+NAN, INF = float("nan"), float("inf")
+PLANTED = [
+    ("units", lambda: _units(impression_id=["a", "a", "c"], observed=pa.array([1, 2, 1], pa.int8()),
+                             label=[1.5, None, 0.0], n_click=pa.array([0, -1, 1], pa.int32())),
+     lambda: units_suite(SCHEMA)),
+    ("units nulls", lambda: _units(label=[-0.0, 1.0, NAN], n_upvote=pa.array([-3, -7, 0], pa.int32())).set_column(
+        0, "impression_id", pa.array(["a", None, "c"])), lambda: units_suite(SCHEMA)),
+    ("pointwise", lambda: _points(**{pointwise.PROPENSITY: [0.0, 0.2, 1.0000001], pointwise.WEIGHT_IPS: [INF, 0.0, 1.0],
+                                     pointwise.WEIGHT_SNIPS: [1.3, -0.1, NAN], pointwise.TARGET_DR: [NAN, -INF, -0.2],
+                                     "impression_id": ["a", "b", "a"], "observed": [1, 0, -1]}), pointwise_suite),
+    ("pairwise", lambda: _pairs(**{pairwise.REJECTED_ID: ["a", "d"], pairwise.MARGIN: [1.0, 0.4],
+                                   pairwise.WEIGHT: [-1.0, NAN], pairwise.REJECTED_TARGET: [1.0, NAN],
+                                   pairwise.CHOSEN_PROPENSITY: [0.0, 1.0]}), lambda: pairwise_suite(0.5)),
+]
+
+
+@pytest.mark.parametrize("case", PLANTED, ids=[c[0] for c in PLANTED])
+def test_arrow_and_gx_find_the_same_failures_with_the_same_counts(case):
+    _, table, suite = case
+    table, suite = table(), suite()
+    gx_lines = failed_expectations(table, suite)
+    assert gx_lines, "the planted table must fail"
+    assert sorted(arrow_failures(table, suite)) == sorted(gx_lines)
+
+
+def test_the_gate_checks_every_row_of_every_part_beyond_the_gx_sample(tmp_path):
+    good = _units()
+    bad = _units(impression_id=["x", "x", "z"], label=[1.0, None, 2.0])
+    files = []
+    for i, t in enumerate((good, bad, bad)):
+        files.append(tmp_path / f"part-{i}.parquet")
+        pq.write_table(t, files[-1])
+    failures = gate_failures(files, units_suite(SCHEMA), sample_rows=3)      # GX sees the first part only
+    assert sorted(failures) == ["expect_column_values_to_be_between(label): 2",
+                                "expect_column_values_to_be_unique(impression_id): 4"]
+    assert gate_failures(files[:1], units_suite(SCHEMA)) == []
+
+
+def test_the_minimum_of_a_count_is_the_least_over_the_parts(tmp_path):
+    files = []
+    for i, low in enumerate((-2, 0, -5)):
+        files.append(tmp_path / f"part-{i}.parquet")
+        pq.write_table(_units(impression_id=[f"{i}a", f"{i}b", f"{i}c"], n_click=pa.array([3, low, 1], pa.int32())),
+                       files[-1])
+    assert gate_failures(files, units_suite(SCHEMA)) == ["expect_column_min_to_be_between(n_click): -5"]
+
+
+def test_what_gx_finds_on_the_sample_fails_the_gate_even_when_arrow_passes(tmp_path, monkeypatch):
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(_units(observed=pa.array([1, 3, 1], pa.int8())), path)
+    monkeypatch.setattr(gates, "arrow_result", lambda table, e: (True, 0))
+    assert gate_failures([path], units_suite(SCHEMA)) == [
+        "expect_column_values_to_be_in_set(observed): 1 (GX, on a sample of 3 rows)"]

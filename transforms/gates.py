@@ -1,25 +1,34 @@
-"""The data gates: a Great Expectations suite on an Arrow table (which expectations failed), and no raw user id
-in any output."""
+"""The data gates: an expectation suite checked on every row with Arrow, part file by part file, and by Great
+Expectations on a sample of those rows (which expectations failed); and no raw user id in any output.
+
+Every row is checked with Arrow (:func:`arrow_results`), one part file at a time, so a gate costs a fraction of a
+second per million rows and holds one part's gate columns in memory, however large the dataset. GX validates the
+same suite (``Suite.to_gx``) on a sample of the rows: what GX finds there that Arrow did not also fails the gate,
+so the two engines are held to the same contract (``tests/test_gates.py`` checks they agree on every planted
+violation). Uniqueness is checked within each part: obsfeed's parts are hash buckets of the unique key, so equal
+keys always land in the same part.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas import quarantine as qr
 from schemas.storage import read_dataset
-from schemas.suites import RAW_ID_KEY, RAW_USER_COLUMNS
+from schemas.suites import RAW_ID_KEY, RAW_USER_COLUMNS, Expectation, Suite, suite_columns
 
-if TYPE_CHECKING:
-    import great_expectations as gx
+GX_SAMPLE_ROWS = 20_000
+"""Rows GX validates per gate: the first rows of each part, as evenly as the parts allow."""
 
 
-def failed_expectations(table: pa.Table, suite: gx.ExpectationSuite) -> list[str]:
+def failed_expectations(table: pa.Table, suite: Suite) -> list[str]:
     """Validate ``table`` against ``suite`` in an ephemeral GX context; one line per failed expectation.
 
     GX is imported here (seconds), so that only a stage that runs a gate pays for it.
@@ -29,6 +38,7 @@ def failed_expectations(table: pa.Table, suite: gx.ExpectationSuite) -> list[str
 
     # GX sets this logger to INFO itself and announces a temporary docs folder on every context.
     logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
+    gx_suite = suite.to_gx()
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (context.data_sources.add_pandas("obsfeed")
@@ -36,9 +46,9 @@ def failed_expectations(table: pa.Table, suite: gx.ExpectationSuite) -> list[str
              .add_batch_definition_whole_dataframe("all")
              .get_batch(batch_parameters={"dataframe": table.to_pandas()}))
     # Pass/fail alone is the cheap question; the details (counts of unexpected values) only when it failed.
-    if batch.validate(suite, result_format="BOOLEAN_ONLY").success:
+    if batch.validate(gx_suite, result_format="BOOLEAN_ONLY").success:
         return []
-    result = batch.validate(suite, result_format="SUMMARY")
+    result = batch.validate(gx_suite, result_format="SUMMARY")
     failures = []
     for r in result.results:
         if not r.success:
@@ -46,6 +56,114 @@ def failed_expectations(table: pa.Table, suite: gx.ExpectationSuite) -> list[str
             detail = r.result.get("unexpected_count", r.result.get("observed_value", ""))
             failures.append(f"{cfg.type}({cfg.kwargs.get('column')}): {detail}")
     return failures
+
+
+def _present(col: pa.ChunkedArray) -> np.ndarray:
+    """Rows with a value: not null and, for floats, not NaN (GX reads a column through pandas, where NaN is null)."""
+    ok = col.is_valid().to_numpy(zero_copy_only=False)
+    if pa.types.is_floating(col.type):
+        ok &= ~pc.fill_null(pc.is_nan(col), True).to_numpy(zero_copy_only=False)
+    return ok
+
+
+def _values(col: pa.ChunkedArray) -> np.ndarray:
+    return col.to_numpy(zero_copy_only=False)
+
+
+def arrow_result(table: pa.Table, e: Expectation) -> tuple[bool, float]:
+    """(success, detail) of one expectation on ``table`` with GX's semantics: the number of unexpected rows for
+    a per-row expectation (nulls skipped, as GX does), the observed minimum for ``expect_column_min_to_be_between``."""
+    k = e.kwargs
+    if e.type == "expect_column_min_to_be_between":
+        col = table[k["column"]]
+        present = _present(col)
+        if not present.any():
+            return True, float("nan")
+        low = float(_values(col)[present].min())
+        ok = (k.get("min_value") is None or low >= k["min_value"]) and (k.get("max_value") is None
+                                                                          or low <= k["max_value"])
+        return ok, low
+    if e.type == "expect_column_pair_values_a_to_be_greater_than_b":
+        a, b = table[k["column_A"]], table[k["column_B"]]
+        pa_, pb = _present(a), _present(b)
+        greater = np.zeros(len(pa_), dtype=bool)
+        both = pa_ & pb
+        greater[both] = _values(a)[both] > _values(b)[both]
+        bad = int(((pa_ | pb) & ~greater).sum())
+        return bad == 0, bad
+    if e.type == "expect_select_column_values_to_be_unique_within_record":
+        cols = [table[c] for c in k["column_list"]]
+        same = np.zeros(table.num_rows, dtype=bool)
+        for i in range(len(cols)):
+            for j in range(i + 1, len(cols)):
+                same |= pc.fill_null(pc.equal(cols[i], cols[j]), False).to_numpy(zero_copy_only=False)
+        bad = int(same.sum())
+        return bad == 0, bad
+    col = table[k["column"]]
+    present = _present(col)
+    if e.type == "expect_column_values_to_not_be_null":
+        bad = int((~present).sum())
+    elif e.type == "expect_column_values_to_be_unique":
+        counts = pc.value_counts(col.filter(pa.array(present)))
+        n = counts.field("counts").to_numpy()
+        bad = int(n[n > 1].sum())
+    elif e.type == "expect_column_values_to_be_in_set":
+        inside = pc.fill_null(pc.is_in(col, value_set=pa.array(k["value_set"]).cast(col.type)), False)
+        bad = int((present & ~inside.to_numpy(zero_copy_only=False)).sum())
+    elif e.type == "expect_column_values_to_be_between":
+        v = np.where(present, _values(col), 0).astype(float) if present.size else np.zeros(0)
+        out = np.zeros(len(v), dtype=bool)
+        if k.get("min_value") is not None:
+            out |= (v <= k["min_value"]) if k.get("strict_min") else (v < k["min_value"])
+        if k.get("max_value") is not None:
+            out |= (v >= k["max_value"]) if k.get("strict_max") else (v > k["max_value"])
+        bad = int((present & out).sum())
+    else:
+        raise ValueError(f"the Arrow gate does not know the expectation {e.type!r}")
+    return bad == 0, bad
+
+
+def arrow_results(table: pa.Table, suite: Suite) -> list[tuple[bool, float]]:
+    """:func:`arrow_result` of each of the suite's expectations, in order."""
+    return [arrow_result(table, e) for e in suite.expectations]
+
+
+def arrow_failures(table: pa.Table, suite: Suite) -> list[str]:
+    """One line per expectation ``table`` fails, checked with Arrow, worded as :func:`failed_expectations` words
+    GX's."""
+    return [f"{e.label()}: {_fmt(d)}" for e, (ok, d) in zip(suite.expectations, arrow_results(table, suite),
+                                                           strict=True) if not ok]
+
+
+def gate_failures(files: Sequence[Path | str], suite: Suite, *, sample_rows: int = GX_SAMPLE_ROWS) -> list[str]:
+    """One line per failed expectation (``type(column): detail``) over every row of the part ``files``, read one
+    part at a time (only the suite's columns): Arrow's counts summed (minima: the least) over the parts, then what
+    GX finds on a sample of ``sample_rows`` rows (the first rows of each part) that Arrow did not."""
+    files = [str(f) for f in files]
+    if not files:
+        return []
+    columns = suite_columns(suite)
+    results, sample, per_part = [], [], -(-sample_rows // len(files))
+    for f in files:
+        table = pq.read_table(f, columns=columns)
+        results.append(arrow_results(table, suite))
+        sample.append(table.slice(0, per_part))
+    lines, failed = [], set()
+    for i, e in enumerate(suite.expectations):
+        details = np.array([r[i][1] for r in results], dtype=float)
+        if all(r[i][0] for r in results):
+            continue
+        minimum = e.type == "expect_column_min_to_be_between"
+        failed.add(e.label())
+        lines.append(f"{e.label()}: {_fmt(np.nanmin(details) if minimum else details.sum())}")
+    n = sum(t.num_rows for t in sample)
+    lines += [f"{line} (GX, on a sample of {n:,} rows)"
+              for line in failed_expectations(pa.concat_tables(sample), suite) if line.split(":")[0] not in failed]
+    return lines
+
+
+def _fmt(d: float) -> str:
+    return str(int(d)) if float(d).is_integer() else f"{d:g}"
 
 
 def raw_user_fields(schema: pa.Schema) -> list[str]:
