@@ -6,6 +6,11 @@ with this checkout's code and once with the baseline commit's (a ``git worktree`
 so the same installed libraries run the other code). The figures are the manifest's ``wall_s`` and
 ``peak_rss_mb`` of each stage and, for this commit's fit, its ``seconds`` per part and the thread-seconds of each
 nuisance model; the ratios are this commit over the baseline, measured alternately in one run.
+
+Score's memory at 4x the largest size: the simulator cannot build 4M impressions on this machine (about 21 GB), so
+the largest size's units are copied four times (each copy's ``impression_id`` and ``prompt_id`` suffixed, so every
+unit and prompt is new; each part four times as large, as ingest would write it) and scored with this commit's code
+and the same fitted models.
 """
 
 from __future__ import annotations
@@ -19,12 +24,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from benchmarks.bench_estimators import CONFIG
 from pipelines.sources.simulator import SCENARIOS, simulate, write
+from schemas.config import OutputConfig
+from schemas.storage import write_part
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
 SIZES = (50_000, 200_000, 1_000_000)
+SCALE_UP = 4
+"""Score's memory is measured again on the largest size's units copied this many times."""
 BASELINE = os.environ.get("OBSFEED_BENCH_BASELINE", "954be9f")
 """The commit the ratios are against: the last one before issue 20's fit and score work."""
 
@@ -84,12 +97,38 @@ def bench_fit(sizes: tuple[int, ...] = SIZES, baseline: str = BASELINE) -> dict[
                                           "model_seconds": record.get("diagnostics", {}).get("model_seconds"),
                                           "units": record.get("counts", {}).get("units"),
                                           "sample": record.get("counts", {}).get("sample")}
+            if name == "this" and n == max(sizes):
+                scaled = work / "scaled"
+                replicate_run(run, scaled, SCALE_UP)
+                print(f"  {n * SCALE_UP:,} units (copies): score, this code ...", flush=True)
+                record = run_stage(ROOT, cfg, scaled, "score")
+                row["score_scaled"] = {"units": record["counts"]["units"], "wall_s": record["wall_s"],
+                                       "peak_rss_mb": record["peak_rss_mb"]}
+                shutil.rmtree(scaled)
             shutil.rmtree(run)
         rows.append(row)
         print(f"    fit {row['fit_this']['wall_s']:.1f} s against {row['fit_baseline']['wall_s']:.1f} s, score "
               f"{row['score_this']['wall_s']:.1f} s against {row['score_baseline']['wall_s']:.1f} s", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return {"baseline": baseline, "rows": rows}
+
+
+def replicate_run(run: Path, out: Path, copies: int) -> None:
+    """``out``: ``run``'s models and manifest, and its units with each part holding ``copies`` copies of its rows,
+    ids suffixed ``-c<k>`` (new units and new prompts), sorted by impression_id as ingest writes a part."""
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("units", "datasets", "reward_model", "report"))
+    (out / "units").mkdir()
+    for part in sorted((run / "units").glob("*.parquet")):
+        table = pq.read_table(part)
+        tables = []
+        for k in range(copies):
+            t = table
+            for col in ("impression_id", "prompt_id"):
+                i = t.schema.get_field_index(col)
+                ids = pc.binary_join_element_wise(t[col].cast(pa.string()), pa.scalar(f"c{k}"), "-")
+                t = t.set_column(i, t.schema.field(i), ids.cast(t.schema.field(i).type))
+            tables.append(t)
+        write_part(pa.concat_tables(tables).sort_by("impression_id"), out / "units" / part.name, OutputConfig())
 
 
 def fit_table(result: dict[str, Any]) -> list[str]:
@@ -105,6 +144,14 @@ def fit_table(result: dict[str, Any]) -> list[str]:
                      f"{s['wall_s'] / sb['wall_s']:.2f} | {f['wall_s'] + s['wall_s']:.1f} | "
                      f"{f['peak_rss_mb']:,.0f} ({fb['peak_rss_mb']:,.0f}) | "
                      f"{s['peak_rss_mb']:,.0f} ({sb['peak_rss_mb']:,.0f}) |")
+    scaled = [r for r in result["rows"] if "score_scaled" in r]
+    for r in scaled:
+        big, base = r["score_scaled"], r["score_this"]
+        lines += ["", f"Score's peak memory with the data ({r['impressions']:,} units against {big['units']:,}: the "
+                  f"same units copied {big['units'] // r['score_this']['units']} times, this commit's code): "
+                  f"{base['peak_rss_mb']:,.0f} MB against {big['peak_rss_mb']:,.0f} MB, a ratio of "
+                  f"{big['peak_rss_mb'] / base['peak_rss_mb']:.2f} (target ≤ 1.3); time ratio "
+                  f"{big['wall_s'] / base['wall_s']:.2f} for {big['units'] / base['units']:.0f}x the units."]
     parts = sorted({p for r in result["rows"] for p in (r["fit_this"]["seconds"] or {})})
     lines += ["", "Share of this commit's fit wall time per part (the rest: reading, sampling, diagnostics); "
               "nuisance models' thread-seconds per job:", "",

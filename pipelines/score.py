@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from collections.abc import Sequence
@@ -36,71 +35,75 @@ from schemas.storage import (
     read_dataset,
     staging_dir,
 )
-from schemas.suites import pairwise_suite, pointwise_suite, suite_columns
+from schemas.suites import pairwise_suite, pointwise_suite
 from transforms import score as sc
-from transforms.gates import failed_expectations, raw_id_leaks
-from transforms.join import KeyByBucket
+from transforms.gates import gate_failures, raw_id_leaks
 from transforms.read import ReadParts
-from transforms.shuffle import encode_table
+from transforms.shuffle import decode_table
 from transforms.write import WriteBucketParts, WriteJson
+
+PAIR_BUCKET_UNITS = 250_000
+"""Units per prompt bucket of the pair builder, at most on average: the number of buckets grows with the data
+(never below ``score.buckets``), so that one bucket's self-join fits in memory however many units there are."""
+
+
+def pair_buckets(n_units: int, cfg: ScoreConfig) -> int:
+    """How many prompt buckets (and pairwise part files) the pair builder uses for ``n_units`` units."""
+    return max(cfg.buckets, -(-n_units // PAIR_BUCKET_UNITS))
 
 
 def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], models_dir: str, pointwise_schema,
-          run_id: str, pointwise_dir: str, pairwise_dir: str, excluded_path: str | None = None,
-          weighting: sc.Weighting | None = None) -> None:
-    """units → scored units (+ global SNIPS normaliser) → pointwise; pointwise by prompt → pairs → pairwise.
+          run_id: str, pointwise_dir: str, pairwise_dir: str, scratch_dir: str, n_buckets: int,
+          excluded_path: str | None = None, weighting: sc.Weighting | None = None) -> None:
+    """units → scored row groups (spilled under ``scratch_dir``) + the global sums → pointwise, one row group at a
+    time; the pair inputs bucketed by prompt (``n_buckets``) → pairs per bucket (spilled) + their global sum →
+    pairwise. Only file paths and sums go through the runner's shuffles and side inputs, so no step holds more
+    than one row group or one prompt bucket, whatever the size of the data (docs/performance.md).
     Each worker loads the fitted models from ``models_dir`` (``FittedModels``), the floor included.
     Under ``fit.positivity = "exclude"`` the units without overlap are dropped before any weight is normalised,
     and their numbers (units, observed units) are written to ``excluded_path``."""
-    scored = (p | "ReadUnits" >> ReadParts(list(unit_files))
-              | "AddScores" >> beam.ParDo(sc.AddScores(models_dir, fit=cfg.fit, run_id=run_id, weighting=weighting)))
-    if cfg.fit.positivity == "exclude":
-        _ = (scored | "CountNoOverlap" >> beam.MapTuple(lambda _, t: sc.overlap_counts(t))
-             | "SumNoOverlap" >> beam.CombineGlobally(sc.sum_tuples)
-             | "NoOverlapDoc" >> beam.Map(lambda c: {"units": int(c[0]), "observed": int(c[1])})
-             | "WriteNoOverlap" >> beam.ParDo(WriteJson(excluded_path)))
-        scored = scored | "ExcludeNoOverlap" >> beam.MapTuple(lambda part, t: (part, sc.drop_overlap_violations(t)))
-    totals = (scored | "ObservedWeights" >> beam.MapTuple(lambda _, t: sc.observed_weight_sum(t))
-              | "SumWeights" >> beam.CombineGlobally(sc.sum_tuples))
-    pointwise = scored | "SNIPS" >> beam.MapTuple(
-        lambda part, t, tot=None: (part, sc.add_snips(t, tot)), tot=beam.pvalue.AsSingleton(totals))
-    # weight_stabilized: the monotone weights are normalised and capped with the global (Σw, Σw², n)
-    stab = functools.partial(sc.add_stabilized, method=cfg.weights.stabilize,
-                             max_variance=cfg.weights.max_weight_variance)
-    if cfg.weights.stabilize == "monotone":
-        sums = (scored | "StabilizedWeights" >> beam.MapTuple(lambda _, t: sc.stabilized_sums(t))
-                | "SumStabilized" >> beam.CombineGlobally(sc.sum_triples))
-        pointwise = pointwise | "Stabilize" >> beam.MapTuple(
-            lambda part, t, tot=None: (part, stab(t, tot)), tot=beam.pvalue.AsSingleton(sums))
-    else:
-        pointwise = pointwise | "Stabilize" >> beam.MapTuple(lambda part, t: (part, stab(t)))
-    _ = (pointwise | "EncodeParts" >> beam.MapTuple(lambda part, t: (part, encode_table(t)))
-         | "GroupParts" >> beam.GroupByKey()
-         | "WritePointwise" >> beam.ParDo(WriteBucketParts(pointwise_dir, pointwise_schema, [un.IMPRESSION_ID],
-                                                           cfg.output, partitioned=True)))
-    raw_pairs = (pointwise | "Tables" >> beam.Values()
-                 | "BucketPrompts" >> beam.ParDo(KeyByBucket(cfg.score.buckets, un.PROMPT_ID))
+    spill = {name: f"{scratch_dir}/{name}" for name in ("scored", "pair_inputs", "pairs")}
+    for folder in spill.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    scored = (p | "ReadUnits" >> ReadParts(list(unit_files), groups=True)
+              | "Score" >> beam.ParDo(sc.ScoreBatches(models_dir, fit=cfg.fit, run_id=run_id, spill_dir=spill["scored"],
+                                                      weighting=weighting)))
+    totals = (scored | "ObservedWeights" >> beam.Map(lambda b: b.weights)
+              | "SumWeights" >> beam.CombineGlobally(sc.ExactSums(2)))
+    sides = {"totals": beam.pvalue.AsSingleton(totals)}
+    if cfg.weights.stabilize == "monotone":       # normalised and capped with the global (Σw, Σw², n)
+        sums = (scored | "StabilizedWeights" >> beam.Map(lambda b: b.stabilized)
+                | "SumStabilized" >> beam.CombineGlobally(sc.ExactSums(3)))
+        sides["sums"] = beam.pvalue.AsSingleton(sums)
+    pair_inputs = (scored | "KeyByPart" >> beam.Map(lambda b: (b.part, b))
+                   | "GroupParts" >> beam.GroupByKey()
+                   | "WritePointwise" >> beam.ParDo(
+                       sc.WritePointwisePart(pointwise_dir, pointwise_schema, cfg.output, score=cfg.score,
+                                             stabilize=cfg.weights.stabilize,
+                                             max_variance=cfg.weights.max_weight_variance, pair_buckets=n_buckets,
+                                             spill_dir=spill["pair_inputs"]), **sides))
+    raw_pairs = (pair_inputs
                  | "GroupPrompts" >> beam.GroupByKey()
-                 | "BuildPairs" >> beam.ParDo(sc.BuildPairs(cfg.score, run_id)))
-    pair_totals = (raw_pairs | "PairWeights" >> beam.MapTuple(lambda _, t: sc.pair_weight_sum(t))
-                   | "SumPairWeights" >> beam.CombineGlobally(sc.sum_tuples))
-    _ = (
+                 | "BuildPairs" >> beam.ParDo(sc.BuildPairs(cfg.score, run_id, spill["pairs"])))
+    pair_totals = (raw_pairs | "PairWeights" >> beam.Map(lambda r: r[2])
+                   | "SumPairWeights" >> beam.CombineGlobally(sc.ExactSums(2)))
+    written = [
         raw_pairs
-        | "NormalisePairs"
-        >> beam.MapTuple(
-            lambda b, t, tot=None: (b, [sc.normalise_pairs(t, tot)]), tot=beam.pvalue.AsSingleton(pair_totals)
-        )
-        | "WritePairwise"
-        >> beam.ParDo(
-            WriteBucketParts(
-                pairwise_dir,
-                pairwise.SCHEMA,
-                [pairwise.PROMPT_ID, pairwise.CHOSEN_ID, pairwise.REJECTED_ID],
-                cfg.output,
-                partitioned=True,
-            )
-        )
-    )
+        | "NormalisePairs" >> beam.Map(
+            lambda r, tot=None: (r[0], [sc.normalise_pairs(decode_table(r[1]), tot)]),
+            tot=beam.pvalue.AsSingleton(pair_totals))
+        | "WritePairwise" >> beam.ParDo(
+            WriteBucketParts(pairwise_dir, pairwise.SCHEMA, [pairwise.PROMPT_ID, pairwise.CHOSEN_ID,
+                                                             pairwise.REJECTED_ID], cfg.output, partitioned=True))
+    ]
+    if cfg.fit.positivity == "exclude":
+        written.append(scored | "CountNoOverlap" >> beam.Map(lambda b: b.no_overlap)
+                       | "SumNoOverlap" >> beam.CombineGlobally(sc.ExactSums(2))
+                       | "NoOverlapDoc" >> beam.Map(lambda c: {"units": int(c[0]), "observed": int(c[1])})
+                       | "WriteNoOverlap" >> beam.ParDo(WriteJson(excluded_path)))
+    # One terminal step that every sink feeds (the pointwise writer feeds the pairs): a runner that computes only
+    # the graph's last step (Beam 2.77's DaskRunner) still writes everything.
+    _ = tuple(written) | "Written" >> beam.Flatten() | "CountWritten" >> beam.combiners.Count.Globally()
 
 
 def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> ScoreResult:
@@ -124,14 +127,17 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> ScoreRes
     tmp_pw.mkdir()
     tmp_pr.mkdir()
     excluded_path = tmp / "_no_overlap.json"               # removed before the commit: not part of datasets/
+    scratch = tmp / "_scratch"                              # spilled row groups and pairs, removed before the commit
+    n_units = count_rows(run.path(rd.UNITS))
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, unit_files=unit_files, models_dir=str(models_dir), pointwise_schema=schema,
-                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr),
-                  excluded_path=str(excluded_path), weighting=wt)
+                  run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr), scratch_dir=str(scratch),
+                  n_buckets=pair_buckets(n_units, cfg.score), excluded_path=str(excluded_path), weighting=wt)
+        shutil.rmtree(scratch)
         ensure_part(tmp_pw, schema, cfg.output)                 # empty datasets are still datasets
         ensure_part(tmp_pr, pairwise.SCHEMA, cfg.output)
-        n_units, n_points = count_rows(run.path(rd.UNITS)), count_rows(tmp_pw)
+        n_points = count_rows(tmp_pw)
         overlap = overlap_diagnostics(tmp_pw, excluded_path, fitted.positivity, cfg)
         excluded_path.unlink(missing_ok=True)
         if n_units != n_points + overlap["excluded"]:
@@ -168,7 +174,7 @@ def output_gates(pointwise_dir: Path, pairwise_dir: Path, min_margin: float) -> 
                               (rd.PAIRWISE, pairwise_dir, pairwise_suite(min_margin))):
         if not count_rows(path):
             continue
-        failures = failed_expectations(read_dataset(path, suite_columns(suite)), suite)
+        failures = gate_failures(parquet_files(path), suite)
         if failures:
             raise GateError(f"score: the {name} gate failed ({len(failures)} expectations): " + "; ".join(failures))
 

@@ -42,6 +42,41 @@ def write_part(table: pa.Table, path: Path | str, output: OutputConfig) -> None:
     )
 
 
+class PartWriter:
+    """A part file written one table at a time, with :func:`write_part`'s settings (each table becomes row groups
+    of at most ``output.row_group_size`` rows), so that a part larger than memory can be written; with
+    ``partition_by = "date"`` one file per date under ``directory/date=YYYY-MM-DD/``, as :func:`partitions` splits.
+    The rows keep the order they are written in."""
+
+    def __init__(self, directory: Path | str, name: str, schema: pa.Schema, output: OutputConfig,
+                 partition_by: str = "none"):
+        self._dir, self._name, self._schema, self._output = Path(directory), name, schema, output
+        self._partition_by = partition_by
+        self._writers: dict[str, pq.ParquetWriter] = {}
+
+    def write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        for folder, rows in partitions(table.select(self._schema.names).cast(self._schema), self._partition_by):
+            if folder not in self._writers:
+                path = self._dir / folder / self._name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                compression = None if self._output.compression == "none" else self._output.compression
+                self._writers[folder] = pq.ParquetWriter(
+                    str(path), self._schema, compression=compression,
+                    use_dictionary=[c for c in DICTIONARY_COLUMNS if c in self._schema.names])
+            self._writers[folder].write_table(rows, row_group_size=self._output.row_group_size)
+
+    def close(self) -> list[str]:
+        """Close every file; their paths (none when no row was written)."""
+        paths = []
+        for folder, writer in sorted(self._writers.items()):
+            writer.close()
+            paths.append(str(self._dir / folder / self._name))
+        self._writers = {}
+        return paths
+
+
 def process_alive(pid: int | None, host: str | None) -> bool | None:
     """Whether process ``pid`` of ``host`` still runs: True / False on this host, None when it cannot be told
     from here (another host, or no pid)."""

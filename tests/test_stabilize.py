@@ -21,7 +21,7 @@ from schemas.errors import ConfigError, InputError
 from schemas.run_dir import RunDir
 from schemas.storage import read_dataset
 from tests.conftest import config_text, module_hash_key
-from transforms.score import add_stabilized, stabilized_sums, sum_triples
+from transforms.score import add_stabilized, exact_sums, stabilized_sums
 
 # Hand case: PAV pools the violating pair (0.2, 0.3) -> blocks {0.1}, {0.2, 0.3}, {0.4, 0.5, 0.6}
 P_HAND = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
@@ -85,7 +85,7 @@ def test_global_sums_make_batches_agree_with_the_whole():
     whole, _ = W.cap_variance(raw, o, max_variance=0.5)
     batches = [pa.table({un.OBSERVED: pa.array(o[s], pa.int8()), pointwise.WEIGHT_STABILIZED: raw[s]})
                for s in (slice(0, 70), slice(70, 200))]
-    sums = sum_triples(stabilized_sums(b) for b in batches)
+    sums = exact_sums((stabilized_sums(b) for b in batches), 3)
     out = np.concatenate([add_stabilized(b, sums, method="monotone", max_variance=0.5)[pointwise.WEIGHT_STABILIZED]
                           .to_numpy() for b in batches])
     np.testing.assert_allclose(out, whole)

@@ -137,3 +137,27 @@ def test_score_writes_date_partitions_that_readers_prune_on(fitted, tmp_path: Pa
     first = sorted(run.path(rd.POINTWISE).glob("date=*"))[0].name.removeprefix("date=")
     assert hive.filter(pl.col("date") == pl.lit(first).str.to_date()).select(pl.len()).collect().item() > 0
     score.execute(run, parse_config(text))                       # back to one folder: the rest of the module expects it
+
+
+def test_score_streams_each_part_in_row_order_and_the_pair_buckets_do_not_change_the_pairs(fitted, monkeypatch):
+    """The pointwise parts are written one units row group at a time (rows in the units' order, as many row
+    groups as the units part has); with ten times as many prompt buckets the pairs are the same."""
+    run, text, _ = fitted
+    cfg = parse_config(text.replace("[fit]", "[output]\nrow_group_size = 1024\n[fit]"))
+    score.execute(run, cfg)
+    for units_file in sorted(run.path(rd.UNITS).glob("*.parquet")):
+        out = run.path(rd.POINTWISE) / units_file.name
+        assert pq.ParquetFile(out).num_row_groups == pq.ParquetFile(units_file).num_row_groups
+        ids = ["impression_id"]
+        assert pq.read_table(out, columns=ids).equals(pq.read_table(units_file, columns=ids))
+    keys = ["prompt_id", "chosen_id", "rejected_id"]
+    before = read_dataset(run.path(rd.PAIRWISE)).drop_columns(["run_id"]).sort_by([(k, "ascending") for k in keys])
+    n_files = len(list(run.path(rd.PAIRWISE).glob("*.parquet")))
+    monkeypatch.setattr(score, "PAIR_BUCKET_UNITS", max(1, read_dataset(run.path(rd.UNITS)).num_rows // 80))
+    score.execute(run, cfg)
+    after = read_dataset(run.path(rd.PAIRWISE)).drop_columns(["run_id"]).sort_by([(k, "ascending") for k in keys])
+    assert len(list(run.path(rd.PAIRWISE).glob("*.parquet"))) > n_files
+    assert before.num_rows > 0 and after.drop_columns(["weight"]).equals(before.drop_columns(["weight"]))
+    # the global mean of the pair weights is summed in another order: equal to rounding
+    np.testing.assert_allclose(after["weight"].to_numpy(), before["weight"].to_numpy(), rtol=1e-12)
+    score.execute(run, parse_config(text))                       # back to the defaults for the rest of the module

@@ -8,7 +8,7 @@ elements: each bucket's sub-table is Arrow IPC bytes, or the path of an Arrow fi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal
 
 import apache_beam as beam
@@ -49,10 +49,16 @@ class KeyByBucket(beam.DoFn):
             ids = pc.binary_join_element_wise(table[qr.SOURCE_FILE], table[qr.ROW_NUMBER].cast(pa.string()), ":")
         else:
             ids = table[self._key]
-        b = bucket_of(ids, self._buckets)
-        for k in np.unique(b):
-            part = table.filter(pa.array(b == k))
-            yield int(k), encode_table(part) if self._spill is None else spill_table(part, self._spill, int(k))
+        for k, part in split_by_bucket(table, ids, self._buckets):
+            yield k, encode_table(part) if self._spill is None else spill_table(part, self._spill, k)
+
+
+def split_by_bucket(table: pa.Table, ids: pa.Array | pa.ChunkedArray, buckets: int) -> Iterator[tuple[int, pa.Table]]:
+    """(bucket, rows) for each of ``buckets`` stable hash buckets of ``ids`` (one per row) present in ``table``,
+    rows in table order."""
+    b = bucket_of(ids, buckets)
+    for k in np.unique(b):
+        yield int(k), table.filter(pa.array(b == k))
 
 
 def dedup(df: pl.DataFrame, key: str) -> pl.DataFrame:

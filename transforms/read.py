@@ -446,20 +446,22 @@ class ReadRaw(beam.PTransform):
 
 class ReadParts(beam.PTransform):
     """A dataset's part files → (part index, Arrow table per row group), keeping each part's identity so
-    that a stage can write its output with the same partitioning (and so deterministically)."""
+    that a stage can write its output with the same partitioning (and so deterministically); with
+    ``groups``, ((part index, row group index), table), so that a part can be rewritten in its own row order one
+    row group at a time."""
 
-    def __init__(self, files: list[str], columns: list[str] | None = None):
+    def __init__(self, files: list[str], columns: list[str] | None = None, groups: bool = False):
         super().__init__()
-        self._files, self._columns = list(files), columns
+        self._files, self._columns, self._groups = list(files), columns, groups
 
     def expand(self, pbegin):
-        columns = self._columns
+        columns, groups = self._columns, self._groups
 
         def read(item: tuple[int, str]):
             index, path = item
             pf = pq.ParquetFile(path)
             for g in range(pf.num_row_groups):
-                yield index, pf.read_row_group(g, columns=columns)
+                yield (index, g) if groups else index, pf.read_row_group(g, columns=columns)
 
         return (pbegin
                 | "Parts" >> beam.Create(list(enumerate(self._files)))

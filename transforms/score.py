@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import apache_beam as beam
@@ -27,9 +28,11 @@ from estimators.noise import corrected_target, posterior_clean
 from estimators.propensity import logged_propensity
 from schemas import pairwise, pointwise
 from schemas import units as un
-from schemas.config import FitConfig, ScoreConfig
+from schemas.config import FitConfig, OutputConfig, ScoreConfig
 from schemas.hashing import fold_of
-from transforms.shuffle import decode_table
+from schemas.storage import PartWriter, part_name
+from transforms.join import split_by_bucket
+from transforms.shuffle import decode_table, spill_table
 
 
 @dataclass(frozen=True)
@@ -181,14 +184,6 @@ def observed_weight_sum(table: pa.Table) -> tuple[float, int]:
     return float(table[pointwise.WEIGHT_CLIPPED].to_numpy()[o].sum()), int(o.sum())
 
 
-def sum_tuples(values: Iterable[tuple[float, int]]) -> tuple[float, int]:
-    """Combiner for (sum, count) pairs; associative, so Beam may apply it to partial results."""
-    total, count = 0.0, 0
-    for s, c in values:
-        total, count = total + s, count + c
-    return total, count
-
-
 def add_snips(table: pa.Table, totals: tuple[float, int]) -> pa.Table:
     """Fill ``weight_snips`` with the clipped weights self-normalised by the *global* observed mean."""
     o = table[un.OBSERVED].to_numpy()
@@ -202,12 +197,48 @@ def stabilized_sums(table: pa.Table) -> tuple[float, float, int]:
     return W.weight_sums(table[pointwise.WEIGHT_STABILIZED].to_numpy(), table[un.OBSERVED].to_numpy())
 
 
-def sum_triples(values: Iterable[tuple[float, float, int]]) -> tuple[float, float, int]:
-    """Combiner for (Σw, Σw², n) triples; associative, so Beam may apply it to partial results."""
-    a, b, n = 0.0, 0.0, 0
-    for x, y, k in values:
-        a, b, n = a + x, b + y, n + k
-    return a, b, n
+class ExactSums(beam.CombineFn):
+    """Element-wise sums of ``width``-tuples of numbers (weight sums and counts), exact: each float is added as a
+    fraction and the total rounded once, so the sum does not depend on the order in which a runner combines its
+    partial results, and every runner and partitioning writes the same weights, to the bit. Non-finite values
+    are summed apart, as floats. Empty input gives zeros."""
+
+    def __init__(self, width: int):
+        self._width = width
+
+    def create_accumulator(self):
+        return [[0, 0.0] for _ in range(self._width)]      # per position: the exact sum, the non-finite sum
+
+    def add_input(self, acc, values):
+        for slot, x in zip(acc, values, strict=True):
+            if isinstance(x, (int, np.integer)):
+                slot[0] += int(x)
+            elif np.isfinite(x):
+                slot[0] += Fraction(float(x))
+            else:
+                slot[1] += float(x)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        out = self.create_accumulator()
+        for acc in accumulators:
+            for slot, (exact, special) in zip(out, acc, strict=True):
+                slot[0] += exact
+                slot[1] += special
+        return out
+
+    def extract_output(self, acc):
+        return tuple(int(exact) if isinstance(exact, int) and special == 0 else float(exact) + special
+                     for exact, special in acc)
+
+
+def exact_sums(values: Iterable[tuple], width: int) -> tuple:
+    """:class:`ExactSums` over ``values`` in one process (what the pipeline computes, for tests and callers)."""
+    fn = ExactSums(width)
+    acc = fn.create_accumulator()
+    for v in values:
+        acc = fn.add_input(acc, v)
+    return fn.extract_output(acc)
 
 
 def add_stabilized(table: pa.Table, sums: tuple[float, float, int] | None = None, *, method: str,
@@ -287,28 +318,92 @@ def normalise_pairs(table: pa.Table, totals: tuple[float, int]) -> pa.Table:
     return table.set_column(i, table.schema.field(i), pa.array(table[pairwise.WEIGHT].to_numpy() / mean, pa.float64()))
 
 
-class AddScores(beam.DoFn):
-    """(part, units table) → (part, scored table); the fitted models are loaded once per worker in ``setup``
-    (``FittedModels.load``: the path travels with the DoFn, not the models)."""
+PAIR_COLUMNS = (un.PROMPT_ID, un.IMPRESSION_ID, un.TS, un.PROMPT, un.RESPONSE, pointwise.PROPENSITY, un.OBSERVED,
+                un.LABEL, pointwise.TARGET_DR, pointwise.WEIGHT_SNIPS)
 
-    def __init__(self, models_dir: Path | str, *, fit: FitConfig, run_id: str, weighting: Weighting | None = None):
+
+def pair_inputs(table: pa.Table, cfg: ScoreConfig) -> pa.Table:
+    """The columns (and, for label pairs, the observed rows) of the scored units that :func:`build_pairs` reads:
+    what travels to the pair builder instead of the whole pointwise table."""
+    t = table.select(list(PAIR_COLUMNS))
+    return t.filter(pc.equal(t[un.OBSERVED], 1)) if cfg.pair_target == "label" else t
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """One scored row group of a units part, spilled to ``path`` (Arrow IPC), with its shares of the global sums:
+    units (and observed units) without overlap before any exclusion, (Σ weight_clipped, n) over the observed
+    units kept, and (Σw, Σw², n) of the raw weight_stabilized. Only this small record travels through the
+    runner; the rows stay in the file until the part is written."""
+
+    part: int
+    group: int
+    path: str
+    no_overlap: tuple[int, int]
+    weights: tuple[float, int]
+    stabilized: tuple[float, float, int]
+
+
+class ScoreBatches(beam.DoFn):
+    """((part, row group), units table) → :class:`ScoredBatch`: the units scored (:func:`add_scores`), those without
+    overlap dropped under ``fit.positivity = "exclude"``, the result spilled under ``spill_dir``. The fitted models
+    are loaded once per worker in ``setup`` (``FittedModels.load``: the path travels with the DoFn, not the
+    models), as Beam's RunInference does."""
+
+    def __init__(self, models_dir: Path | str, *, fit: FitConfig, run_id: str, spill_dir: str,
+                 weighting: Weighting | None = None):
         self._models_dir, self._fit, self._run_id = str(models_dir), fit, run_id
-        self._weighting = weighting
+        self._spill, self._weighting = spill_dir, weighting
         self._models: FittedModels | None = None
 
     def setup(self):
         self._models = FittedModels.load(self._models_dir)
 
     def process(self, element):
-        part, table = element
-        yield part, add_scores(table, self._models, fit=self._fit, run_id=self._run_id, weighting=self._weighting)
+        (part, group), table = element
+        scored = add_scores(table, self._models, fit=self._fit, run_id=self._run_id, weighting=self._weighting)
+        no_overlap = overlap_counts(scored)
+        if self._fit.positivity == "exclude":
+            scored = drop_overlap_violations(scored)
+        yield ScoredBatch(part, group, spill_table(scored, self._spill, part), no_overlap,
+                          observed_weight_sum(scored), stabilized_sums(scored))
+
+
+class WritePointwisePart(beam.DoFn):
+    """(part, [ScoredBatch]) → the part's pointwise file(s), one row group at a time in the units part's row order
+    (ingest writes it sorted by impression_id), with the global SNIPS normaliser ``totals`` and, for a monotone
+    stabiliser, the global ``sums`` (side inputs). What it emits is each finished row group's pair inputs
+    (:func:`pair_inputs`), bucketed by prompt and spilled, as (bucket, path): memory holds one row group, however
+    large the part. (One output only: Beam 2.77's DaskRunner mixes a ParDo's tagged outputs.)"""
+
+    def __init__(self, directory: str, schema: pa.Schema, output: OutputConfig, *, score: ScoreConfig,
+                 stabilize: str, max_variance: float, pair_buckets: int, spill_dir: str):
+        self._dir, self._schema, self._output, self._score = directory, schema, output, score
+        self._stabilize, self._max_variance = stabilize, max_variance
+        self._pair_buckets, self._spill = pair_buckets, spill_dir
+
+    def process(self, element, totals, sums=None):
+        part, batches = element
+        writer = PartWriter(self._dir, part_name(part), self._schema, self._output, self._output.partition_by)
+        for batch in sorted(batches, key=lambda b: b.group):
+            table = decode_table(batch.path)
+            if not table.num_rows:
+                continue
+            table = add_stabilized(add_snips(table, totals), sums, method=self._stabilize,
+                                   max_variance=self._max_variance)
+            writer.write(table)
+            rows = pair_inputs(table, self._score)
+            for bucket, sub in split_by_bucket(rows, rows[un.PROMPT_ID], self._pair_buckets):
+                yield bucket, spill_table(sub, self._spill, bucket)
+        writer.close()
 
 
 class BuildPairs(beam.DoFn):
-    """(bucket of prompt_id, [pointwise tables]) → (bucket, raw pairs table)."""
+    """(bucket of prompt_id, [pair-input tables or their spilled paths]) → (bucket, raw pairs table spilled under
+    ``spill_dir``, (Σ weight, n pairs)): the sums make the global normaliser without reading the pairs again."""
 
-    def __init__(self, cfg: ScoreConfig, run_id: str):
-        self._cfg, self._run_id = cfg, run_id
+    def __init__(self, cfg: ScoreConfig, run_id: str, spill_dir: str):
+        self._cfg, self._run_id, self._spill = cfg, run_id, spill_dir
 
     def process(self, element):
         bucket, tables = element
@@ -316,4 +411,4 @@ class BuildPairs(beam.DoFn):
         if tables:
             pairs = build_pairs(pl.from_arrow(pa.concat_tables(tables)), self._cfg, self._run_id)
             if pairs.num_rows:
-                yield bucket, pairs
+                yield bucket, spill_table(pairs, self._spill, bucket), pair_weight_sum(pairs)
