@@ -132,7 +132,7 @@ def bench_ingest(n: int, repeats: int = 2) -> dict[str, float]:
                  f"from schemas.run_dir import RunDir;import logging;logging.disable(logging.WARNING);"
                  f"from pipelines.orchestration.cli import DEFAULT_BEAM_ARGS;"
                  f"r=ingest.execute(RunDir('{work}/beam'), bench_config(__import__('pathlib').Path('{data}')),"
-                 f"DEFAULT_BEAM_ARGS);print(__import__('json').dumps(r['diagnostics']['seconds']))")
+                 f"DEFAULT_BEAM_ARGS);print(__import__('json').dumps(r.diagnostics.seconds))")
     polars_code = (f"from benchmarks.bench_ingest import bench_config, polars_ingest;import pathlib;"
                    f"polars_ingest(bench_config(pathlib.Path('{data}')), pathlib.Path('{work}/polars'))")
     beam_runs = [_timed_subprocess(beam_code) for _ in range(repeats)]

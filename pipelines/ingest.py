@@ -40,7 +40,7 @@ from schemas.storage import (
     staging_dir,
 )
 from schemas.suites import units_suite
-from transforms.gates import gate_failures, raw_id_leaks, raw_user_fields
+from transforms.gates import gate_failures, prefetch_gx, raw_id_leaks, raw_user_fields
 from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
 from transforms.privacy import key_from_env
 from transforms.read import COUNTS, INTERNAL_COLUMNS, ReadRaw, check_columns, file_schemas, input_files
@@ -199,6 +199,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> IngestRe
     units_final, quarantine_final = run.path(rd.UNITS), run.path(rd.QUARANTINE)
     units_tmp, quarantine_tmp = staging_dir(units_final), staging_dir(quarantine_final)
     scratch = scratch_dir(run.root, "ingest")
+    prefetch_gx()                                         # imported while the pipeline runs, for the units gate
     start = time.perf_counter()
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:

@@ -37,7 +37,7 @@ from schemas.storage import (
 )
 from schemas.suites import pairwise_suite, pointwise_suite
 from transforms import score as sc
-from transforms.gates import gate_failures, raw_id_leaks
+from transforms.gates import gate_failures, prefetch_gx, raw_id_leaks
 from transforms.read import ReadParts
 from transforms.shuffle import decode_table
 from transforms.write import WriteBucketParts, WriteJson
@@ -129,6 +129,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> ScoreRes
     excluded_path = tmp / "_no_overlap.json"               # removed before the commit: not part of datasets/
     scratch = tmp / "_scratch"                              # spilled row groups and pairs, removed before the commit
     n_units = count_rows(run.path(rd.UNITS))
+    prefetch_gx()                                         # imported while the pipeline runs, for the gates
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             build(p, cfg, unit_files=unit_files, models_dir=str(models_dir), pointwise_schema=schema,

@@ -11,7 +11,9 @@ keys always land in the same part.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +28,16 @@ from schemas.suites import RAW_ID_KEY, RAW_USER_COLUMNS, Expectation, Suite, sui
 
 GX_SAMPLE_ROWS = 20_000
 """Rows GX validates per gate: the first rows of each part, as evenly as the parts allow."""
+
+
+def prefetch_gx() -> threading.Thread:
+    """Import Great Expectations in a background thread, so that the import (about 2 s) overlaps a stage's pipeline
+    instead of delaying its gate; most of the pipeline's time is in Arrow and polars code that releases the GIL.
+    :func:`failed_expectations` then finds the module imported (or waits for the import to finish)."""
+    thread = threading.Thread(target=importlib.import_module, args=("great_expectations",), name="prefetch-gx",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 def failed_expectations(table: pa.Table, suite: Suite) -> list[str]:

@@ -32,12 +32,12 @@ IMPORTERS = {"coat": "pipelines.sources.coat", "hh-rlhf": "pipelines.sources.hh_
 """``obsfeed import SOURCE``: the module in ``pipelines`` with ``add_arguments(parser)`` and ``main(args)``."""
 DEFAULT_BEAM_ARGS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
 """Beam's local FnApiRunner, in-process. ``--direct_running_mode=multi_processing --direct_num_workers=2`` runs
-too: on 2026-12-02, 5 of 5 consecutive 2-worker ingest runs at 200k impressions (file-backed shuffle, 2 cores)
-were correct (row-count invariant held, units identical to in-process by content hash) and slower, 7.5-8.4 s
-against 4.8-5.3 s in-process on cores shared with other work (at 1M, two earlier runs were about 5% faster). Earlier, while tables went through
-the runner's shuffle, Beam 2.77's parallel bundle manager intermittently dropped part of a grouped input at 1M
-impressions (about one run in three; caught by the ingest row-count invariant, reproduced with Beam alone); 1M and
-``multi_threading`` were not measured again. The invariant check stays on in every mode."""
+too: on 2026-12-02, 5 of 5 consecutive 2-worker ingest runs at 200k impressions (file-backed shuffle, 2 cores
+shared with other work) were correct (row-count invariant held, units identical to in-process by content hash)
+and slower, 7.5-8.4 s against 4.8-5.3 s in-process (at 1M, two earlier runs were about 5% faster). Earlier, while
+tables went through the runner's shuffle, Beam 2.77's parallel bundle manager intermittently dropped part of a
+grouped input at 1M impressions (about one run in three; caught by the ingest row-count invariant, reproduced with
+Beam alone); 1M and ``multi_threading`` were not measured again. The invariant check stays on in every mode."""
 
 
 def beam_args_with_defaults(beam_args: Sequence[str]) -> list[str]:
