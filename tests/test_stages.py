@@ -84,3 +84,17 @@ def test_train_counts_are_optional_and_an_older_empty_block_reads_as_none():
     old = stage_result(_manifest(train={"status": "ok", "counts": {}, "diagnostics": {"bt": {"val_loss": 0.6}}}),
                        TRAIN)
     assert old.counts is None and old.diagnostics["bt"].val_loss == 0.6
+
+
+def test_peak_memory_is_the_stage_process_own_not_its_launchers():
+    """Linux carries a parent's peak into a child's ru_maxrss across fork and exec: a stage launched by a process
+    that once held 400 MB must not report 400 MB."""
+    import subprocess
+    import sys
+
+    held = bytearray(400 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])                 # touched: resident
+    code = "from pipelines.orchestration.registry import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    del held
+    assert float(out) < 350, out

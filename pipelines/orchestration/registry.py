@@ -53,12 +53,34 @@ def git_commit() -> str | None:
     return res.stdout.strip() or None if res.returncode == 0 else None
 
 
+def _high_water_kib() -> int | None:
+    """This process's own peak resident memory since it started (Linux: ``VmHWM``), or None where unknown."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+    return int(line.split()[1]) if line else None
+
+
+_INHERITED_KIB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if sys.platform != "darwin" else 0
+"""``ru_maxrss`` when this module was imported. Linux carries a parent's peak through fork and exec into the
+child's ``ru_maxrss`` (a stage launched by a process that once held 5 GB reports 5 GB), so the figure at start-up
+is mostly the launcher's, not ours: it is what :func:`peak_rss_mb` discounts."""
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process and its waited-for children, in MiB (Linux: ru_maxrss in KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident memory of this process and its waited-for children, in MiB: this process's own high-water mark
+    (``VmHWM``; ``ru_maxrss`` where /proc is not there), and the children's ``ru_maxrss`` only where it exceeds what
+    this process inherited from its launcher (see ``_INHERITED_KIB``)."""
+    own_kib = _high_water_kib()
+    if own_kib is None:
+        own_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 / 1024
-    return round(max(own, kids) * scale, 1)
+    if sys.platform == "darwin":                                     # bytes there
+        return round(max(own_kib, kids) / 1024 / 1024, 1)
+    kids_kib = kids if kids > _INHERITED_KIB else 0
+    return round(max(own_kib, kids_kib) / 1024, 1)
 
 
 def record_stage(run: RunDir, stage: str, config_hash: str, work: Callable[[], StageResult],
