@@ -68,11 +68,11 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], models_di
     scored = (p | "ReadUnits" >> ReadParts(list(unit_files), groups=True)
               | "Score" >> beam.ParDo(sc.ScoreBatches(models_dir, fit=cfg.fit, run_id=run_id, spill_dir=spill["scored"],
                                                       weighting=weighting)))
-    totals = (scored | "ObservedWeights" >> beam.Map(lambda b: b.weights)
+    totals = (scored | "ObservedWeights" >> beam.Map(lambda b: ((b.part, b.group), b.weights))
               | "SumWeights" >> beam.CombineGlobally(sc.ExactSums(2)))
     sides = {"totals": beam.pvalue.AsSingleton(totals)}
     if cfg.weights.stabilize == "monotone":       # normalised and capped with the global (Σw, Σw², n)
-        sums = (scored | "StabilizedWeights" >> beam.Map(lambda b: b.stabilized)
+        sums = (scored | "StabilizedWeights" >> beam.Map(lambda b: ((b.part, b.group), b.stabilized))
                 | "SumStabilized" >> beam.CombineGlobally(sc.ExactSums(3)))
         sides["sums"] = beam.pvalue.AsSingleton(sums)
     pair_inputs = (scored | "KeyByPart" >> beam.Map(lambda b: (b.part, b))
@@ -85,7 +85,7 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], models_di
     raw_pairs = (pair_inputs
                  | "GroupPrompts" >> beam.GroupByKey()
                  | "BuildPairs" >> beam.ParDo(sc.BuildPairs(cfg.score, run_id, spill["pairs"])))
-    pair_totals = (raw_pairs | "PairWeights" >> beam.Map(lambda r: r[2])
+    pair_totals = (raw_pairs | "PairWeights" >> beam.Map(lambda r: (r[0], r[2]))
                    | "SumPairWeights" >> beam.CombineGlobally(sc.ExactSums(2)))
     written = [
         raw_pairs
@@ -97,7 +97,7 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], models_di
                                                              pairwise.REJECTED_ID], cfg.output, partitioned=True))
     ]
     if cfg.fit.positivity == "exclude":
-        written.append(scored | "CountNoOverlap" >> beam.Map(lambda b: b.no_overlap)
+        written.append(scored | "CountNoOverlap" >> beam.Map(lambda b: ((b.part, b.group), b.no_overlap))
                        | "SumNoOverlap" >> beam.CombineGlobally(sc.ExactSums(2))
                        | "NoOverlapDoc" >> beam.Map(lambda c: {"units": int(c[0]), "observed": int(c[1])})
                        | "WriteNoOverlap" >> beam.ParDo(WriteJson(excluded_path)))

@@ -5,9 +5,11 @@ GroupByKey, CoGroupByKey, Flatten, CombineGlobally (its default on empty input t
 and obsfeed's own read/shuffle/write transforms (``ReadParts``, ``KeyByBucket`` with bytes or spilled files,
 ``WriteBucketParts``) on real units.
 
-The score stage runs there (its graph has no tagged outputs and one terminal step that every sink feeds) and gives
-the local runner's pointwise dataset, every column, and the same pairs; the pairs' weights differ from the local
-ones by one common factor, a strict xfail (its reason says what is known). The ingest stage does not run there.
+The score stage runs there and gives the local runner's datasets, row for row: its graph has no tagged outputs and
+one terminal step that every sink feeds, and its global sums count each batch once, because DaskRunner computes a
+side input inside each task that reads it, re-running its upstream there, and handed the pair weights' combiner
+some prompt buckets twice (246 raw pairs summed for 112 on the test input, before the sums were keyed by batch).
+The ingest stage does not run there.
 
 What does not work, in Beam 2.77's translation (``apache_beam/runners/dask/``), and so the ingest comparison and
 the probes below are strict xfails with these reasons:
@@ -305,20 +307,11 @@ def scored_both_ways(fitted, cluster, tmp_path_factory) -> dict[str, dict[str, p
             for name in ("local", "dask")}
 
 
-def test_score_gives_the_local_pointwise_dataset_and_pairs(scored_both_ways):
-    """Every pointwise column, SNIPS and stabilised weights (global side inputs) included, and every pair."""
+def test_score_gives_the_local_datasets(scored_both_ways):
+    """Every pointwise column and every pair, the weights normalised by global side inputs included (to the bit:
+    the sums are exact and count each batch once, and DaskRunner hands a side input's combiner some batches
+    twice)."""
     local, dask = scored_both_ways["local"], scored_both_ways["dask"]
     assert local[rd.POINTWISE].num_rows > 0 and local[rd.PAIRWISE].num_rows > 0
     assert dask[rd.POINTWISE].equals(local[rd.POINTWISE])
-    assert dask[rd.PAIRWISE].drop_columns([pairwise.WEIGHT]).equals(local[rd.PAIRWISE].drop_columns([pairwise.WEIGHT]))
-
-
-@pytest.mark.xfail(strict=True, reason="on DaskRunner every pair weight differs from the local runner's by one "
-                   "common factor (0.964 on this input): the global mean of the raw pair weights that NormalisePairs "
-                   "receives as an AsSingleton side input is not the mean of the pairs it normalises (the pairs "
-                   "themselves are the same). DaskRunner computes a side input inside each task that reads it, "
-                   "re-running its upstream there (DaskBagWindowedIterator); this one's upstream holds two "
-                   "GroupByKeys and another side input. The exact fault in Beam's translation is not established")
-def test_score_gives_the_local_pair_weights(scored_both_ways):
-    local, dask = scored_both_ways["local"], scored_both_ways["dask"]
-    assert dask[rd.PAIRWISE][pairwise.WEIGHT].equals(local[rd.PAIRWISE][pairwise.WEIGHT])
+    assert dask[rd.PAIRWISE].equals(local[rd.PAIRWISE])

@@ -1,4 +1,5 @@
 import datetime as dt
+from fractions import Fraction
 
 import numpy as np
 import polars as pl
@@ -7,7 +8,8 @@ import pytest
 
 from schemas import pairwise, pointwise
 from schemas.config import ScoreConfig
-from transforms.score import add_snips, build_pairs, normalise_pairs
+from transforms import score as sc
+from transforms.score import add_snips, build_pairs, exact_sums, normalise_pairs
 
 
 def _units() -> pl.DataFrame:
@@ -75,3 +77,17 @@ def test_snips_uses_the_global_normaliser():
                   pointwise.WEIGHT_SNIPS: [np.nan] * 3})
     out = add_snips(t, (12.0, 4))
     assert out[pointwise.WEIGHT_SNIPS].to_pylist() == [pytest.approx(2 / 3), 0.0, pytest.approx(4 / 3)]
+
+
+def test_exact_sums_do_not_depend_on_order_and_count_a_replayed_batch_once():
+    assert exact_sums([(1e16, 1), (1.0, 1), (-1e16, 1)], 2) == (1.0, 3)          # float addition would give 0.0
+    fn = sc.ExactSums(2)
+    one = fn.add_input(fn.create_accumulator(), ("x", (0.1, 1)))
+    two = fn.add_input(fn.add_input(fn.create_accumulator(), ("y", (0.2, 1))), ("x", (0.1, 1)))   # x replayed
+    assert fn.extract_output(fn.merge_accumulators([one, two])) == (float(Fraction(0.1) + Fraction(0.2)), 2)
+    assert fn.extract_output(fn.merge_accumulators([two, one])) == fn.extract_output(fn.merge_accumulators([one, two]))
+    with pytest.raises(ValueError, match="two different sums for batch 'x'"):
+        fn.add_input(one, ("x", (0.3, 1)))
+    assert fn.extract_output(fn.create_accumulator()) == (0, 0)
+    inf = fn.extract_output(fn.add_input(fn.create_accumulator(), ("z", (float("inf"), 2))))
+    assert inf == (float("inf"), 2)

@@ -197,48 +197,59 @@ def stabilized_sums(table: pa.Table) -> tuple[float, float, int]:
     return W.weight_sums(table[pointwise.WEIGHT_STABILIZED].to_numpy(), table[un.OBSERVED].to_numpy())
 
 
+def _exact(x) -> int | Fraction | str:
+    """A number as an exact value: an int, a float as the fraction it is, a non-finite float as its name."""
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    return Fraction(float(x)) if np.isfinite(x) else repr(float(x))
+
+
 class ExactSums(beam.CombineFn):
-    """Element-wise sums of ``width``-tuples of numbers (weight sums and counts), exact: each float is added as a
-    fraction and the total rounded once, so the sum does not depend on the order in which a runner combines its
-    partial results, and every runner and partitioning writes the same weights, to the bit. Non-finite values
-    are summed apart, as floats. Empty input gives zeros."""
+    """Element-wise sums of the ``width``-tuples of numbers (weight sums and counts) of ``(key, tuple)`` elements,
+    each key counted once and exactly.
+
+    Exactly: each float is added as the fraction it is and the total rounded once, so the sum does not depend on
+    the order in which a runner combines partial results, and every runner and partitioning writes the same
+    weights, to the bit (non-finite values are summed apart, as floats). Once: a key (a row group, a prompt
+    bucket) seen again with the same numbers is the same batch replayed, not another one (Beam 2.77's DaskRunner
+    hands a side input's combiner some elements more than once); the same key with other numbers is an error.
+    Empty input gives zeros."""
 
     def __init__(self, width: int):
         self._width = width
 
-    def create_accumulator(self):
-        return [[0, 0.0] for _ in range(self._width)]      # per position: the exact sum, the non-finite sum
+    def create_accumulator(self) -> dict:
+        return {}
 
-    def add_input(self, acc, values):
-        for slot, x in zip(acc, values, strict=True):
-            if isinstance(x, (int, np.integer)):
-                slot[0] += int(x)
-            elif np.isfinite(x):
-                slot[0] += Fraction(float(x))
-            else:
-                slot[1] += float(x)
-        return acc
+    def add_input(self, acc: dict, element) -> dict:
+        key, values = element
+        return self.merge_accumulators([acc, {key: tuple(_exact(x) for x in values)}])
 
-    def merge_accumulators(self, accumulators):
-        out = self.create_accumulator()
+    def merge_accumulators(self, accumulators) -> dict:
+        out: dict = {}
         for acc in accumulators:
-            for slot, (exact, special) in zip(out, acc, strict=True):
-                slot[0] += exact
-                slot[1] += special
+            for key, values in acc.items():
+                if out.setdefault(key, values) != values:
+                    raise ValueError(f"two different sums for batch {key!r}: {out[key]} and {values}")
         return out
 
-    def extract_output(self, acc):
-        return tuple(int(exact) if isinstance(exact, int) and special == 0 else float(exact) + special
-                     for exact, special in acc)
+    def extract_output(self, acc: dict) -> tuple:
+        exact, special = [0] * self._width, [0.0] * self._width
+        for values in acc.values():
+            for i, v in enumerate(values):
+                if isinstance(v, str):
+                    special[i] += float(v)
+                else:
+                    exact[i] += v
+        return tuple(int(e) if isinstance(e, int) and sp == 0 else float(e) + sp for e, sp in zip(exact, special,
+                                                                                                strict=True))
 
 
 def exact_sums(values: Iterable[tuple], width: int) -> tuple:
-    """:class:`ExactSums` over ``values`` in one process (what the pipeline computes, for tests and callers)."""
+    """:class:`ExactSums` over ``values`` (one batch each) in one process: what the pipeline computes."""
     fn = ExactSums(width)
-    acc = fn.create_accumulator()
-    for v in values:
-        acc = fn.add_input(acc, v)
-    return fn.extract_output(acc)
+    return fn.extract_output(fn.merge_accumulators([fn.add_input(fn.create_accumulator(), (i, v))
+                                                    for i, v in enumerate(values)]))
 
 
 def add_stabilized(table: pa.Table, sums: tuple[float, float, int] | None = None, *, method: str,
