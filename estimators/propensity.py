@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedShuffleSplit
+from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -30,12 +30,15 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
 
     Calibration is fitted where the classifier did not look, so that no unit's calibrated score comes from a model
     that saw its label. On at most ``holdout_above`` units that is sklearn's ``CalibratedClassifierCV(cv=3)``:
-    three classifiers, each calibrated on the third it was not fitted on, averaged. On more, one classifier is
-    fitted on two thirds and the map (isotonic regression of its probability, or Platt's logistic map of its
-    logit) on the held-out third: a third of the cost, where three fits of the whole design were most of the
-    fit stage. The switch is by size because one split's map is only as good on large samples (at 200k units
-    ECE 0.0026 against 0.0045); on small ones the average of three is smoother (3,000 units: ECE 0.025–0.038
-    for one split against 0.020–0.024 for three, over four seeds; and fewer units at the propensity floor).
+    three classifiers, each calibrated on the third it was not fitted on, averaged. On more, two: one fitted on
+    each half, calibrated (isotonic regression of its probability, or Platt's logistic map of its logit) on the
+    other half, and averaged; the logistic one on the second half starts from the first half's solution. Half the
+    cost of the nested calibration, where its three fits of the whole design were most of the fit stage, and the
+    same ranking: in the estimators benchmark a single classifier fitted on two thirds and calibrated on the third
+    lost 0.005-0.006 AUC (0.022 below the true propensity's under strong selection), the two halves gained
+    0.002-0.003 over the nested calibration. The switch is by size because on small samples the average of three
+    is smoother (3,000 units: ECE 0.025–0.038 for one split against 0.020–0.024 for three, over four seeds; and
+    fewer units at the propensity floor).
     """
 
     def __init__(self, *, model: str = "logistic", calibration: str = "isotonic", C: float = 1.0,
@@ -61,26 +64,30 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         base = (LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
                 if self.model == "logistic" else
                 LinearThenBoosted(C=self.C, passthrough=self.passthrough, random_state=self.random_state))
-        for fitted in ("model_", "base_", "calibrator_"):        # a refit replaces the other path's attributes
+        for fitted in ("model_", "bases_", "calibrators_"):        # a refit replaces the other path's attributes
             self.__dict__.pop(fitted, None)
         if X.shape[0] <= self.holdout_above:
             self.model_ = CalibratedClassifierCV(base, method=self.calibration, cv=3).fit(X, y)
             self.classes_ = self.model_.classes_
             return self
-        train, held = next(StratifiedShuffleSplit(n_splits=1, test_size=1 / 3,
-                                                  random_state=self.random_state).split(X, y))
-        train = np.sort(train)                     # rows in their order: the sparse products read memory in turn
         self.classes_, y01 = np.unique(y, return_inverse=True)
-        self.base_ = base.fit(X[train], y01[train])
-        score = self._score(X[held])
-        self.calibrator_ = (IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(score, y01[held])
-                            if self.calibration == "isotonic" else      # Platt: a logistic map of the logit
-                            LogisticRegression(C=np.inf).fit(score[:, None], y01[held]))
+        self.bases_, self.calibrators_ = [], []
+        for train, held in StratifiedKFold(n_splits=2, shuffle=True, random_state=self.random_state).split(X, y):
+            model = clone(base)
+            if self.bases_ and self.model == "logistic":        # the second half starts from the first's solution
+                model.set_params(warm_start=True)
+                model.coef_, model.intercept_ = self.bases_[0].coef_.copy(), self.bases_[0].intercept_.copy()
+            self.bases_.append(model.fit(X[np.sort(train)], y01[np.sort(train)]))
+            score = self._score(model, X[held])
+            self.calibrators_.append(
+                IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(score, y01[held])
+                if self.calibration == "isotonic" else      # Platt: a logistic map of the logit
+                LogisticRegression(C=np.inf).fit(score[:, None], y01[held]))
         return self
 
-    def _score(self, X) -> np.ndarray:
-        """The classifier's score the calibrator maps: its probability (isotonic) or logit (sigmoid)."""
-        p = self.base_.predict_proba(X)[:, 1]
+    def _score(self, model, X) -> np.ndarray:
+        """A classifier's score its calibrator maps: its probability (isotonic) or logit (sigmoid)."""
+        p = model.predict_proba(X)[:, 1]
         return p if self.calibration == "isotonic" else logit(p)
 
     def predict_proba(self, X) -> np.ndarray:
@@ -88,10 +95,10 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, accept_sparse="csr", reset=False)
         if hasattr(self, "model_"):          # the nested 3-fold calibration
             p = self.model_.predict_proba(X)[:, 1]
-        elif self.calibration == "isotonic":
-            p = self.calibrator_.predict(self._score(X))
         else:
-            p = self.calibrator_.predict_proba(self._score(X)[:, None])[:, 1]
+            p = np.mean([c.predict(self._score(m, X)) if self.calibration == "isotonic" else
+                         c.predict_proba(self._score(m, X)[:, None])[:, 1]
+                         for m, c in zip(self.bases_, self.calibrators_, strict=True)], axis=0)
         p = np.clip(p, self.clip, 1 - self.clip)
         return np.column_stack([1 - p, p])
 

@@ -54,16 +54,19 @@ def test_propensity_is_calibrated_and_discriminates(data):
     assert auc(oof, o) > auc(p, o) - 0.03
 
 
-def test_propensity_calibrated_on_a_held_out_third_on_large_samples(data):
-    """Above holdout_above units: one classifier and one map on the third it did not see (no nested CV)."""
+def test_propensity_calibrated_on_the_other_half_on_large_samples(data):
+    """Above holdout_above units: two classifiers, each with its map fitted on the half it did not see, averaged
+    (no nested CV)."""
     X, p, o, _, fold = data
     oof, models = crossfit(PropensityModel(holdout_above=1000), X, o, fold)
-    assert all(not hasattr(m, "model_") and hasattr(m, "calibrator_") for m in models)
+    assert all(not hasattr(m, "model_") and len(m.bases_) == len(m.calibrators_) == 2 for m in models)
     assert expected_calibration_error(oof, o) < 0.05 and auc(oof, o) > auc(p, o) - 0.03
+    m = models[0]
+    assert not np.array_equal(m.bases_[0].coef_, m.bases_[1].coef_)       # fitted on different halves
     small = PropensityModel().fit(X[:500], o[:500])
-    assert hasattr(small, "model_") and not hasattr(small, "base_")
+    assert hasattr(small, "model_") and not hasattr(small, "bases_")
     refit = PropensityModel(holdout_above=100).fit(X[:500], o[:500])
-    assert not hasattr(refit.set_params(holdout_above=1000).fit(X[:500], o[:500]), "base_")
+    assert not hasattr(refit.set_params(holdout_above=1000).fit(X[:500], o[:500]), "bases_")
 
 
 @pytest.mark.parametrize("holdout_above", [20_000, 0])
