@@ -123,7 +123,7 @@ def arrow_result(table: pa.Table, e: Expectation) -> tuple[bool, float]:
         inside = pc.fill_null(pc.is_in(col, value_set=pa.array(k["value_set"]).cast(col.type)), False)
         bad = int((present & ~inside.to_numpy(zero_copy_only=False)).sum())
     elif e.type == "expect_column_values_to_be_between":
-        v = np.where(present, _values(col), 0).astype(float) if present.size else np.zeros(0)
+        v = np.where(present, _values(col), 0).astype(float)
         out = np.zeros(len(v), dtype=bool)
         if k.get("min_value") is not None:
             out |= (v <= k["min_value"]) if k.get("strict_min") else (v < k["min_value"])

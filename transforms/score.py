@@ -221,16 +221,21 @@ class ExactSums(beam.CombineFn):
     def create_accumulator(self) -> dict:
         return {}
 
+    @staticmethod
+    def _put(acc: dict, key, values: tuple) -> None:
+        if acc.setdefault(key, values) != values:
+            raise ValueError(f"two different sums for batch {key!r}: {acc[key]} and {values}")
+
     def add_input(self, acc: dict, element) -> dict:
         key, values = element
-        return self.merge_accumulators([acc, {key: tuple(_exact(x) for x in values)}])
+        self._put(acc, key, tuple(_exact(x) for x in values))
+        return acc
 
     def merge_accumulators(self, accumulators) -> dict:
         out: dict = {}
         for acc in accumulators:
             for key, values in acc.items():
-                if out.setdefault(key, values) != values:
-                    raise ValueError(f"two different sums for batch {key!r}: {out[key]} and {values}")
+                self._put(out, key, values)
         return out
 
     def extract_output(self, acc: dict) -> tuple:
