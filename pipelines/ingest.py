@@ -151,7 +151,7 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
                   signal_files=signal_files,
               )).with_outputs(QUARANTINED, COUNTS, main="units"))
     _ = (joined.units
-         | "AsGroups" >> beam.MapTuple(lambda k, t: (k, [t]))
+         | "AsGroups" >> beam.MapTuple(lambda k, t: (k, [t])).with_output_types(tuple[int, list[pa.Table]])
          | "WriteUnits" >> beam.ParDo(WriteBucketParts(units_dir, units_schema, [un.IMPRESSION_ID], cfg.output)))
     _ = ((imps[QUARANTINED], sigs[QUARANTINED], v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINED])
          | "FlattenQuarantine" >> beam.Flatten()

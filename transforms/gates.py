@@ -11,9 +11,14 @@ keys always land in the same part.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
-import threading
+import os
+import pickle
+import struct
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,18 +31,94 @@ from schemas import quarantine as qr
 from schemas.storage import read_dataset
 from schemas.suites import RAW_ID_KEY, RAW_USER_COLUMNS, Expectation, Suite, suite_columns
 
+logger = logging.getLogger(__name__)
+
 GX_SAMPLE_ROWS = 20_000
 """Rows GX validates per gate: the first rows of each part, as evenly as the parts allow."""
 
 
-def prefetch_gx() -> threading.Thread:
-    """Import Great Expectations in a background thread, so that the import (about 2 s) overlaps a stage's pipeline
-    instead of delaying its gate; most of the pipeline's time is in Arrow and polars code that releases the GIL.
-    :func:`failed_expectations` then finds the module imported (or waits for the import to finish)."""
-    thread = threading.Thread(target=importlib.import_module, args=("great_expectations",), name="prefetch-gx",
-                              daemon=True)
-    thread.start()
-    return thread
+class _GxWorker:
+    """A child Python process that imports GX at once and then validates the tables it is sent.
+
+    Why a process: importing GX takes about 2 s of Python; in a thread of the stage's process it held the GIL
+    from the pipeline for as long as it saved at the gate (measured at 1M impressions). A plain subprocess, not
+    ``multiprocessing``: a spawned ``multiprocessing`` child re-imports the caller's main script, which would re-run
+    a script that calls a stage at its top level. Requests and replies are length-prefixed pickles over the
+    child's stdin and stdout (both ends are this module).
+    """
+
+    def __init__(self):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen([sys.executable, "-c", "from transforms.gates import _serve_gx; _serve_gx()"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def failures(self, table: pa.Table, suite: Suite) -> list[str]:
+        _send(self._proc.stdin, (table, suite))
+        reply = _receive(self._proc.stdout)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait(timeout=30)
+
+
+def _send(stream, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("the GX worker process exited")
+    return pickle.loads(stream.read(struct.unpack("<Q", head)[0]))
+
+
+def _serve_gx() -> None:
+    """The GX worker's loop (see :class:`_GxWorker`): import GX, then answer each request until stdin closes."""
+    importlib.import_module("great_expectations")
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr                                # anything GX prints must not corrupt the replies
+    while True:
+        try:
+            table, suite = _receive(stdin)
+        except EOFError:
+            return
+        try:
+            reply = failed_expectations(table, suite)
+        except Exception as e:  # noqa: BLE001  (sent back and raised in the stage's process)
+            reply = e
+        _send(stdout, reply)
+
+
+_gx_worker: _GxWorker | None = None
+
+
+def prefetch_gx() -> None:
+    """Start the GX worker process (:class:`_GxWorker`) now, so that GX is imported there while the stage's
+    pipeline runs; every later gate of this process uses it."""
+    global _gx_worker
+    if _gx_worker is None:
+        try:
+            _gx_worker = _GxWorker()
+            atexit.register(_gx_worker.close)
+        except OSError as e:                               # cannot start a process here: validate in-process
+            logger.warning("cannot start the GX worker process (%s); gates validate in this process", e)
+
+
+def _gx_failures(table: pa.Table, suite: Suite) -> list[str]:
+    """:func:`failed_expectations` in the GX worker process when :func:`prefetch_gx` started one, else here."""
+    global _gx_worker
+    if _gx_worker is not None:
+        try:
+            return _gx_worker.failures(table, suite)
+        except (EOFError, OSError, pickle.UnpicklingError) as e:   # the worker died (killed, out of memory)
+            logger.warning("the GX worker process failed (%s); validating the gate's sample in this process", e)
+            _gx_worker = None
+    return failed_expectations(table, suite)
 
 
 def failed_expectations(table: pa.Table, suite: Suite) -> list[str]:
@@ -159,7 +240,7 @@ def gate_failures(files: Sequence[Path | str], suite: Suite, *, sample_rows: int
     for f in files:
         table = pq.read_table(f, columns=columns)
         results.append(arrow_results(table, suite))
-        sample.append(table.slice(0, per_part))
+        sample.append(table.take(np.arange(min(per_part, table.num_rows))))   # a copy: a slice would keep the part
     lines, failed = [], set()
     for i, e in enumerate(suite.expectations):
         details = np.array([r[i][1] for r in results], dtype=float)
@@ -170,7 +251,7 @@ def gate_failures(files: Sequence[Path | str], suite: Suite, *, sample_rows: int
         lines.append(f"{e.label()}: {_fmt(np.nanmin(details) if minimum else details.sum())}")
     n = sum(t.num_rows for t in sample)
     lines += [f"{line} (GX, on a sample of {n:,} rows)"
-              for line in failed_expectations(pa.concat_tables(sample), suite) if line.split(":")[0] not in failed]
+              for line in _gx_failures(pa.concat_tables(sample), suite) if line.split(":")[0] not in failed]
     return lines
 
 

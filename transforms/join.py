@@ -25,9 +25,10 @@ from schemas.conform import conform
 from schemas.hashing import bucket_of
 from transforms.privacy import key_from_env, pseudonymise
 from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
-from transforms.shuffle import decode_table, encode_table, spill_table
+from transforms.shuffle import decode_table, encode_table, spill_path, write_spill
 from transforms.validate import CONTEXT, QUARANTINED, quarantine_rows
 from transforms.window import OTHER_DAY, DayWindow
+from transforms.write import BackgroundWrites
 
 LabelRule = float | str
 _IMP_TS = "_impression_ts"
@@ -44,21 +45,40 @@ class KeyByBucket(beam.DoFn):
     def __init__(self, buckets: int, key: str | None, spill_dir: str | None = None):
         self._buckets, self._key, self._spill = buckets, key, spill_dir
 
+    def setup(self):
+        self._writes = BackgroundWrites()
+
     def process(self, table: pa.Table):
         if self._key is None:
             ids = pc.binary_join_element_wise(table[qr.SOURCE_FILE], table[qr.ROW_NUMBER].cast(pa.string()), ":")
         else:
             ids = table[self._key]
         for k, part in split_by_bucket(table, ids, self._buckets):
-            yield k, encode_table(part) if self._spill is None else spill_table(part, self._spill, k)
+            if self._spill is None:
+                yield k, encode_table(part)
+            else:
+                path = spill_path(self._spill, k)
+                self._writes.submit(write_spill, part, path)
+                yield k, path
+
+    def finish_bundle(self):
+        self._writes.drain()
+
+    def teardown(self):
+        self._writes.close()
 
 
 def split_by_bucket(table: pa.Table, ids: pa.Array | pa.ChunkedArray, buckets: int) -> Iterator[tuple[int, pa.Table]]:
     """(bucket, rows) for each of ``buckets`` stable hash buckets of ``ids`` (one per row) present in ``table``,
     rows in table order."""
     b = bucket_of(ids, buckets)
-    for k in np.unique(b):
-        yield int(k), table.filter(pa.array(b == k))
+    order = np.argsort(b, kind="stable")            # one gather, then a zero-copy slice per bucket
+    bounds = np.searchsorted(b[order], np.arange(buckets + 1))
+    table = table.take(pa.array(order))
+    for k in range(buckets):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        if hi > lo:
+            yield k, table.slice(lo, hi - lo)
 
 
 def dedup(df: pl.DataFrame, key: str) -> pl.DataFrame:
@@ -194,6 +214,7 @@ def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping
     return conform(df.to_arrow(), units_schema, where="units")
 
 
+@beam.typehints.with_output_types(pa.Table, **{COUNTS: dict})
 class DedupByKey(beam.DoFn):
     """(bucket of ``key``, [tables]) → the rows that survive dedup on ``key``, and the duplicate count.
 
@@ -214,6 +235,7 @@ class DedupByKey(beam.DoFn):
         yield kept.to_arrow()
 
 
+@beam.typehints.with_output_types(tuple[int, pa.Table], **{QUARANTINED: pa.Table, COUNTS: dict})
 class JoinAndLabel(beam.DoFn):
     """(bucket, {impressions: [...], signals: [...]}) → units table; orphans and time travellers quarantined.
 

@@ -26,9 +26,10 @@ def pseudonymise(user_ids: pl.Series, key: bytes | None) -> pl.Series:
             return hashlib.sha256(u.encode()).hexdigest()[:32]
         return hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32]
 
-    uniq = user_ids.unique()
-    mapping = dict(zip(uniq.to_list(), [None if u is None else one(u) for u in uniq.to_list()], strict=True))
-    return user_ids.replace_strict(mapping, return_dtype=pl.String)
+    uniq = user_ids.drop_nulls().unique()         # each user hashed once; a join maps them back (null stays null)
+    mapping = pl.DataFrame({"u": uniq, "h": pl.Series([one(u) for u in uniq.to_list()], dtype=pl.String)})
+    return (user_ids.to_frame("u").join(mapping, on="u", how="left", maintain_order="left")["h"]
+            .alias(user_ids.name))
 
 
 def key_from_env(key_env: str | None) -> bytes | None:

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -26,6 +26,7 @@ from schemas import quarantine as qr
 from schemas.config import Config, expand_inputs
 from schemas.errors import InputError
 from transforms.privacy import key_from_env, redact_csv_text, redact_json_text
+from transforms.shuffle import ArrowBatchCoder  # noqa: F401  (imported for its registration: pa.Table/RecordBatch outputs)
 
 MALFORMED_RECORD = qr.MALFORMED_RECORD
 
@@ -300,7 +301,9 @@ def read_file(path: str, *, file_index: int = 0, batch_rows: int = 65_536, malfo
             malformed.extend(bad)
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
-    yield from _with_provenance(table, file_index, 0).to_batches(max_chunksize=batch_rows)
+    table = _with_provenance(table, file_index, 0)
+    for start in range(0, table.num_rows, batch_rows):   # the parser's ~1 MB blocks, regrouped to batch_rows
+        yield from table.slice(start, batch_rows).combine_chunks().to_batches()
 
 
 def peek_schema(path: str) -> pa.Schema:
@@ -392,6 +395,7 @@ def _csv_header(path: str) -> list[str]:
     return next(csv.reader([first.decode("utf-8", errors="replace")], delimiter=_delimiter(path)), [])
 
 
+@beam.typehints.with_output_types(pa.RecordBatch, **{QUARANTINED: pa.Table, COUNTS: dict})
 class ReadFileBatches(beam.DoFn):
     """(file index, path) in, record batches out; unparseable records on ``quarantine``, row counts on ``counts``."""
 
@@ -466,4 +470,4 @@ class ReadParts(beam.PTransform):
         return (pbegin
                 | "Parts" >> beam.Create(list(enumerate(self._files)))
                 | "Reshuffle" >> beam.Reshuffle()
-                | "ReadRowGroups" >> beam.FlatMap(read))
+                | "ReadRowGroups" >> beam.FlatMap(read).with_output_types(tuple[Any, pa.Table]))

@@ -302,6 +302,7 @@ class Validated(NamedTuple):
     context: beam.PCollection
 
 
+@beam.typehints.with_output_types(pa.Table, **{QUARANTINED: pa.Table, COUNTS: dict, CONTEXT: pa.Table})
 class SplitBad(beam.DoFn):
     """RecordBatch in: coerced good rows out (as an Arrow table), rejected rows tagged ``quarantine``.
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -12,6 +15,31 @@ import pyarrow as pa
 from schemas.config import OutputConfig
 from schemas.storage import part_name, partitions, write_part
 from transforms.shuffle import decode_table
+
+
+class BackgroundWrites:
+    """Writes run in background threads, so that encoding and compressing a file (Arrow releases the GIL) overlaps
+    the work on the next element; at most ``threads`` files are held waiting. A DoFn creates one in ``setup`` and
+    calls :meth:`drain` in ``finish_bundle``: a bundle is complete only once its files are written, and a failed
+    write fails the bundle (which the runner retries)."""
+
+    def __init__(self, threads: int = 2):
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="obsfeed-write")
+        self._pending: collections.deque[Future] = collections.deque()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._threads:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self.drain()
+        self._pool.shutdown(wait=True)
 
 
 class WriteBucketParts(beam.DoFn):
@@ -28,6 +56,9 @@ class WriteBucketParts(beam.DoFn):
         self._output = output
         self._partition_by = output.partition_by if partitioned else "none"
 
+    def setup(self):
+        self._writes = BackgroundWrites()
+
     def process(self, element):
         bucket, tables = element
         tables = [t.select(self._schema.names).cast(self._schema) for t in map(decode_table, tables) if t.num_rows]
@@ -37,8 +68,14 @@ class WriteBucketParts(beam.DoFn):
         for folder, rows in partitions(table, self._partition_by):
             path = Path(self._dir) / folder / part_name(bucket)
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_part(rows, path, self._output)
+            self._writes.submit(write_part, rows, path, self._output)
             yield str(path)
+
+    def finish_bundle(self):
+        self._writes.drain()
+
+    def teardown(self):
+        self._writes.close()
 
 
 class WriteJson(beam.DoFn):
