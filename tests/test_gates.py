@@ -150,3 +150,20 @@ def test_what_gx_finds_on_the_sample_fails_the_gate_even_when_arrow_passes(tmp_p
     monkeypatch.setattr(gates, "arrow_result", lambda table, e: (True, 0))
     assert gate_failures([path], units_suite(SCHEMA)) == [
         "expect_column_values_to_be_in_set(observed): 1 (GX, on a sample of 3 rows)"]
+
+
+def test_the_gx_worker_process_finds_what_gx_here_finds_and_a_dead_worker_falls_back(monkeypatch):
+    bad = _units(impression_id=["a", "a", "c"], label=[1.5, None, 0.0])
+    suite = units_suite(SCHEMA)
+    here = failed_expectations(bad, suite)
+    assert len(here) == 2
+    monkeypatch.setattr(gates, "_gx_worker", None)
+    gates.prefetch_gx()
+    worker = gates._gx_worker
+    assert worker is not None
+    assert gates._gx_failures(bad, suite) == here
+    assert gates._gx_failures(_units(), suite) == []
+    worker._proc.kill()
+    worker._proc.wait()
+    assert gates._gx_failures(bad, suite) == here          # validated in this process instead
+    assert gates._gx_worker is None

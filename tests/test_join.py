@@ -97,3 +97,75 @@ def test_tables_travel_through_a_shuffle_as_arrow_ipc_bytes():
     bucketed = dict(KeyByBucket(4, "impression_id").process(table))
     back = pa.concat_tables(decode_table(b) for b in bucketed.values()).sort_by("impression_id")
     assert back.equals(table)
+
+
+def test_arrow_elements_get_arrow_coders_that_never_encode_to_estimate_a_size(monkeypatch):
+    import apache_beam as beam
+
+    from schemas import impressions as imp
+    from transforms import shuffle
+    from transforms.validate import Validate
+
+    table = pa.table({"impression_id": ["a", "b", "c"], "x": [1.0, None, 3.0]}).slice(1, 2)
+    table_coder, batch_coder = beam.coders.registry.get_coder(pa.Table), beam.coders.registry.get_coder(pa.RecordBatch)
+    assert isinstance(table_coder, shuffle.ArrowTableCoder) and isinstance(batch_coder, shuffle.ArrowBatchCoder)
+    assert table_coder.decode(table_coder.encode(table)).equals(table)
+    batch = table.combine_chunks().to_batches()[0]
+    assert batch_coder.decode(batch_coder.encode(batch)).equals(batch)
+    # The DoFns that emit tables declare so: their PCollections carry the coder instead of a pickler.
+    v = beam.Pipeline() | beam.Create([batch]) | Validate("impressions", imp.SCHEMA, [])
+    assert v.ok.element_type == v.quarantine.element_type == v.context.element_type == pa.Table
+    monkeypatch.setattr(shuffle, "encode_table", lambda t: pytest.fail("estimating a size encoded the table"))
+    assert table_coder.estimate_size(table) == table.nbytes and batch_coder.estimate_size(batch) == batch.nbytes
+
+
+def test_keyed_tables_cross_a_group_by_key_with_the_arrow_coder():
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    table = pa.table({"impression_id": ["a", "b", "c"], "x": [1.0, None, 3.0]})
+    with beam.Pipeline() as p:
+        out = (p | beam.Create([(0, table.slice(0, 1)), (0, table.slice(1, 2)), (1, table)]).with_output_types(
+                   tuple[int, pa.Table])
+               | beam.GroupByKey()
+               | beam.MapTuple(lambda k, ts: (k, sorted(pa.concat_tables(ts).column("impression_id").to_pylist()))))
+        assert_that(out, equal_to([(0, ["a", "b", "c"]), (1, ["a", "b", "c"])]))
+
+
+def test_key_by_bucket_spills_in_the_background_and_the_bundle_waits_for_the_files(tmp_path):
+    table = pa.table({"impression_id": [f"i{k}" for k in range(200)], "x": list(range(200))})
+    fn = KeyByBucket(4, "impression_id", str(tmp_path))
+    fn.setup()
+    keyed = list(fn.process(table))
+    fn.finish_bundle()                             # every spill is on disk once the bundle is finished
+    fn.teardown()
+    assert sorted(k for k, _ in keyed) == [0, 1, 2, 3]
+    back = pa.concat_tables(decode_table(path) for _, path in keyed).sort_by("x")
+    assert back.equals(table)
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_a_failed_background_write_fails_the_bundle(tmp_path):
+    from transforms.write import BackgroundWrites
+
+    def write(path, fail):
+        if fail:
+            raise OSError("disk full")
+        path.write_text("ok")
+
+    writes = BackgroundWrites(threads=2)
+    for i in range(5):
+        writes.submit(write, tmp_path / f"f{i}", False)
+    writes.drain()
+    assert sorted(f.name for f in tmp_path.iterdir()) == [f"f{i}" for i in range(5)]
+    writes.submit(write, tmp_path / "bad", True)
+    with pytest.raises(OSError, match="disk full"):
+        writes.drain()
+    writes.close()
+
+
+def test_pseudonyms_are_per_user_and_nulls_stay_null():
+    users = pl.Series("user_id", ["u1", None, "u2", "u1"])
+    out = pseudonymise(users, b"k")
+    assert out.name == "user_id" and out[1] is None and out[0] == out[3] != out[2] and len(out[0]) == 32
+    assert pseudonymise(pl.Series("user_id", [], dtype=pl.String), b"k").to_list() == []

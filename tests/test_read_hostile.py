@@ -221,3 +221,14 @@ def test_a_folder_without_data_files_is_no_input(tmp_path: Path):
     (tmp_path / "out" / "_temporary" / "part-0.parquet").write_text("")
     with pytest.raises(InputError, match="no signals input file found"):
         expand_inputs([str(tmp_path / "out")], what="signals")
+
+
+def test_a_json_file_comes_in_batches_of_batch_rows_not_in_the_parsers_blocks(tmp_path: Path):
+    path = tmp_path / "signals.jsonl"
+    n = 40_000                                          # ~2 MB: several of pyarrow's 1 MB parse blocks
+    path.write_text("".join(f'{{"event_id": "e{i:06d}", "impression_id": "i{i:06d}", "value": {i}}}\n'
+                            for i in range(n)))
+    assert pajson.read_json(path).column("event_id").num_chunks > 1
+    batches = list(read_file(str(path), batch_rows=16_384))
+    assert [b.num_rows for b in batches] == [16_384, 16_384, n - 2 * 16_384]
+    assert pa.Table.from_batches(batches).column(ROW_NUMBER).to_pylist() == list(range(n))

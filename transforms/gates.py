@@ -60,8 +60,11 @@ class _GxWorker:
         return reply
 
     def close(self) -> None:
-        self._proc.stdin.close()
-        self._proc.wait(timeout=30)
+        try:
+            self._proc.stdin.close()                       # the worker's loop ends at end of input
+            self._proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
 
 
 def _send(stream, obj) -> None:
