@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -226,22 +227,31 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResul
         logger.warning(f"fit: {warning}", extra={"event": "flip_rates_not_identified"})
     weighting = {**W.choose_clip(o, p_oof, cfg.weights), "propensity_column": fc.propensity_column}
     w_clip = W.clipped(o.astype(float), p_oof, weighting["clip"])
-    calibration = None
-    if flips.method == "calibrate":
-        with timed(seconds, "clean_reward_calibration"):
-            calibration, calibrated = clean_reward_model(m_oof, X[:, structured].toarray(), y, o, gold, fold, fc)
-        ppi = noise_diag.get("mean_reward", {}).get("ppi")
-        if ppi is not None:              # the same audit's PPI interval is the reference the calibration must meet
-            calibrated["agrees_with_ppi"] = bool(calibrated["ci_low"] <= ppi["ci_high"]
-                                                 and ppi["ci_low"] <= calibrated["ci_high"])
-            if not calibrated["agrees_with_ppi"]:
-                logger.warning(f"fit: the calibrated mean clean reward {calibrated['estimate']:.4f} "
-                               f"[{calibrated['ci_low']:.4f}, {calibrated['ci_high']:.4f}] and PPI's "
-                               f"{ppi['estimate']:.4f} [{ppi['ci_low']:.4f}, {ppi['ci_high']:.4f}] do not overlap: "
-                               "the calibrators may be misspecified", extra={"event": "calibration_disagrees_with_ppi"})
-        noise_diag.setdefault("mean_reward", {})["calibrated"] = calibrated
-    with timed(seconds, "confounders"):
-        effects = confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
+
+    def effects_of_confounders():
+        return confounder_effects(X, featurizer, frame, y, obs, w_clip, fc)
+
+    # The confounder effects and the clean-reward calibration need only what is fitted above: with a second
+    # thread they run side by side, and "confounders" is the wall time they add once the calibration is done.
+    with ThreadPoolExecutor(1, thread_name_prefix="fit-confounders") as side:
+        pending = side.submit(effects_of_confounders) if fc.n_jobs != 1 else None
+        calibration = None
+        if flips.method == "calibrate":
+            with timed(seconds, "clean_reward_calibration"):
+                calibration, calibrated = clean_reward_model(m_oof, X[:, structured].toarray(), y, o, gold, fold, fc)
+            ppi = noise_diag.get("mean_reward", {}).get("ppi")
+            if ppi is not None:              # the same audit's PPI interval is the reference the calibration must meet
+                calibrated["agrees_with_ppi"] = bool(calibrated["ci_low"] <= ppi["ci_high"]
+                                                     and ppi["ci_low"] <= calibrated["ci_high"])
+                if not calibrated["agrees_with_ppi"]:
+                    logger.warning(f"fit: the calibrated mean clean reward {calibrated['estimate']:.4f} "
+                                   f"[{calibrated['ci_low']:.4f}, {calibrated['ci_high']:.4f}] and PPI's "
+                                   f"{ppi['estimate']:.4f} [{ppi['ci_low']:.4f}, {ppi['ci_high']:.4f}] do not overlap: "
+                                   "the calibrators may be misspecified",
+                                   extra={"event": "calibration_disagrees_with_ppi"})
+            noise_diag.setdefault("mean_reward", {})["calibrated"] = calibrated
+        with timed(seconds, "confounders"):
+            effects = pending.result() if pending is not None else effects_of_confounders()
     evalue = selection_evalue(y, obs, w_clip)
     balance = balance_table({c: treatment_values(frame, c) for c in fc.numeric}, o, w_clip)
     # The drift reference describes what score writes: under "exclude", the units with overlap only.

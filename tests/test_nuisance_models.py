@@ -301,3 +301,42 @@ def test_a_boosted_models_linear_stage_is_the_logistic_model(data):
     assert constant.model == "logistic" and (constant.predict(X) == 1).all()
     with pytest.raises(ValueError, match="boosted"):
         ImputationModel().fit(X, y).linear_part()
+
+
+def test_choose_C_penalises_a_wide_noisy_design_and_not_a_clean_narrow_one():
+    """One informative column: with 2,000 columns of noise beside it a weak penalty fits the noise (the
+    cross-validated loss prefers a stronger one); alone, the weakest penalty of the grid fits best."""
+    from estimators.propensity import C_GRID, choose_C
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    signal = rng.normal(size=n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-2 * signal))).astype(int)
+    wide = sp.hstack([sp.csr_matrix(signal[:, None]), sp.random(n, 2000, density=0.02, random_state=0)]).tocsr()
+    assert choose_C(wide, y) < choose_C(signal[:, None], y) == max(C_GRID)
+
+
+def test_cv_chooses_C_on_the_first_classifiers_rows_only(data, monkeypatch):
+    """The rows that calibrate the first classifier (its other half) never inform its C."""
+    from estimators import propensity
+
+    X, _, o, _, _ = data
+    seen, real = [], propensity.choose_C
+    monkeypatch.setattr(propensity, "choose_C", lambda X, y, **kw: seen.append(len(y)) or real(X, y, **kw))
+    large = PropensityModel(C="cv", holdout_above=1000).fit(X, o)
+    assert abs(seen[-1] - len(o) / 2) <= 1 and large.C_ in propensity.C_GRID
+    assert large.bases_[0].C == large.bases_[1].C == large.C_
+    small = PropensityModel(C="cv").fit(X[:500], o[:500])             # the nested calibration: every row
+    assert seen[-1] == 500 and small.C_ in propensity.C_GRID
+    assert PropensityModel(C=0.5).fit(X[:500], o[:500]).C_ == 0.5
+    with pytest.raises(ValueError, match="C must be a positive number or 'cv'"):
+        PropensityModel(C="auto").fit(X[:500], o[:500])
+
+
+def test_propensity_fits_in_float32_and_predicts_from_the_design_as_given(data):
+    X, _, o, _, _ = data
+    m = PropensityModel(holdout_above=1000).fit(X, o)
+    assert m.bases_[0].coef_.dtype == np.float32
+    p = m.predict_proba(X)
+    assert p.dtype == np.float64
+    np.testing.assert_array_equal(m.predict_proba(X[:7]), p[:7])      # the rows predicted together do not matter
