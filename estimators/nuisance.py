@@ -29,8 +29,9 @@ def featurizer(fc: FitConfig) -> ColumnTransformer:
 
 def propensity_model(fc: FitConfig, passthrough: Sequence[int]) -> PropensityModel:
     """The unfitted propensity model of ``fc``; its cross-fitted copies are saved as ``propensity.skops``."""
-    return PropensityModel(model=fc.propensity_model, calibration=fc.calibration, C=fc.propensity_C,
-                           passthrough=passthrough, random_state=fc.seed)
+    C = fc.C if fc.propensity_C is None else fc.propensity_C
+    return PropensityModel(model=fc.propensity_model, calibration=fc.calibration, C=C, passthrough=passthrough,
+                           random_state=fc.seed)
 
 
 def imputation_model(fc: FitConfig, passthrough: Sequence[int], model: str | None = None) -> ImputationModel:
