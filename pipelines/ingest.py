@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,9 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> IngestRe
     units_tmp, quarantine_tmp = staging_dir(units_final), staging_dir(quarantine_final)
     scratch = scratch_dir(run.root, "ingest")
     prefetch_gx()                                         # imported while the pipeline runs, for the units gate
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="hash-inputs")    # the inputs' sha256, beside the pipeline
+    inputs = hashing.submit(describe_inputs, [*impression_files, *signal_files])
+    hashing.shutdown(wait=False)
     start = time.perf_counter()
     try:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
@@ -240,7 +244,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> IngestRe
         for d in (units_tmp, quarantine_tmp, scratch):
             shutil.rmtree(d, ignore_errors=True)
     return IngestResult(
-        inputs=describe_inputs([*impression_files, *signal_files]),
+        inputs=inputs.result(),
         outputs=[str(units_final), str(quarantine_final)],
         counts=table_counts,
         diagnostics=IngestDiagnostics(

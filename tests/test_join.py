@@ -169,3 +169,17 @@ def test_pseudonyms_are_per_user_and_nulls_stay_null():
     out = pseudonymise(users, b"k")
     assert out.name == "user_id" and out[1] is None and out[0] == out[3] != out[2] and len(out[0]) == 32
     assert pseudonymise(pl.Series("user_id", [], dtype=pl.String), b"k").to_list() == []
+
+
+def test_known_pseudonyms_are_reused_and_stay_bounded():
+    from transforms.privacy import Pseudonyms
+
+    users = pl.Series("user_id", ["u1", None, "u2", "u1"])
+    known = Pseudonyms(max_users=4)
+    first = pseudonymise(users, b"k", known)
+    assert first.to_list() == pseudonymise(users, b"k").to_list() and set(known) == {"u1", "u2"}
+    known["u1"] = "looked-up"                                  # a known user is looked up, not hashed again
+    assert pseudonymise(users, b"k", known)[0] == "looked-up"
+    more = pl.Series("user_id", ["u3", "u4", "u5"])
+    assert pseudonymise(more, b"k", known).to_list() == pseudonymise(more, b"k").to_list()
+    assert set(known) == {"u3", "u4", "u5"}                    # emptied first: 2 known + 3 new > max_users

@@ -23,7 +23,7 @@ from schemas import signals as sig
 from schemas import units as un
 from schemas.conform import conform
 from schemas.hashing import bucket_of
-from transforms.privacy import key_from_env, pseudonymise
+from transforms.privacy import Pseudonyms, key_from_env, pseudonymise
 from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
 from transforms.shuffle import decode_table, encode_table, spill_path, write_spill
 from transforms.validate import CONTEXT, QUARANTINED, quarantine_rows
@@ -188,7 +188,7 @@ def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping
                 explicit: Sequence[str], observe: Sequence[str], known_types: Sequence[str],
                 unobserved_label: float | None, hash_key: bytes | None, units_schema: pa.Schema,
                 gold: str | None = None, aggregate: Aggregate = "mean",
-                prior: tuple[float, float] | None = None) -> pa.Table:
+                prior: tuple[float, float] | None = None, pseudonyms: Pseudonyms | None = None) -> pa.Table:
     """Deduplicated impressions + their valid signals → units: per-type counts, resolved label (``aggregate``
     and ``prior``: :func:`resolve_labels`), number of votes, observed flag, gold label, pseudonymised user (the
     raw user id, the signals' rater ids and provenance columns are dropped), sorted by impression id."""
@@ -209,7 +209,7 @@ def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping
                              pl.col(un.LABEL).fill_null(unobserved_label))
         observed = pl.lit(True)
     df = df.with_columns(observed.cast(pl.Int8).alias(un.OBSERVED),
-                         pseudonymise(df[imp.USER_ID], hash_key).alias(un.USER_HASH))
+                         pseudonymise(df[imp.USER_ID], hash_key, pseudonyms).alias(un.USER_HASH))
     df = df.drop(imp.USER_ID, FILE_INDEX, ROW_NUMBER).sort(imp.IMPRESSION_ID)
     return conform(df.to_arrow(), units_schema, where="units")
 
@@ -258,6 +258,7 @@ class JoinAndLabel(beam.DoFn):
 
     def setup(self):
         self._key = key_from_env(self._key_env)
+        self._pseudonyms = Pseudonyms()
 
     def process(self, element):
         bucket, groups = element
@@ -292,7 +293,7 @@ class JoinAndLabel(beam.DoFn):
                                 explicit=self._explicit, observe=self._observe, known_types=self._known,
                                 unobserved_label=self._unobserved_label, hash_key=self._key,
                                 units_schema=self._schema, gold=self._gold, aggregate=self._aggregate,
-                                prior=self._prior)
+                                prior=self._prior, pseudonyms=self._pseudonyms)
             counts["signals.rows_ok"] = sum(pc.sum(units[un.count_column(t)]).as_py() for t in self._known)
             yield bucket, units
         elif sigs_raw is not None:

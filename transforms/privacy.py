@@ -19,15 +19,32 @@ import polars as pl
 from schemas.errors import ConfigError
 
 
-def pseudonymise(user_ids: pl.Series, key: bytes | None) -> pl.Series:
-    """Keyed HMAC-SHA256 of each user id (hex, 128 bits); plain SHA-256 only when explicitly unkeyed."""
+class Pseudonyms(dict):
+    """Pseudonyms already computed, user id → pseudonym, for one key: a DoFn keeps one across the buckets it
+    processes, since a user's impressions fall in every bucket (at 1M impressions, 50k users were hashed 350k
+    times without it). Emptied when it reaches ``max_users``, so that memory stays bounded."""
+
+    def __init__(self, max_users: int = 1_000_000):
+        super().__init__()
+        self.max_users = max_users
+
+
+def pseudonymise(user_ids: pl.Series, key: bytes | None, known: Pseudonyms | None = None) -> pl.Series:
+    """Keyed HMAC-SHA256 of each user id (hex, 128 bits); plain SHA-256 only when explicitly unkeyed. ``known``:
+    pseudonyms computed before with the same key, looked up instead of recomputed (and added to)."""
     def one(u: str) -> str:
         if key is None:
             return hashlib.sha256(u.encode()).hexdigest()[:32]
         return hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32]
 
-    uniq = user_ids.drop_nulls().unique()         # each user hashed once; a join maps them back (null stays null)
-    mapping = pl.DataFrame({"u": uniq, "h": pl.Series([one(u) for u in uniq.to_list()], dtype=pl.String)})
+    uniq = user_ids.drop_nulls().unique().to_list()   # each user hashed once; a join maps them back (null: null)
+    if known is None:
+        hashed = [one(u) for u in uniq]
+    else:
+        if len(known) + len(uniq) > known.max_users:
+            known.clear()
+        hashed = [known.get(u) or known.setdefault(u, one(u)) for u in uniq]
+    mapping = pl.DataFrame({"u": pl.Series(uniq, dtype=pl.String), "h": pl.Series(hashed, dtype=pl.String)})
     return (user_ids.to_frame("u").join(mapping, on="u", how="left", maintain_order="left")["h"]
             .alias(user_ids.name))
 
