@@ -81,7 +81,8 @@ def polars_ingest(cfg: Config, out: Path) -> int:
 def read_file_all(files):
     import pyarrow as pa
 
-    return pa.Table.from_batches([b for i, f in enumerate(files) for b in read_file(f, file_index=i)])
+    # batch_rows=None: the parser's blocks as they come (Beam's batches are regrouped; this table is whole anyway)
+    return pa.Table.from_batches([b for i, f in enumerate(files) for b in read_file(f, file_index=i, batch_rows=None)])
 
 
 def _tree_rss_mb(root: int) -> float:

@@ -81,7 +81,10 @@ def _receive(stream):
 
 
 def _serve_gx() -> None:
-    """The GX worker's loop (see :class:`_GxWorker`): import GX, then answer each request until stdin closes."""
+    """The GX worker's loop (see :class:`_GxWorker`): import GX, then answer each request until stdin closes.
+
+    At a lower CPU priority: the import should fill the cores the stage's pipeline leaves idle, not take them."""
+    os.nice(10)
     importlib.import_module("great_expectations")
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr                                # anything GX prints must not corrupt the replies

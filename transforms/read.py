@@ -271,20 +271,21 @@ def _with_provenance(batch: pa.RecordBatch | pa.Table, file_index: int, first_ro
     return table.append_column(FILE_INDEX, pa.array(np.full(n, file_index, dtype=np.int32)))
 
 
-def read_file(path: str, *, file_index: int = 0, batch_rows: int = 65_536, malformed: list[Malformed] | None = None,
-              string_columns: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
+def read_file(path: str, *, file_index: int = 0, batch_rows: int | None = 65_536,
+              malformed: list[Malformed] | None = None, string_columns: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
     """The parseable rows of one file as record batches with provenance columns.
 
     Parquet is streamed batch by batch (memory stays bounded by ``batch_rows``); JSON Lines and CSV are
     parsed whole, so that types are inferred from the whole file. A malformed JSON line or CSV row costs only
     that record: it is appended to ``malformed`` (complete once the iterator is exhausted). A file that cannot be
-    opened or parsed at all is an InputError naming it.
+    opened or parsed at all is an InputError naming it. ``batch_rows=None``: JSON and CSV come in the parser's
+    own blocks, without regrouping them (a copy), for a caller that concatenates the batches anyway.
     """
     fmt = file_format(path)
     try:
         if fmt == "parquet":
             first = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows or 65_536):
                 yield from _with_provenance(batch, file_index, first).to_batches()
                 first += batch.num_rows
             return
@@ -302,6 +303,9 @@ def read_file(path: str, *, file_index: int = 0, batch_rows: int = 65_536, malfo
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot read {fmt}: {e}") from e
     table = _with_provenance(table, file_index, 0)
+    if batch_rows is None:                               # the parser's own blocks, without a copy
+        yield from table.to_batches()
+        return
     for start in range(0, table.num_rows, batch_rows):   # the parser's ~1 MB blocks, regrouped to batch_rows
         yield from table.slice(start, batch_rows).combine_chunks().to_batches()
 
