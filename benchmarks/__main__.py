@@ -46,8 +46,8 @@ def _commit() -> str:
 def ingest_table(small: dict, large: dict, figures: dict) -> str:
     """The RESULTS.md block for the ingest benchmark: what was measured in this run, nothing else."""
     rows = [
-        ("time, Beam / polars (1 process)", f"{figures['time_ratio_beam_over_polars']:.2f}", "≤ 1.5 (stretch 1.2)"),
-        ("time, Beam without its units gate / polars", f"{figures['time_ratio_without_units_gate']:.2f}",
+        ("time, Beam / polars (1 process)", f"{figures['time_ratio_beam_over_polars']:.3f}", "≤ 1.5 (stretch 1.2)"),
+        ("time, Beam without its units gate / polars", f"{figures['time_ratio_without_units_gate']:.3f}",
          "(the baseline has no gate)"),
         ("units gate (Arrow on every row, GX import + a 20,000-row sample), share of Beam time",
          f"{figures['units_gate_share_of_beam_time']:.0%}", "≤ 10%"),
@@ -242,7 +242,7 @@ def run_ingest(n: int) -> None:
     large = bench_ingest(n)
     figures = compare(small, large)
     for k, v in figures.items():
-        print(f"  {k:<40} {v:,.2f}")
+        print(f"  {k:<40} {v:,.3f}")
     record(ingest_table(small, large, figures))
     print(f"recorded in {RESULTS}")
 
