@@ -40,6 +40,8 @@ class KeyByBucket(beam.DoFn):
     With ``key=None`` (quarantine rows) the rows are spread by where they came from. The sub-table travels as
     Arrow IPC bytes through the runner's shuffle, or, with ``spill_dir``, is written to a file there and only
     its path is shuffled (:func:`transforms.shuffle.spill_table`); the consumer reads either with ``decode_table``.
+    Spill files are written in background threads and complete when the bundle is (``finish_bundle``), so the
+    output must cross a grouping before anything reads the files, as every use here does.
     """
 
     def __init__(self, buckets: int, key: str | None, spill_dir: str | None = None):

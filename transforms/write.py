@@ -47,7 +47,9 @@ class WriteBucketParts(beam.DoFn):
     (``partitioned`` and ``output.partition_by = "date"``: ``directory/date=YYYY-MM-DD/part-<bucket>.parquet``).
 
     The file name comes from the bucket, so a retried bundle rewrites the same file and the same input always
-    gives the same files, whatever the runner's parallelism.
+    gives the same files, whatever the runner's parallelism. The paths come out as the parts are handed to the
+    background writers, and a part is on disk once the bundle is finished: a step that reads the files must come
+    after a grouping (the paths' consumers here only count them).
     """
 
     def __init__(self, directory: str, schema: pa.Schema, sort_by: Sequence[str], output: OutputConfig,
