@@ -183,3 +183,15 @@ def test_known_pseudonyms_are_reused_and_stay_bounded():
     more = pl.Series("user_id", ["u3", "u4", "u5"])
     assert pseudonymise(more, b"k", known).to_list() == pseudonymise(more, b"k").to_list()
     assert set(known) == {"u3", "u4", "u5"}                    # emptied first: 2 known + 3 new > max_users
+
+
+def test_parts_already_in_order_are_written_without_sorting_and_others_are_sorted():
+    from transforms.write import already_sorted
+
+    asc = [("impression_id", "ascending")]
+    t = pa.table({"impression_id": ["a", "b", "b", "c"], "x": [1, 2, 3, 4]})
+    assert already_sorted(t, asc) and already_sorted(t.slice(0, 1), asc) and already_sorted(t.slice(0, 0), asc)
+    assert not already_sorted(t.take([1, 0, 2, 3]), asc)
+    assert not already_sorted(pa.table({"impression_id": ["a", None], "x": [1, 2]}), asc)       # nulls: sort
+    assert not already_sorted(t, [("impression_id", "ascending"), ("x", "ascending")])          # several keys
+    assert not already_sorted(t, [("impression_id", "descending")])

@@ -11,6 +11,7 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.config import OutputConfig
 from schemas.storage import part_name, partitions, write_part
@@ -66,7 +67,9 @@ class WriteBucketParts(beam.DoFn):
         tables = [t.select(self._schema.names).cast(self._schema) for t in map(decode_table, tables) if t.num_rows]
         if not tables:
             return
-        table = pa.concat_tables(tables).sort_by(self._sort)
+        table = pa.concat_tables(tables)
+        if not already_sorted(table, self._sort):          # JoinAndLabel's units come sorted: skip the copy
+            table = table.sort_by(self._sort)
         for folder, rows in partitions(table, self._partition_by):
             path = Path(self._dir) / folder / part_name(bucket)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,17 @@ class WriteBucketParts(beam.DoFn):
 
     def teardown(self):
         self._writes.close()
+
+
+def already_sorted(table: pa.Table, sort_keys: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``table`` is in ``sort_keys`` order already, for one ascending key without nulls (else False):
+    a stable sort would then leave it as it is, and sorting a table of texts costs a copy of every column."""
+    if len(sort_keys) != 1 or sort_keys[0][1] != "ascending" or table.num_rows < 2:
+        return table.num_rows < 2
+    key = table[sort_keys[0][0]]
+    if key.null_count:
+        return False
+    return bool(pc.all(pc.less_equal(key[:-1], key[1:])).as_py())
 
 
 class WriteJson(beam.DoFn):
