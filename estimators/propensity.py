@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,15 +72,17 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
     is smoother (3,000 units: ECE 0.025–0.038 for one split against 0.020–0.024 for three, over four seeds; and
     fewer units at the propensity floor).
 
-    ``dtype``: the design is converted to it for fitting. float32 by default: lbfgs on the sparse hashed-text
-    design is the fit stage's largest cost, and in float32 its products are about 3x cheaper. Predictions take
-    the design as it comes (float64 from the featuriser), so that they do not depend on the rows predicted
-    together. The imputation model and the noise proxy stay float64: the anchor flip rates read extreme
+    ``dtype``: the logistic model's design is converted to it for fitting (the boosted model's stays as it is:
+    float32 would round large counts that its bins split on). float32 by default: lbfgs on the sparse
+    hashed-text design is the fit stage's largest cost, and in float32 its products are about 3x cheaper.
+    Predictions take the design as it comes (float64 from the featuriser), so that they do not depend on the rows
+    predicted together. The imputation model and the noise proxy stay float64: the anchor flip rates read extreme
     quantiles of the noise proxy's scores, which moved by 0.006 when it was fitted in float32.
 
     ``C``: the inverse L2 strength, or ``"cv"`` to choose it per fit from :data:`C_GRID` (:func:`choose_C`) on the
-    rows the first classifier is fitted on, so that the choice never sees the rows that calibrate it; the one
-    chosen is ``C_``.
+    rows the first classifier is fitted on (every row on the nested-calibration path): never the rows that
+    calibrate that classifier, though they do calibrate the second one, so one number chosen on them reaches its
+    calibration; the one chosen is ``C_``.
     """
 
     def __init__(self, *, model: str = "logistic", calibration: str = "isotonic", C: float | str = 1.0,
@@ -96,7 +99,8 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, accept_sparse="csr")
-        X = X.astype(self.dtype, copy=False)               # fitted in float32; predict_proba keeps X's dtype
+        if self.model == "logistic":                       # fitted in float32; predict_proba keeps X's dtype
+            X = X.astype(self.dtype, copy=False)
         check_classification_targets(y)
         if type_of_target(y) != "binary":
             raise ValueError("Only binary classification is supported: y is the observed flag")
@@ -104,7 +108,8 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.calibration not in ("isotonic", "sigmoid"):
             raise ValueError(f"calibration must be 'isotonic' or 'sigmoid', got {self.calibration!r}")
-        if not (self.C == "cv" or (isinstance(self.C, int | float) and self.C > 0)):
+        if not (self.C == "cv" or (isinstance(self.C, numbers.Real) and not isinstance(self.C, bool)
+                                   and self.C > 0)):
             raise ValueError(f"C must be a positive number or 'cv', got {self.C!r}")
         for fitted in ("model_", "bases_", "calibrators_"):        # a refit replaces the other path's attributes
             self.__dict__.pop(fitted, None)

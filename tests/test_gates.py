@@ -167,3 +167,16 @@ def test_the_gx_worker_process_finds_what_gx_here_finds_and_a_dead_worker_falls_
     worker._proc.wait()
     assert gates._gx_failures(bad, suite) == here          # validated in this process instead
     assert gates._gx_worker is None
+
+
+def test_an_error_inside_the_gx_worker_is_raised_not_mistaken_for_a_dead_worker(monkeypatch):
+    from schemas.suites import Expectation, Suite
+
+    monkeypatch.setattr(gates, "_gx_worker", None)
+    gates.prefetch_gx()
+    worker = gates._gx_worker
+    unknown = Suite("bad", (Expectation("expect_nothing_of_the_sort", {"column": "label"}),))
+    with pytest.raises(RuntimeError, match="failed in the GX worker process"):
+        gates._gx_failures(_units(), unknown)
+    assert gates._gx_worker is worker                      # still alive and still used
+    assert gates._gx_failures(_units(), units_suite(SCHEMA)) == []

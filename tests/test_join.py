@@ -195,3 +195,16 @@ def test_parts_already_in_order_are_written_without_sorting_and_others_are_sorte
     assert not already_sorted(pa.table({"impression_id": ["a", None], "x": [1, 2]}), asc)       # nulls: sort
     assert not already_sorted(t, [("impression_id", "ascending"), ("x", "ascending")])          # several keys
     assert not already_sorted(t, [("impression_id", "descending")])
+
+
+def test_a_part_is_written_under_a_temporary_name_and_renamed(tmp_path):
+    from schemas.config import OutputConfig
+    from transforms.write import write_part_atomically
+
+    table = pa.table({"impression_id": ["a", "b"], "x": [1.0, 2.0]})
+    path = tmp_path / "part-00000.parquet"
+    write_part_atomically(table, path, OutputConfig())
+    assert [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet"]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(path).equals(table)

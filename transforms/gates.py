@@ -19,6 +19,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,8 +44,9 @@ class _GxWorker:
     Why a process: importing GX takes about 2 s of Python; in a thread of the stage's process it held the GIL
     from the pipeline for as long as it saved at the gate (measured at 1M impressions). A plain subprocess, not
     ``multiprocessing``: a spawned ``multiprocessing`` child re-imports the caller's main script, which would re-run
-    a script that calls a stage at its top level. Requests and replies are length-prefixed pickles over the
-    child's stdin and stdout (both ends are this module).
+    a script that calls a stage at its top level. Requests and replies are framed pickles (a magic tag and a
+    length) over the child's stdin and a private copy of its stdout; its own fd 1 points at stderr, so nothing the
+    child prints can reach the replies. A reply is ``("ok", failures)`` or ``("error", traceback)``.
     """
 
     def __init__(self):
@@ -54,10 +56,10 @@ class _GxWorker:
 
     def failures(self, table: pa.Table, suite: Suite) -> list[str]:
         _send(self._proc.stdin, (table, suite))
-        reply = _receive(self._proc.stdout)
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
+        status, body = _receive(self._proc.stdout)
+        if status != "ok":
+            raise RuntimeError(f"Great Expectations failed in the GX worker process:\n{body}")
+        return body
 
     def close(self) -> None:
         try:
@@ -67,17 +69,26 @@ class _GxWorker:
             self._proc.kill()
 
 
+_MAGIC = b"OBSFGX1\n"
+
+
 def _send(stream, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.write(_MAGIC + struct.pack("<Q", len(data)) + data)
     stream.flush()
 
 
 def _receive(stream):
-    head = stream.read(8)
-    if len(head) < 8:
+    head = stream.read(len(_MAGIC) + 8)
+    if len(head) < len(_MAGIC) + 8:
         raise EOFError("the GX worker process exited")
-    return pickle.loads(stream.read(struct.unpack("<Q", head)[0]))
+    if not head.startswith(_MAGIC):
+        raise EOFError(f"the GX worker process wrote something else than a reply: {head!r}")
+    size = struct.unpack("<Q", head[len(_MAGIC):])[0]
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the GX worker process exited mid-reply")
+    return pickle.loads(data)
 
 
 def _serve_gx() -> None:
@@ -85,19 +96,21 @@ def _serve_gx() -> None:
 
     At a lower CPU priority: the import should fill the cores the stage's pipeline leaves idle, not take them."""
     os.nice(10)
+    replies = os.fdopen(os.dup(1), "wb")                  # the reply channel, before anything can print
+    os.dup2(2, 1)                                          # what GX (or C code) prints goes to stderr
+    sys.stdout = sys.stderr
     importlib.import_module("great_expectations")
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr                                # anything GX prints must not corrupt the replies
+    stdin = sys.stdin.buffer
     while True:
         try:
             table, suite = _receive(stdin)
         except EOFError:
             return
         try:
-            reply = failed_expectations(table, suite)
-        except Exception as e:  # noqa: BLE001  (sent back and raised in the stage's process)
-            reply = e
-        _send(stdout, reply)
+            reply = ("ok", failed_expectations(table, suite))
+        except Exception:  # noqa: BLE001  (reported to the stage's process, which raises it)
+            reply = ("error", traceback.format_exc())
+        _send(replies, reply)
 
 
 _gx_worker: _GxWorker | None = None
@@ -123,6 +136,7 @@ def _gx_failures(table: pa.Table, suite: Suite) -> list[str]:
             return _gx_worker.failures(table, suite)
         except (EOFError, OSError, pickle.UnpicklingError) as e:   # the worker died (killed, out of memory)
             logger.warning("the GX worker process failed (%s); validating the gate's sample in this process", e)
+            _gx_worker._proc.kill()
             _gx_worker = None
     return failed_expectations(table, suite)
 

@@ -41,7 +41,7 @@ def pseudonymise(user_ids: pl.Series, key: bytes | None, known: Pseudonyms | Non
     if known is None:
         hashed = [one(u) for u in uniq]
     else:
-        if len(known) + len(uniq) > known.max_users:
+        if len(known) + sum(u not in known for u in uniq) > known.max_users:   # new users would overflow it
             known.clear()
         hashed = [known.get(u) or known.setdefault(u, one(u)) for u in uniq]
     mapping = pl.DataFrame({"u": pl.Series(uniq, dtype=pl.String), "h": pl.Series(hashed, dtype=pl.String)})

@@ -279,7 +279,8 @@ def read_file(path: str, *, file_index: int = 0, batch_rows: int | None = 65_536
     parsed whole, so that types are inferred from the whole file. A malformed JSON line or CSV row costs only
     that record: it is appended to ``malformed`` (complete once the iterator is exhausted). A file that cannot be
     opened or parsed at all is an InputError naming it. ``batch_rows=None``: JSON and CSV come in the parser's
-    own blocks, without regrouping them (a copy), for a caller that concatenates the batches anyway.
+    own blocks, without regrouping them (a copy), for a caller that concatenates the batches anyway; Parquet then
+    streams batches of 65,536 rows.
     """
     fmt = file_format(path)
     try:

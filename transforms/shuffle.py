@@ -3,6 +3,7 @@ the coders that let Beam carry Arrow tables and record batches as elements witho
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import apache_beam as beam
@@ -39,8 +40,13 @@ def spill_path(directory: str, bucket: int) -> str:
 
 
 def write_spill(table: pa.Table, path: str) -> None:
-    """Write ``table`` to ``path`` as an Arrow IPC stream, straight to the file (no bytes copy of the table)."""
-    with FileSystems.create(path) as f, pa.ipc.new_stream(f, table.schema) as writer:
+    """Write ``table`` to ``path`` as an Arrow IPC stream, straight to the file: a local one through Arrow's own
+    file (which writes without the GIL), any other through Beam's FileSystems."""
+    local = FileSystems.get_scheme(path) is None
+    if local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)    # as Beam's FileSystems.create does
+    with (pa.OSFile(path, "wb") if local else FileSystems.create(path)) as f, \
+            pa.ipc.new_stream(f, table.schema) as writer:
         writer.write(table)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,10 +21,10 @@ from transforms.shuffle import decode_table
 
 
 class BackgroundWrites:
-    """Writes run in background threads, so that encoding and compressing a file (Arrow releases the GIL) overlaps
-    the work on the next element; at most ``threads`` files are held waiting. A DoFn creates one in ``setup`` and
-    calls :meth:`drain` in ``finish_bundle``: a bundle is complete only once its files are written, and a failed
-    write fails the bundle (which the runner retries)."""
+    """Writes run in background threads, so that encoding and compressing a file (Arrow writing to its own files
+    releases the GIL) overlaps the work on the next element; at most ``threads`` files are held waiting. A DoFn
+    creates one in ``setup`` and calls :meth:`drain` in ``finish_bundle``: a bundle is complete only once its files
+    are written, and a failed write fails the bundle (which the runner retries)."""
 
     def __init__(self, threads: int = 2):
         self._threads = threads
@@ -39,8 +41,21 @@ class BackgroundWrites:
             self._pending.popleft().result()
 
     def close(self) -> None:
-        self.drain()
-        self._pool.shutdown(wait=True)
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_part_atomically(table: pa.Table, path: Path, output: OutputConfig) -> None:
+    """:func:`schemas.storage.write_part` to a temporary name beside ``path``, then renamed onto it: a retried
+    bundle whose failed attempt is still writing in the background never leaves a torn part."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write_part(table, tmp, output)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class WriteBucketParts(beam.DoFn):
@@ -73,7 +88,7 @@ class WriteBucketParts(beam.DoFn):
         for folder, rows in partitions(table, self._partition_by):
             path = Path(self._dir) / folder / part_name(bucket)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._writes.submit(write_part, rows, path, self._output)
+            self._writes.submit(write_part_atomically, rows, path, self._output)
             yield str(path)
 
     def finish_bundle(self):

@@ -35,9 +35,10 @@ class FitConfig(Section):
     propensity_C: Annotated[float, Field(gt=0)] | Literal["cv"] | None = Field(
         None, description="inverse L2 strength of the propensity model's logistic stage: None for fit.C, a number, "
         "or 'cv' to choose it in each fold from 0.01, 0.03, 0.1, 0.3, 1 by 2-fold cross-validated log loss on the "
-        "rows its first classifier is fitted on. 'cv' ranks and calibrates better on simulated logs (AUC 0.763 "
-        "against 0.756, ECE 0.0014 against 0.0064) but leaves SNIPS more of the selection bias of the mean label "
-        "(29% of the naive bias against 5%): the stronger penalty shrinks the text directions that carry it")
+        "rows its first classifier is fitted on (which the second one's calibration also uses). 'cv' ranks and "
+        "calibrates better on simulated logs (AUC 0.763 against 0.756, ECE 0.0014 against 0.0064) but leaves SNIPS "
+        "more of the selection bias of the mean label (29% of the naive bias against 5%): the stronger penalty "
+        "shrinks the text directions that carry it")
     noise: Literal["auto", "calibrate", "audit", "anchor", "fixed", "none"] = Field(
         "auto", description="how the clean-reward target is built. 'calibrate': learn E[r* | label, x] on the "
         "rated audited units and E[r* | x] on the unrated audited ones (label_gold), cross-fitted; the unit's "
