@@ -119,9 +119,8 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
             (np.sort(tr), np.sort(held)) for tr, held in
             StratifiedKFold(n_splits=2, shuffle=True, random_state=self.random_state).split(X, y)]
         if self.C == "cv":      # chosen on the rows the first classifier is fitted on (every row on the small path)
-            first = halves[0][0] if halves else None
-            self.C_ = choose_C(X if first is None else X[first], y01 if first is None else y01[first],
-                               random_state=self.random_state)
+            X_c, y_c = (X[halves[0][0]], y01[halves[0][0]]) if halves else (X, y01)
+            self.C_ = choose_C(X_c, y_c, random_state=self.random_state)
         else:
             self.C_ = float(self.C)
         base = (LogisticRegression(C=self.C_, max_iter=2000, random_state=self.random_state)

@@ -163,7 +163,7 @@ def test_the_gx_worker_process_finds_what_gx_here_finds_and_a_dead_worker_falls_
     assert worker is not None
     assert gates._gx_failures(bad, suite) == here
     assert gates._gx_failures(_units(), suite) == []
-    worker._proc.kill()
+    worker.kill()
     worker._proc.wait()
     assert gates._gx_failures(bad, suite) == here          # validated in this process instead
     assert gates._gx_worker is None

@@ -66,7 +66,10 @@ class _GxWorker:
             self._proc.stdin.close()                       # the worker's loop ends at end of input
             self._proc.wait(timeout=30)
         except (OSError, subprocess.TimeoutExpired):
-            self._proc.kill()
+            self.kill()
+
+    def kill(self) -> None:
+        self._proc.kill()
 
 
 _MAGIC = b"OBSFGX1\n"
@@ -136,7 +139,7 @@ def _gx_failures(table: pa.Table, suite: Suite) -> list[str]:
             return _gx_worker.failures(table, suite)
         except (EOFError, OSError, pickle.UnpicklingError) as e:   # the worker died (killed, out of memory)
             logger.warning("the GX worker process failed (%s); validating the gate's sample in this process", e)
-            _gx_worker._proc.kill()
+            _gx_worker.kill()
             _gx_worker = None
     return failed_expectations(table, suite)
 

@@ -28,13 +28,13 @@ from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
 from transforms.shuffle import decode_table, encode_table, spill_path, write_spill
 from transforms.validate import CONTEXT, QUARANTINED, quarantine_rows
 from transforms.window import OTHER_DAY, DayWindow
-from transforms.write import BackgroundWrites
+from transforms.write import WritesInBackground
 
 LabelRule = float | str
 _IMP_TS = "_impression_ts"
 
 
-class KeyByBucket(beam.DoFn):
+class KeyByBucket(WritesInBackground):
     """Arrow table → (bucket, sub-table) per bucket present, by a stable hash of ``key``.
 
     With ``key=None`` (quarantine rows) the rows are spread by where they came from. The sub-table travels as
@@ -46,9 +46,6 @@ class KeyByBucket(beam.DoFn):
 
     def __init__(self, buckets: int, key: str | None, spill_dir: str | None = None):
         self._buckets, self._key, self._spill = buckets, key, spill_dir
-
-    def setup(self):
-        self._writes = BackgroundWrites()
 
     def process(self, table: pa.Table):
         if self._key is None:
@@ -62,12 +59,6 @@ class KeyByBucket(beam.DoFn):
                 path = spill_path(self._spill, k)
                 self._writes.submit(write_spill, part, path)
                 yield k, path
-
-    def finish_bundle(self):
-        self._writes.drain()
-
-    def teardown(self):
-        self._writes.close()
 
 
 def split_by_bucket(table: pa.Table, ids: pa.Array | pa.ChunkedArray, buckets: int) -> Iterator[tuple[int, pa.Table]]:

@@ -47,6 +47,20 @@ class BackgroundWrites:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+class WritesInBackground(beam.DoFn):
+    """A DoFn whose file writes go through one :class:`BackgroundWrites` (``self._writes``): created in
+    ``setup``, waited for in ``finish_bundle``, closed in ``teardown``."""
+
+    def setup(self):
+        self._writes = BackgroundWrites()
+
+    def finish_bundle(self):
+        self._writes.drain()
+
+    def teardown(self):
+        self._writes.close()
+
+
 def write_part_atomically(table: pa.Table, path: Path, output: OutputConfig) -> None:
     """:func:`schemas.storage.write_part` to a temporary name beside ``path``, then renamed onto it: a retried
     bundle whose failed attempt is still writing in the background never leaves a torn part."""
@@ -58,7 +72,7 @@ def write_part_atomically(table: pa.Table, path: Path, output: OutputConfig) -> 
         tmp.unlink(missing_ok=True)
 
 
-class WriteBucketParts(beam.DoFn):
+class WriteBucketParts(WritesInBackground):
     """(bucket, [tables or their IPC bytes]) → ``directory/part-<bucket>.parquet``, rows sorted by ``sort_by``
     (``partitioned`` and ``output.partition_by = "date"``: ``directory/date=YYYY-MM-DD/part-<bucket>.parquet``).
 
@@ -74,9 +88,6 @@ class WriteBucketParts(beam.DoFn):
         self._output = output
         self._partition_by = output.partition_by if partitioned else "none"
 
-    def setup(self):
-        self._writes = BackgroundWrites()
-
     def process(self, element):
         bucket, tables = element
         tables = [t.select(self._schema.names).cast(self._schema) for t in map(decode_table, tables) if t.num_rows]
@@ -90,12 +101,6 @@ class WriteBucketParts(beam.DoFn):
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writes.submit(write_part_atomically, rows, path, self._output)
             yield str(path)
-
-    def finish_bundle(self):
-        self._writes.drain()
-
-    def teardown(self):
-        self._writes.close()
 
 
 def already_sorted(table: pa.Table, sort_keys: Sequence[tuple[str, str]]) -> bool:
