@@ -42,7 +42,8 @@ from schemas.storage import (
 )
 from schemas.suites import units_suite
 from transforms.gates import gate_failures, prefetch_gx, raw_id_leaks, raw_user_fields
-from transforms.join import DedupByKey, JoinAndLabel, KeyByBucket
+from transforms.join import ROWS, UNITS, DedupByKey, JoinAndLabel, KeyByBucket
+from transforms.outputs import SplitTags
 from transforms.privacy import key_from_env
 from transforms.read import COUNTS, INTERNAL_COLUMNS, ReadRaw, check_columns, file_schemas, input_files
 from transforms.validate import CONTEXT, QUARANTINED, Validate, merge_counts
@@ -133,12 +134,12 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     unique_sigs = (v_sigs.ok
                    | "BucketEvents" >> beam.ParDo(KeyByBucket(buckets, sig.EVENT_ID, spill.get("events")))
                    | "GroupEvents" >> beam.GroupByKey()
-                   | "DedupEvents" >> beam.ParDo(DedupByKey(sig.EVENT_ID, "signals")).with_outputs(
-                       COUNTS, main="rows"))
+                   | "DedupEvents" >> beam.ParDo(DedupByKey(sig.EVENT_ID, "signals"))
+                   | "DedupOutputs" >> SplitTags({ROWS: pa.Table, COUNTS: dict}))
     keyed = {
         "impressions": v_imps.ok | "BucketImpressions" >> beam.ParDo(
             KeyByBucket(buckets, imp.IMPRESSION_ID, spill.get("impressions"))),
-        "signals": unique_sigs.rows | "BucketSignals" >> beam.ParDo(
+        "signals": unique_sigs[ROWS] | "BucketSignals" >> beam.ParDo(
             KeyByBucket(buckets, sig.IMPRESSION_ID, spill.get("signals"))),
     }
     if window is not None:                  # the neighbouring days' impressions, to place each signal in its day
@@ -149,21 +150,27 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
                   rules=ing.labels, explicit=ing.explicit, observe=ing.observe_types, known_types=ing.known_types,
                   gold=ing.gold, window=window, aggregate=ing.aggregate, prior=ing.prior,
                   unobserved_label=ing.unobserved_label, key_env=key_env, units_schema=units_schema,
-                  signal_files=signal_files,
-              )).with_outputs(QUARANTINED, COUNTS, main="units"))
-    _ = (joined.units
-         | "AsGroups" >> beam.MapTuple(lambda k, t: (k, [t])).with_output_types(tuple[int, list[pa.Table]])
-         | "WriteUnits" >> beam.ParDo(WriteBucketParts(units_dir, units_schema, [un.IMPRESSION_ID], cfg.output)))
-    _ = ((imps[QUARANTINED], sigs[QUARANTINED], v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINED])
-         | "FlattenQuarantine" >> beam.Flatten()
-         | "BucketQuarantine" >> beam.ParDo(KeyByBucket(buckets, None))
-         | "GroupQuarantine" >> beam.GroupByKey()
-         | "WriteQuarantine" >> beam.ParDo(WriteBucketParts(
-             quarantine_dir, qr.SCHEMA, [qr.TABLE, qr.SOURCE_FILE, qr.ROW_NUMBER], cfg.output)))
-    _ = ((imps[COUNTS], sigs[COUNTS], v_imps.counts, v_sigs.counts, unique_sigs[COUNTS], joined[COUNTS])
-         | "FlattenCounts" >> beam.Flatten()
-         | "MergeCounts" >> beam.CombineGlobally(merge_counts)
-         | "WriteCounts" >> beam.ParDo(WriteJson(counts_path)))
+                  signal_files=signal_files))
+              | "JoinOutputs" >> SplitTags({UNITS: tuple[int, pa.Table], QUARANTINED: pa.Table, COUNTS: dict}))
+    written = [joined[UNITS]
+               | "AsGroups" >> beam.MapTuple(lambda k, t: (k, [t])).with_output_types(tuple[int, list[pa.Table]])
+               | "WriteUnits" >> beam.ParDo(WriteBucketParts(units_dir, units_schema, [un.IMPRESSION_ID],
+                                                             cfg.output))]
+    written.append(
+        (imps.quarantined, sigs.quarantined, v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINED])
+        | "FlattenQuarantine" >> beam.Flatten()
+        | "BucketQuarantine" >> beam.ParDo(KeyByBucket(buckets, None))
+        | "GroupQuarantine" >> beam.GroupByKey()
+        | "WriteQuarantine" >> beam.ParDo(WriteBucketParts(
+            quarantine_dir, qr.SCHEMA, [qr.TABLE, qr.SOURCE_FILE, qr.ROW_NUMBER], cfg.output)))
+    written.append(
+        (imps.counts, sigs.counts, v_imps.counts, v_sigs.counts, unique_sigs[COUNTS], joined[COUNTS])
+        | "FlattenCounts" >> beam.Flatten()
+        | "MergeCounts" >> beam.CombineGlobally(merge_counts)
+        | "WriteCounts" >> beam.ParDo(WriteJson(counts_path)))
+    # One terminal step that every sink feeds: a runner that computes only the graph's last step (Beam 2.77's
+    # DaskRunner) still writes everything. The DoFns' several outputs are Tagged elements (transforms.outputs).
+    _ = tuple(written) | "Written" >> beam.Flatten() | "CountWritten" >> beam.combiners.Count.Globally()
 
 
 def _string_columns(schema: pa.Schema) -> list[str]:

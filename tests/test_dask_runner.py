@@ -9,10 +9,12 @@ The score stage runs there and gives the local runner's datasets, row for row: i
 one terminal step that every sink feeds, and its global sums count each batch once, because DaskRunner computes a
 side input inside each task that reads it, re-running its upstream there, and handed the pair weights' combiner
 some prompt buckets twice (246 raw pairs summed for 112 on the test input, before the sums were keyed by batch).
-The ingest stage does not run there.
+The ingest stage runs there too and gives the local runner's units, quarantine and row counts: its steps with
+several outputs emit ``transforms.outputs.Tagged`` elements that plain FlatMaps route (not Beam's tagged outputs),
+and its three sinks feed one terminal step, as score's do.
 
-What does not work, in Beam 2.77's translation (``apache_beam/runners/dask/``), and so the ingest comparison and
-the probes below are strict xfails with these reasons:
+What does not work, in Beam 2.77's translation (``apache_beam/runners/dask/``), and so the probes below are
+strict xfails with these reasons:
 
 * tagged outputs (``ParDo(...).with_outputs``): every output of a ParDo goes into one bag, tags dropped
   (``transform_evaluator.apply_dofn_to_bundle`` returns ``[v.value for v in tagged_receivers.values]``, one list
@@ -278,16 +280,20 @@ def _sorted(table: pa.Table, keys: list[str]) -> pa.Table:
     return table.sort_by([(k, "ascending") for k in keys])
 
 
-@pytest.mark.xfail(strict=True, reason=f"{TAGGED_OUTPUTS}: ReadRaw's row counts reach ValidateImpressions as "
-                   "batches (TypeError: Cannot convert dict to pyarrow.lib.RecordBatch); and "
-                   f"{ONE_SINK}: of units, quarantine and counts only the counts would be written")
 def test_ingest_gives_the_local_units_and_quarantine(fitted, cluster, tmp_path: Path):
+    """Units and quarantine row for row, in the same part files, and the same row counts: every sink ran and
+    no output of a step with several reached another's consumer."""
     run, cfg = fitted                                           # its units and quarantine: the local runner's
-    with module_hash_key(), on_dask(cluster) as args:
-        ingest.execute(RunDir(tmp_path / "run"), cfg, args)
+    with module_hash_key():
+        local_counts = ingest.execute(RunDir(tmp_path / "local"), cfg).counts
+        with on_dask(cluster) as args:
+            dask_counts = ingest.execute(RunDir(tmp_path / "run"), cfg, args).counts
+    assert dask_counts == local_counts
+    assert local_counts["impressions"].rows_quarantined and local_counts["signals"].rows_duplicate
     for sub, keys in ((rd.UNITS, [un.IMPRESSION_ID]), (rd.QUARANTINE, [qr.TABLE, qr.SOURCE_FILE, qr.ROW_NUMBER])):
         local, dask = read_dataset(run / sub), read_dataset(tmp_path / "run" / sub)
         assert local.num_rows > 0
+        assert [f.name for f in parquet_files(tmp_path / "run" / sub)] == [f.name for f in parquet_files(run / sub)]
         assert _sorted(dask, keys).equals(_sorted(local, keys)), sub
 
 

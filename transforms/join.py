@@ -23,6 +23,7 @@ from schemas import signals as sig
 from schemas import units as un
 from schemas.conform import conform
 from schemas.hashing import bucket_of
+from transforms.outputs import Tagged
 from transforms.privacy import Pseudonyms, key_from_env, pseudonymise
 from transforms.read import COUNTS, FILE_INDEX, ROW_NUMBER
 from transforms.shuffle import decode_table, encode_table, spill_path, write_spill
@@ -207,9 +208,14 @@ def build_units(imps: pl.DataFrame, sigs: pl.DataFrame | None, *, rules: Mapping
     return conform(df.to_arrow(), units_schema, where="units")
 
 
-@beam.typehints.with_output_types(pa.Table, **{COUNTS: dict})
+ROWS, UNITS = "rows", "units"
+"""Output tags (:class:`transforms.outputs.Tagged`): DedupByKey's kept rows, JoinAndLabel's (bucket, units)."""
+
+
+@beam.typehints.with_output_types(Tagged)
 class DedupByKey(beam.DoFn):
-    """(bucket of ``key``, [tables]) → the rows that survive dedup on ``key``, and the duplicate count.
+    """(bucket of ``key``, [tables]) → the rows that survive dedup on ``key`` (``rows``), and the duplicate count
+    (``counts``).
 
     Signals are deduplicated in their own shuffle, keyed by event id, so that a replay is caught even when it
     names another impression than the original (it then never reaches that impression's bucket).
@@ -224,13 +230,14 @@ class DedupByKey(beam.DoFn):
         if raw is None:
             return
         kept = dedup(raw, self._key)
-        yield beam.pvalue.TaggedOutput(COUNTS, {f"{self._table}.rows_duplicate": raw.height - kept.height})
-        yield kept.to_arrow()
+        yield Tagged(COUNTS, {f"{self._table}.rows_duplicate": raw.height - kept.height})
+        yield Tagged(ROWS, kept.to_arrow())
 
 
-@beam.typehints.with_output_types(tuple[int, pa.Table], **{QUARANTINED: pa.Table, COUNTS: dict})
+@beam.typehints.with_output_types(Tagged)
 class JoinAndLabel(beam.DoFn):
-    """(bucket, {impressions: [...], signals: [...]}) → units table; orphans and time travellers quarantined.
+    """(bucket, {impressions: [...], signals: [...]}) → (bucket, units table) (``units``); orphans and time
+    travellers (``quarantined``); row counts (``counts``).
 
     The HMAC key is read from the environment variable ``key_env`` on the worker (in ``setup``), never stored
     in the DoFn: a serialised pipeline (a Dataflow job graph, a Flink jar) then holds no secret. On a remote
@@ -277,8 +284,8 @@ class JoinAndLabel(beam.DoFn):
             sigs = sigs.with_columns(reason.alias("_reason"))
             bad = sigs.filter(pl.col("_reason").is_not_null())
             if bad.height:
-                yield beam.pvalue.TaggedOutput(QUARANTINED, quarantine_rows(
-                    bad.drop("_reason", _IMP_TS), bad["_reason"], "signals", self._signal_files, self._key))
+                yield Tagged(QUARANTINED, quarantine_rows(bad.drop("_reason", _IMP_TS), bad["_reason"], "signals",
+                                                          self._signal_files, self._key))
                 counts["signals.rows_quarantined"] = bad.height
             sigs = sigs.filter(pl.col("_reason").is_null()).drop("_reason", _IMP_TS)
         if imps is not None and imps.height:
@@ -288,10 +295,10 @@ class JoinAndLabel(beam.DoFn):
                                 units_schema=self._schema, gold=self._gold, aggregate=self._aggregate,
                                 prior=self._prior, pseudonyms=self._pseudonyms)
             counts["signals.rows_ok"] = sum(pc.sum(units[un.count_column(t)]).as_py() for t in self._known)
-            yield bucket, units
+            yield Tagged(UNITS, (bucket, units))
         elif sigs_raw is not None:
             counts["signals.rows_ok"] = 0
-        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+        yield Tagged(COUNTS, counts)
 
 
     def _not_this_day(self, sigs: pl.DataFrame, context: pl.DataFrame | None) -> tuple[pl.DataFrame, int]:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from schemas import quarantine as qr
 from schemas.config import Config, expand_inputs
 from schemas.errors import InputError
+from transforms.outputs import SplitTags, Tagged
 from transforms.privacy import key_from_env, redact_csv_text, redact_json_text
 from transforms.shuffle import ArrowBatchCoder  # noqa: F401  (imported for its registration: pa.Table/RecordBatch outputs)
 
@@ -37,8 +38,9 @@ NESTED = "_nested"
 NESTED_SEP = "\x1f"
 COUNTS = "counts"
 QUARANTINED = "quarantined"
-"""The Beam output tag of rows that go to quarantine (the folder is ``run_dir.QUARANTINE``, the schema
-``quarantine.SCHEMA``)."""
+"""The output tag of rows that go to quarantine (the folder is ``run_dir.QUARANTINE``, the schema
+``quarantine.SCHEMA``); ``COUNTS``: of row counts (see ``transforms.outputs``)."""
+BATCHES = "batches"
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -400,9 +402,10 @@ def _csv_header(path: str) -> list[str]:
     return next(csv.reader([first.decode("utf-8", errors="replace")], delimiter=_delimiter(path)), [])
 
 
-@beam.typehints.with_output_types(pa.RecordBatch, **{QUARANTINED: pa.Table, COUNTS: dict})
+@beam.typehints.with_output_types(Tagged)
 class ReadFileBatches(beam.DoFn):
-    """(file index, path) in, record batches out; unparseable records on ``quarantine``, row counts on ``counts``."""
+    """(file index, path) in, record batches out (``batches``); unparseable records (``quarantined``), row counts
+    (``counts``): each a :class:`transforms.outputs.Tagged` output."""
 
     def __init__(self, table: str, batch_rows: int = 65_536, string_columns: Sequence[str] = (), *,
                  user_column: str | None = None, key_env: str | None = None):
@@ -421,18 +424,23 @@ class ReadFileBatches(beam.DoFn):
         for batch in read_file(path, file_index=index, batch_rows=self._batch_rows, malformed=malformed,
                                string_columns=self._strings):
             rows += batch.num_rows
-            yield batch
+            yield Tagged(BATCHES, batch)
         counts = {f"{self._table}.rows_in": rows + len(malformed)}
         if malformed:
-            yield beam.pvalue.TaggedOutput(QUARANTINED, malformed_rows(malformed, path, self._table,
-                                                                      user_column=self._user_column,
-                                                                      hash_key=self._key))
+            yield Tagged(QUARANTINED, malformed_rows(malformed, path, self._table, user_column=self._user_column,
+                                                     hash_key=self._key))
             counts[f"{self._table}.rows_quarantined"] = len(malformed)
-        yield beam.pvalue.TaggedOutput(COUNTS, counts)
+        yield Tagged(COUNTS, counts)
+
+
+class RawBatches(NamedTuple):
+    batches: beam.PCollection
+    quarantined: beam.PCollection
+    counts: beam.PCollection
 
 
 class ReadRaw(beam.PTransform):
-    """``files`` of one table → RecordBatches (main), unparseable records (``quarantine``), row counts (``counts``).
+    """``files`` of one table → ``RawBatches``: RecordBatches, unparseable records, row counts.
 
     ``string_columns``: columns that a CSV file must keep as text (the contract's ids and texts); ``user_column``
     and ``key_env``: the raw user id a malformed record's text may hold is pseudonymised with that key.
@@ -445,12 +453,12 @@ class ReadRaw(beam.PTransform):
         self._strings, self._options = list(string_columns), options
 
     def expand(self, pbegin):
-        return (pbegin
-                | "Files" >> beam.Create(list(enumerate(self._files)))
-                | "Reshuffle" >> beam.Reshuffle()
-                | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows, self._strings,
-                                                       **self._options)).with_outputs(COUNTS, QUARANTINED,
-                                                                                      main="batches"))
+        out = (pbegin
+               | "Files" >> beam.Create(list(enumerate(self._files)))
+               | "Reshuffle" >> beam.Reshuffle()
+               | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows, self._strings, **self._options))
+               | "Outputs" >> SplitTags({BATCHES: pa.RecordBatch, QUARANTINED: pa.Table, COUNTS: dict}))
+        return RawBatches(out[BATCHES], out[QUARANTINED], out[COUNTS])
 
 
 class ReadParts(beam.PTransform):

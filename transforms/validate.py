@@ -19,10 +19,13 @@ from schemas import impressions as imp
 from schemas import quarantine as qr
 from schemas import signals as sig
 from schemas import units as un
+from transforms.outputs import SplitTags, Tagged
 from transforms.privacy import key_from_env, pseudonymise
 from transforms.read import COUNTS, FILE_INDEX, NESTED, NESTED_SEP, QUARANTINED, ROW_NUMBER
 from transforms.window import OTHER_DAY, DayWindow
 
+OK = "ok"
+"""Tag of the rows that passed every check."""
 CONTEXT = "context"
 """Tag of the impressions a day's run reads only to place signals (``transforms.window``): id and ts."""
 
@@ -302,9 +305,10 @@ class Validated(NamedTuple):
     context: beam.PCollection
 
 
-@beam.typehints.with_output_types(pa.Table, **{QUARANTINED: pa.Table, COUNTS: dict, CONTEXT: pa.Table})
+@beam.typehints.with_output_types(Tagged)
 class SplitBad(beam.DoFn):
-    """RecordBatch in: coerced good rows out (as an Arrow table), rejected rows tagged ``quarantine``.
+    """RecordBatch in: coerced good rows out (``ok``, an Arrow table), rejected rows (``quarantined``) and counts
+    (``counts``), each a :class:`transforms.outputs.Tagged` output.
 
     With a ``window`` (one day of a scheduled run), only the rows the day reads come out: impressions of the day
     (and those of its neighbours, id and ts only, tagged ``context``), signals within its context; a rejected
@@ -337,21 +341,20 @@ class SplitBad(beam.DoFn):
             if self._table == "impressions":            # the neighbours' impressions: to place signals
                 context = df.select(w.in_context(ts) & ~w.owns(ts)).to_series() & good
                 if context.any():
-                    yield beam.pvalue.TaggedOutput(CONTEXT, df.filter(context).select(imp.IMPRESSION_ID, imp.TS)
-                                                   .to_arrow())
+                    yield Tagged(CONTEXT, df.filter(context).select(imp.IMPRESSION_ID, imp.TS).to_arrow())
             reads = w.owns(ts) if self._table == "impressions" else w.in_context(ts)
             good = good & df.select(reads.fill_null(False)).to_series()
             bad = bad & df.select(w.owns(ts).fill_null(True)).to_series()    # unreadable ts: every day's
             counts[f"{self._table}.{OTHER_DAY}"] = raw.height - int(good.sum()) - int(bad.sum())
         n_bad = int(bad.sum())
         if n_bad:
-            yield beam.pvalue.TaggedOutput(QUARANTINED, quarantine_rows(raw.filter(bad), reasons.filter(bad),
-                                                                       self._table, self._files, self._key))
+            yield Tagged(QUARANTINED, quarantine_rows(raw.filter(bad), reasons.filter(bad), self._table,
+                                                      self._files, self._key))
             counts[f"{self._table}.rows_quarantined"] = n_bad
         if counts:
-            yield beam.pvalue.TaggedOutput(COUNTS, counts)
+            yield Tagged(COUNTS, counts)
         if good.any():
-            yield df.filter(good).to_arrow()
+            yield Tagged(OK, df.filter(good).to_arrow())
 
 
 class Validate(beam.PTransform):
@@ -363,8 +366,9 @@ class Validate(beam.PTransform):
         self._fn = SplitBad(table, schema, files, known_types, value_types, window, **options)
 
     def expand(self, batches):
-        out = batches | beam.ParDo(self._fn).with_outputs(QUARANTINED, COUNTS, CONTEXT, main="ok")
-        return Validated(out.ok, out[QUARANTINED], out[COUNTS], out[CONTEXT])
+        out = (batches | beam.ParDo(self._fn)
+               | "Outputs" >> SplitTags({OK: pa.Table, QUARANTINED: pa.Table, COUNTS: dict, CONTEXT: pa.Table}))
+        return Validated(out[OK], out[QUARANTINED], out[COUNTS], out[CONTEXT])
 
 
 def contract_schema(table: str) -> pa.Schema:
