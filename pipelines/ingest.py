@@ -157,7 +157,7 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
                | "WriteUnits" >> beam.ParDo(WriteBucketParts(units_dir, units_schema, [un.IMPRESSION_ID],
                                                              cfg.output))]
     written.append(
-        (imps.quarantined, sigs.quarantined, v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINED])
+        (imps.quarantine, sigs.quarantine, v_imps.quarantine, v_sigs.quarantine, joined[QUARANTINED])
         | "FlattenQuarantine" >> beam.Flatten()
         | "BucketQuarantine" >> beam.ParDo(KeyByBucket(buckets, None))
         | "GroupQuarantine" >> beam.GroupByKey()

@@ -16,15 +16,18 @@ TABLE = pa.table({"impression_id": ["a", "b", "c"], "x": [1.0, None, 3.0]}).slic
 
 
 @pytest.mark.parametrize("value", [TABLE, TABLE.combine_chunks().to_batches()[0], TABLE.schema.empty_table(),
-                                   (7, TABLE), (-1, TABLE), {"signals.rows_in": 3}, "text"],
-                         ids=["table", "batch", "empty_table", "keyed_table", "negative_key", "counts", "text"])
+                                   (7, TABLE), (-1, TABLE), (True, TABLE), (1 << 70, TABLE),
+                                   {"signals.rows_in": 3}, "text"],
+                         ids=["table", "batch", "empty_table", "keyed_table", "negative_key", "bool_key", "big_key",
+                              "counts", "text"])
 def test_the_coder_gives_back_the_tag_and_the_value(value):
     coder = beam.coders.registry.get_coder(Tagged)
     assert isinstance(coder, TaggedCoder)
     back = coder.decode(coder.encode(Tagged("quarantined", value)))
     assert back.tag == "quarantined" and type(back.value) is type(value)
     if isinstance(value, tuple):
-        assert back.value[0] == value[0] and back.value[1].equals(value[1])
+        assert type(back.value[0]) is type(value[0]) and back.value[0] == value[0]
+        assert back.value[1].equals(value[1])
     elif isinstance(value, pa.Table | pa.RecordBatch):
         assert back.value.equals(value)
     else:

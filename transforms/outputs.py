@@ -24,13 +24,13 @@ class Tagged:
 
     __slots__ = ("tag", "value")
 
-    def __init__(self, tag: str, value: Any):
+    def __init__(self, tag: str, value: Any) -> None:
         self.tag, self.value = tag, value
 
     def __repr__(self) -> str:
         return f"Tagged({self.tag!r}, {type(self.value).__name__})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, Any]]:
         return Tagged, (self.tag, self.value)
 
 
@@ -38,8 +38,10 @@ _TABLE, _BATCH, _KEYED, _OTHER = b"T", b"B", b"K", b"P"
 
 
 def _is_keyed_table(value: Any) -> bool:
-    return (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], int)
-            and isinstance(value[1], pa.Table))
+    """An (int key, table) pair with a plain int key that fits 8 bytes, as a bucket key always is; any other
+    pair (a bool or numpy key, a bigger int) is encoded whole by the primitives coder, types intact."""
+    return (isinstance(value, tuple) and len(value) == 2 and type(value[0]) is int
+            and -(1 << 63) <= value[0] < (1 << 63) and isinstance(value[1], pa.Table))
 
 
 class TaggedCoder(beam.coders.Coder):
@@ -71,6 +73,8 @@ class TaggedCoder(beam.coders.Coder):
             return Tagged(tag, (int.from_bytes(body[:8], "big", signed=True), decode_table(body[8:])))
         if kind == _BATCH:
             return Tagged(tag, pa.ipc.open_stream(pa.py_buffer(body)).read_next_batch())
+        if kind != _TABLE:
+            raise ValueError(f"not an encoded Tagged element: kind byte {kind!r}")
         return Tagged(tag, decode_table(body))
 
     def estimate_size(self, value: Tagged) -> int:
@@ -84,7 +88,7 @@ class TaggedCoder(beam.coders.Coder):
     def is_deterministic(self) -> bool:
         return False            # tables may encode differently when equal: never a grouping key
 
-    def to_type_hint(self):
+    def to_type_hint(self) -> type:
         return Tagged
 
 
@@ -106,7 +110,7 @@ class SplitTags(beam.PTransform):
         super().__init__()
         self._types = dict(types)
 
-    def expand(self, tagged):
+    def expand(self, tagged: beam.PCollection) -> dict[str, beam.PCollection]:
         known = frozenset(self._types)
         return {tag: tagged | f"Select_{tag}" >> beam.FlatMap(_select, tag, known).with_output_types(t)
                 for tag, t in self._types.items()}

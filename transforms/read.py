@@ -37,10 +37,12 @@ NESTED = "_nested"
 """Provenance of a JSON Lines row whose list or object value was turned into text in a mixed column."""
 NESTED_SEP = "\x1f"
 COUNTS = "counts"
+"""The output tag of row counts (``transforms.outputs``), merged into the stage's counts."""
 QUARANTINED = "quarantined"
 """The output tag of rows that go to quarantine (the folder is ``run_dir.QUARANTINE``, the schema
-``quarantine.SCHEMA``); ``COUNTS``: of row counts (see ``transforms.outputs``)."""
+``quarantine.SCHEMA``)."""
 BATCHES = "batches"
+"""The output tag of the record batches read."""
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -435,7 +437,7 @@ class ReadFileBatches(beam.DoFn):
 
 class RawBatches(NamedTuple):
     batches: beam.PCollection
-    quarantined: beam.PCollection
+    quarantine: beam.PCollection
     counts: beam.PCollection
 
 

@@ -358,7 +358,7 @@ class SplitBad(beam.DoFn):
 
 
 class Validate(beam.PTransform):
-    """Batches of one raw table → ``Validated(ok, quarantine, counts)``."""
+    """Batches of one raw table → ``Validated(ok, quarantine, counts, context)``."""
 
     def __init__(self, table: str, schema: pa.Schema, files: Sequence[str], known_types: Sequence[str] = (),
                  value_types: Sequence[str] = (), window: DayWindow | None = None, **options):
