@@ -16,7 +16,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from transforms.shuffle import decode_table, encode_table
+from transforms.shuffle import decode_batch, decode_table, encode_table
 
 
 class Tagged:
@@ -72,7 +72,7 @@ class TaggedCoder(beam.coders.Coder):
         if kind == _KEYED:
             return Tagged(tag, (int.from_bytes(body[:8], "big", signed=True), decode_table(body[8:])))
         if kind == _BATCH:
-            return Tagged(tag, pa.ipc.open_stream(pa.py_buffer(body)).read_next_batch())
+            return Tagged(tag, decode_batch(body))
         if kind != _TABLE:
             raise ValueError(f"not an encoded Tagged element: kind byte {kind!r}")
         return Tagged(tag, decode_table(body))

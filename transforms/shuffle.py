@@ -64,6 +64,11 @@ def decode_table(data: bytes | str | pa.Table) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
+def decode_batch(data: bytes) -> pa.RecordBatch:
+    """One record batch back from IPC stream bytes (see :func:`encode_table`)."""
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch()
+
+
 class ArrowTableCoder(beam.coders.Coder):
     """Beam coder for ``pa.Table`` elements: Arrow IPC bytes, and a size estimate that encodes nothing.
 
@@ -93,7 +98,7 @@ class ArrowBatchCoder(ArrowTableCoder):
     """Beam coder for ``pa.RecordBatch`` elements (see :class:`ArrowTableCoder`)."""
 
     def decode(self, encoded: bytes) -> pa.RecordBatch:
-        return pa.ipc.open_stream(pa.py_buffer(encoded)).read_next_batch()
+        return decode_batch(encoded)
 
     def to_type_hint(self):
         return pa.RecordBatch
