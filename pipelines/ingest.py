@@ -166,11 +166,11 @@ def build(p: beam.Pipeline, cfg: Config, *, impression_files: Sequence[str], sig
     written.append(
         (imps.counts, sigs.counts, v_imps.counts, v_sigs.counts, unique_sigs[COUNTS], joined[COUNTS])
         | "FlattenCounts" >> beam.Flatten()
-        | "MergeCounts" >> beam.CombineGlobally(merge_counts)
+        | "MergeCounts" >> beam.CombineGlobally(merge_counts).without_defaults()     # every file gives counts
         | "WriteCounts" >> beam.ParDo(WriteJson(counts_path)))
     # One terminal step that every sink feeds: a runner that computes only the graph's last step (Beam 2.77's
     # DaskRunner) still writes everything. The DoFns' several outputs are Tagged elements (transforms.outputs).
-    _ = tuple(written) | "Written" >> beam.Flatten() | "CountWritten" >> beam.combiners.Count.Globally()
+    _ = tuple(written) | "Written" >> beam.Flatten()
 
 
 def _string_columns(schema: pa.Schema) -> list[str]:

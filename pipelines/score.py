@@ -103,7 +103,7 @@ def build(p: beam.Pipeline, cfg: Config, *, unit_files: Sequence[str], models_di
                        | "WriteNoOverlap" >> beam.ParDo(WriteJson(excluded_path)))
     # One terminal step that every sink feeds (the pointwise writer feeds the pairs): a runner that computes only
     # the graph's last step (Beam 2.77's DaskRunner) still writes everything.
-    _ = tuple(written) | "Written" >> beam.Flatten() | "CountWritten" >> beam.combiners.Count.Globally()
+    _ = tuple(written) | "Written" >> beam.Flatten()
 
 
 def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> ScoreResult:

@@ -455,9 +455,9 @@ class ReadRaw(beam.PTransform):
         self._strings, self._options = list(string_columns), options
 
     def expand(self, pbegin):
+        # Create reshuffles several elements itself (each file may be read on another worker); one needs none.
         out = (pbegin
                | "Files" >> beam.Create(list(enumerate(self._files)))
-               | "Reshuffle" >> beam.Reshuffle()
                | "Read" >> beam.ParDo(ReadFileBatches(self._table, self._batch_rows, self._strings, **self._options))
                | "Outputs" >> SplitTags({BATCHES: pa.RecordBatch, QUARANTINED: pa.Table, COUNTS: dict}))
         return RawBatches(out[BATCHES], out[QUARANTINED], out[COUNTS])
@@ -483,6 +483,5 @@ class ReadParts(beam.PTransform):
                 yield (index, g) if groups else index, pf.read_row_group(g, columns=columns)
 
         return (pbegin
-                | "Parts" >> beam.Create(list(enumerate(self._files)))
-                | "Reshuffle" >> beam.Reshuffle()
+                | "Parts" >> beam.Create(list(enumerate(self._files)))          # reshuffled by Create itself
                 | "ReadRowGroups" >> beam.FlatMap(read).with_output_types(tuple[Any, pa.Table]))
