@@ -252,8 +252,8 @@ def fitted(sim_small: Path, tmp_path_factory) -> tuple[Path, object]:
 
 @pytest.mark.parametrize("spill", [False, True], ids=["ipc_bytes", "spilled_files"])
 def test_obsfeeds_read_shuffle_and_write_transforms_give_the_same_parts(spill, fitted, cluster, tmp_path: Path):
-    """The units read with ReadParts (Create(paths) + Reshuffle + FlatMap), bucketed, grouped and written as
-    ingest and score do: the same part files, row for row."""
+    """The units read with ReadParts (Create(paths), which reshuffles them, + FlatMap), bucketed, grouped and
+    written as ingest and score do: the same part files, row for row."""
     run, cfg = fitted
     files = [str(f) for f in parquet_files(run / rd.UNITS)]
     schema = read_dataset(run / rd.UNITS).schema
