@@ -177,12 +177,15 @@ def test_known_pseudonyms_are_reused_and_stay_bounded():
     users = pl.Series("user_id", ["u1", None, "u2", "u1"])
     known = Pseudonyms(max_users=4)
     first = pseudonymise(users, b"k", known)
-    assert first.to_list() == pseudonymise(users, b"k").to_list() and set(known) == {"u1", "u2"}
-    known["u1"] = "looked-up"                                  # a known user is looked up, not hashed again
-    assert pseudonymise(users, b"k", known)[0] == "looked-up"
+    assert first.to_list() == pseudonymise(users, b"k").to_list() and set(known.frame["u"]) == {"u1", "u2"}
+    known.frame = known.frame.with_columns(                    # a known user is looked up, not hashed again
+        h=pl.when(pl.col("u") == "u1").then(pl.lit("looked-up")).otherwise(pl.col("h")))
+    again = pseudonymise(users, b"k", known)
+    assert again[0] == again[3] == "looked-up" and again[2] == first[2] and again[1] is None and len(known) == 2
     more = pl.Series("user_id", ["u3", "u4", "u5"])
     assert pseudonymise(more, b"k", known).to_list() == pseudonymise(more, b"k").to_list()
-    assert set(known) == {"u3", "u4", "u5"}                    # emptied first: 2 known + 3 new > max_users
+    assert set(known.frame["u"]) == {"u3", "u4", "u5"}        # emptied first: 2 known + 3 new > max_users
+    assert pseudonymise(pl.Series("user_id", [None, None], dtype=pl.String), b"k", known).to_list() == [None] * 2
 
 
 def test_parts_already_in_order_are_written_without_sorting_and_others_are_sorted():

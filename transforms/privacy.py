@@ -19,32 +19,40 @@ import polars as pl
 from schemas.errors import ConfigError
 
 
-class Pseudonyms(dict):
-    """Pseudonyms already computed, user id → pseudonym, for one key: a DoFn keeps one across the buckets it
-    processes, since a user's impressions fall in every bucket (at 1M impressions, 50k users were hashed 350k
-    times without it). Emptied when it reaches ``max_users``, so that memory stays bounded."""
+class Pseudonyms:
+    """Pseudonyms already computed for one key, as a table (``frame``: user id ``u`` → pseudonym ``h``): a DoFn
+    keeps one across the buckets it processes, since a user's impressions fall in every bucket (at 1M impressions,
+    50k users were hashed 350k times without it). A table, so that finding a bucket's new users and mapping its
+    rows back are joins, not a Python loop over every user of every bucket. Emptied when it would grow past
+    ``max_users``, so that memory stays bounded."""
 
     def __init__(self, max_users: int = 1_000_000):
-        super().__init__()
         self.max_users = max_users
+        self.frame = pl.DataFrame(schema={"u": pl.String, "h": pl.String})
+
+    def __len__(self) -> int:
+        return self.frame.height
 
 
 def pseudonymise(user_ids: pl.Series, key: bytes | None, known: Pseudonyms | None = None) -> pl.Series:
     """Keyed HMAC-SHA256 of each user id (hex, 128 bits); plain SHA-256 only when explicitly unkeyed. ``known``:
     pseudonyms computed before with the same key, looked up instead of recomputed (and added to)."""
-    def one(u: str) -> str:
+    def hashed(users: pl.Series) -> pl.DataFrame:
         if key is None:
-            return hashlib.sha256(u.encode()).hexdigest()[:32]
-        return hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32]
+            h = [hashlib.sha256(u.encode()).hexdigest()[:32] for u in users.to_list()]
+        else:
+            h = [hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32] for u in users.to_list()]
+        return pl.DataFrame({"u": users, "h": pl.Series(h, dtype=pl.String)})
 
-    uniq = user_ids.drop_nulls().unique().to_list()   # each user hashed once; a join maps them back (null: null)
+    uniq = user_ids.drop_nulls().unique().alias("u")          # each user hashed once (null: null)
     if known is None:
-        hashed = [one(u) for u in uniq]
+        mapping = hashed(uniq)
     else:
-        if len(known) + sum(u not in known for u in uniq) > known.max_users:   # new users would overflow it
-            known.clear()
-        hashed = [known.get(u) or known.setdefault(u, one(u)) for u in uniq]
-    mapping = pl.DataFrame({"u": pl.Series(uniq, dtype=pl.String), "h": pl.Series(hashed, dtype=pl.String)})
+        new = uniq.to_frame().join(known.frame, on="u", how="anti")["u"]
+        if len(known) + len(new) > known.max_users:                    # new users would overflow it
+            known.frame, new = known.frame.clear(), uniq
+        known.frame = pl.concat([known.frame, hashed(new)], rechunk=False)
+        mapping = known.frame
     return (user_ids.to_frame("u").join(mapping, on="u", how="left", maintain_order="left")["h"]
             .alias(user_ids.name))
 
