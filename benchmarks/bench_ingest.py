@@ -135,7 +135,7 @@ def bench_ingest(n: int, repeats: int = 2) -> dict[str, float]:
     shutil.rmtree(work, ignore_errors=True)
     beam_code = (f"from benchmarks.bench_ingest import bench_config;from pipelines import ingest;"
                  f"from schemas.run_dir import RunDir;import logging;logging.disable(logging.WARNING);"
-                 f"from pipelines.orchestration.cli import DEFAULT_BEAM_ARGS;"
+                 f"from transforms.runner import DEFAULT_BEAM_ARGS;"
                  f"r=ingest.execute(RunDir('{work}/beam'), bench_config(__import__('pathlib').Path('{data}')),"
                  f"DEFAULT_BEAM_ARGS);print(__import__('json').dumps(r.diagnostics.seconds))")
     # The baseline reuses obsfeed's table functions, whose modules import Beam: that import is timed in the

@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.orchestration.cli import beam_args_with_defaults, main
+from pipelines.orchestration.cli import main
 from schemas import run_dir as rd
 from schemas.stages import (
     FitCounts,
@@ -22,6 +22,7 @@ from schemas.stages import (
     WeightSummary,
 )
 from tests.conftest import config_text
+from transforms.runner import beam_args_with_defaults
 
 
 def _fails_with(capsys, argv: list[str], *needles: str) -> str:
@@ -78,7 +79,7 @@ def test_unknown_stage(tmp_path: Path, capsys, sim_small: Path):
 
 
 @pytest.mark.parametrize(("given", "runner"), [
-    ([], "--runner=DirectRunner"), (["--runner=FlinkRunner"], "--runner=FlinkRunner"),
+    ([], "--runner=FnApiRunner"), (["--runner=FlinkRunner"], "--runner=FlinkRunner"),
     (["--runner", "SparkRunner"], "SparkRunner")])
 def test_runner_is_an_option(given, runner):
     args = beam_args_with_defaults(given)

@@ -25,32 +25,12 @@ from schemas import run_dir as rd
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, ObsfeedUserError
 from schemas.run_dir import RunDir
+from transforms.runner import beam_args_with_defaults
 
 logger = logging.getLogger("pipelines.orchestration.cli")   # also when run as __main__
 
 IMPORTERS = {"coat": "pipelines.sources.coat", "hh-rlhf": "pipelines.sources.hh_rlhf"}
 """``obsfeed import SOURCE``: the module in ``pipelines`` with ``add_arguments(parser)`` and ``main(args)``."""
-DEFAULT_BEAM_ARGS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
-"""Beam's local FnApiRunner, in-process. ``--direct_running_mode=multi_processing --direct_num_workers=2`` runs
-too: on 2026-12-02, 5 of 5 consecutive 2-worker ingest runs at 200k impressions (file-backed shuffle, 2 cores
-shared with other work) were correct (row-count invariant held, units identical to in-process by content hash)
-and slower, 7.5-8.4 s against 4.8-5.3 s in-process (at 1M, two earlier runs were about 5% faster). Earlier, while
-tables went through the runner's shuffle, Beam 2.77's parallel bundle manager intermittently dropped part of a
-grouped input at 1M impressions (about one run in three; caught by the ingest row-count invariant, reproduced with
-Beam alone). On 2026-12-02 (fdd9eb8), 10 of 10 consecutive ``--direct_running_mode=multi_threading
---direct_num_workers=2`` ingest runs at 1M gave units and quarantine identical to in-process by content hash, in
-8.0-8.6 s against 8.9 s in-process: too little gain to change the default. The invariant check stays on in every
-mode."""
-
-
-def beam_args_with_defaults(beam_args: Sequence[str]) -> list[str]:
-    """The caller's Beam flags; the local in-process runner only when no runner was named."""
-    args = list(beam_args)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
-        args = [*DEFAULT_BEAM_ARGS, *args]
-    return args
-
-
 def _parse_stages(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
