@@ -45,7 +45,7 @@ from transforms.join import ROWS, UNITS, DedupByKey, JoinAndLabel, KeyByBucket
 from transforms.outputs import SplitTags
 from transforms.privacy import key_from_env
 from transforms.read import COUNTS, INTERNAL_COLUMNS, ReadRaw, check_columns, file_schemas, input_files
-from transforms.runner import pipeline_options
+from transforms.runner import pipeline
 from transforms.validate import CONTEXT, QUARANTINED, Validate, merge_counts
 from transforms.window import OTHER_DAY, DayWindow
 from transforms.write import WriteBucketParts, WriteJson
@@ -213,7 +213,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> IngestRe
     hashing.shutdown(wait=False)
     start = time.perf_counter()
     try:
-        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        with pipeline(beam_args) as p:
             build(p, cfg, impression_files=impression_files, signal_files=signal_files, units_schema=schema,
                   key_env=env, units_dir=str(units_tmp), quarantine_dir=str(quarantine_tmp),
                   counts_path=str(scratch / "counts.json"), scratch_dir=str(scratch / "shuffle"))

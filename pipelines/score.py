@@ -38,7 +38,7 @@ from schemas.suites import pairwise_suite, pointwise_suite
 from transforms import score as sc
 from transforms.gates import gate_failures, prefetch_gx, raw_id_leaks
 from transforms.read import ReadParts
-from transforms.runner import pipeline_options
+from transforms.runner import pipeline
 from transforms.shuffle import decode_table
 from transforms.write import WriteBucketParts, WriteJson
 
@@ -131,7 +131,7 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> ScoreRes
     n_units = count_rows(run.path(rd.UNITS))
     prefetch_gx()                                         # imported while the pipeline runs, for the gates
     try:
-        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        with pipeline(beam_args) as p:
             build(p, cfg, unit_files=unit_files, models_dir=str(models_dir), pointwise_schema=schema,
                   run_id=run.run_id, pointwise_dir=str(tmp_pw), pairwise_dir=str(tmp_pr), scratch_dir=str(scratch),
                   n_buckets=pair_buckets(n_units, cfg.score), excluded_path=str(excluded_path), weighting=wt)

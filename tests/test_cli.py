@@ -87,6 +87,15 @@ def test_runner_is_an_option(given, runner):
     assert sum(a.startswith("--runner") for a in args) == 1
 
 
+def test_the_default_runner_is_fnapi_with_the_callers_options_and_a_named_runner_is_kept():
+    from transforms.runner import pipeline
+
+    p = pipeline(["--experiments=obsfeed_probe", "--direct_running_mode=multi_processing"])
+    assert type(p.runner).__name__ == "FnApiRunner"        # not DirectRunner, which first tries to download Prism
+    assert "obsfeed_probe" in str(p.runner._provision_info.provision_info.pipeline_options)   # for its workers
+    assert type(pipeline(["--runner=DirectRunner"]).runner).__name__ != "FnApiRunner"
+
+
 def test_runs_lists_status_and_headline_figures(tmp_path: Path, capsys):
     def manifest(name: str, stages: dict) -> Path:
         run = tmp_path / name

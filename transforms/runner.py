@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.portability.api import beam_provision_api_pb2
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
 DEFAULT_BEAM_ARGS = ("--runner=FnApiRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
 """Beam's local FnApiRunner, in-process. ``--direct_running_mode=multi_processing --direct_num_workers=2`` runs
@@ -22,7 +26,12 @@ grouped input at 1M impressions (about one run in three; caught by the ingest ro
 Beam alone). On 2026-12-02 (fdd9eb8), 10 of 10 consecutive ``--direct_running_mode=multi_threading
 --direct_num_workers=2`` ingest runs at 1M gave units and quarantine identical to in-process by content hash, in
 8.0-8.6 s against 8.9 s in-process: too little gain to change the default. The invariant check stays on in every
-mode. (Those runs named ``--runner=DirectRunner``, which ran the same FnApiRunner after Prism failed to download.)"""
+mode. Those runs named ``--runner=DirectRunner``, which ran the same FnApiRunner, built as :func:`pipeline` builds
+it, once Prism had failed to download; on 2026-12-03, with this default, one ``multi_processing`` and one
+``multi_threading`` 2-worker ingest at 20k impressions each gave units identical to in-process."""
+
+
+FNAPI_RUNNER_PATH = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
 
 def beam_args_with_defaults(beam_args: Sequence[str]) -> list[str]:
@@ -34,6 +43,16 @@ def beam_args_with_defaults(beam_args: Sequence[str]) -> list[str]:
     return args
 
 
-def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
-    """Beam options for a stage's pipeline: the caller's flags, on the default runner when they name none."""
-    return PipelineOptions(beam_args_with_defaults(beam_args))
+def pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
+    """A stage's pipeline: the caller's flags, on the default runner when they name none.
+
+    The FnApiRunner is built here with the options in its provision info, as ``DirectRunner`` builds it: Beam
+    builds a runner named by ``--runner=FnApiRunner`` without them, and its ``multi_processing`` workers would then
+    start without the caller's options (``--experiments``, ``--pickle_library``, ...)."""
+    options = PipelineOptions(beam_args_with_defaults(beam_args))
+    if options.view_as(StandardOptions).runner not in ("FnApiRunner", FNAPI_RUNNER_PATH):
+        return beam.Pipeline(options=options)
+    provision = beam_provision_api_pb2.ProvisionInfo(
+        pipeline_options=JobServiceHandle.encode_pipeline_options(options.get_all_options()))
+    runner = fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(provision))
+    return beam.Pipeline(runner=runner, options=options)
