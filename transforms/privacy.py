@@ -44,15 +44,18 @@ def pseudonymise(user_ids: pl.Series, key: bytes | None, known: Pseudonyms | Non
             h = [hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32] for u in users.to_list()]
         return pl.DataFrame({"u": users, "h": pl.Series(h, dtype=pl.String)})
 
+    user_ids = user_ids.cast(pl.String)                       # an all-null column may come typed as null
     uniq = user_ids.drop_nulls().unique().alias("u")          # each user hashed once (null: null)
     if known is None:
         mapping = hashed(uniq)
     else:
-        new = uniq.to_frame().join(known.frame, on="u", how="anti")["u"]
-        if len(known) + len(new) > known.max_users:                    # new users would overflow it
-            known.frame, new = known.frame.clear(), uniq
-        known.frame = pl.concat([known.frame, hashed(new)], rechunk=False)
-        mapping = known.frame
+        looked_up = uniq.to_frame().join(known.frame, on="u", how="left")    # this bucket's users only
+        seen, new = looked_up.filter(pl.col("h").is_not_null()), looked_up.filter(pl.col("h").is_null())["u"]
+        if len(known) + len(new) > known.max_users:                         # new users would overflow it
+            known.frame, seen, new = known.frame.clear(), seen.clear(), uniq
+        added = hashed(new)
+        known.frame = pl.concat([known.frame, added], rechunk=known.frame.n_chunks() >= 64)
+        mapping = pl.concat([seen, added])
     return (user_ids.to_frame("u").join(mapping, on="u", how="left", maintain_order="left")["h"]
             .alias(user_ids.name))
 
