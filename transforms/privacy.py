@@ -37,12 +37,13 @@ class Pseudonyms:
 def pseudonymise(user_ids: pl.Series, key: bytes | None, known: Pseudonyms | None = None) -> pl.Series:
     """Keyed HMAC-SHA256 of each user id (hex, 128 bits); plain SHA-256 only when explicitly unkeyed. ``known``:
     pseudonyms computed before with the same key, looked up instead of recomputed (and added to)."""
-    def hashed(users: pl.Series) -> pl.DataFrame:
+    def one(u: str) -> str:
         if key is None:
-            h = [hashlib.sha256(u.encode()).hexdigest()[:32] for u in users.to_list()]
-        else:
-            h = [hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32] for u in users.to_list()]
-        return pl.DataFrame({"u": users, "h": pl.Series(h, dtype=pl.String)})
+            return hashlib.sha256(u.encode()).hexdigest()[:32]
+        return hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def hashed(users: pl.Series) -> pl.DataFrame:
+        return pl.DataFrame({"u": users, "h": pl.Series([one(u) for u in users.to_list()], dtype=pl.String)})
 
     user_ids = user_ids.cast(pl.String)                       # an all-null column may come typed as null
     uniq = user_ids.drop_nulls().unique().alias("u")          # each user hashed once (null: null)
