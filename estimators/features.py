@@ -34,10 +34,36 @@ WHITESPACE = r"[\t\n\v\f\r\x1c-\x1f \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028
 """The characters ``str.split()`` splits on (``str.isspace``), as an RE2 class: words are counted in Arrow."""
 
 
+ASCII_SPACE = np.isin(np.arange(256), [9, 10, 11, 12, 13, 28, 29, 30, 31, 32])
+"""The bytes ``str.split()`` splits on among ASCII characters (``\\t\\n\\v\\f\\r``, ``\\x1c``-``\\x1f``, space)."""
+
+
 def word_counts(values) -> np.ndarray:
-    """``len(text.split())`` of each text (0 for a missing one), counted in Arrow."""
-    return pc.fill_null(pc.count_substring_regex(as_arrow_strings(values), f"[^{WHITESPACE[1:-1]}]+"), 0) \
-        .to_numpy(zero_copy_only=False).astype(float)
+    """``len(text.split())`` of each text (0 for a missing one): for ASCII texts, from the word starts in their
+    bytes, 65,536 texts at a time (a third of the regex's time, which was most of featurising a unit's numbers);
+    else by an Arrow regex."""
+    if isinstance(values, pa.ChunkedArray):
+        return np.concatenate([word_counts(c) for c in values.chunks]) if values.num_chunks else np.zeros(0)
+    texts = pc.fill_null(as_arrow_strings(values), "")
+    if len(texts) == 0 or not pc.all(pc.string_is_ascii(texts)).as_py():
+        return pc.count_substring_regex(texts, f"[^{WHITESPACE[1:-1]}]+").to_numpy(zero_copy_only=False) \
+            .astype(float)
+    return np.concatenate([_ascii_word_counts(texts.slice(i, 65_536)) for i in range(0, len(texts), 65_536)])
+
+
+def _ascii_word_counts(texts: pa.Array) -> np.ndarray:
+    offsets = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset:texts.offset + len(texts) + 1]
+    raw = texts.buffers()[2]
+    data = np.frombuffer(raw, np.uint8)[offsets[0]:offsets[-1]] if raw is not None else np.zeros(0, np.uint8)
+    space = data <= 32                                 # every ASCII space is; other control bytes are rare
+    if not ASCII_SPACE[data[space]].all():
+        space = ASCII_SPACE[data]
+    starts = ~space                                    # a word starts at a non-space after a space ...
+    starts[1:] &= space[:-1]
+    first, nonempty = offsets[:-1] - offsets[0], np.diff(offsets) > 0
+    starts[first[nonempty]] = ~space[first[nonempty]]  # ... or at its text's first byte
+    at = np.flatnonzero(starts)
+    return (np.searchsorted(at, offsets[1:] - offsets[0]) - np.searchsorted(at, first)).astype(float)
 
 
 def feature_frame(columns: dict[str, np.ndarray | list | pa.Array], *, text: list[str], numeric: list[str],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
@@ -13,8 +15,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
+from estimators.crossfit import Plan
 from estimators.stacking import LinearThenBoosted, logit
 from estimators.weights import invalid_propensities
 
@@ -97,13 +100,7 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         self.dtype = dtype
         self.random_state = random_state
 
-    def fit(self, X, y):
-        X, y = validate_data(self, X, y, accept_sparse="csr")
-        if self.model == "logistic":                       # fitted in float32; predict_proba keeps X's dtype
-            X = X.astype(self.dtype, copy=False)
-        check_classification_targets(y)
-        if type_of_target(y) != "binary":
-            raise ValueError("Only binary classification is supported: y is the observed flag")
+    def _check_params(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.calibration not in ("isotonic", "sigmoid"):
@@ -111,6 +108,27 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         if not (self.C == "cv" or (isinstance(self.C, numbers.Real) and not isinstance(self.C, bool)
                                    and self.C > 0)):
             raise ValueError(f"C must be a positive number or 'cv', got {self.C!r}")
+
+    def _base(self, C: float):
+        """The unfitted classifier at inverse L2 strength ``C``."""
+        return (LogisticRegression(C=C, max_iter=2000, random_state=self.random_state) if self.model == "logistic"
+                else LinearThenBoosted(C=C, passthrough=self.passthrough, random_state=self.random_state))
+
+    def _calibrator(self, score: np.ndarray, y01: np.ndarray):
+        """The map from a classifier's scores on rows it did not see to probabilities: isotonic regression of its
+        probability, or Platt's logistic map of its logit."""
+        if self.calibration == "isotonic":
+            return IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(score, y01)
+        return LogisticRegression(C=np.inf).fit(score[:, None], y01)
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, accept_sparse="csr")
+        if self.model == "logistic":                       # fitted in float32; predict_proba keeps X's dtype
+            X = X.astype(self.dtype, copy=False)
+        check_classification_targets(y)
+        if type_of_target(y) != "binary":
+            raise ValueError("Only binary classification is supported: y is the observed flag")
+        self._check_params()
         for fitted in ("model_", "bases_", "calibrators_"):        # a refit replaces the other path's attributes
             self.__dict__.pop(fitted, None)
         self.classes_, y01 = np.unique(y, return_inverse=True)
@@ -123,9 +141,7 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
             self.C_ = choose_C(X_c, y_c, random_state=self.random_state)
         else:
             self.C_ = float(self.C)
-        base = (LogisticRegression(C=self.C_, max_iter=2000, random_state=self.random_state)
-                if self.model == "logistic" else
-                LinearThenBoosted(C=self.C_, passthrough=self.passthrough, random_state=self.random_state))
+        base = self._base(self.C_)
         if small:
             self.model_ = CalibratedClassifierCV(base, method=self.calibration, cv=3).fit(X, y)
             return self
@@ -136,28 +152,80 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
                 model.set_params(warm_start=True)
                 model.coef_, model.intercept_ = self.bases_[0].coef_.copy(), self.bases_[0].intercept_.copy()
             self.bases_.append(model.fit(X[train], y01[train]))   # rows in order: sparse products read memory in turn
-            score = self._score(model, X[held])
-            self.calibrators_.append(
-                IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(score, y01[held])
-                if self.calibration == "isotonic" else      # Platt: a logistic map of the logit
-                LogisticRegression(C=np.inf).fit(score[:, None], y01[held]))
+            self.calibrators_.append(self._calibrator(self._score(model, X[held]), y01[held]))
         return self
+
+    def crossfit_plan(self, X, y, fold: np.ndarray, *, fit_mask: np.ndarray | None = None) -> Plan | None:
+        """The cross-fit of this model with each classifier shared by two folds (``estimators.crossfit``'s hook).
+
+        Fold k's model is what :meth:`fit` on the other folds' rows builds above ``holdout_above`` rows, two
+        classifiers each calibrated on the half the other was fitted on, except that the halves are sets of
+        whole folds (:func:`fold_halves`) instead of a stratified split of the rows. With K odd each such set is
+        one fold's first half and another fold's second half, so K classifiers serve the K folds instead of 2K
+        (for 5 folds: one classifier on each pair of neighbouring folds, 0+1, 1+2, ..., 4+0). Every unit is still
+        scored by classifiers and calibrators that never saw it. None (``fit`` per fold) with an even number of
+        folds, with a ``fit_mask``, or where a fold's training rows are at most ``holdout_above`` (the nested path).
+        Under ``C="cv"`` each classifier chooses its own C on its rows; a fold model's ``C_`` is its first's."""
+        ks = np.unique(fold)
+        if (len(ks) < 3 or len(ks) % 2 == 0 or (fit_mask is not None and not np.all(fit_mask))
+                or min(int(np.sum(fold != k)) for k in ks) <= self.holdout_above):
+            return None
+        self._check_params()
+        X = check_array(X, accept_sparse="csr")
+        y = column_or_1d(y)
+        check_classification_targets(y)
+        if type_of_target(y) != "binary":
+            raise ValueError("Only binary classification is supported: y is the observed flag")
+        classes, y01 = np.unique(y, return_inverse=True)
+        halves = fold_halves(len(ks))
+        arcs = sorted({arc for pair in halves.values() for arc in pair})
+        rows = {arc: np.isin(fold, arc) for arc in arcs}
+
+        def assemble(done: list[tuple[Any, np.ndarray]]) -> tuple[np.ndarray, list]:
+            fitted = dict(zip(arcs, done, strict=True))     # arc -> (classifier, its scores on the other rows)
+            oof, models = np.full(len(y01), np.nan), []
+            for k in ks:
+                first, second = halves[int(k)]
+                model = clone(self)
+                model.classes_, model.n_features_in_ = classes, X.shape[1]
+                model.bases_ = [fitted[first][0], fitted[second][0]]
+                model.calibrators_ = [self._calibrator(fitted[a][1][rows[b]], y01[rows[b]])
+                                      for a, b in ((first, second), (second, first))]
+                model.C_ = float(model.bases_[0].C)
+                test = fold == k
+                oof[test] = model._calibrated([fitted[first][1][test], fitted[second][1][test]])
+                models.append(model)
+            return oof, models
+        return Plan([partial(self._fit_on, X, y01, rows[arc]) for arc in arcs], assemble)
+
+    def _fit_on(self, X, y01: np.ndarray, rows: np.ndarray) -> tuple[Any, np.ndarray]:
+        """A classifier fitted on ``rows`` (C chosen on them under ``C="cv"``) and its scores on every other row
+        (NaN on its own)."""
+        fit_X = X[rows].astype(self.dtype, copy=False) if self.model == "logistic" else X[rows]
+        C = choose_C(fit_X, y01[rows], random_state=self.random_state) if self.C == "cv" else float(self.C)
+        model = self._base(C).fit(fit_X, y01[rows])
+        scores = np.full(len(y01), np.nan)
+        scores[~rows] = self._score(model, X[~rows])            # from the design as it comes, as predict_proba
+        return model, scores
 
     def _score(self, model, X) -> np.ndarray:
         """A classifier's score its calibrator maps: its probability (isotonic) or logit (sigmoid)."""
         p = model.predict_proba(X)[:, 1]
         return p if self.calibration == "isotonic" else logit(p)
 
+    def _calibrated(self, scores: list[np.ndarray]) -> np.ndarray:
+        """The mean of the calibrated classifiers' probabilities from their ``scores``, clipped."""
+        p = np.mean([c.predict(s) if self.calibration == "isotonic" else c.predict_proba(s[:, None])[:, 1]
+                     for c, s in zip(self.calibrators_, scores, strict=True)], axis=0)
+        return np.clip(np.asarray(p, dtype=np.float64), self.clip, 1 - self.clip)   # float64, as from float64 X
+
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, accept_sparse="csr", reset=False)
         if hasattr(self, "model_"):          # the nested 3-fold calibration
-            p = self.model_.predict_proba(X)[:, 1]
+            p = np.clip(np.asarray(self.model_.predict_proba(X)[:, 1], dtype=np.float64), self.clip, 1 - self.clip)
         else:
-            p = np.mean([c.predict(self._score(m, X)) if self.calibration == "isotonic" else
-                         c.predict_proba(self._score(m, X)[:, None])[:, 1]
-                         for m, c in zip(self.bases_, self.calibrators_, strict=True)], axis=0)
-        p = np.clip(np.asarray(p, dtype=np.float64), self.clip, 1 - self.clip)   # float64, as from a float64 design
+            p = self._calibrated([self._score(m, X) for m in self.bases_])
         return np.column_stack([1 - p, p])
 
     def predict(self, X) -> np.ndarray:
@@ -169,6 +237,21 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         tags.classifier_tags.multi_class = False
         tags.input_tags.sparse = True
         return tags
+
+
+def fold_halves(n_folds: int) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """For each fold k of an odd ``n_folds`` K >= 3, two halves of the other folds: the two arcs of (K-1)/2
+    folds that follow k on the cycle 0, 1, ..., K-1. Each arc is the first half of one fold and the second half
+    of another, so there are only K distinct halves. (With K even the other K-1 folds do not halve.)
+
+    >>> fold_halves(5)[0], fold_halves(5)[3]
+    (((1, 2), (3, 4)), ((4, 0), (1, 2)))
+    """
+    if n_folds < 3 or n_folds % 2 == 0:
+        raise ValueError(f"the other folds halve only for an odd number of folds >= 3, got {n_folds}")
+    h = (n_folds - 1) // 2
+    arc = lambda start: tuple((start + i) % n_folds for i in range(h))  # noqa: E731
+    return {k: (arc(k + 1), arc(k + 1 + h)) for k in range(n_folds)}
 
 
 def logged_propensity(values: np.ndarray, column: str) -> np.ndarray:

@@ -28,8 +28,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.preprocessing import normalize
 
 NON_WORD = r"[^\p{L}\p{N}_]+"
-CHUNK_ROWS = 16_384
-"""Texts hashed per task: bounds the n-gram arrays' memory, and gives the threads work to share."""
+CHUNK_ROWS = 8_192
+"""Texts hashed per task: bounds the n-gram arrays' memory, and gives the threads work to share (8,192 hashed 200k
+units in 1.9-2.6 s against 2.4-3.0 s for 16,384 on 2 cores: the smaller arrays stay in cache)."""
 
 _C1, _C2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
 
@@ -47,32 +48,26 @@ def murmurhash3_32(strings: pa.Array, seed: int = 0) -> np.ndarray:
     raw = strings.buffers()[2]
     data = np.frombuffer(raw, np.uint8) if raw is not None else np.zeros(0, np.uint8)
     data = np.concatenate([data, np.zeros(8, np.uint8)])
-    # Little-endian 4-byte words starting at every byte offset: word(p) = shifted[p % 4][p // 4].
-    shifted = [data[r:r + 4 * ((len(data) - r) // 4)].view("<u4") for r in range(4)]
+    # The little-endian 4-byte word at every byte offset, as one unaligned view (a stride of one byte): each
+    # round is one gather (six times faster than four aligned views, one per offset mod 4).
+    words = np.ndarray(shape=(len(data) - 3,), dtype="<u4", buffer=data, strides=(1,))
     start, length = offsets[:-1], np.diff(offsets)
     blocks = length // 4
     order = np.argsort(-blocks, kind="stable")          # longest first: each round's strings are a prefix
     start_o, blocks_o = start[order], blocks[order]
     h = np.full(len(strings), np.uint32(seed), np.uint32)
 
-    def word(p: np.ndarray) -> np.ndarray:
-        out = np.empty(len(p), np.uint32)
-        for r in range(4):
-            at = (p & 3) == r
-            out[at] = shifted[r][p[at] >> 2]
-        return out
-
     with np.errstate(over="ignore"):
         for b in range(int(blocks_o[0]) if len(blocks_o) else 0):
             n = int(np.searchsorted(-blocks_o, -b, side="left"))   # the strings with more than b blocks
-            k = _rotl(word(start_o[:n] + 4 * b) * _C1, 15) * _C2
+            k = _rotl(words[start_o[:n] + 4 * b] * _C1, 15) * _C2
             h[:n] = _rotl(h[:n] ^ k, 13) * np.uint32(5) + np.uint32(0xE6546B64)
         h_out = np.empty_like(h)
         h_out[order] = h
         h = h_out
         rem = (length % 4).astype(np.uint32)
         has = rem > 0
-        tail = word(start[has] + 4 * blocks[has]) & ((np.uint32(1) << (8 * rem[has])) - np.uint32(1))
+        tail = words[start[has] + 4 * blocks[has]] & ((np.uint32(1) << (8 * rem[has])) - np.uint32(1))
         h[has] ^= _rotl(tail * _C1, 15) * _C2
         h ^= length.astype(np.uint32)
         h ^= h >> np.uint32(16)
@@ -83,10 +78,33 @@ def murmurhash3_32(strings: pa.Array, seed: int = 0) -> np.ndarray:
     return h.view(np.int32)
 
 
+ASCII_WORD = np.full(256, ord(" "), np.uint8)
+"""An ASCII byte as :func:`tokens` reads it: a word character lowercased (``[a-z0-9_]``), anything else a space."""
+for _c in b"abcdefghijklmnopqrstuvwxyz0123456789_":
+    ASCII_WORD[_c] = _c
+    ASCII_WORD[bytes([_c]).upper()[0]] = _c
+
+
+def ascii_words_spaced(texts: pa.Array) -> pa.Array:
+    """ASCII texts lowercased with every non-word byte a space: what splitting on whitespace then splits as the
+    regex :data:`NON_WORD` splits the lowercased texts (in ASCII, ``\\p{L}`` is ``[A-Za-z]`` and ``\\p{N}``
+    ``[0-9]``), without the regex (a quarter of its time)."""
+    texts = texts.cast(pa.large_string())
+    offsets = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset:texts.offset + len(texts) + 1]
+    raw = texts.buffers()[2]
+    data = np.frombuffer(raw, np.uint8)[offsets[0]:offsets[-1]] if raw is not None else np.zeros(0, np.uint8)
+    return pa.LargeStringArray.from_buffers(len(texts), pa.py_buffer(offsets - offsets[0]),
+                                            pa.py_buffer(ASCII_WORD[data]))
+
+
 def tokens(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """The lowercased words of two or more word characters of all texts, in order, and the row of each
-    (sklearn's default analyser: ``(?u)\\b\\w\\w+\\b`` after ``str.lower``)."""
-    words = pc.split_pattern_regex(pc.utf8_lower(pc.fill_null(texts, "")), NON_WORD)
+    (sklearn's default analyser: ``(?u)\\b\\w\\w+\\b`` after ``str.lower``). All-ASCII texts are split
+    without a regex (:func:`ascii_words_spaced`); the empty strings that splitting leaves are under two
+    characters, so they go with the one-character words."""
+    texts = pc.fill_null(texts, "")
+    words = (pc.ascii_split_whitespace(ascii_words_spaced(texts)) if pc.all(pc.string_is_ascii(texts)).as_py()
+             else pc.split_pattern_regex(pc.utf8_lower(texts), NON_WORD))
     flat, parent = pc.list_flatten(words), pc.list_parent_indices(words)
     keep = pc.greater_equal(pc.utf8_length(flat), 2)
     return flat.filter(keep).cast(pa.large_string()), np.asarray(parent.filter(keep))

@@ -82,6 +82,65 @@ def test_crossfit_does_not_leak(data, holdout_above: int, calibration: str):
     assert not np.allclose(a[fold != fold[7]], b[fold != fold[7]])
 
 
+def test_fold_halves_split_the_other_folds_into_two_equal_arcs():
+    from estimators.propensity import fold_halves
+
+    for n_folds in (3, 5, 7, 9):
+        halves = fold_halves(n_folds)
+        for k, (first, second) in halves.items():
+            assert len(first) == len(second) == (n_folds - 1) // 2 and not set(first) & set(second)
+            assert set(first) | set(second) == set(range(n_folds)) - {k}
+        assert len({arc for pair in halves.values() for arc in pair}) == n_folds   # each arc serves two folds
+    for n_folds in (2, 4, 6):
+        with pytest.raises(ValueError, match="odd"):
+            fold_halves(n_folds)
+
+
+@pytest.fixture(scope="module")
+def five_folds():
+    rng = np.random.default_rng(5)
+    n = 5000
+    X = sp.csr_matrix(rng.normal(size=(n, 4)))
+    o = (rng.random(n) < 1 / (1 + np.exp(-(X[:, [0]].toarray().ravel() - 1)))).astype(int)
+    return X, o, (np.arange(n) % 5).astype(np.int16)
+
+
+@pytest.mark.parametrize("calibration", ["isotonic", "sigmoid"])
+def test_propensity_crossfit_shares_each_classifier_between_two_folds(five_folds, calibration: str):
+    """Above holdout_above, fold k's two classifiers are fitted on whole folds (its halves): K classifiers serve
+    K folds. The fold models score their fold as the cross-fit did (what the score stage applies), no unit's
+    score depends on its own label, and n_jobs changes nothing."""
+    X, o, fold = five_folds
+    model = PropensityModel(calibration=calibration, holdout_above=1000)
+    oof, models = crossfit(model, X, o, fold)
+    assert len(models) == 5 and len({id(b) for m in models for b in m.bases_}) == 5
+    assert models[0].bases_[0] is models[3].bases_[1]            # folds 1+2: fold 0's first half, fold 3's second
+    np.testing.assert_array_equal(predict_by_fold(models, X, fold), oof)
+    assert expected_calibration_error(oof, o) < 0.05
+    flipped = o.copy()
+    flipped[7] = 1 - flipped[7]
+    moved, _ = crossfit(model, X, flipped, fold)
+    assert moved[7] == oof[7] and not np.allclose(moved[fold != fold[7]], oof[fold != fold[7]])
+    two, _ = crossfit(model, X, o, fold, n_jobs=2)
+    np.testing.assert_array_equal(two, oof)
+
+
+def test_propensity_crossfit_fits_per_fold_where_it_cannot_share(five_folds, monkeypatch):
+    """An even number of folds does not halve, and at most holdout_above training rows take the nested
+    calibration: then each fold fits its own model. Under C="cv" a shared classifier chooses C on its own rows."""
+    from estimators import propensity
+
+    X, o, fold = five_folds
+    _, models = crossfit(PropensityModel(holdout_above=1000), X, o, fold % 4)
+    assert len({id(b) for m in models for b in m.bases_}) == 8
+    _, models = crossfit(PropensityModel(holdout_above=4000), X, o, fold)
+    assert all(hasattr(m, "model_") for m in models)
+    seen, real = [], propensity.choose_C
+    monkeypatch.setattr(propensity, "choose_C", lambda X, y, **kw: seen.append(len(y)) or real(X, y, **kw))
+    _, models = crossfit(PropensityModel(C="cv", holdout_above=1000), X, o, fold)
+    assert seen == [2000] * 5 and all(m.C_ == m.bases_[0].C for m in models)
+
+
 def test_predict_by_fold_reproduces_out_of_fold_scores(data):
     X, _, o, y, fold = data
     oof, models = crossfit(ImputationModel(), X, y, fold, fit_mask=o == 1)

@@ -101,3 +101,38 @@ def test_featurizer_stacks_as_columntransformer_does():
     plain = ColumnTransformer(ours.transformers, sparse_threshold=1.0)
     a, b = ours.fit_transform(frame), plain.fit_transform(frame)
     assert sp.isspmatrix_csr(a) and a.shape == b.shape and abs(a - b).max() == 0
+
+
+ASCII_ALPHABET = "".join(chr(i) for i in range(128)) + "abcXYZ 09_ " * 4
+"""Every ASCII character (control bytes, punctuation, digits, both cases), words made more likely: the texts that
+:func:`estimators.text_hashing.tokens` splits without its regex."""
+
+
+@pytest.mark.parametrize(("ngram_max", "n_features"), [(1, 2**10), (2, 2**14), (3, 64)])
+def test_text_hasher_is_sklearns_hashing_vectorizer_on_ascii_texts(ngram_max: int, n_features: int):
+    rng = random.Random(ngram_max)
+    texts = ["".join(rng.choice(ASCII_ALPHABET) for _ in range(rng.randint(0, 60))) for _ in range(2000)]
+    texts += ["", "   ", "a b c", "Word word WORD", "x_y z9 q", "A-B,c.D!!e"]
+    expected = HashingVectorizer(n_features=n_features, ngram_range=(1, ngram_max), alternate_sign=False,
+                                 norm="l2").transform(texts)
+    got = TextHasher(n_features=n_features, ngram_max=ngram_max).fit_transform(texts)
+    assert abs(got - expected).max() < 1e-12
+    np.testing.assert_array_equal(got.indptr, expected.indptr)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+    words, rows = text_hashing.tokens(pa.array(texts[-6:]).slice(1))    # a slice: its own offsets
+    assert words.to_pylist() == ["word", "word", "word", "x_y", "z9"] and rows.tolist() == [2, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("alphabet", ["ab \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f\x01\x07z", "ab \t\x85\xa0\u3000\u2028é"])
+def test_word_counts_are_pythons_split(alphabet: str):
+    """response_length is len(text.split()): ASCII texts (control bytes that are and are not spaces to Python)
+    through the byte path in slices of 65,536, others through the regex; nulls count 0, chunks and offsets kept."""
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(list(alphabet), size=rng.integers(0, 12))) for _ in range(70_000)]
+    texts += [None, "", " ", "a", " a", "a "]
+    expected = np.array([len(t.split()) if t else 0 for t in texts], float)
+    np.testing.assert_array_equal(word_counts(pa.array(texts)), expected)
+    np.testing.assert_array_equal(word_counts(pa.chunked_array([pa.array(texts[:9]), pa.array(texts[9:])])), expected)
+    np.testing.assert_array_equal(word_counts(pa.array(texts).slice(3, 66_000)), expected[3:66_003])
+    np.testing.assert_array_equal(word_counts(np.array(texts[-6:], dtype=object)), expected[-6:])
+    assert word_counts(pa.array([], pa.string())).shape == (0,)
