@@ -126,15 +126,21 @@ settled long before 200k rows (fitted on all of them, the SVD was 20 s of a 150 
 
 
 def confounder_controls(X, featurizer, *, numeric: list[str], treatment: str, n_components: int = 50,
-                        random_state: int = 0, svd_rows: int = SVD_ROWS) -> np.ndarray:
+                        random_state: int = 0, svd_rows: int = SVD_ROWS, rows: np.ndarray | None = None,
+                        ) -> np.ndarray:
     """Dense controls W for a treatment from the featuriser's sparse output ``X``: the text block reduced to
     ``n_components`` SVD components, the other numerics (not the treatment itself) and the one-hot categoricals.
     (EconML's first stages need a dense W; 2^14 hashed n-grams are not.)
 
+    ``rows`` (a boolean mask or indices of X's rows): return the controls of those rows only, e.g. the observed
+    units the effect is fitted on. The SVD is fitted on the same rows of all of X either way, so a row's controls
+    do not depend on ``rows``; projecting a fifth of the rows is a fifth of the largest product.
+
     The text enters as word *proportions* (each row rescaled to sum 1), not the featuriser's L2-normalised
     counts: those shrink as a text grows, so they encode its length, and a control that encodes the treatment
     absorbs part of its effect (on the simulator, the L2 text controls gave 0.036 for a length effect of 0.068;
-    proportions 0.062). The SVD is fitted on ``svd_rows`` rows drawn with ``random_state``, and applied to all."""
+    proportions 0.062). The SVD is fitted on ``svd_rows`` rows drawn with ``random_state``, and applied to every
+    row asked for."""
     import scipy.sparse as sp
     from sklearn.decomposition import TruncatedSVD
     from sklearn.preprocessing import normalize
@@ -151,9 +157,11 @@ def confounder_controls(X, featurizer, *, numeric: list[str], treatment: str, n_
 
     k = max(1, min(n_components, text_cols.size - 1, n - 1))
     svd = TruncatedSVD(k, random_state=random_state)
-    rows = np.sort(np.random.default_rng(random_state).choice(n, svd_rows, replace=False)) if n > svd_rows \
+    fit_rows = np.sort(np.random.default_rng(random_state).choice(n, svd_rows, replace=False)) if n > svd_rows \
         else np.arange(n)
-    svd.fit(normalize(X[rows][:, text_cols], norm="l1"))
+    svd.fit(normalize(X[fit_rows][:, text_cols], norm="l1"))
+    if rows is not None:
+        X = X[np.asarray(rows)]
     # Every row's projection: (X_text · Vᵀ) / rowsum(X_text), the SVD of the proportions without copying X.
     total = np.asarray(X @ columns(text_cols).sum(axis=1)).ravel()
     projected = np.asarray(X @ (columns(text_cols) @ svd.components_.T))

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -25,14 +24,13 @@ def fit_soft(model, X, y: np.ndarray):
     """Fit a binary classifier on soft labels in [0, 1]: each row becomes a y-weighted positive and a
     (1 − y)-weighted negative copy (the cross-entropy with a soft target); zero-weight copies are dropped, so
     binary labels cost nothing extra."""
-    stacked = sp.vstack([X, X]).tocsr() if sp.issparse(X) else np.vstack([X, X])
     targets = np.r_[np.ones(len(y)), np.zeros(len(y))]
     weights = np.r_[y, 1 - y]
     keep = weights > 0
+    unit = np.r_[np.arange(len(y)), np.arange(len(y))][keep]      # the row of X behind each kept copy
     soft = bool(np.any((y > 0) & (y < 1)))             # then some units have two copies: keep them together
-    extra = ({"groups": np.r_[np.arange(len(y)), np.arange(len(y))][keep]}
-             if soft and isinstance(model, LinearThenBoosted) else {})
-    return model.fit(stacked[keep], targets[keep], sample_weight=weights[keep], **extra)
+    extra = {"groups": unit} if soft and isinstance(model, LinearThenBoosted) else {}
+    return model.fit(X[unit], targets[keep], sample_weight=weights[keep], **extra)   # one copy of the rows
 
 
 class ImputationModel(RegressorMixin, BaseEstimator):

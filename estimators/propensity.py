@@ -204,8 +204,14 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         fit_X = X[rows].astype(self.dtype, copy=False) if self.model == "logistic" else X[rows]
         C = choose_C(fit_X, y01[rows], random_state=self.random_state) if self.C == "cv" else float(self.C)
         model = self._base(C).fit(fit_X, y01[rows])
-        scores = np.full(len(y01), np.nan)
-        scores[~rows] = self._score(model, X[~rows])            # from the design as it comes, as predict_proba
+        # Scored from the design as it comes, as predict_proba. A logistic model scores every row (a row's score
+        # does not depend on the others): one product over all rows is cheaper than copying the other rows out.
+        if self.model == "logistic":
+            scores = self._score(model, X)
+            scores[rows] = np.nan
+        else:
+            scores = np.full(len(y01), np.nan)
+            scores[~rows] = self._score(model, X[~rows])
         return model, scores
 
     def _score(self, model, X) -> np.ndarray:

@@ -74,13 +74,13 @@ def confounder_effects(X, featurizer, frame, label: np.ndarray, observed: np.nda
     EconML's robustness values (``rv_estimate``, ``rv_ci``) and its bounds at ``fit.confounder_benchmark``."""
     effects = []
     for name in fc.confounders:
-        controls = confounder_controls(X, featurizer, numeric=fc.numeric, treatment=name,
-                                       n_components=fc.confounder_controls, random_state=fc.seed)
+        controls = confounder_controls(X, featurizer, numeric=fc.numeric, treatment=name,   # of the observed units
+                                       n_components=fc.confounder_controls, random_state=fc.seed, rows=observed)
         t = treatment_values(frame, name)
         try:
             est = ConfounderEffect(model=fc.confounder_model, benchmark=fc.confounder_benchmark,
                                    random_state=fc.seed).fit(
-                label[observed], t[observed], controls[observed],
+                label[observed], t[observed], controls,
                 sample_weight=weights[observed] if fc.confounder_weighting == "ipw" else None)
         except ValueError as e:
             raise GateError(f"fit: confounder '{name}': {e}") from e

@@ -95,3 +95,7 @@ def test_controls_project_the_text_proportions_without_copying_the_design():
         np.testing.assert_array_equal(W[:, 8], X[:, 129].toarray().ravel())            # position, not the length
         np.testing.assert_array_equal(W[:, 9:], X[:, 130:].toarray())                   # the one-hot versions
         assert W.shape == (n, 12)
+        some = rng.random(n) < 0.3                  # only some rows' controls: the same rows of the full matrix
+        np.testing.assert_array_equal(confounder_controls(X, featurizer, numeric=kw["numeric"], rows=some,
+                                                          treatment="response_length", n_components=8,
+                                                          svd_rows=svd_rows), W[some])
