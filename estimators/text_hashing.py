@@ -53,7 +53,9 @@ def murmurhash3_32(strings: pa.Array, seed: int = 0) -> np.ndarray:
     words = np.ndarray(shape=(len(data) - 3,), dtype="<u4", buffer=data, strides=(1,))
     start, length = offsets[:-1], np.diff(offsets)
     blocks = length // 4
-    order = np.argsort(-blocks, kind="stable")          # longest first: each round's strings are a prefix
+    # Longest first, so that each round's strings are a prefix. A stable sort of small integers is numpy's radix
+    # sort (4x its sort of int64 here): the same order.
+    order = np.argsort(-blocks.astype(np.int16) if len(blocks) and blocks.max() < 2**15 else -blocks, kind="stable")
     start_o, blocks_o = start[order], blocks[order]
     h = np.full(len(strings), np.uint32(seed), np.uint32)
 

@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from estimators.calibration import (apply_calibration, calibrated_mean, check_audit, design, fit_calibration,
-                                   predicted_sum)
+from estimators.calibration import (
+    apply_calibration,
+    calibrated_mean,
+    check_audit,
+    design,
+    fit_calibration,
+    predicted_sum,
+)
 from estimators.imputation import ImputationModel
 
 
