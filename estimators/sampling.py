@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.hashing import sample_rank
+from schemas.hashing import Strings, sample_rank
 
 
-def stratified_sample(ids: np.ndarray, observed: np.ndarray, max_rows: int) -> np.ndarray:
-    """Indices of at most ``max_rows`` units, the same share of each observed stratum, chosen by id hash."""
-    if ids.size <= max_rows:
-        return np.arange(ids.size)
+def stratified_sample(ids: Strings, observed: np.ndarray, max_rows: int) -> np.ndarray:
+    """Sorted indices of at most ``max_rows`` units, the same share of each observed stratum, chosen by id hash
+    (``ids``: strings, or an Arrow string column)."""
+    n = len(observed)
+    if len(ids) != n:
+        raise ValueError(f"ids and observed differ in length: {len(ids)} and {n}")
+    if n <= max_rows:
+        return np.arange(n)
     rank = sample_rank(ids)
     keep = []
     for o in (0, 1):
         idx = np.flatnonzero(observed == o)
-        k = int(round(max_rows * idx.size / ids.size))
+        k = int(round(max_rows * idx.size / n))
         keep.append(idx[np.argsort(rank[idx], kind="stable")[:k]])
     return np.sort(np.concatenate(keep))

@@ -141,8 +141,9 @@ def positivity_check(frame, observed: np.ndarray, propensity: np.ndarray, fc: Fi
 def reference_profile(sample: pa.Table, propensity: np.ndarray, observed: np.ndarray, label: np.ndarray, cfg: Config,
                       ) -> dict[str, Any]:
     """The drift reference of the fitted models: the sample's profile and the UTC dates its units span."""
-    span = pc.min_max(pc.strftime(sample[un.TS], format="%Y-%m-%d")).as_py()
-    return {"first_day": span["min"], "last_day": span["max"],
+    span = pc.min_max(sample[un.TS])          # the first and last instants' days: a day string per unit took 0.4 s
+    day = {end: pc.strftime(span[end], format="%Y-%m-%d").as_py() for end in ("min", "max")}
+    return {"first_day": day["min"], "last_day": day["max"],
             **profile(propensity, observed, label, signal_counts(sample, cfg.ingest.known_types))}
 
 
@@ -182,14 +183,15 @@ def execute(run: RunDir, cfg: Config, beam_args: Sequence[str] = ()) -> FitResul
                if c not in units.column_names]
     if missing:
         raise InputError(f"{run.path(rd.UNITS)}: feature column '{missing[0]}' named in [fit] is not in the units")
-    ids = units[un.IMPRESSION_ID].to_numpy(zero_copy_only=False)
     observed_all = units[un.OBSERVED].to_numpy()
     if fc.propensity_column and fc.propensity_column not in units.column_names:
         raise InputError(f"{run.path(rd.UNITS)}: fit.propensity_column '{fc.propensity_column}' is not in the units")
     if observed_all.min() == observed_all.max() and not fc.propensity_column:
         raise InputError(f"{run.path(rd.UNITS)}: every unit has observed = {observed_all[0]}; a propensity of "
                          "observation cannot be fitted (click-through logs need fit.propensity_column)")
-    sample = units.take(stratified_sample(ids, observed_all, fc.max_rows))
+    in_sample = np.zeros(units.num_rows, bool)   # the ids hashed from Arrow, without a Python string per unit
+    in_sample[stratified_sample(units[un.IMPRESSION_ID], observed_all, fc.max_rows)] = True
+    sample = units.filter(pa.array(in_sample))   # the sample's rows in order, as take's sorted indices (4x faster)
     o = sample[un.OBSERVED].to_numpy().astype(int)
     label = sample[un.LABEL].to_numpy(zero_copy_only=False)
     fold = fold_of(sample[un.IMPRESSION_ID], fc.folds)

@@ -46,3 +46,19 @@ def test_buckets_and_folds_are_balanced_and_salted():
     assert np.bincount(folds, minlength=5).min() > 0.95 * 8_000
     assert abs(np.corrcoef(buckets % 5, folds)[0, 1]) < 0.05       # the salt makes folds independent
     assert sample_rank(ids[:3]).dtype == np.uint64
+
+
+def test_stratified_sample_keeps_each_strata_share_and_reads_arrow_ids():
+    """The fit sample: sorted indices, each observed stratum's share kept, the same from Python strings and from
+    a chunked Arrow column (what the fit stage passes), and ids and flags of different lengths refused."""
+    from estimators.sampling import stratified_sample
+
+    strings = [f"imp-{i:06d}" for i in range(10_000)]
+    observed = (np.arange(10_000) % 4 == 0).astype(int)
+    idx = stratified_sample(np.array(strings, dtype=object), observed, 2_000)
+    assert np.all(np.diff(idx) > 0) and idx.size == 2_000 and observed[idx].sum() == 500
+    chunked = pa.chunked_array([pa.array(strings[:3_000]), pa.array(strings[3_000:])])
+    np.testing.assert_array_equal(stratified_sample(chunked, observed, 2_000), idx)
+    np.testing.assert_array_equal(stratified_sample(chunked, observed, 10_000), np.arange(10_000))
+    with pytest.raises(ValueError, match="length"):
+        stratified_sample(chunked, observed[:-1], 2_000)

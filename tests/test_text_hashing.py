@@ -103,6 +103,27 @@ def test_featurizer_stacks_as_columntransformer_does():
     assert sp.isspmatrix_csr(a) and a.shape == b.shape and abs(a - b).max() == 0
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_stack_columns_gives_scipys_arrays(monkeypatch, n_threads: int):
+    """Blocks with empty rows, an empty block, a dense-from block and one of float32, in tasks of 16 rows on one
+    or two threads: the very arrays of ``sp.hstack(...).tocsr()``; a block with other rows is refused."""
+    from estimators import features
+
+    monkeypatch.setattr(features, "STACK_ROWS", 16)
+    rng = np.random.default_rng(3)
+    blocks = [sp.random(50, 30, density=0.2, format="csr", random_state=1), sp.csr_matrix((50, 4)),
+              sp.csr_matrix(np.where(rng.random((50, 3)) < 0.5, rng.normal(size=(50, 3)), 0.0)),
+              sp.random(50, 7, density=0.5, format="csr", random_state=2, dtype=np.float32)]
+    blocks[0][5:9] = 0
+    blocks[0].eliminate_zeros()
+    ours, theirs = features.stack_columns(blocks, n_threads=n_threads), sp.hstack(blocks).tocsr()
+    assert ours.shape == theirs.shape == (50, 44) and ours.dtype == theirs.dtype
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
+    with pytest.raises(ValueError, match="rows"):
+        features.stack_columns([blocks[0], sp.csr_matrix((49, 2))])
+
+
 ASCII_ALPHABET = "".join(chr(i) for i in range(128)) + "abcXYZ 09_ " * 4
 """Every ASCII character (control bytes, punctuation, digits, both cases), words made more likely: the texts that
 :func:`estimators.text_hashing.tokens` splits without its regex."""
