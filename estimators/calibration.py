@@ -34,6 +34,7 @@ from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
 from estimators.crossfit import crossfit, predict_by_fold
+from estimators.imputation import ImputationModel
 
 _EPS = 1e-4
 
@@ -126,9 +127,12 @@ def _bootstrap_means(make_model: Callable[[], object], Zg: np.ndarray, Zu: np.nd
 
 
 def predicted_sum(model, Z: np.ndarray) -> float:
-    """``model.predict(Z).sum()`` for a fitted logistic ``ImputationModel`` and a finite float64 design: the same
-    product and sigmoid without ``predict``'s two rounds of input checks, which were half of scoring the 200k
-    units of the sample on each of the bootstrap's refits."""
+    """``model.predict(Z).sum()``. For a fitted logistic ``ImputationModel`` (what the fit stage calibrates with)
+    and the bootstrap's finite float64 design, the same product and sigmoid without ``predict``'s two rounds of
+    input checks, which were half of scoring the 200k units of the sample on each refit; 0 for no rows (a world
+    where every unit is rated has no unrated one to score). Any other model goes through ``predict``."""
+    if not (isinstance(model, ImputationModel) and model.model == "logistic"):
+        return float(model.predict(Z).sum()) if Z.shape[0] else 0.0
     if model.constant_ is not None:
         return float(model.constant_ * Z.shape[0])
     linear = model.model_

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.isotonic import IsotonicRegression
@@ -204,9 +205,10 @@ class PropensityModel(ClassifierMixin, BaseEstimator):
         fit_X = X[rows].astype(self.dtype, copy=False) if self.model == "logistic" else X[rows]
         C = choose_C(fit_X, y01[rows], random_state=self.random_state) if self.C == "cv" else float(self.C)
         model = self._base(C).fit(fit_X, y01[rows])
-        # Scored from the design as it comes, as predict_proba. A logistic model scores every row (a row's score
-        # does not depend on the others): one product over all rows is cheaper than copying the other rows out.
-        if self.model == "logistic":
+        # Scored from the design as it comes, as predict_proba. A logistic model scores every row of a CSR design
+        # (a row's product does not depend on the others there): one product over all rows is cheaper than
+        # copying the other rows out.
+        if self.model == "logistic" and sp.issparse(X):
             scores = self._score(model, X)
             scores[rows] = np.nan
         else:

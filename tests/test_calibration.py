@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn.dummy import DummyRegressor
 
 from estimators.calibration import (
     apply_calibration,
@@ -61,6 +62,22 @@ def test_predicted_sum_is_the_sum_of_the_models_predictions():
         assert predicted_sum(fitted, part) == fitted.predict(part).sum()
     constant = _make().fit(Z[:10], np.ones(10))
     assert predicted_sum(constant, Z) == constant.predict(Z).sum() == Z.shape[0]
+    assert predicted_sum(fitted, Z[:0]) == 0.0                                     # no unit to score
+    other = DummyRegressor(strategy="constant", constant=0.25).fit(Z[:10], np.zeros(10))
+    assert predicted_sum(other, Z) == other.predict(Z).sum()                      # any other model: predict's sum
+
+
+def test_calibrated_mean_when_every_unit_is_rated():
+    """Click-through logs rate every unit: ĥ is then fitted on every audited unit and scores none, and the
+    interval is the given calibrator's alone (it used to fail scoring the empty unrated stratum)."""
+    w = _world(20_000, seed=5)
+    rng = np.random.default_rng(5)
+    observed = np.ones_like(w["observed"])
+    label = (rng.random(observed.size) < w["imputed"]).astype(float)
+    cal = fit_calibration(_make, w["imputed"], w["structured"], label, observed, w["gold"], w["fold"])
+    mean = calibrated_mean(_make, cal, w["imputed"], w["structured"], label, observed, w["gold"], n_boot=30)
+    assert mean["n_boot"] == 30 and mean["se_calibration"] > 0 and mean["n_audited_observed"] == mean["n_audited"]
+    assert mean["ci_low"] <= w["reward"].mean() <= mean["ci_high"]
 
 
 def test_calibrated_target_recovers_the_clean_mean():

@@ -99,3 +99,6 @@ def test_controls_project_the_text_proportions_without_copying_the_design():
         np.testing.assert_array_equal(confounder_controls(X, featurizer, numeric=kw["numeric"], rows=some,
                                                           treatment="response_length", n_components=8,
                                                           svd_rows=svd_rows), W[some])
+        np.testing.assert_array_equal(confounder_controls(X, featurizer, numeric=kw["numeric"],   # or their indices
+                                                          rows=np.flatnonzero(some), treatment="response_length",
+                                                          n_components=8, svd_rows=svd_rows), W[some])

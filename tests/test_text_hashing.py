@@ -120,6 +120,7 @@ def test_stack_columns_gives_scipys_arrays(monkeypatch, n_threads: int):
     assert ours.shape == theirs.shape == (50, 44) and ours.dtype == theirs.dtype
     for name in ("indptr", "indices", "data"):
         np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
+        assert getattr(ours, name).dtype == getattr(theirs, name).dtype
     with pytest.raises(ValueError, match="rows"):
         features.stack_columns([blocks[0], sp.csr_matrix((49, 2))])
 
