@@ -31,7 +31,7 @@ from estimators.crossfit import crossfit
 from estimators.diagnostics import auc
 from estimators.features import design, structured_columns, treatment_values
 from estimators.propensity import logged_propensity
-from estimators.sampling import stratified_sample
+from estimators.sampling import sample_units
 from estimators.sensitivity import permute_within_strata, strata_codes, stratified_flag, weighted_minus_naive
 from schemas import units as un
 from schemas.config import FitConfig, WeightsConfig
@@ -44,8 +44,7 @@ def placebo_check(units: pa.Table, fc: FitConfig, weighting: WeightsConfig, *, c
     chose (``weights.json``); None (not fitted yet) chooses one as ``weighting`` asks, without fit's gates.
     ``fitted_effects``: the fit stage's confounder effects, shown beside the placebo's. Each part that cannot be
     fitted on these units records why instead of failing the command."""
-    ids = units[un.IMPRESSION_ID].to_numpy(zero_copy_only=False)
-    sample = units.take(stratified_sample(ids, units[un.OBSERVED].to_numpy(), fc.max_rows))
+    sample = sample_units(units, fc.max_rows)
     o = sample[un.OBSERVED].to_numpy().astype(int)
     obs = o == 1
     y = np.nan_to_num(sample[un.LABEL].to_numpy(zero_copy_only=False).astype(float))

@@ -51,7 +51,7 @@ def test_buckets_and_folds_are_balanced_and_salted():
 def test_stratified_sample_keeps_each_strata_share_and_reads_arrow_ids():
     """The fit sample: sorted indices, each observed stratum's share kept, the same from Python strings and from
     a chunked Arrow column (what the fit stage passes), and ids and flags of different lengths refused."""
-    from estimators.sampling import stratified_sample
+    from estimators.sampling import sample_units, stratified_sample
 
     strings = [f"imp-{i:06d}" for i in range(10_000)]
     observed = (np.arange(10_000) % 4 == 0).astype(int)
@@ -62,3 +62,5 @@ def test_stratified_sample_keeps_each_strata_share_and_reads_arrow_ids():
     np.testing.assert_array_equal(stratified_sample(chunked, observed, 10_000), np.arange(10_000))
     with pytest.raises(ValueError, match="length"):
         stratified_sample(chunked, observed[:-1], 2_000)
+    units = pa.table({"impression_id": chunked, "observed": observed, "row": np.arange(10_000)})
+    assert sample_units(units, 2_000).equals(units.take(idx))                # the same rows, in the same order
